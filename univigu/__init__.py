@@ -1,0 +1,41 @@
+"""Uni-ViGU: one diffusion transformer for video generation and video understanding.
+
+Public names are imported lazily so that `import univigu` (and the CLI) stays fast; the
+heavy dependencies (torch models, diffusers) load on first use of a name that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "WorldConfig": "univigu.data.world",
+    "World": "univigu.data.world",
+    "WorldDataset": "univigu.data.world",
+    "render_videos": "univigu.data.world",
+    "parse_caption": "univigu.data.world",
+    "Oracle": "univigu.data.oracle",
+    "build_world_tokenizer": "univigu.data.tokenizer",
+    "load_tokenizer": "univigu.data.tokenizer",
+    "TextCanvas": "univigu.data.tokenizer",
+    "read_video": "univigu.data.video_io",
+    "write_video": "univigu.data.video_io",
+    "VideoReadError": "univigu.data.video_io",
+    "UniViGUTransformer": "univigu.models.transformer",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'univigu' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

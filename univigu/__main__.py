@@ -1,0 +1,3 @@
+from univigu.cli import main
+
+main()

@@ -1,0 +1,22 @@
+"""The `univigu` command line. Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from univigu.cli import model as model_cli
+from univigu.cli import world as world_cli
+
+app = typer.Typer(
+    name="univigu",
+    help="Uni-ViGU: generate video from text, and text from video, with one diffusion transformer.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(world_cli.app, name="world")
+app.add_typer(model_cli.app, name="model")
+app.command("demo")(world_cli.demo)
+
+
+def main() -> None:
+    app()
