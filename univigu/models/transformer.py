@@ -1,0 +1,590 @@
+"""The Uni-ViGU transformer: Wan2.1's diffusion transformer with a modality-driven mixture of experts.
+
+One network, two token streams, one forward pass (METHOD.md sections 2-3):
+
+    video [B, C, T, H, W] -> patch Conv3d -> tokens, 3D RoPE  -+
+                                                               +-> N x block -> velocity [B, C, T, H, W]
+    text  [B, L] token ids -> embedding  -> tokens, 1D RoPE  -+              -> logits   [B, L, V']
+
+In every block the two streams share the self-attention (over the concatenation of both), the
+cross-attention to the prompt and the adaLN table; each stream has its own FFN and is modulated by its
+own timestep. There is no learned router: a token's modality decides its expert.
+
+The shared part has exactly the parameter names and shapes of diffusers' `WanTransformer3DModel`, so a
+Wan checkpoint in diffusers format loads without renaming, and with an empty text stream the forward
+pass *is* Wan's (same operations, same order, same dtypes). The text-only parameters are
+
+    text_embedding, time_embedder_t, time_proj_t, blocks.N.ffn_t, scale_shift_table_t, text_proj_out
+
+Decision (text positions): 1D RoPE over the *full* head dim, positions 0..L-1, theta `text_rope_theta`
+(default 1e4, Wan's), with Wan's rotate-consecutive-pairs convention. Text and video positions live in
+separate coordinate systems; attention between them is position-agnostic by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor, nn
+
+__all__ = [
+    "UniViGUOutput",
+    "UniViGUTransformer",
+    "UniViGUBlock",
+    "parameter_breakdown",
+]
+
+# Config keys that describe the shared (Wan) network; `from_wan` copies exactly these.
+WAN_CONFIG_KEYS = (
+    "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+    "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps",
+    "rope_max_seq_len",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small pieces (Wan's numerics, our names)
+# ----------------------------------------------------------------------------------------------------
+
+
+def timestep_sinusoid(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of timesteps, cos half first (Wan's flip_sin_to_cos). t [B] -> [B, dim]."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    args = t[:, None].float() * torch.exp(exponent)[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _rope_angles(length: int, dim: int, theta: float, device: torch.device) -> Tensor:
+    """Rotation angles [length, dim/2] for positions 0..length-1, in float64 like diffusers so cos/sin match."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim))
+    return torch.outer(torch.arange(length, dtype=dtype, device=device), inv_freq)
+
+
+def video_rope(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin [F*H*W, head_dim/2] for patches in (f, h, w) raster order.
+
+    The head dim is split as Wan splits it: h and w get 2*(head_dim//6) channels each, t the rest
+    (44/42/42 at head_dim 128); theta 1e4.
+    """
+    f, h, w = grid
+    d_hw = 2 * (head_dim // 6)
+    d_t = head_dim - 2 * d_hw
+    a_t = _rope_angles(f, d_t, 10000.0, device)[:, None, None].expand(f, h, w, -1)
+    a_h = _rope_angles(h, d_hw, 10000.0, device)[None, :, None].expand(f, h, w, -1)
+    a_w = _rope_angles(w, d_hw, 10000.0, device)[None, None, :].expand(f, h, w, -1)
+    angles = torch.cat([a_t, a_h, a_w], dim=-1).reshape(f * h * w, head_dim // 2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def text_rope(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin [L, head_dim/2]: 1D RoPE over the full head dim, positions 0..L-1."""
+    angles = _rope_angles(length, head_dim, theta, device)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive channel pairs (Wan's convention). x [B, N, heads, head_dim], cos/sin [N, head_dim/2]."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None], sin[:, None]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype (as Wan does), returned in the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Wan attention: q/k RMSNorm across heads, optional RoPE, torch SDPA. Cross-attention when `context` is given."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # a list only for Wan's key name `to_out.0`
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """x [B, N, D], context [B, S, D] (None: self-attention), mask [B, 1, 1, S] bool (True = attend)."""
+        context = x if context is None else context
+        q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
+        k = self.norm_k(self.to_k(context)).unflatten(2, (self.heads, -1))
+        v = self.to_v(context).unflatten(2, (self.heads, -1))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(q))
+
+
+class _GELUTanhProj(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU(tanh) -> Linear. The indices mirror diffusers' FeedForward keys (`net.0.proj`, `net.2`)."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(_GELUTanhProj(dim, inner_dim), nn.Identity(), nn.Linear(inner_dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class TimestepMLP(nn.Module):
+    """Sinusoid features -> Linear -> SiLU -> Linear (diffusers' TimestepEmbedding keys)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class PromptProjection(nn.Module):
+    """Prompt-encoder states -> hidden size: Linear -> GELU(tanh) -> Linear (diffusers' PixArtAlphaTextProjection keys)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class ConditionEmbedder(nn.Module):
+    """Wan's condition embedder: video timestep MLP, its projection to 6 modulation vectors, prompt projection."""
+
+    def __init__(self, dim: int, freq_dim: int, prompt_dim: int):
+        super().__init__()
+        self.time_embedder = TimestepMLP(freq_dim, dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = PromptProjection(prompt_dim, dim)
+
+
+def _modulate(x_normed: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x_normed * (1 + scale) + shift
+
+
+# ----------------------------------------------------------------------------------------------------
+# The block
+# ----------------------------------------------------------------------------------------------------
+
+
+class UniViGUBlock(nn.Module):
+    """One Wan block shared by both streams, plus the text expert `ffn_t`."""
+
+    def __init__(self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = Attention(dim, heads, eps)
+        self.attn2 = Attention(dim, heads, eps)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.ffn_t = FeedForward(dim, ffn_dim)  # text expert; initialised as a copy of `ffn`
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x_v: Tensor,
+        x_t: Tensor,
+        context: Tensor,
+        mod_v: Tensor,
+        mod_t: Tensor,
+        rope: tuple[Tensor, Tensor],
+        self_mask: Tensor | None,
+        cross_mask: Tensor | None,
+        cross_keep: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """x_v [B, N, D], x_t [B, L, D], context [B, S, D], mod_* [B, 6, D] projected timesteps,
+        rope cos/sin [N+L, head_dim/2], self_mask [B, 1, 1, N+L], cross_mask [B, 1, 1, S], cross_keep [B, 1, 1]."""
+        n_v, n_t = x_v.shape[1], x_t.shape[1]
+        # One table, two timesteps: shift/scale/gate [B, 1, D] for attention (msa) and FFN (c_), per modality.
+        shift_v, scale_v, gate_v, c_shift_v, c_scale_v, c_gate_v = (self.scale_shift_table + mod_v.float()).chunk(6, 1)
+        shift_t, scale_t, gate_t, c_shift_t, c_scale_t, c_gate_t = (self.scale_shift_table + mod_t.float()).chunk(6, 1)
+
+        # 1. Joint bidirectional self-attention over video and text tokens, gated per modality.
+        h = torch.cat(
+            [
+                _modulate(self.norm1(x_v.float()), shift_v, scale_v).type_as(x_v),
+                _modulate(self.norm1(x_t.float()), shift_t, scale_t).type_as(x_t),
+            ],
+            dim=1,
+        )
+        a_v, a_t = self.attn1(h, mask=self_mask, rope=rope).split([n_v, n_t], dim=1)
+        x_v = (x_v.float() + a_v * gate_v).type_as(x_v)
+        x_t = (x_t.float() + a_t * gate_t).type_as(x_t)
+
+        # 2. Cross-attention to the prompt, ungated; per-query, so one call serves both streams.
+        x = torch.cat([x_v, x_t], dim=1)
+        a = self.attn2(self.norm2(x.float()).type_as(x), context, mask=cross_mask)
+        if cross_keep is not None:
+            a = a * cross_keep  # a sample without any prompt token gets no cross-attention at all
+        x_v, x_t = (x + a).split([n_v, n_t], dim=1)
+
+        # 3. Each modality through its own FFN, with its own modulation.
+        h_v = _modulate(self.norm3(x_v.float()), c_shift_v, c_scale_v).type_as(x_v)
+        h_t = _modulate(self.norm3(x_t.float()), c_shift_t, c_scale_t).type_as(x_t)
+        x_v = (x_v.float() + self.ffn(h_v).float() * c_gate_v).type_as(x_v)
+        x_t = (x_t.float() + self.ffn_t(h_t).float() * c_gate_t).type_as(x_t)
+        return x_v, x_t
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------
+
+
+class UniViGUOutput(NamedTuple):
+    """Unpacks as `velocity, logits = model(...)`."""
+
+    velocity: Tensor  # [B, C, T, H, W]
+    logits: Tensor  # [B, L, V'], V' = text_vocab_size (+1 with text_mask_row)
+
+
+# Which part of the model each top-level parameter name belongs to; "text: ..." parts are text-only.
+_PARTS = {
+    "patch_embedding": "base: patch embedding",
+    "condition_embedder": "base: timestep + prompt embedders",
+    "blocks": "base: blocks (attention, FFN, adaLN)",
+    "scale_shift_table": "base: video head",
+    "proj_out": "base: video head",
+    "text_embedding": "text: token embedding",
+    "time_embedder_t": "text: timestep embedder",
+    "time_proj_t": "text: timestep embedder",
+    "scale_shift_table_t": "text: head",
+    "text_proj_out": "text: head",
+}
+
+
+def _part_of(name: str) -> str:
+    return "text: ffn_t (in blocks)" if ".ffn_t." in name else _PARTS[name.split(".")[0]]
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, int]:
+    """Parameter count per part (`base: ...` shared with Wan, `text: ...` added), plus `base`, `text`, `total`.
+
+    Works on a model built on the meta device (counts shapes, allocates nothing).
+    """
+    parts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        parts[_part_of(name)] = parts.get(_part_of(name), 0) + p.numel()
+    base = sum(n for k, n in parts.items() if k.startswith("base"))
+    text = sum(n for k, n in parts.items() if k.startswith("text"))
+    return {**dict(sorted(parts.items())), "base": base, "text": text, "total": base + text}
+
+
+class UniViGUTransformer(ModelMixin, ConfigMixin):
+    """Wan2.1 DiT + text stream (modality-driven MoE). Defaults are Wan2.1-T2V-1.3B with the umT5 vocabulary.
+
+    Args (shared, Wan's config names): patch_size, num_attention_heads, attention_head_dim, in_channels,
+        out_channels (None: in_channels), text_dim (prompt-encoder width), freq_dim, ffn_dim, num_layers,
+        cross_attn_norm, qk_norm (only "rms_norm_across_heads", the Wan2.1 one), eps, rope_max_seq_len.
+    Args (text): text_vocab_size V; text_mask_row adds one row (id V) used as the mask/source token for
+        tokenizers that have none, so V' = V + 1; text_rope_theta for the 1D text RoPE.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["UniViGUBlock"]
+    # As Wan: kept in float32 when loaded in half precision (substrings also match the `_t` copies).
+    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        num_attention_heads: int = 12,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int | None = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 8960,
+        num_layers: int = 30,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        rope_max_seq_len: int = 1024,
+        text_vocab_size: int = 256384,
+        text_mask_row: bool = False,
+        text_rope_theta: float = 10000.0,
+    ):
+        super().__init__()
+        if qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"qk_norm={qk_norm!r} is not supported; Wan2.1 uses 'rms_norm_across_heads'")
+        if attention_head_dim % 2 or attention_head_dim < 6:
+            raise ValueError(f"attention_head_dim must be even and >= 6 for 3D RoPE, got {attention_head_dim}")
+        dim = num_attention_heads * attention_head_dim
+        out_channels = out_channels or in_channels
+
+        # Shared with Wan (same names and shapes as diffusers' WanTransformer3DModel).
+        self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim)
+        self.blocks = nn.ModuleList(
+            [UniViGUBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps) for _ in range(num_layers)]
+        )
+        self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)  # no parameters: serves both heads
+        self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+        # Text-only parts (values set by `init_text_parts`).
+        self.text_embedding = nn.Embedding(self.text_vocab_out, dim)
+        self.time_embedder_t = TimestepMLP(freq_dim, dim)
+        self.time_proj_t = nn.Linear(dim, 6 * dim)
+        self.scale_shift_table_t = nn.Parameter(torch.empty(1, 2, dim))
+        self.text_proj_out = nn.Linear(dim, self.text_vocab_out)
+
+        self.gradient_checkpointing = False
+        self.init_text_parts()
+
+    @property
+    def text_vocab_out(self) -> int:
+        """V': rows of the token embedding and width of the logits."""
+        return self.config.text_vocab_size + int(self.config.text_mask_row)
+
+    @property
+    def mask_token_id(self) -> int | None:
+        """The id of the extra mask row (= text_vocab_size), or None without `text_mask_row`."""
+        return self.config.text_vocab_size if self.config.text_mask_row else None
+
+    # ---- initialisation and loading ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_text_parts(self, embedding_std: float = 1.0) -> None:
+        """(Re-)initialise the text parts as METHOD.md section 3 says: ffn_t, the text timestep embedder and the
+        text output table become copies of their video counterparts; the token embedding is drawn fresh
+        (N(0, embedding_std^2); every block LayerNorms it anyway); the logit head is zero, so the first
+        logits are exactly uniform.
+
+        Parameters are replaced (not written in place), so this also works on a meta-device model whose
+        shared part was just loaded; build optimizers after calling it.
+        """
+
+        def copy_into(dst: nn.Module, src: nn.Module) -> None:
+            dst.load_state_dict({k: v.detach().clone() for k, v in src.state_dict().items()}, assign=True)
+
+        for block in self.blocks:
+            copy_into(block.ffn_t, block.ffn)
+        copy_into(self.time_embedder_t, self.condition_embedder.time_embedder)
+        copy_into(self.time_proj_t, self.condition_embedder.time_proj)
+        self.scale_shift_table_t = nn.Parameter(self.scale_shift_table.detach().clone())
+        like = self.proj_out.weight  # device/dtype of the ordinary (not fp32-kept) weights
+        v, d = self.text_vocab_out, like.shape[1]
+        self.text_embedding.weight = nn.Parameter(
+            torch.randn(v, d, device=like.device, dtype=like.dtype) * embedding_std
+        )
+        self.text_proj_out.weight = nn.Parameter(torch.zeros(v, d, device=like.device, dtype=like.dtype))
+        self.text_proj_out.bias = nn.Parameter(torch.zeros(v, device=like.device, dtype=like.dtype))
+
+    @classmethod
+    def from_wan(cls, wan: nn.Module | str | os.PathLike, **text_config) -> "UniViGUTransformer":
+        """Build the unified model from a diffusers `WanTransformer3DModel` (in memory, or a local folder loaded
+        with diffusers' `from_pretrained`, no network). All Wan weights are copied (dtypes kept); the text
+        parts are initialised from them (`init_text_parts`). `text_config`: text_vocab_size, text_mask_row,
+        text_rope_theta.
+        """
+        if isinstance(wan, (str, os.PathLike)):
+            from diffusers import WanTransformer3DModel
+
+            wan = WanTransformer3DModel.from_pretrained(wan, local_files_only=True)
+        unsupported = {k: wan.config.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")}
+        if any(v is not None for v in unsupported.values()):
+            raise ValueError(f"only text-to-video Wan models are supported, this one has {unsupported}")
+        bad = set(text_config) - {"text_vocab_size", "text_mask_row", "text_rope_theta"}
+        if bad:
+            raise TypeError(f"from_wan() got unexpected text config keys {sorted(bad)}")
+
+        # Build on the meta device (no allocation, no random init of billions of weights), then take
+        # cloned Wan tensors as the parameters and derive the text parts from them.
+        with torch.device("meta"):
+            model = cls(**{k: wan.config[k] for k in WAN_CONFIG_KEYS}, **text_config)
+        state = {k: v.detach().clone() for k, v in wan.state_dict().items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        not_text = [k for k in missing if not model.is_text_parameter(k)]
+        if not_text or unexpected:
+            raise ValueError(f"Wan state dict does not match: missing {not_text}, unexpected {unexpected}")
+        model.init_text_parts()
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "UniViGUTransformer":
+        """diffusers' `from_pretrained`, made strict: a checkpoint whose keys or shapes differ from the model
+        the config (plus any config overrides in kwargs) describes is an error naming every such key.
+        (diffusers only warns about missing/unexpected keys and leaves those weights random.)"""
+        folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if folder.is_dir():
+            cls._check_checkpoint(folder, kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
+        if problems:
+            raise ValueError(f"checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {problems}")
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _check_checkpoint(cls, folder: Path, kwargs: dict) -> None:
+        """Compare the safetensors headers in `folder` with the parameters the config describes."""
+        from safetensors import safe_open
+
+        index = folder / "diffusion_pytorch_model.safetensors.index.json"
+        single = folder / "diffusion_pytorch_model.safetensors"
+        if index.exists():
+            files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        elif single.exists():
+            files = [single]
+        else:
+            return  # another format (.bin, variant): diffusers' loader and the check after it decide
+        found: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            with safe_open(f, framework="pt") as reader:
+                found.update({k: tuple(reader.get_slice(k).get_shape()) for k in reader.keys()})
+
+        config = cls.load_config(folder)
+        overrides = {k: v for k, v in kwargs.items() if k in cls._get_init_keys(cls)}
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls.from_config(config, **overrides).state_dict().items()}
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        shapes = [f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in sorted(expected) if
+                  k in found and found[k] != expected[k]]  # fmt: skip
+        if missing or unexpected or shapes:
+            lines = [f"checkpoint {folder} does not match the {cls.__name__} its config describes:"]
+            lines += [f"  missing keys: {missing}"] if missing else []
+            lines += [f"  unexpected keys: {unexpected}"] if unexpected else []
+            lines += ["  mismatched shapes:"] + [f"    {s}" for s in shapes] if shapes else []
+            raise ValueError("\n".join(lines))
+
+    # ---- which parameters train --------------------------------------------------------------------
+
+    @staticmethod
+    def is_text_parameter(name: str) -> bool:
+        """True for parameters that only the text stream has (see the module docstring)."""
+        return _part_of(name).startswith("text")
+
+    def text_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for n, p in self.named_parameters() if self.is_text_parameter(n))
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for n, p in self.named_parameters() if not self.is_text_parameter(n))
+
+    def set_trainable(self, which: Literal["text", "all"]) -> None:
+        """"text": only text-specific parameters require grad (shared Wan weights frozen); "all": everything."""
+        if which not in ("text", "all"):
+            raise ValueError(f"which must be 'text' or 'all', got {which!r}")
+        for name, p in self.named_parameters():
+            p.requires_grad_(which == "all" or self.is_text_parameter(name))
+
+    # ---- forward -------------------------------------------------------------------------------------
+
+    def _embed_timestep(self, t: Tensor, embedder: TimestepMLP, proj: nn.Linear, dtype: torch.dtype):
+        """t [B] on the [0, 1000] scale -> temb [B, D] (heads) and modulation [B, 6, D] (blocks)."""
+        freqs = timestep_sinusoid(t, self.config.freq_dim).to(embedder.linear_1.weight.dtype)
+        temb = embedder(freqs).to(dtype)
+        return temb, proj(F.silu(temb)).unflatten(1, (6, -1))
+
+    def forward(
+        self,
+        video: Tensor,
+        text_tokens: Tensor | None,
+        t_video: Tensor,
+        t_text: Tensor | None,
+        prompt_states: Tensor,
+        text_mask: Tensor | None = None,
+        prompt_mask: Tensor | None = None,
+    ) -> UniViGUOutput:
+        """One pass over both modalities.
+
+        video [B, C, T, H, W] (T, H, W divisible by the patch), text_tokens [B, L] int ids (L may be 0, or
+        None: the plain Wan forward), t_video / t_text [B] (or scalars) on the network scale [0, 1000],
+        prompt_states [B, S, text_dim], text_mask [B, L] bool (True = real token; padded tokens are not
+        attended to), prompt_mask [B, S] bool (True = real prompt token; None = attend to all, as Wan does;
+        a row without any real token skips cross-attention).
+        Returns (velocity [B, C_out, T, H, W], logits [B, L, V']).
+        """
+        b, _, frames, height, width = video.shape
+        p_t, p_h, p_w = self.config.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        if text_tokens is None:
+            text_tokens = torch.zeros(b, 0, dtype=torch.long, device=video.device)
+        n_v, n_t = math.prod(grid), text_tokens.shape[1]
+        head_dim = self.config.attention_head_dim
+
+        x_v = self.patch_embedding(video).flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
+        x_t = self.text_embedding(text_tokens).to(x_v.dtype)  # [B, L, D]
+
+        t_video = torch.as_tensor(t_video, device=video.device).expand(b)
+        temb_v, mod_v = self._embed_timestep(
+            t_video, self.condition_embedder.time_embedder, self.condition_embedder.time_proj, prompt_states.dtype
+        )
+        if n_t:
+            t_text = torch.as_tensor(t_text, device=video.device).expand(b)
+            temb_t, mod_t = self._embed_timestep(t_text, self.time_embedder_t, self.time_proj_t, prompt_states.dtype)
+        else:
+            temb_t, mod_t = temb_v, mod_v  # unused by an empty stream
+        context = self.condition_embedder.text_embedder(prompt_states)  # [B, S, D]
+
+        cos_v, sin_v = video_rope(grid, head_dim, video.device)
+        cos_t, sin_t = text_rope(n_t, head_dim, self.config.text_rope_theta, video.device)
+        rope = (torch.cat([cos_v, cos_t]), torch.cat([sin_v, sin_t]))
+
+        self_mask = None
+        if text_mask is not None and n_t:
+            keep = torch.cat([text_mask.new_ones(b, n_v), text_mask], dim=1).bool()
+            self_mask = keep[:, None, None, :]  # [B, 1, 1, N+L], broadcast over heads and queries
+        cross_mask = cross_keep = None
+        if prompt_mask is not None:
+            prompt_mask = prompt_mask.bool()
+            has_prompt = prompt_mask.any(dim=1)
+            # Unmask the rows of prompt-less samples (an all-masked softmax is NaN); their output is zeroed.
+            cross_mask = (prompt_mask | ~has_prompt[:, None])[:, None, None, :]
+            cross_keep = has_prompt[:, None, None].to(x_v.dtype)
+
+        args = (context, mod_v, mod_t, rope, self_mask, cross_mask, cross_keep)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x_v, x_t = self._gradient_checkpointing_func(block, x_v, x_t, *args)
+            else:
+                x_v, x_t = block(x_v, x_t, *args)
+
+        # Video head: LayerNorm, adaLN from Wan's (1, 2, D) table and the video timestep, Linear, unpatchify.
+        shift, scale = (self.scale_shift_table + temb_v[:, None]).chunk(2, dim=1)
+        x_v = self.proj_out(_modulate(self.norm_out(x_v.float()), shift, scale).type_as(x_v))
+        x_v = x_v.reshape(b, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        velocity = x_v.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # [B, C, T, H, W]
+
+        # Text head: the same, with the text table and timestep, Linear to V' logits.
+        shift, scale = (self.scale_shift_table_t + temb_t[:, None]).chunk(2, dim=1)
+        logits = self.text_proj_out(_modulate(self.norm_out(x_t.float()), shift, scale).type_as(x_t))
+        return UniViGUOutput(velocity, logits)
