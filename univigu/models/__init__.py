@@ -1,0 +1,6 @@
+"""Models: the unified Uni-ViGU transformer and its presets."""
+
+from univigu.models.presets import PRESETS, build_model, preset_config
+from univigu.models.transformer import UniViGUOutput, UniViGUTransformer, parameter_breakdown
+
+__all__ = ["PRESETS", "UniViGUOutput", "UniViGUTransformer", "build_model", "parameter_breakdown", "preset_config"]

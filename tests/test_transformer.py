@@ -1,0 +1,217 @@
+"""UniViGUTransformer: parity with diffusers' Wan, the text stream, masks, gradients, loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from univigu.models import UniViGUTransformer, build_model
+
+WAN_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+    text_dim=24, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64,
+)  # fmt: skip
+VOCAB = 50
+
+
+@pytest.fixture(scope="module")
+def wan() -> WanTransformer3DModel:
+    torch.manual_seed(0)
+    return WanTransformer3DModel(**WAN_CONFIG).eval()
+
+
+@pytest.fixture()
+def model(wan) -> UniViGUTransformer:
+    torch.manual_seed(1)
+    return UniViGUTransformer.from_wan(wan, text_vocab_size=VOCAB).eval()
+
+
+def _inputs(b: int, seed: int = 0, prompt_len: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(b, 4, 2, 8, 8, generator=g)
+    t = torch.rand(b, generator=g) * 1000
+    prompt = torch.randn(b, prompt_len, WAN_CONFIG["text_dim"], generator=g)
+    return video, t, prompt
+
+
+def _randomise_text_head(model: UniViGUTransformer) -> None:
+    with torch.no_grad():
+        model.text_proj_out.weight.normal_(std=0.1)
+        model.text_proj_out.bias.normal_(std=0.1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_parity_with_diffusers_wan(wan, model, batch):
+    video, t, prompt = _inputs(batch)
+    with torch.no_grad():
+        ref = wan(video, t, prompt, return_dict=False)[0]
+        velocity, logits = model(video, None, t, None, prompt)
+        velocity0, logits0 = model(video, torch.zeros(batch, 0, dtype=torch.long), t, t, prompt)
+    assert velocity.shape == ref.shape == video.shape
+    assert logits.shape == logits0.shape == (batch, 0, VOCAB)
+    assert (velocity - ref).abs().max().item() <= 1e-5
+    assert (velocity0 - ref).abs().max().item() <= 1e-5
+
+
+def test_from_wan_folder_and_key_names(wan, tmp_path):
+    wan.save_pretrained(tmp_path / "wan")
+    model = UniViGUTransformer.from_wan(str(tmp_path / "wan"), text_vocab_size=VOCAB, text_mask_row=True).eval()
+    video, t, prompt = _inputs(2)
+    with torch.no_grad():
+        ref = wan(video, t, prompt, return_dict=False)[0]
+        velocity, logits = model(video, None, t, None, prompt)
+    assert (velocity - ref).abs().max().item() <= 1e-5
+    assert logits.shape[-1] == VOCAB + 1 and model.mask_token_id == VOCAB
+
+    ours = {k: v.shape for k, v in model.state_dict().items()}
+    shared = {k: s for k, s in ours.items() if not model.is_text_parameter(k)}
+    assert shared == {k: v.shape for k, v in wan.state_dict().items()}
+    text = set(ours) - set(shared)
+    assert {k.split(".")[0] for k in text} == {
+        "text_embedding", "time_embedder_t", "time_proj_t", "blocks", "scale_shift_table_t", "text_proj_out"
+    }  # fmt: skip
+    assert all(".ffn_t." in k for k in text if k.startswith("blocks."))
+
+
+def test_text_init_copies_wan_parts(model):
+    for block in model.blocks:
+        for (n, a), (_, b) in zip(block.ffn.named_parameters(), block.ffn_t.named_parameters()):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), n
+    assert torch.equal(model.scale_shift_table_t, model.scale_shift_table)
+    assert torch.equal(model.time_proj_t.weight, model.condition_embedder.time_proj.weight)
+    assert torch.equal(model.time_embedder_t.linear_1.weight, model.condition_embedder.time_embedder.linear_1.weight)
+
+
+def test_text_tokens_change_video_and_logits_start_uniform(model):
+    video, t, prompt = _inputs(2)
+    tokens = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        plain, _ = model(video, None, t, None, prompt)
+        velocity, logits = model(video, tokens, t, torch.zeros(2), prompt)
+    assert (velocity - plain).abs().max().item() > 1e-4
+    assert logits.shape == (2, 6, VOCAB)
+    probs = logits.softmax(-1)
+    assert torch.equal(probs, torch.full_like(probs, 1.0 / VOCAB))
+
+
+def test_batched_masks_equal_single_items(model):
+    _randomise_text_head(model)
+    text_lens, prompt_lens = [5, 2, 7], [7, 3, 5]
+    video, t, prompt = _inputs(3, seed=2)
+    t_text = torch.tensor([0.0, 500.0, 1000.0])
+    tokens = torch.randint(0, VOCAB, (3, 7))
+    text_mask = torch.arange(7)[None] < torch.tensor(text_lens)[:, None]
+    prompt_mask = torch.arange(7)[None] < torch.tensor(prompt_lens)[:, None]
+    with torch.no_grad():
+        velocity, logits = model(video, tokens, t, t_text, prompt, text_mask, prompt_mask)
+        for i, (n, s) in enumerate(zip(text_lens, prompt_lens)):
+            v_i, l_i = model(video[i : i + 1], tokens[i : i + 1, :n], t[i : i + 1], t_text[i : i + 1], prompt[i : i + 1, :s])
+            assert (velocity[i] - v_i[0]).abs().max().item() <= 1e-5
+            assert (logits[i, :n] - l_i[0]).abs().max().item() <= 1e-5
+
+
+def test_prompt_less_sample_ignores_prompt(model):
+    video, t, prompt = _inputs(2)
+    tokens = torch.randint(0, VOCAB, (2, 4))
+    no_prompt = torch.tensor([[True] * 7, [False] * 7])
+    with torch.no_grad():
+        v1, _ = model(video, tokens, t, t, prompt, None, no_prompt)
+        v2, _ = model(video, tokens, t, t, prompt * 3 + 1, None, no_prompt)
+    assert torch.isfinite(v1).all()
+    assert (v1[1] - v2[1]).abs().max().item() == 0.0  # sample 1 does not see the prompt
+    assert (v1[0] - v2[0]).abs().max().item() > 1e-4  # sample 0 does
+
+
+def _loss(model, batch=2):
+    video, t, prompt = _inputs(batch)
+    tokens = torch.randint(0, VOCAB, (batch, 5), generator=torch.Generator().manual_seed(3))
+    velocity, logits = model(video, tokens, t, torch.full((batch,), 700.0), prompt)
+    return velocity.square().mean() + torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+
+
+def test_gradients_reach_every_text_parameter(model):
+    _randomise_text_head(model)  # with the zero head no gradient flows back through the logits
+    model.train()
+    _loss(model).backward()
+    for name, p in model.named_parameters():
+        if model.is_text_parameter(name):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_text_only_freeze(model):
+    _randomise_text_head(model)
+    model.set_trainable("text")
+    _loss(model).backward()
+    shared = [(n, p) for n, p in model.named_parameters() if not model.is_text_parameter(n)]
+    assert shared and all(p.grad is None for _, p in shared)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_parameters())
+    model.set_trainable("all")
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError):
+        model.set_trainable("video")
+
+
+def test_gradient_checkpointing_gives_same_gradients(model):
+    _randomise_text_head(model)
+    _loss(model).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    _loss(model).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], atol=1e-6), n
+
+
+def test_bf16_autocast(model):
+    _randomise_text_head(model)
+    video, t, prompt = _inputs(2)
+    tokens = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        ref_v, ref_l = model(video, tokens, t, t, prompt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        velocity, logits = model(video, tokens, t, t, prompt)
+    assert velocity.dtype == torch.bfloat16
+    assert torch.isfinite(velocity).all() and torch.isfinite(logits).all()
+    (velocity.float().square().mean() + logits.float().square().mean()).backward()
+    assert model.text_proj_out.weight.grad is not None
+    assert (velocity.float() - ref_v).abs().max() < 0.1 * ref_v.abs().max()
+
+
+def test_pixel_preset_forward():
+    torch.manual_seed(0)
+    model = build_model("tiny", num_layers=1, text_vocab_size=20, text_mask_row=True)
+    video = torch.randn(2, 3, 2, 16, 16)
+    velocity, logits = model(video, torch.randint(0, 21, (2, 3)), torch.tensor([10.0, 900.0]), torch.zeros(2),
+                             torch.randn(2, 4, 128))  # fmt: skip
+    assert velocity.shape == video.shape and logits.shape == (2, 3, 21)
+
+
+def test_save_load_roundtrip_sharded(model, tmp_path):
+    _randomise_text_head(model)
+    model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    assert (tmp_path / "m" / "config.json").exists()
+    assert len(list((tmp_path / "m").glob("*.safetensors"))) > 1  # sharded
+    loaded = UniViGUTransformer.from_pretrained(tmp_path / "m").eval()
+    public = lambda cfg: {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if not k.startswith("_")}
+    assert public(loaded.config) == public(model.config)
+    for (n, a), (m, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    video, t, prompt = _inputs(1)
+    tokens = torch.randint(0, VOCAB, (1, 3))
+    with torch.no_grad():
+        outs = zip(model(video, tokens, t, t, prompt), loaded(video, tokens, t, t, prompt))
+    # Weights are bit-equal; loaded ones are unaligned views of the file, so kernels may round differently.
+    assert all((a - b).abs().max().item() <= 1e-6 for a, b in outs)
+
+
+def test_loading_another_config_names_the_mismatch(model, wan, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"text_embedding\.weight: checkpoint \(50, 32\) vs model \(60, 32\)"):
+        UniViGUTransformer.from_pretrained(tmp_path / "m", text_vocab_size=60)
+    with pytest.raises(ValueError, match=r"unexpected keys: \['blocks\.1\."):
+        UniViGUTransformer.from_pretrained(tmp_path / "m", num_layers=1)
+    wan.save_pretrained(tmp_path / "wan")  # a plain Wan folder lacks the text parts: use from_wan
+    with pytest.raises(ValueError, match=r"missing keys: .*blocks\.0\.ffn_t\.net\.0\.proj\.bias"):
+        UniViGUTransformer.from_pretrained(tmp_path / "wan")
