@@ -2,6 +2,162 @@
 
 from __future__ import annotations
 
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
 import typer
 
 app = typer.Typer(help="Inspect and benchmark the unified transformer.", no_args_is_help=True)
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return str(int(n))
+
+
+def _write_json(path: Path | None, data: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def params(
+    preset: str = typer.Option("tiny", help="Preset name: tiny, wan2.1-t2v-1.3b."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the counts as JSON here."),
+) -> None:
+    """Parameter count per part: shared with Wan (base), added for text, total. Built on the meta device."""
+    import torch
+
+    from univigu.models import PRESETS, build_model, parameter_breakdown
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}", param_hint="--preset")
+    with torch.device("meta"):  # shapes only, nothing allocated
+        model = build_model(preset)
+    counts = parameter_breakdown(model)
+    typer.echo(f"preset {preset}")
+    typer.echo(f"{'part':<42}{'parameters':>16}{'':>10}")
+    for part, n in counts.items():
+        if part in ("base", "text"):
+            continue
+        if part == "total":
+            typer.echo("-" * 68)
+            typer.echo(f"{'base (shared with Wan)':<42}{counts['base']:>16,}{_human(counts['base']):>10}")
+            typer.echo(f"{'added (text parts)':<42}{counts['text']:>16,}{_human(counts['text']):>10}")
+        typer.echo(f"{part:<42}{n:>16,}{_human(n):>10}")
+    _write_json(json_path, {"preset": preset, "counts": counts})
+
+
+def _interleaved_medians(fns: dict[str, Callable[[], object]], steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per function. Rounds alternate between the functions, so a burst of load from
+    other processes on a shared CPU hits all of them alike instead of skewing one."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("tiny", help="Preset name (the tiny one is meant for this CPU)."),
+    batch: int = typer.Option(2, min=1, help="Videos per step."),
+    steps: int = typer.Option(3, min=1, help="Timed steps (the median is reported)."),
+    warmup: int = typer.Option(1, min=0, help="Untimed steps first."),
+    frames: int = typer.Option(16, min=1, help="Video frames (pixel/latent frames, not patches)."),
+    size: int = typer.Option(32, min=1, help="Video height and width."),
+    text_len: int = typer.Option(64, min=1, help="Text tokens in the text stream (T2V: the clean prompt)."),
+    prompt_len: int = typer.Option(16, min=1, help="Prompt states the cross-attention sees."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Forward and forward+backward time of the unified model, and its overhead over plain Wan.
+
+    Three rows at the same video size: diffusers' WanTransformer3DModel with the shared config and the
+    same weights; the unified model with an empty text stream (must equal Wan); the unified model in T2V
+    mode (clean prompt tokens in the text stream, t_text = 0; its backward includes the text loss).
+    """
+    import torch
+    import torch.nn.functional as F
+    from diffusers import WanTransformer3DModel
+
+    from univigu.models import PRESETS, build_model
+    from univigu.models.transformer import WAN_CONFIG_KEYS
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}", param_hint="--preset")
+    torch.manual_seed(0)
+    model = build_model(preset)
+    with torch.no_grad():  # a non-zero text head, so the text loss has gradients everywhere, as in training
+        model.text_proj_out.weight.normal_(std=0.02)
+    cfg = model.config
+    wan = WanTransformer3DModel(**{k: cfg[k] for k in WAN_CONFIG_KEYS})
+    wan.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_text_parameter(k)})
+
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(batch, cfg.in_channels, frames, size, size, generator=g)
+    t_video = torch.rand(batch, generator=g) * 1000
+    prompt = torch.randn(batch, prompt_len, cfg.text_dim, generator=g)
+    tokens = torch.randint(0, cfg.text_vocab_size, (batch, text_len), generator=g)
+    t_clean = torch.zeros(batch)
+
+    runs = {
+        "wan (diffusers)": lambda: (wan(video, t_video, prompt, return_dict=False)[0], None),
+        "unified, no text": lambda: model(video, None, t_video, None, prompt),
+        f"unified T2V, {text_len} text tokens": lambda: model(video, tokens, t_video, t_clean, prompt),
+    }
+
+    def train_step(run: Callable) -> None:
+        velocity, logits = run()
+        loss = velocity.square().mean()
+        if logits is not None and logits.shape[1]:
+            loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        wan.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        parity = (runs["wan (diffusers)"]()[0] - runs["unified, no text"]()[0]).abs().max().item()
+    with torch.no_grad():
+        fwd = _interleaved_medians(runs, steps, warmup)
+    fwd_bwd = _interleaved_medians({k: (lambda run=run: train_step(run)) for k, run in runs.items()}, steps, warmup)
+    rows = {
+        name: {"forward_ms": 1e3 * fwd[name], "forward_backward_ms": 1e3 * fwd_bwd[name],
+               "samples_per_s": batch / fwd_bwd[name]}
+        for name in runs
+    }  # fmt: skip
+
+    wan_row, t2v_row = rows["wan (diffusers)"], rows[f"unified T2V, {text_len} text tokens"]
+    ratio_fwd = t2v_row["forward_ms"] / wan_row["forward_ms"]
+    ratio_fwd_bwd = t2v_row["forward_backward_ms"] / wan_row["forward_backward_ms"]
+    n_video = (frames // cfg.patch_size[0]) * (size // cfg.patch_size[1]) * (size // cfg.patch_size[2])
+
+    typer.echo(
+        f"preset {preset}: batch {batch}, video {cfg.in_channels}x{frames}x{size}x{size} ({n_video} tokens), "
+        f"text {text_len} tokens, prompt {prompt_len}; {torch.get_num_threads()} threads; median of {steps}"
+    )
+    typer.echo(f"{'model':<34}{'fwd ms':>10}{'fwd+bwd ms':>12}{'samples/s':>11}")
+    for name, r in rows.items():
+        typer.echo(f"{name:<34}{r['forward_ms']:>10.1f}{r['forward_backward_ms']:>12.1f}{r['samples_per_s']:>11.2f}")
+    typer.echo(f"unified T2V / plain Wan latency: forward {ratio_fwd:.3f}x, forward+backward {ratio_fwd_bwd:.3f}x")
+    typer.echo(f"max |velocity difference| unified (no text) vs Wan: {parity:.2e}")
+    _write_json(
+        json_path,
+        {
+            "preset": preset, "batch": batch, "frames": frames, "size": size, "video_tokens": n_video,
+            "text_len": text_len, "prompt_len": prompt_len, "steps": steps, "threads": torch.get_num_threads(),
+            "rows": rows, "t2v_over_wan_forward": ratio_fwd, "t2v_over_wan_forward_backward": ratio_fwd_bwd,
+            "parity_max_abs_diff": parity,
+        },
+    )  # fmt: skip

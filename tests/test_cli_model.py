@@ -1,0 +1,45 @@
+"""`univigu model params` and `univigu model bench`, run for real through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from univigu.cli import app
+
+runner = CliRunner()
+
+
+def test_params_wan_1_3b(tmp_path):
+    out = tmp_path / "params.json"
+    result = runner.invoke(app, ["model", "params", "--preset", "wan2.1-t2v-1.3b", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "base (shared with Wan)" in result.output and "text: ffn_t" in result.output
+    counts = json.loads(out.read_text())["counts"]
+    assert 1.2e9 <= counts["base"] <= 1.5e9
+    assert 1.5e9 <= counts["text"] <= 1.7e9  # "about 1.6B", mostly the 256k-row embedding and head
+    assert counts["total"] == counts["base"] + counts["text"]
+    assert counts["text: token embedding"] == 256384 * 1536
+    assert f"{counts['total']:,}" in result.output
+
+
+def test_params_unknown_preset_fails():
+    result = runner.invoke(app, ["model", "params", "--preset", "nope"])
+    assert result.exit_code == 2 and "unknown preset 'nope'" in result.output
+
+
+def test_bench_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["model", "bench", "--preset", "tiny", "--batch", "1", "--steps", "1", "--warmup", "0",
+            "--frames", "2", "--size", "16", "--text-len", "4", "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "unified T2V / plain Wan latency" in result.output
+    data = json.loads(out.read_text())
+    assert data["video_tokens"] == 2 * 4 * 4
+    assert data["parity_max_abs_diff"] <= 1e-5
+    assert set(data["rows"]) == {"wan (diffusers)", "unified, no text", "unified T2V, 4 text tokens"}
+    for row in data["rows"].values():
+        assert row["forward_ms"] > 0 and row["samples_per_s"] > 0
+    assert data["t2v_over_wan_forward"] > 0
