@@ -215,3 +215,27 @@ def test_loading_another_config_names_the_mismatch(model, wan, tmp_path):
     wan.save_pretrained(tmp_path / "wan")  # a plain Wan folder lacks the text parts: use from_wan
     with pytest.raises(ValueError, match=r"missing keys: .*blocks\.0\.ffn_t\.net\.0\.proj\.bias"):
         UniViGUTransformer.from_pretrained(tmp_path / "wan")
+
+
+def test_half_precision_loading_keeps_wan_dtypes(model, wan, tmp_path):
+    wan.save_pretrained(tmp_path / "wan")
+    wan_bf16 = WanTransformer3DModel.from_pretrained(tmp_path / "wan", torch_dtype=torch.bfloat16).eval()
+    from_wan = UniViGUTransformer.from_wan(wan_bf16, text_vocab_size=VOCAB).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = UniViGUTransformer.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16).eval()
+    wan_dtypes = {k: v.dtype for k, v in wan_bf16.state_dict().items()}
+    assert torch.float32 in wan_dtypes.values() and torch.bfloat16 in wan_dtypes.values()
+    for m in (from_wan, loaded):
+        dtypes = {k: v.dtype for k, v in m.state_dict().items()}
+        assert {k: dtypes[k] for k in wan_dtypes} == wan_dtypes
+        # each text copy keeps its source's precision (fp32 timestep MLP and table, bf16 FFN)
+        assert dtypes["time_embedder_t.linear_1.weight"] == dtypes["condition_embedder.time_embedder.linear_1.weight"]
+        assert dtypes["scale_shift_table_t"] == torch.float32
+        assert dtypes["blocks.0.ffn_t.net.2.weight"] == torch.bfloat16
+    video, t, prompt = _inputs(2)
+    with torch.no_grad():
+        ref = wan_bf16(video.bfloat16(), t, prompt.bfloat16(), return_dict=False)[0]
+        velocity, logits = from_wan(video.bfloat16(), torch.randint(0, VOCAB, (2, 3)), t, t, prompt.bfloat16())
+        velocity0, _ = from_wan(video.bfloat16(), None, t, None, prompt.bfloat16())
+    assert velocity.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert (velocity0.float() - ref.float()).abs().max().item() <= 1e-5

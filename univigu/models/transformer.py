@@ -318,8 +318,10 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["UniViGUBlock"]
-    # As Wan: kept in float32 when loaded in half precision (substrings also match the `_t` copies).
-    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+    # As Wan (plus the text copies): kept in float32 when loaded in half precision. Matched per name component.
+    _keep_in_fp32_modules = [
+        "time_embedder", "time_embedder_t", "scale_shift_table", "scale_shift_table_t", "norm1", "norm2", "norm3"
+    ]  # fmt: skip
 
     @register_to_config
     def __init__(
