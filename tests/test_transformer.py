@@ -106,7 +106,8 @@ def test_batched_masks_equal_single_items(model):
     with torch.no_grad():
         velocity, logits = model(video, tokens, t, t_text, prompt, text_mask, prompt_mask)
         for i, (n, s) in enumerate(zip(text_lens, prompt_lens)):
-            v_i, l_i = model(video[i : i + 1], tokens[i : i + 1, :n], t[i : i + 1], t_text[i : i + 1], prompt[i : i + 1, :s])
+            one = slice(i, i + 1)
+            v_i, l_i = model(video[one], tokens[one, :n], t[one], t_text[one], prompt[one, :s])
             assert (velocity[i] - v_i[0]).abs().max().item() <= 1e-5
             assert (logits[i, :n] - l_i[0]).abs().max().item() <= 1e-5
 

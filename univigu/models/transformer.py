@@ -172,7 +172,7 @@ class TimestepMLP(nn.Module):
 
 
 class PromptProjection(nn.Module):
-    """Prompt-encoder states -> hidden size: Linear -> GELU(tanh) -> Linear (diffusers' PixArtAlphaTextProjection keys)."""
+    """Prompt-encoder states -> hidden: Linear -> GELU(tanh) -> Linear (PixArtAlphaTextProjection's keys)."""
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
