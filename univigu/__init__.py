@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "WorldConfig": "univigu.data.world",
     "World": "univigu.data.world",
-    "WorldDataset": "univigu.data.world",
+    "WorldDataset": "univigu.data.dataset",
     "render_videos": "univigu.data.world",
     "parse_caption": "univigu.data.world",
     "Oracle": "univigu.data.oracle",

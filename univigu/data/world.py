@@ -11,6 +11,7 @@ grid). Objects never touch, so the oracle can always recover them from pixels.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
@@ -51,6 +52,7 @@ SHAPE_AREA = {"circle": np.pi, "square": (2 * SQUARE_HALF) ** 2, "triangle": 0.5
 TRAVEL = {"slow": 0.25, "fast": 0.5}  # displacement over the clip, fraction of the frame side
 GROWTH = {"slow": 1.4, "fast": 1.8}  # radius at the last frame over the first
 _DIRECTION = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+_GAP = 3.0  # pixels between objects, so blur never merges them
 
 DEFAULT_HELDOUT: tuple[dict[str, str], ...] = (
     {"colour": "red", "shape": "triangle"},
@@ -250,6 +252,7 @@ class World:
         main_heldout: bool,
     ) -> WorldObject | None:
         cfg = self.config
+        other_boxes = [_swept_box(o.attributes(), cfg) + np.array([o.x, o.x, o.y, o.y]) for o in others]
         for _ in range(50):
             attrs = {
                 "colour": _pick(rng, [c for c in OBJECT_COLOURS if c not in used_colours]),
@@ -266,30 +269,30 @@ class World:
             # Held-out combinations only ever appear as the main object of the heldout split.
             if not main_heldout and self.is_heldout(attrs):
                 continue
-            start = self._sample_start(rng, attrs, others)
+            start = self._sample_start(rng, attrs, other_boxes)
             if start is not None:
                 x, y = start
                 return WorldObject(position=self.region(x, y), x=x, y=y, **attrs)
         return None
 
     def _sample_start(
-        self, rng: np.random.Generator, attrs: dict[str, Any], others: list[WorldObject]
+        self, rng: np.random.Generator, attrs: dict[str, Any], other_boxes: list[np.ndarray]
     ) -> tuple[float, float] | None:
         cfg = self.config
         H, W = cfg.height, cfg.width
-        track = _bbox_track(attrs, 0.0, 0.0, cfg)  # [T, 4] relative to the start centre
+        left, right, top, bottom = _swept_box(attrs, cfg)  # around the start centre
         margin = 0.5
-        x_lo, x_hi = margin - track[:, 0].min(), W - margin - track[:, 1].max()
-        y_lo, y_hi = margin - track[:, 2].min(), H - margin - track[:, 3].max()
+        x_lo, x_hi, y_lo, y_hi = margin - left, W - margin - right, margin - top, H - margin - bottom
         if x_lo > x_hi or y_lo > y_hi:
             raise ValueError(f"a {attrs} object does not fit a {H}x{W} frame")
-        # Draw candidates at once and keep the first that is valid: vectorised rejection.
-        xs, ys = rng.uniform(x_lo, x_hi, 32), rng.uniform(y_lo, y_hi, 32)
+        # Draw candidates at once and keep the first valid one: vectorised rejection.
+        xs, ys = rng.uniform(x_lo, x_hi, 64), rng.uniform(y_lo, y_hi, 64)
         # Start positions stay clear of the 3x3 grid lines, so the region is unambiguous.
         ok = ~(_near_grid_line(xs, W) | _near_grid_line(ys, H))
-        shifted = track[None] + np.stack([xs, xs, ys, ys], axis=1)[:, None, :]  # [K, T, 4]
-        for other in others:
-            ok &= _apart(shifted, _bbox_track(other.attributes(), other.x, other.y, cfg))
+        for o_left, o_right, o_top, o_bottom in other_boxes:
+            # Objects never cross paths: the boxes they sweep over the clip stay apart.
+            ok &= ((xs + right + _GAP <= o_left) | (xs + left >= o_right + _GAP)
+                   | (ys + bottom + _GAP <= o_top) | (ys + top >= o_bottom + _GAP))  # fmt: skip
         hits = np.flatnonzero(ok)
         return (float(xs[hits[0]]), float(ys[hits[0]])) if len(hits) else None
 
@@ -324,26 +327,27 @@ def _near_grid_line(v: np.ndarray, side: int, clearance: float = 0.04) -> np.nda
     return (np.abs(v - side / 3) < clearance * side) | (np.abs(v - 2 * side / 3) < clearance * side)
 
 
+@functools.lru_cache(maxsize=8)
+def _clip_times(frames: int) -> np.ndarray:
+    """Frame times in [0, 1], `[T]`."""
+    return np.linspace(0.0, 1.0, frames)
+
+
 def _tracks(attrs: dict[str, Any], x: float, y: float, cfg: WorldConfig):
     """Centre and radius per frame: three arrays `[T]`."""
-    f = np.linspace(0.0, 1.0, cfg.frames)
+    f = _clip_times(cfg.frames)
     dx, dy = _displacement(attrs["motion"], attrs["speed"], cfg.height, cfg.width)
     radius = SIZE_RADIUS[attrs["size"]] * min(cfg.height, cfg.width)
     growth = GROWTH[attrs["speed"]] if attrs["motion"] == "grow" else 1.0
     return x + dx * f, y + dy * f, radius * (1 + (growth - 1) * f)
 
 
-def _bbox_track(attrs: dict[str, Any], x: float, y: float, cfg: WorldConfig) -> np.ndarray:
-    cx, cy, r = _tracks(attrs, x, y, cfg)
+def _swept_box(attrs: dict[str, Any], cfg: WorldConfig) -> np.ndarray:
+    """Box (left, right, top, bottom) an object covers over the clip, relative to its start centre."""
+    cx, cy, r = _tracks(attrs, 0.0, 0.0, cfg)
     left, right, top, bottom = _extent(attrs["shape"])
-    return np.stack([cx - left * r, cx + right * r, cy - top * r, cy + bottom * r], axis=1)
-
-
-def _apart(a: np.ndarray, b: np.ndarray, gap: float = 3.0) -> np.ndarray:
-    """Whether bounding-box tracks `a` `[..., T, 4]` stay `gap` pixels from `b` `[T, 4]` in every frame."""
-    x_gap = np.maximum(b[:, 0] - a[..., 1], a[..., 0] - b[:, 1])
-    y_gap = np.maximum(b[:, 2] - a[..., 3], a[..., 2] - b[:, 3])
-    return np.all(np.maximum(x_gap, y_gap) >= gap, axis=-1)
+    return np.array([(cx - left * r).min(), (cx + right * r).max(),
+                     (cy - top * r).min(), (cy + bottom * r).max()])  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+import torch
+
+from univigu.data.dataset import WorldDataset, collate
+from univigu.data.world import (
+    MOTIONS,
+    OBJECT_COLOURS,
+    SHAPES,
+    World,
+    WorldConfig,
+    attribute_matches,
+    parse_caption,
+    render_videos,
+    vocabulary,
+)
+
+
+def test_samples_are_deterministic_and_splits_differ():
+    world = World()
+    a = world.scenes("train", range(20), seed=3)
+    b = world.scenes("train", range(20), seed=3)
+    assert a == b
+    assert np.array_equal(world.render(a), world.render(b))
+    assert a != world.scenes("val", range(20), seed=3)
+    assert a != world.scenes("train", range(20), seed=4)
+    # An item does not depend on which batch renders it.
+    assert np.array_equal(world.render(a)[7], world.render([a[7]])[0])
+
+
+def test_render_shape_dtype_and_configurable_size():
+    cfg = WorldConfig(height=24, width=40, frames=5)
+    world = World(cfg)
+    videos = world.render(world.scenes("test", range(8)))
+    assert videos.shape == (8, 5, 24, 40, 3) and videos.dtype == np.uint8
+
+
+def test_every_value_appears_and_objects_stay_in_frame():
+    world = World()
+    scenes = world.scenes("train", range(3000))
+    objects = [o for s in scenes for o in s.objects]
+    assert {o.colour for o in objects} == set(OBJECT_COLOURS)
+    assert {o.shape for o in objects} == set(SHAPES)
+    assert {o.motion for o in objects} == set(MOTIONS)
+    assert {len(s.objects) for s in scenes} == {1, 2}
+    videos = world.render(scenes[:500])
+    # The border of every frame is background: objects never leave the frame.
+    for scene, video in zip(scenes[:500], videos):
+        bg = np.array(video[0, 0, 0])
+        border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1)
+        assert (border == bg).all()
+
+
+def test_prompt_names_main_object_and_motion():
+    scene = World().scene("train", 5)
+    main = scene.objects[0]
+    assert scene.prompt.startswith(f"a {main.colour} {main.shape} ")
+    words = {"grow": "grows", "still": "stays still"}
+    assert scene.prompt.endswith(words.get(main.motion, f"moves {main.motion}"))
+
+
+def test_every_caption_parses_back_exactly():
+    world = World()
+    for split in ("train", "test", "heldout"):
+        for scene in world.scenes(split, range(1500)):
+            assert parse_caption(scene.caption) == scene.attributes(), scene.caption
+
+
+def test_parser_is_tolerant_and_missing_counts_wrong():
+    text = "zzz a large red circle quickly moves left blorp from the top right. the background is gray."
+    parsed = parse_caption(text)
+    assert parsed["background"] == "gray"
+    assert parsed["objects"] == [
+        {"colour": "red", "shape": "circle", "size": "large", "motion": "left", "speed": "fast",
+         "position": "top right"}  # fmt: skip
+    ]
+    truth = {"background": "gray", "objects": [dict(parsed["objects"][0])]}
+    partial = parse_caption("a red circle. the background is gray.")
+    scores = attribute_matches(truth, partial)
+    assert scores["colour"] == (1, 1) and scores["shape"] == (1, 1)
+    assert scores["size"] == (0, 1) and scores["motion"] == (0, 1) and scores["position"] == (0, 1)
+    assert parse_caption("") == {"background": None, "objects": []}
+
+
+def test_heldout_combinations_never_in_100k_training_samples():
+    world = World()
+    for i in range(100_000):
+        for obj in world.scene("train", i).objects:
+            assert not world.is_heldout(obj), (i, obj)
+
+
+def test_heldout_split_main_object_is_a_heldout_combination():
+    world = World()
+    scenes = world.scenes("heldout", range(300))
+    assert all(world.is_heldout(s.objects[0]) for s in scenes)
+    combos = {tuple(sorted(c.items())) for c in world.config.heldout}
+    seen = {c for s in scenes for c in combos if all(s.objects[0].attributes()[k] == v for k, v in c)}
+    assert seen == combos
+
+
+def test_config_rejects_unknown_heldout_values():
+    with pytest.raises(ValueError, match="unknown"):
+        WorldConfig(heldout=({"colour": "mauve", "shape": "circle"},))
+    with pytest.raises(ValueError, match="split"):
+        World().scene("training", 0)
+
+
+def test_vocabulary_covers_all_captions():
+    vocab = set(vocabulary())
+    for scene in World().scenes("train", range(500)):
+        assert set(parse_caption.__globals__["_tokenize"](scene.caption)) <= vocab
+        assert set(scene.prompt.split()) <= vocab
+
+
+def test_dataset_yields_video_prompt_caption_attributes():
+    ds = WorldDataset("val", size=10, seed=1)
+    item = ds[4]
+    assert item["video"].dtype == torch.uint8 and item["video"].shape == (16, 32, 32, 3)
+    assert item["prompt"] and item["caption"] and item["attributes"]["objects"]
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch["video"].shape == (4, 16, 32, 32, 3)
+    assert torch.equal(batch["video"][1], ds[1]["video"])
+    with pytest.raises(IndexError):
+        ds[10]
+
+
+def test_render_videos_matches_world_render():
+    world = World()
+    scenes = world.scenes("train", range(4))
+    assert np.array_equal(render_videos(scenes), world.render(scenes))
