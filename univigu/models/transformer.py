@@ -311,7 +311,8 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
 
     Args (shared, Wan's config names): patch_size, num_attention_heads, attention_head_dim, in_channels,
         out_channels (None: in_channels), text_dim (prompt-encoder width), freq_dim, ffn_dim, num_layers,
-        cross_attn_norm, qk_norm (only "rms_norm_across_heads", the Wan2.1 one), eps, rope_max_seq_len.
+        cross_attn_norm, qk_norm (only "rms_norm_across_heads", the Wan2.1 one), eps, rope_max_seq_len (kept
+        for Wan config compatibility only: RoPE is computed for the actual grid, no table is stored).
     Args (text): text_vocab_size V; text_mask_row adds one row (id V) used as the mask/source token for
         tokenizers that have none, so V' = V + 1; text_rope_theta for the 1D text RoPE.
     """
