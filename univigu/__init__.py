@@ -26,6 +26,7 @@ _EXPORTS = {
     "write_video": "univigu.data.video_io",
     "VideoReadError": "univigu.data.video_io",
     "UniViGUTransformer": "univigu.models.transformer",
+    "PromptEncoder": "univigu.models.prompt_encoder",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
