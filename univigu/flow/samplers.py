@@ -1,0 +1,307 @@
+"""Samplers for the three tasks, all one loop over a shared grid of noise levels s (1 -> 0).
+
+The model is anything callable as
+    model(video, text_tokens, t_video, t_text, prompt_states, text_mask, prompt_mask) -> (velocity, logits)
+with video [B, ...], text_tokens [B, L] long, t_video / t_text [B] on the network scale (1000 = noise),
+prompt_states [B, S, D], text_mask [B, L] / prompt_mask [B, S] bool or None; velocity like video,
+logits [B, L, V'] of the clean token.
+
+At grid step i (s = grid[i] -> s_next = grid[i + 1]) a generated video takes an Euler step and a
+generated text takes a CTMC step from t = 1 - s to t = 1 - s_next, so both network timesteps are
+~1000 s: the two modalities are denoised in lockstep. Classifier-free guidance acts on the video
+velocity only; the text logits come from the conditional pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from univigu.flow.regimes import pad_prompt
+from univigu.flow.text import TextFlow, text_timestep, uniform_draw
+from univigu.flow.video import clean_estimate, euler_step, guide, time_grid, video_timestep
+
+Model = Callable[..., tuple[Tensor, Tensor]]
+# callback(step, s, video_estimate [B, ...], text_tokens [B, L]): s is the noise level the step
+# started from (1 = noise; network timestep 1000 s); both tensors are the state after the step.
+Callback = Callable[[int, float, Tensor, Tensor], None]
+
+
+@dataclass
+class SampleOutput:
+    video: Tensor  # [B, ...] final video latent (the input video for V2T)
+    text: Tensor  # [B, L] long final tokens (the input prompt tokens for T2V)
+    times: Tensor  # [N] noise level s at which each network evaluation was made
+    video_trajectory: Tensor | None = None  # [N, B, ...] clean-video estimate after each step (on CPU)
+    text_trajectory: Tensor | None = None  # [N, B, L] tokens after each step (on CPU)
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance with the null prompt condition; `batched` runs one forward of 2B."""
+
+    null_states: Tensor  # [1 or B, S', D]
+    null_mask: Tensor | None = None  # [1 or B, S'] bool
+    scale: float = 5.0
+    batched: bool = True
+
+
+def make_generator(generator: torch.Generator | int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator from a seed (on `device`), or the given generator / None unchanged."""
+    if isinstance(generator, int):
+        return torch.Generator(device=device).manual_seed(generator)
+    return generator
+
+
+def _expand(x: Tensor | None, b: int) -> Tensor | None:
+    return None if x is None else x.expand(b, *x.shape[1:])
+
+
+def _forward(
+    model: Model,
+    video: Tensor,
+    text: Tensor,
+    t_video: Tensor,
+    t_text: Tensor,
+    prompt_states: Tensor,
+    text_mask: Tensor | None,
+    prompt_mask: Tensor | None,
+    guidance: Guidance | None,
+) -> tuple[Tensor, Tensor]:
+    """(velocity, logits), the velocity guided when `guidance` is set (scale 1 skips the null pass)."""
+    if guidance is None or guidance.scale == 1.0:
+        return tuple(model(video, text, t_video, t_text, prompt_states, text_mask, prompt_mask))[:2]
+    b = video.shape[0]
+    null_states = _expand(guidance.null_states, b).to(prompt_states.dtype)
+    null_mask = _expand(guidance.null_mask, b)
+    if not guidance.batched:
+        v_cond, logits = tuple(model(video, text, t_video, t_text, prompt_states, text_mask, prompt_mask))[:2]
+        v_null = tuple(model(video, text, t_video, t_text, null_states, text_mask, null_mask))[0]
+        return guide(v_cond, v_null, guidance.scale), logits
+    if prompt_mask is None and null_mask is None and null_states.shape == prompt_states.shape:
+        states, masks = torch.cat([prompt_states, null_states]), None
+    else:  # different prompt lengths: pad both with masked zeros to stack them
+        n = max(prompt_states.shape[1], null_states.shape[1])
+        (ps, pm), (ns, nm) = pad_prompt(prompt_states, prompt_mask, n), pad_prompt(null_states, null_mask, n)
+        states, masks = torch.cat([ps, ns]), torch.cat([pm, nm])
+    two = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
+    velocity, logits = tuple(model(two(video), two(text), two(t_video), two(t_text), states, two(text_mask), masks))[:2]
+    v_cond, v_null = velocity.chunk(2)
+    return guide(v_cond, v_null, guidance.scale), logits[:b]
+
+
+def _sample(
+    model: Model,
+    video: Tensor,
+    text: Tensor,
+    *,
+    generate_video: bool,
+    generate_text: bool,
+    prompt_states: Tensor,
+    prompt_mask: Tensor | None,
+    text_mask: Tensor | None,
+    text_flow: TextFlow | None,
+    text_update: Literal["ctmc", "linear-resample"],
+    guidance: Guidance | None,
+    num_steps: int,
+    shift: float,
+    generator: torch.Generator | None,
+    callback: Callback | None,
+    progress: bool,
+    return_trajectory: bool,
+) -> SampleOutput:
+    """The one loop behind the three samplers."""
+    if text_update not in ("ctmc", "linear-resample"):
+        raise ValueError(f"text_update must be 'ctmc' or 'linear-resample', got {text_update!r}")
+    b, device = video.shape[0], video.device
+    grid = time_grid(num_steps, shift).tolist()  # python floats: s_0 = 1 > ... > s_N = 0
+    zeros = torch.zeros(b, device=device)
+    video_traj, text_traj = [], []
+    logits = None
+    for i in tqdm(range(num_steps), disable=not progress, desc="sampling"):
+        s, s_next = grid[i], grid[i + 1]
+        s_b = torch.full((b,), s, device=device)
+        t_video = video_timestep(s_b) if generate_video else zeros
+        t_text = text_timestep(1.0 - s_b) if generate_text else zeros
+        velocity, logits = _forward(
+            model, video, text, t_video, t_text, prompt_states, text_mask, prompt_mask,
+            guidance if generate_video else None,
+        )  # fmt: skip
+        if generate_video:
+            video_estimate = clean_estimate(video, velocity, s)
+            video = euler_step(video, velocity, s, s_next)
+        else:
+            video_estimate = video
+        if generate_text:
+            if text_update == "ctmc":
+                if i == num_steps - 1:  # last step: take the prediction
+                    text = text_flow.predict(text, logits, generator, text_mask)
+                else:
+                    text = text_flow.step(text, logits, 1.0 - s, s - s_next, generator, text_mask)
+            else:
+                text = _linear_resample(text_flow, text, logits, i, num_steps, generator, text_mask)
+        if callback is not None:
+            callback(i, s, video_estimate, text)
+        if return_trajectory:
+            video_traj.append(video_estimate.detach().cpu())
+            text_traj.append(text.detach().cpu())
+    if generate_text and text_update == "linear-resample":
+        # the released script ends with one more pass at timesteps 0 (video and text taken as clean)
+        # and keeps its argmax
+        _, logits = _forward(model, video, text, zeros, zeros, prompt_states, text_mask, prompt_mask, None)
+        text = text_flow.predict(text, logits, generator, text_mask, greedy=True)
+    return SampleOutput(
+        video=video,
+        text=text,
+        times=torch.tensor(grid[:-1]),
+        video_trajectory=torch.stack(video_traj) if return_trajectory else None,
+        text_trajectory=torch.stack(text_traj) if return_trajectory else None,
+    )
+
+
+def _linear_resample(
+    text_flow: TextFlow,
+    text: Tensor,
+    logits: Tensor,
+    step: int,
+    num_steps: int,
+    generator: torch.Generator | None,
+    text_mask: Tensor | None,
+) -> Tensor:
+    """The released Uni-ViGU joint rule (inference_unified_wan.py, T2VT): at step i of N each position
+    takes a token sampled from the prediction with probability i / (N - 1), else keeps its current token
+    (no re-noising); it ignores kappa and the step size."""
+    frac = step / (num_steps - 1) if num_steps > 1 else 1.0
+    sampled = text_flow.sample_clean(logits, generator)
+    take = uniform_draw(tuple(text.shape), generator, text.device) < frac
+    if text_mask is not None:
+        take = take & text_mask
+    return torch.where(take, sampled, text)
+
+
+def _init_text(
+    text_flow: TextFlow, b: int, length: int, text_mask: Tensor | None, pad_id: int, generator, device
+) -> Tensor:
+    """Source tokens [B, L]; positions outside text_mask hold pad_id and are never touched."""
+    text = text_flow.sample_source((b, length), generator, device)
+    return text if text_mask is None else torch.where(text_mask, text, pad_id)
+
+
+def _video_noise(shape: tuple[int, ...], generator, device, dtype) -> Tensor:
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
+
+
+@torch.no_grad()
+def sample_t2v(
+    model: Model,
+    prompt_tokens: Tensor,
+    prompt_states: Tensor,
+    video_shape: tuple[int, ...],
+    *,
+    text_mask: Tensor | None = None,
+    prompt_mask: Tensor | None = None,
+    guidance: Guidance | None = None,
+    num_steps: int = 50,
+    shift: float = 3.0,
+    generator: torch.Generator | int | None = None,
+    noise: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    callback: Callback | None = None,
+    progress: bool = False,
+    return_trajectory: bool = False,
+) -> SampleOutput:
+    """Text to video: the text stream holds the clean prompt tokens (t_text = 0), the video goes from
+    noise to clean with Euler on the shifted grid, guided by `guidance` (null prompt condition).
+
+    prompt_tokens [B, L] long with text_mask [B, L]; prompt_states [B, S, D] with prompt_mask [B, S];
+    video_shape the full [B, ...] latent shape (or pass `noise` [B, ...]).
+    """
+    device = prompt_states.device
+    g = make_generator(generator, device)
+    video = noise.to(device, dtype) if noise is not None else _video_noise(tuple(video_shape), g, device, dtype)
+    return _sample(
+        model, video, prompt_tokens.to(device), generate_video=True, generate_text=False,
+        prompt_states=prompt_states, prompt_mask=prompt_mask, text_mask=text_mask, text_flow=None,
+        text_update="ctmc", guidance=guidance, num_steps=num_steps, shift=shift, generator=g,
+        callback=callback, progress=progress, return_trajectory=return_trajectory,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def sample_v2t(
+    model: Model,
+    video: Tensor,
+    prompt_states: Tensor,
+    text_flow: TextFlow,
+    text_length: int,
+    *,
+    text_mask: Tensor | None = None,
+    prompt_mask: Tensor | None = None,
+    pad_id: int = 0,
+    num_steps: int = 50,
+    shift: float = 1.0,
+    generator: torch.Generator | int | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    return_trajectory: bool = False,
+) -> SampleOutput:
+    """Video to text: the clean video (t_video = 0) conditions a CTMC from source tokens to text.
+
+    video [B, ...] clean latent; prompt_states [B, S, D]: the null condition, or an instruction's states.
+    text_mask [B, text_length] (None = all positions generated; outside it: pad_id, never updated).
+    shift = 1 gives the uniform text grid t = i / N (as the released V2T solver).
+    """
+    g = make_generator(generator, video.device)
+    text = _init_text(text_flow, video.shape[0], text_length, text_mask, pad_id, g, video.device)
+    return _sample(
+        model, video, text, generate_video=False, generate_text=True,
+        prompt_states=prompt_states, prompt_mask=prompt_mask, text_mask=text_mask, text_flow=text_flow,
+        text_update="ctmc", guidance=None, num_steps=num_steps, shift=shift, generator=g,
+        callback=callback, progress=progress, return_trajectory=return_trajectory,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def sample_t2vt(
+    model: Model,
+    prompt_states: Tensor,
+    text_flow: TextFlow,
+    video_shape: tuple[int, ...],
+    text_length: int,
+    *,
+    text_mask: Tensor | None = None,
+    prompt_mask: Tensor | None = None,
+    pad_id: int = 0,
+    guidance: Guidance | None = None,
+    text_update: Literal["ctmc", "linear-resample"] = "ctmc",
+    num_steps: int = 50,
+    shift: float = 3.0,
+    generator: torch.Generator | int | None = None,
+    noise: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    callback: Callback | None = None,
+    progress: bool = False,
+    return_trajectory: bool = False,
+) -> SampleOutput:
+    """Joint text to video + text: both streams start from noise and are denoised together, one forward
+    per step (two, or one of 2B, with guidance, which steers the video velocity only).
+
+    text_update "ctmc": the text CTMC Euler step on the shared grid (text t = 1 - s).
+    text_update "linear-resample": the released script's heuristic (see `_linear_resample`), plus its
+    final argmax pass at timesteps 0; kept for comparison.
+    """
+    device = prompt_states.device
+    g = make_generator(generator, device)
+    video = noise.to(device, dtype) if noise is not None else _video_noise(tuple(video_shape), g, device, dtype)
+    text = _init_text(text_flow, video.shape[0], text_length, text_mask, pad_id, g, device)
+    return _sample(
+        model, video, text, generate_video=True, generate_text=True,
+        prompt_states=prompt_states, prompt_mask=prompt_mask, text_mask=text_mask, text_flow=text_flow,
+        text_update=text_update, guidance=guidance, num_steps=num_steps, shift=shift, generator=g,
+        callback=callback, progress=progress, return_trajectory=return_trajectory,
+    )  # fmt: skip

@@ -1,0 +1,98 @@
+"""Video flow: rectified flow (continuous flow matching) in the Wan convention.
+
+Noise level s in [0, 1]: s = 0 is the clean latent, s = 1 pure Gaussian noise.
+    x_s = (1 - s) x0 + s e,   e ~ N(0, I),   target velocity v = e - x0,   loss = MSE.
+The network sees the timestep 1000 s. Sampling integrates dx/ds = v with Euler from s = 1 to 0
+on a grid warped by Wan's shift k: s' = k s / (1 + (k - 1) s) (k > 1 spends more steps at high noise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+NUM_TRAIN_TIMESTEPS = 1000  # the network's timestep scale, shared by both modalities
+
+
+def shift_time(s: Tensor, shift: float) -> Tensor:
+    """Wan's timestep shift s' = k s / (1 + (k - 1) s); fixes 0 and 1, k = 1 is the identity."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def video_timestep(s: Tensor) -> Tensor:
+    """Noise level s [B] -> network timestep 1000 s (1000 = pure noise, 0 = clean)."""
+    return s * NUM_TRAIN_TIMESTEPS
+
+
+def time_grid(num_steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> Tensor:
+    """The sampling grid of noise levels, [num_steps + 1], from 1 (noise) down to 0 (clean), shifted."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return shift_time(torch.linspace(1.0, 0.0, num_steps + 1, device=device, dtype=torch.float64), shift).float()
+
+
+def euler_step(x: Tensor, velocity: Tensor, s: float | Tensor, s_next: float | Tensor) -> Tensor:
+    """One Euler step of dx/ds = v from s to s_next (< s)."""
+    return x + (s_next - s) * velocity.to(x.dtype)
+
+
+def clean_estimate(x: Tensor, velocity: Tensor, s: float | Tensor) -> Tensor:
+    """x0_hat = x_s - s v: the clean latent the velocity points to."""
+    return x - s * velocity.to(x.dtype)
+
+
+def guide(v_cond: Tensor, v_null: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance on the velocity: v_null + w (v_cond - v_null)."""
+    return v_null + scale * (v_cond - v_null)
+
+
+def _bcast(s: Tensor, like: Tensor) -> Tensor:
+    """s [B] -> [B, 1, ..., 1] to broadcast against like [B, ...]."""
+    return s.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+@dataclass
+class VideoFlow:
+    """Training side of the video flow: timestep sampling, noising, target and loss.
+
+    time_sampling: "uniform" (s ~ U[0, 1)) or "logit-normal" (s = sigmoid(N(logit_mean, logit_std)));
+    either is then warped by `shift` (1.0 = no warp).
+    """
+
+    shift: float = 1.0
+    time_sampling: Literal["uniform", "logit-normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.time_sampling not in ("uniform", "logit-normal"):
+            raise ValueError(f"time_sampling must be 'uniform' or 'logit-normal', got {self.time_sampling!r}")
+
+    def sample_time(self, batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """Noise levels s [batch] in [0, 1)."""
+        gdev = generator.device if generator is not None else device
+        if self.time_sampling == "uniform":
+            s = torch.rand(batch, generator=generator, device=gdev)
+        else:
+            z = torch.randn(batch, generator=generator, device=gdev)
+            s = torch.sigmoid(self.logit_mean + self.logit_std * z)
+        return shift_time(s, self.shift).to(device)
+
+    @staticmethod
+    def add_noise(x0: Tensor, s: Tensor, noise: Tensor) -> Tensor:
+        """x_s = (1 - s) x0 + s e; x0, noise [B, ...], s [B]."""
+        s = _bcast(s, x0)
+        return (1 - s) * x0 + s * noise
+
+    @staticmethod
+    def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
+        """v = e - x0 (dx_s/ds)."""
+        return noise - x0
+
+    @staticmethod
+    def loss(velocity: Tensor, target: Tensor) -> Tensor:
+        """Per-sample MSE [B] (mean over all non-batch dims), computed in float32."""
+        return (velocity.float() - target.float()).pow(2).flatten(1).mean(1)
