@@ -27,6 +27,10 @@ _EXPORTS = {
     "VideoReadError": "univigu.data.video_io",
     "UniViGUTransformer": "univigu.models.transformer",
     "PromptEncoder": "univigu.models.prompt_encoder",
+    "UniViGUPipeline": "univigu.pipelines.pipeline",
+    "UniViGUPipelineOutput": "univigu.pipelines.pipeline",
+    "PipelineConfig": "univigu.pipelines.pipeline",
+    "PixelCodec": "univigu.data.codec",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from univigu import PipelineConfig, UniViGUPipeline, World
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_parts):
+    p = tiny_parts
+    return UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"], PipelineConfig(num_steps=3))
+
+
+@pytest.fixture(scope="module")
+def videos():
+    world = World()
+    return world.render(world.scenes("test", range(2)))
+
+
+def test_text_to_video_is_seeded_and_batched(pipe):
+    prompts = ["a red circle moves right", "a blue square grows"]
+    a = pipe.text_to_video(prompts, seed=0, progress=False)
+    assert a.videos.shape == (2, 16, 32, 32, 3) and a.videos.dtype == np.uint8 and a.texts is None
+    assert np.array_equal(a.videos, pipe.text_to_video(prompts, seed=0, progress=False).videos)
+    assert not np.array_equal(a.videos, pipe.text_to_video(prompts, seed=1, progress=False).videos)
+    alone = pipe.text_to_video(prompts[1:], seed=0, progress=False).videos
+    assert alone.shape == (1, 16, 32, 32, 3)
+
+
+def test_video_to_text_with_trajectory_and_instruction(pipe, videos):
+    seen = []
+    out = pipe.video_to_text(videos, seed=0, progress=False, return_trajectory=True,
+                             callback=lambda i, s, v, t: seen.append((i, s)))  # fmt: skip
+    assert len(out.texts) == 2 and all(isinstance(t, str) for t in out.texts)
+    assert [i for i, _ in seen] == [0, 1, 2] and seen[0][1] == 1.0
+    assert out.token_trajectory.shape == (3, 2, pipe.config.text_length)
+    assert len(out.text_trajectory) == 3
+    asked = pipe.video_to_text(videos, seed=0, progress=False, instruction="what moves")
+    assert len(asked.texts) == 2
+
+
+def test_generate_returns_video_and_text(pipe):
+    out = pipe.generate(["a red circle moves right"], seed=3, progress=False, return_trajectory=True)
+    assert out.videos.shape == (1, 16, 32, 32, 3) and len(out.texts) == 1
+    assert out.video_trajectory.shape == (3, 1, 16, 32, 32, 3)
+    heuristic = pipe.generate(["a red circle moves right"], seed=3, progress=False, text_update="linear-resample")
+    assert heuristic.videos.shape == out.videos.shape
+
+
+def test_save_and_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = UniViGUPipeline.from_pretrained(tmp_path)
+    assert loaded.config == pipe.config
+    a = pipe.text_to_video(["a green triangle moves up"], seed=5, progress=False).videos
+    b = loaded.text_to_video(["a green triangle moves up"], seed=5, progress=False).videos
+    assert np.array_equal(a, b)
+
+
+def test_base_generator_pipeline_is_text_to_video_only(tiny_parts, tmp_path, videos):
+    p = tiny_parts
+    base = UniViGUPipeline(p["wan"], p["prompt_encoder"], p["tokenizer"], PipelineConfig(num_steps=2))
+    base.save_pretrained(tmp_path)
+    loaded = UniViGUPipeline.from_pretrained(tmp_path)
+    assert loaded.text_to_video("a red circle moves right", progress=False).videos.shape == (1, 16, 32, 32, 3)
+    with pytest.raises(ValueError, match="plain Wan generator"):
+        loaded.video_to_text(videos, progress=False)
+
+
+def test_bad_inputs_are_clear_errors(pipe, videos, tmp_path):
+    with pytest.raises(ValueError, match=r"expected uint8 videos \[B, 16, 32, 32, 3\]"):
+        pipe.video_to_text(videos[:, :8], progress=False)
+    with pytest.raises(ValueError, match="canvas holds"):
+        pipe.text_to_video(" ".join(["red"] * 40), progress=False)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        UniViGUPipeline.from_pretrained(tmp_path / "nothing")

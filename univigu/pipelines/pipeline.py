@@ -1,0 +1,243 @@
+"""`UniViGUPipeline`: text to video, video to text, and both at once, from one checkpoint folder.
+
+Folder layout (diffusers-style): `model_index.json` (the pipeline config and component
+classes), `transformer/`, `prompt_encoder/`, `tokenizer/`. The transformer is the unified
+model, or a plain diffusers `WanTransformer3DModel` (a base generator: text to video only).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from univigu.data.codec import PixelCodec
+from univigu.data.tokenizer import TextCanvas, load_tokenizer
+from univigu.flow.samplers import Guidance, sample_t2v, sample_t2vt, sample_v2t
+from univigu.flow.text import TextFlow
+from univigu.models.prompt_encoder import PromptEncoder
+from univigu.models.transformer import UniViGUTransformer
+
+
+@dataclass
+class PipelineConfig:
+    """Everything needed to sample besides the weights."""
+
+    frames: int = 16
+    height: int = 32
+    width: int = 32
+    prompt_length: int = 16  # prompt-encoder canvas
+    text_length: int = 48  # text-stream canvas (caption, end token, padding)
+    text_source: str = "uniform"  # discrete-flow source: "uniform" or "mask"
+    text_exponent: float = 1.0  # kappa(t) = t^n
+    shift: float = 3.0  # video schedule shift k
+    text_shift: float = 1.0  # grid shift for video-to-text
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    fps: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance: stage, steps, ...
+
+
+@dataclass
+class UniViGUPipelineOutput:
+    videos: np.ndarray | None = None  # uint8 [B, T, H, W, 3]
+    texts: list[str] | None = None
+    video_trajectory: np.ndarray | None = None  # uint8 [steps, B, T, H, W, 3] clean-video estimates
+    text_trajectory: list[list[str]] | None = None  # [steps][B] decoded text estimates
+    token_trajectory: Tensor | None = None  # [steps, B, L] token ids
+
+
+class _WanAsUnified(nn.Module):
+    """A plain Wan generator behind the unified call signature (its text stream is empty)."""
+
+    def __init__(self, wan: nn.Module, vocab_out: int) -> None:
+        super().__init__()
+        self.wan, self.vocab_out = wan, vocab_out
+
+    def forward(self, video, text, t_video, t_text, prompt_states, text_mask=None, prompt_mask=None):
+        velocity = self.wan(hidden_states=video, timestep=t_video, encoder_hidden_states=prompt_states,
+                            return_dict=False)[0]  # fmt: skip
+        return velocity, video.new_zeros(video.shape[0], text.shape[1], self.vocab_out)
+
+
+class UniViGUPipeline:
+    """Text to video, video to text, and joint generation with one Uni-ViGU model.
+
+    >>> pipe = UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL)
+    >>> pipe.text_to_video(["a red circle moves right"], seed=0).videos  # uint8 [1, T, H, W, 3]
+    >>> pipe.video_to_text(videos, seed=0).texts
+    >>> out = pipe.generate(["a blue square grows"], seed=0)  # out.videos and out.texts
+    """
+
+    def __init__(self, transformer: nn.Module, prompt_encoder: PromptEncoder, tokenizer: Any,
+                 config: PipelineConfig | None = None, codec: Any = None) -> None:  # fmt: skip
+        # eval(): sampling must not depend on train-mode code paths (dropout, fused kernels)
+        self.transformer, self.prompt_encoder = transformer.eval(), prompt_encoder.eval()
+        self.tokenizer = tokenizer
+        self.config = config or PipelineConfig()
+        self.codec = codec or PixelCodec()
+        self.prompt_canvas = TextCanvas(tokenizer, self.config.prompt_length)
+        self.text_canvas = TextCanvas(tokenizer, self.config.text_length)
+        self.text_flow = TextFlow(self.text_canvas.vocab_size, source=self.config.text_source,
+                                  mask_id=self.text_canvas.mask_id, exponent=self.config.text_exponent)  # fmt: skip
+        self.unified = isinstance(transformer, UniViGUTransformer)
+        self._model = transformer if self.unified else _WanAsUnified(transformer, self.text_canvas.vocab_size)
+
+    # ---- loading and saving ------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "UniViGUPipeline":
+        path = Path(path)
+        index_file = path / "model_index.json"
+        if not index_file.exists():
+            raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json)")
+        index = json.loads(index_file.read_text())
+        if index["transformer"][1] == "UniViGUTransformer":
+            transformer = UniViGUTransformer.from_pretrained(path / "transformer")
+        else:
+            from diffusers import WanTransformer3DModel
+
+            transformer = WanTransformer3DModel.from_pretrained(path / "transformer", local_files_only=True)
+        prompt_encoder = PromptEncoder.from_pretrained(path / "prompt_encoder")
+        tokenizer = load_tokenizer(path / "tokenizer")
+        config = PipelineConfig(**index["config"])
+        return cls(transformer, prompt_encoder, tokenizer, config).to(device)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(path / "transformer")
+        self.prompt_encoder.save_pretrained(path / "prompt_encoder")
+        self.tokenizer.save_pretrained(str(path / "tokenizer"))
+        library = "univigu" if self.unified else "diffusers"
+        index = {
+            "_class_name": type(self).__name__,
+            "transformer": [library, type(self.transformer).__name__],
+            "prompt_encoder": ["univigu", "PromptEncoder"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "config": asdict(self.config),
+        }
+        (path / "model_index.json").write_text(json.dumps(index, indent=2))
+        return path
+
+    def to(self, device: str | torch.device) -> "UniViGUPipeline":
+        self.transformer.to(device)
+        self.prompt_encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    # ---- the three tasks ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Prompt states `[B, S, D]`. Raises ValueError for a prompt longer than the prompt canvas."""
+        ids, mask = self.prompt_canvas.encode(prompts)
+        return self.prompt_encoder(ids.to(self.device), mask.to(self.device))
+
+    def _guidance(self, scale: float) -> Guidance | None:
+        return Guidance(null_states=self.encode_prompts([""]), scale=scale) if scale != 1.0 else None
+
+    def _recorder(self, record: bool, callback: Callable | None):
+        """A sampler callback that keeps trajectories (when `record`) and forwards to `callback`."""
+        frames: list[Tensor] = []
+        tokens: list[Tensor] = []
+
+        def step(i: int, s: float, video: Tensor, text: Tensor) -> None:
+            if record:
+                frames.append(self.codec.decode(video).cpu())
+                tokens.append(text.cpu())
+            if callback is not None:
+                callback(i, s, video, text)
+
+        return step, frames, tokens
+
+    def _output(self, video: Tensor | None, text: Tensor | None, frames, tokens) -> UniViGUPipelineOutput:
+        return UniViGUPipelineOutput(
+            videos=None if video is None else self.codec.decode(video).cpu().numpy(),
+            texts=None if text is None else self.text_canvas.decode(text.cpu()),
+            video_trajectory=torch.stack(frames).numpy() if frames else None,
+            text_trajectory=[self.text_canvas.decode(t) for t in tokens] if tokens else None,
+            token_trajectory=torch.stack(tokens) if tokens else None,
+        )
+
+    def _video_shape(self, b: int) -> tuple[int, ...]:
+        c = self.config
+        return (b, *self.codec.latent_shape(c.frames, c.height, c.width))
+
+    @torch.no_grad()
+    def text_to_video(self, prompts: list[str] | str, seed: int = 0, num_steps: int | None = None,
+                      guidance_scale: float | None = None, progress: bool = True,
+                      return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
+        """Videos for prompts: uint8 `[B, T, H, W, 3]` in `.videos`."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        states = self.encode_prompts(prompts)
+        tokens, mask = self.text_canvas.encode(prompts)
+        step, frames, toks = self._recorder(return_trajectory, callback)
+        out = sample_t2v(
+            self._model, tokens.to(self.device), states, self._video_shape(len(prompts)),
+            text_mask=mask.to(self.device), guidance=self._guidance(self._scale(guidance_scale)),
+            num_steps=num_steps or self.config.num_steps, shift=self.config.shift, generator=seed,
+            callback=step, progress=progress,
+        )  # fmt: skip
+        return self._output(out.video, None, frames, [])
+
+    @torch.no_grad()
+    def video_to_text(self, videos: np.ndarray | Tensor, seed: int = 0, num_steps: int | None = None,
+                      instruction: str | None = None, progress: bool = True,
+                      return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
+        """Captions for uint8 videos `[B, T, H, W, 3]` in `.texts`. `instruction` (a question or an
+        instruction) becomes the prompt condition; without it the condition is the empty prompt."""
+        self._require_unified("video_to_text")
+        videos = torch.as_tensor(np.asarray(videos))
+        self._check_videos(videos)
+        x = self.codec.encode(videos.to(self.device))
+        states = self.encode_prompts([instruction or ""] * len(x))
+        step, frames, toks = self._recorder(return_trajectory, callback)
+        out = sample_v2t(
+            self._model, x, states, self.text_flow, self.config.text_length, pad_id=self.text_canvas.pad_id,
+            num_steps=num_steps or self.config.num_steps, shift=self.config.text_shift, generator=seed,
+            callback=step, progress=progress,
+        )  # fmt: skip
+        return self._output(None, out.text, [], toks)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str] | str, seed: int = 0, num_steps: int | None = None,
+                 guidance_scale: float | None = None, text_update: str = "ctmc", progress: bool = True,
+                 return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
+        """Joint generation: a video and its caption per prompt (`.videos` and `.texts`)."""
+        self._require_unified("generate")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        states = self.encode_prompts(prompts)
+        step, frames, toks = self._recorder(return_trajectory, callback)
+        out = sample_t2vt(
+            self._model, states, self.text_flow, self._video_shape(len(prompts)), self.config.text_length,
+            pad_id=self.text_canvas.pad_id, guidance=self._guidance(self._scale(guidance_scale)),
+            text_update=text_update, num_steps=num_steps or self.config.num_steps, shift=self.config.shift,
+            generator=seed, callback=step, progress=progress,
+        )  # fmt: skip
+        return self._output(out.video, out.text, frames, toks)
+
+    # ---- checks ------------------------------------------------------------------------------------
+
+    def _scale(self, guidance_scale: float | None) -> float:
+        return self.config.guidance_scale if guidance_scale is None else guidance_scale
+
+    def _require_unified(self, what: str) -> None:
+        if not self.unified:
+            raise ValueError(f"{what} needs a unified model; this checkpoint is a plain Wan generator (text to video only)")
+
+    def _check_videos(self, videos: Tensor) -> None:
+        c = self.config
+        want = (c.frames, c.height, c.width, 3)
+        if videos.dtype != torch.uint8 or videos.ndim != 5 or tuple(videos.shape[1:]) != want:
+            raise ValueError(f"expected uint8 videos [B, {', '.join(map(str, want))}], got "
+                             f"{videos.dtype} {tuple(videos.shape)}; read files with univigu.read_video(path, "
+                             f"num_frames={c.frames}, size=({c.height}, {c.width}))")  # fmt: skip

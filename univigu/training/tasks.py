@@ -1,0 +1,116 @@
+"""What one training batch costs, for each stage (METHOD.md section 5).
+
+A task is an `nn.Module` called as `task(batch, generator=g) -> {"loss": tensor, **logs}` with
+a batch of {"video": uint8 [B, T, H, W, 3], "prompt": [str], "caption": [str]}; the trainer
+knows nothing else about it.
+
+- `GeneratorTask` (stage `base`): a plain Wan text-to-video generator (diffusers'
+  `WanTransformer3DModel`) and the prompt encoder, trained together with the video flow.
+- `UnifiedTask` (stages `recall` and `refine`): the unified model on the regime mix T2V /
+  V2T / joint; the text target is the prompt (Knowledge Recall) or the detailed caption
+  (Capability Refinement). The prompt encoder is frozen, as umT5 is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from univigu.data.codec import PixelCodec
+from univigu.data.tokenizer import TextCanvas
+from univigu.flow.regimes import RegimeMix, make_training_batch, select_prompt, unified_loss
+from univigu.flow.text import TextFlow, uniform_draw
+from univigu.flow.video import VideoFlow, video_timestep
+
+
+class GeneratorTask(nn.Module):
+    """Text-to-video flow matching for a plain Wan generator; `cond_dropout` of the prompts are
+    replaced by the empty prompt so that classifier-free guidance works."""
+
+    def __init__(self, transformer: nn.Module, prompt_encoder: nn.Module, prompt_canvas: TextCanvas,
+                 video_flow: VideoFlow, cond_dropout: float = 0.1, codec: Any = None) -> None:  # fmt: skip
+        super().__init__()
+        self.transformer, self.prompt_encoder = transformer, prompt_encoder
+        self.prompt_canvas, self.video_flow, self.cond_dropout = prompt_canvas, video_flow, cond_dropout
+        self.codec = codec or PixelCodec()
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        device = self.transformer.device
+        x0 = self.codec.encode(batch["video"].to(device))
+        b = x0.shape[0]
+        dropped = uniform_draw((b,), generator, device) < self.cond_dropout
+        prompts = ["" if d else p for p, d in zip(batch["prompt"], dropped.tolist())]
+        ids, mask = self.prompt_canvas.encode(prompts)
+        states = self.prompt_encoder(ids.to(device), mask.to(device))
+        s = self.video_flow.sample_time(b, generator, device)
+        gdev = generator.device if generator is not None else device
+        noise = torch.randn(x0.shape, generator=generator, device=gdev).to(device)
+        velocity = self.transformer(
+            hidden_states=VideoFlow.add_noise(x0, s, noise),
+            timestep=video_timestep(s),
+            encoder_hidden_states=states,
+            return_dict=False,
+        )[0]
+        loss = VideoFlow.loss(velocity, VideoFlow.velocity_target(x0, noise)).mean()
+        return {"loss": loss, "video": loss.detach()}
+
+
+class UnifiedTask(nn.Module):
+    """The unified model on a per-sample regime mix; losses L = w_v L_video + w_t L_text."""
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        prompt_encoder: nn.Module,
+        prompt_canvas: TextCanvas,
+        text_canvas: TextCanvas,
+        video_flow: VideoFlow,
+        text_flow: TextFlow,
+        mix: RegimeMix,
+        text_target: Literal["prompt", "caption"] = "prompt",
+        video_weight: float = 1.0,
+        text_weight: float = 1.0,
+        text_loss: Literal["ce", "gkl"] = "ce",
+        codec: Any = None,
+    ) -> None:
+        super().__init__()
+        if text_target not in ("prompt", "caption"):
+            raise ValueError(f"text_target must be 'prompt' or 'caption', got {text_target!r}")
+        self.transformer, self.prompt_encoder = transformer, prompt_encoder.requires_grad_(False).eval()
+        self.prompt_canvas, self.text_canvas = prompt_canvas, text_canvas
+        self.video_flow, self.text_flow, self.mix = video_flow, text_flow, mix
+        self.text_target, self.video_weight, self.text_weight, self.text_loss = (
+            text_target, video_weight, text_weight, text_loss)  # fmt: skip
+        self.codec = codec or PixelCodec()
+
+    def train(self, mode: bool = True) -> "UnifiedTask":
+        super().train(mode)
+        self.prompt_encoder.eval()  # frozen, as umT5 is
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Prompt states `[B, S, D]` from the frozen prompt encoder."""
+        ids, mask = self.prompt_canvas.encode(prompts)
+        device = self.transformer.device
+        return self.prompt_encoder(ids.to(device), mask.to(device))
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        device = self.transformer.device
+        x0 = self.codec.encode(batch["video"].to(device))
+        target, _ = self.text_canvas.encode(batch[self.text_target])  # caption, end, padding: all scored
+        prompt_tokens, prompt_mask = self.text_canvas.encode(batch["prompt"])
+        tb = make_training_batch(
+            x0, target.to(device), None, prompt_tokens.to(device), prompt_mask.to(device),
+            mix=self.mix, video_flow=self.video_flow, text_flow=self.text_flow, generator=generator,
+        )  # fmt: skip
+        states = self.encode_prompts(batch["prompt"])
+        null = self.encode_prompts([""])
+        states, _ = select_prompt(tb.keep_prompt_condition, states, null)
+        velocity, logits = self.transformer(tb.video, tb.text, tb.t_video, tb.t_text, states, tb.text_mask, None)
+        loss, logs = unified_loss(
+            velocity, logits, tb, self.text_flow, self.video_weight, self.text_weight, self.text_loss
+        )
+        return {"loss": loss, **logs}
