@@ -1,0 +1,79 @@
+"""Crash-safe checkpoint directories: write to a temp dir, fsync, rename, then point `latest`.
+
+A checkpoint directory is either absent or complete: a kill at any moment leaves at worst a
+`.tmp_*` directory (removed by the next save) and the previous `latest` intact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+LATEST = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, and the directories, to disk."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb+") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Atomically turn the complete temp dir `tmp` into `final`, then point `latest` at it."""
+    fsync_tree(tmp)
+    if final.exists():  # re-saving a step (e.g. after a resume that failed to log): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    pointer = final.parent / (LATEST + ".tmp")
+    with open(pointer, "w") as fh:
+        fh.write(final.name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(pointer, final.parent / LATEST)
+    _fsync_dir(final.parent)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint dirs under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(root: Path) -> Path | None:
+    """The checkpoint `latest` names; else (killed between rename and pointer) the newest dir."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if target.is_dir():
+            return target
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def rotate(root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (and leftover temp dirs)."""
+    for p in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(p)
+    for p in root.glob(".tmp_*"):
+        shutil.rmtree(p, ignore_errors=True)

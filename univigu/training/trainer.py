@@ -1,0 +1,388 @@
+"""A task-agnostic trainer on `accelerate`: one code path from a CPU test to FSDP on GPUs.
+
+The task contract
+-----------------
+A task is an `nn.Module` whose forward is `task(batch, generator=g) -> dict`:
+
+- `batch` is what `collate_fn` made of this process's micro-batch, moved to the device;
+- `generator` is a `torch.Generator` on the device, seeded per process and checkpointed: draw
+  *all* training noise from it (`torch.randn(..., generator=generator)`), never from the
+  global RNG, so that a resumed run draws the same noise as an uninterrupted one (the global
+  RNGs are checkpointed too, which covers dropout, but the generator keeps the task's
+  randomness explicit and independent of library internals);
+- the dict holds `"loss"` (a scalar tensor to minimise) and any other scalar logs (tensors or
+  floats, the same keys on every call and process); logs are averaged over micro-batches and
+  processes.
+
+Trainable parameters are those with `requires_grad=True` when the Trainer is built.
+
+Checkpoint layout (`output_dir/checkpoints/`)
+---------------------------------------------
+    latest                      text file: name of the newest complete checkpoint
+    step_000100/
+        model.safetensors, optimizer.bin, random_states_<rank>.pkl, ...   accelerator.save_state
+        generator_<rank>.pt     the task generator of each process
+        ema.pt                  {param name: fp32 tensor}, trainable params (ema_<rank>.pt under FSDP)
+        trainer_state.json      step, data position, bad-step counters, elapsed time
+        config.json             TrainerConfig + num_processes, checked on resume
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, send_to_device, set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from univigu.training import checkpoint as ckpt
+from univigu.training.ema import EMA
+from univigu.training.sampler import ResumableBatchSampler
+
+# Config keys that may differ on resume: they do not change what the run computes.
+_FREE_KEYS = {"output_dir", "max_steps", "save_every", "keep_last", "log_every", "max_bad_steps",
+              "num_workers", "gradient_checkpointing"}  # fmt: skip
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "runs/train"
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # per process and micro-batch
+    grad_accum: int = 1  # global batch = batch_size * num_processes * grad_accum
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # applied to >=2-D parameters only
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # linear warmup, then cosine down to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
+    ema_decay: float | None = None  # None: no EMA
+    ema_start: int = 0  # before this step the EMA just copies the weights
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    gradient_checkpointing: bool = False
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    seed: int = 0
+    max_bad_steps: int = 10  # consecutive non-finite steps tolerated; one more aborts
+    num_workers: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved with the config
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # YAML gives lists
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the optimizer step `step` (0-based): a pure function, so no state."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / (self.warmup_steps + 1)
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        min_lr = self.lr * self.min_lr_ratio
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.lr - min_lr)
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class Trainer:
+    def __init__(self, task: nn.Module, dataset: Dataset, config: TrainerConfig,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:  # fmt: skip
+        self.config = cfg = config
+        self.dataset, self.collate_fn = dataset, collate_fn
+        self.output_dir = Path(cfg.output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        self.accelerator = acc = Accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
+        )
+        if cfg.gradient_checkpointing:
+            enabled = [m for m in task.modules() if callable(getattr(m, "enable_gradient_checkpointing", None))]
+            for m in enabled:
+                m.enable_gradient_checkpointing()
+            if not enabled:
+                warnings.warn("gradient_checkpointing=True but no submodule has enable_gradient_checkpointing()")
+
+        named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the task has no trainable parameters")
+        self.trainable_names = {n for n, _ in named}
+        # nanoGPT's rule: decay matrices/embeddings; not biases, norm gains or other 1-D params
+        groups = [
+            {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        # model and optimizer prepared together so accelerate can re-point the optimizer at
+        # FSDP's sharded parameters; the DataLoader is not prepared: our sampler shards it.
+        self.model, self.optimizer = acc.prepare(task, optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema: EMA | None = None
+        if cfg.ema_decay is not None:
+            unwrapped = acc.unwrap_model(self.model)
+            self.ema = EMA([(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad])
+        self.generator = torch.Generator(device=acc.device)
+        self.step = 0  # optimizer steps done
+        self.micro_batches = 0  # global micro-batches consumed (the data position)
+        self.bad_total = self.bad_streak = 0
+        self.elapsed = 0.0
+
+    # ------------------------------------------------------------------ public API
+
+    def train(self, resume: bool | str | os.PathLike = False) -> list[dict[str, float]]:
+        """Train to `max_steps`; return the logged rows of this call.
+
+        resume=False starts fresh (and refuses an output_dir that already has checkpoints);
+        True resumes from the latest checkpoint if there is one; a path resumes from that one.
+        """
+        cfg, acc = self.config, self.accelerator
+        set_seed(cfg.seed, device_specific=True)  # per-process global RNGs (dropout)
+        self.generator.manual_seed(_seed_of(cfg.seed, acc.process_index))
+        path = self._resolve_resume(resume)
+        if path is not None:
+            self._load(path)
+        self.model.train()
+        data = iter(self._dataloader())
+        csv_log = _CsvLog(self.output_dir / "losses.csv", self.step) if acc.is_main_process else None
+        tb = self._tensorboard() if acc.is_main_process else None
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process,
+                   dynamic_ncols=True, desc="train")  # fmt: skip
+        rows: list[dict[str, float]] = []
+        window: dict[str, list[float]] = {}
+        keys = {"loss": None, "grad_norm": None}  # ordered set: CSV column order
+        t0 = time.perf_counter() - self.elapsed
+        while self.step < cfg.max_steps:
+            stats, grad_norm, lr, skipped = self._train_step(data)
+            self.step += 1
+            self.elapsed = time.perf_counter() - t0
+            keys.update(dict.fromkeys(stats))
+            if not skipped:  # logs average the good steps of the window
+                for k, v in {**stats, "grad_norm": grad_norm}.items():
+                    window.setdefault(k, []).append(v)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                row = {"step": self.step, **{k: means.get(k, math.nan) for k in keys},
+                       "lr": lr, "bad_steps": self.bad_total, "time": self.elapsed}  # fmt: skip
+                window = {}
+                rows.append(row)
+                if acc.is_main_process:
+                    csv_log.write(row)
+                    for k, v in row.items():
+                        if k != "step":
+                            tb.add_scalar(f"train/{k}", v, self.step)
+                    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        if tb is not None:
+            tb.close()
+        return rows
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights with their EMA values, on CPU, keyed like `task.state_dict()`
+        (load with `strict=False`). Collective under FSDP: call it on every process."""
+        if self.ema is None:
+            raise RuntimeError("EMA is off (config.ema_decay is None)")
+        with self.ema.swapped():
+            full = self.accelerator.get_state_dict(self.model)  # gathers FSDP shards
+            return {k: v.detach().cpu().clone() for k, v in full.items() if k in self.trainable_names}
+
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step_XXXXXX` atomically (all processes must call it)."""
+        acc, cfg = self.accelerator, self.config
+        name = ckpt.step_dir_name(self.step)
+        tmp, final = self.ckpt_root / f".tmp_{name}", self.ckpt_root / name
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of a save killed earlier
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # model, optimizer, grad scaler, per-process RNG states
+        rank = acc.process_index
+        torch.save(self.generator.get_state(), tmp / f"generator_{rank}.pt")
+        if self.ema is not None and (self._fsdp or acc.is_main_process):
+            torch.save(self.ema.state_dict(), tmp / (f"ema_{rank}.pt" if self._fsdp else "ema.pt"))
+        if acc.is_main_process:
+            epoch, index = self._sampler_position()
+            state = {"step": self.step, "micro_batches": self.micro_batches, "epoch": epoch,
+                     "index_in_epoch": index, "bad_total": self.bad_total,
+                     "bad_streak": self.bad_streak, "elapsed": self.elapsed}  # fmt: skip
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            (tmp / "config.json").write_text(json.dumps(self._config_record(), indent=1))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.publish(tmp, final)
+            ckpt.rotate(self.ckpt_root, cfg.keep_last)
+        acc.wait_for_everyone()
+        return final
+
+    # ------------------------------------------------------------------ internals
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _train_step(self, data) -> tuple[dict[str, float], float, float, bool]:
+        """One optimizer step over grad_accum micro-batches: (logs, grad norm, lr, skipped)."""
+        cfg, acc = self.config, self.accelerator
+        lr = cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+        bad = torch.zeros((), device=acc.device)
+        for _ in range(cfg.grad_accum):
+            batch = send_to_device(next(data), acc.device)
+            self.micro_batches += 1
+            with acc.accumulate(self.model):
+                out = self.model(batch, generator=self.generator)
+                loss = out["loss"]
+                # backward even on NaN: under DDP every process must join the all-reduce
+                acc.backward(loss)
+            bad += (~torch.isfinite(loss.detach())).float()
+            for k, v in out.items():
+                v = torch.as_tensor(v, device=acc.device).detach().float().reshape(())
+                sums[k] = sums.get(k, 0.0) + v
+        assert acc.sync_gradients, "grad_accum micro-batches must end on a sync step"
+        keys = sorted(sums)
+        # one all-reduce for the logs and the NaN flag, so every process takes the same branch
+        packed = acc.reduce(torch.stack([bad, *(sums[k] for k in keys)]), reduction="sum")
+        n = cfg.grad_accum * acc.num_processes
+        stats = {k: float(v) / n for k, v in zip(keys, packed[1:])}
+        grad_norm = float("nan")
+        skip = bool(packed[0] > 0)
+        if not skip:
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+            grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+            # under fp16 an inf norm is the grad scaler's business (it skips and rescales)
+            skip = not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16"
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_total += 1
+            self.bad_streak += 1
+            if acc.is_main_process:
+                tqdm.write(f"step {self.step + 1}: non-finite loss or gradient, step skipped "
+                           f"({self.bad_streak} in a row, {self.bad_total} in total)")  # fmt: skip
+            if self.bad_streak > cfg.max_bad_steps:
+                raise RuntimeError(
+                    f"aborting at step {self.step + 1}: {self.bad_streak} consecutive steps with a "
+                    f"non-finite loss or gradient (max_bad_steps={cfg.max_bad_steps}); the last good "
+                    f"checkpoint is {ckpt.find_latest(self.ckpt_root)}"
+                )
+            return stats, grad_norm, lr, True
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_streak = 0
+        if self.ema is not None and not self.optimizer.step_was_skipped:
+            self.ema.update(0.0 if self.step < cfg.ema_start else cfg.ema_decay)
+        return stats, grad_norm, lr, False
+
+    def _dataloader(self) -> DataLoader:
+        cfg, acc = self.config, self.accelerator
+        sampler = ResumableBatchSampler(len(self.dataset), cfg.batch_size, cfg.seed, acc.process_index,
+                                        acc.num_processes, start=self.micro_batches)  # fmt: skip
+        self._sampler = sampler
+        return DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn, num_workers=cfg.num_workers,
+            pin_memory=acc.device.type == "cuda",
+            # its own generator: creating the iterator must not consume the global RNG
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )  # fmt: skip
+
+    def _sampler_position(self) -> tuple[int, int]:
+        return self._sampler.position(self.micro_batches)
+
+    def _config_record(self) -> dict[str, Any]:
+        return {**asdict(self.config), "num_processes": self.accelerator.num_processes}
+
+    def _resolve_resume(self, resume: bool | str | os.PathLike) -> Path | None:
+        if resume is False:
+            if ckpt.list_checkpoints(self.ckpt_root):
+                raise FileExistsError(
+                    f"{self.ckpt_root} already holds checkpoints: pass resume=True to continue "
+                    "that run, or use a fresh output_dir"
+                )
+            return None
+        if resume is True:
+            path = ckpt.find_latest(self.ckpt_root)
+            if path is None and self.accelerator.is_main_process:
+                tqdm.write(f"no checkpoint in {self.ckpt_root}: starting from scratch")
+            return path
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+        return path
+
+    def _load(self, path: Path) -> None:
+        acc = self.accelerator
+        saved = json.loads((path / "config.json").read_text())
+        now = self._config_record()
+        diff = {k: (saved.get(k), v) for k, v in now.items() if k not in _FREE_KEYS and saved.get(k) != v}
+        # JSON turns tuples into lists
+        diff = {k: d for k, d in diff.items() if not (isinstance(d[0], list) and tuple(d[0]) == tuple(d[1]))}
+        if diff:
+            lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"cannot resume from {path}: the config changes the training math:\n{lines}")
+        if saved["max_steps"] != now["max_steps"]:
+            warnings.warn(f"max_steps changed {saved['max_steps']} -> {now['max_steps']}: "
+                          "the cosine schedule is stretched from here on")  # fmt: skip
+        acc.load_state(str(path))
+        self.generator.set_state(torch.load(path / f"generator_{acc.process_index}.pt"))
+        if self.ema is not None:
+            name = f"ema_{acc.process_index}.pt" if self._fsdp else "ema.pt"
+            self.ema.load_state_dict(torch.load(path / name, map_location="cpu"))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.micro_batches = state["step"], state["micro_batches"]
+        self.bad_total, self.bad_streak = state["bad_total"], state["bad_streak"]
+        self.elapsed = state["elapsed"]
+        if acc.is_main_process:
+            tqdm.write(f"resumed from {path} at step {self.step}")
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        # purge_step hides events a killed run wrote past the checkpoint we resumed from
+        return SummaryWriter(str(self.output_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+
+
+class _CsvLog:
+    """`losses.csv`, one row per log step; on resume, rows past the resumed step are dropped."""
+
+    def __init__(self, path: Path, resumed_step: int) -> None:
+        self.path, self.fields = path, None
+        if path.exists():
+            with open(path, newline="") as fh:
+                reader = csv.reader(fh)
+                header = next(reader, None)
+                keep = [r for r in reader if header and len(r) == len(header) and int(r[0]) <= resumed_step]
+            if header and keep:
+                self.fields = header
+            with open(path, "w", newline="") as fh:
+                if self.fields:
+                    csv.writer(fh).writerows([header, *keep])
+
+    def write(self, row: dict[str, float]) -> None:
+        if self.fields is None:
+            self.fields = list(row)
+            with open(self.path, "w", newline="") as fh:
+                csv.writer(fh).writerow(self.fields)
+        vals = [row.get(k, math.nan) for k in self.fields]
+        line = ",".join(str(v) if isinstance(v, int) else repr(float(v)) for v in vals)
+        with open(self.path, "a") as fh:  # one write per row: a kill leaves at worst a partial last line
+            fh.write(line + "\n")
