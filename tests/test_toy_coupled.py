@@ -66,11 +66,13 @@ class ToyNet(nn.Module):
         return out[:, :2], out[:, 2:].reshape(b, L, self.k)
 
 
-@pytest.fixture(scope="module")
-def trained():
+@pytest.fixture(scope="module", params=[("uniform", "ce"), ("mask", "gkl")], ids=["uniform-ce", "mask-gkl"])
+def trained(request):
+    """The released setting (uniform source, cross-entropy), and the absorbing source with the GKL loss."""
+    source, text_loss = request.param
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    text_flow = TextFlow(vocab_size=V, source="uniform")
+    text_flow = TextFlow(vocab_size=V, source=source)
     video_flow = VideoFlow(shift=1.0, time_sampling="uniform")
     mix = RegimeMix(t2v=1.0, v2t=1.0, joint=2.0, cond_dropout=0.1)
     model = ToyNet(text_flow.num_logits)
@@ -84,14 +86,14 @@ def trained():
         ones, zeros = torch.ones(512, 1, 1), torch.zeros(1, 1, 1)
         states, pmask = select_prompt(batch.keep_prompt_condition, ones, zeros)
         velocity, logits = model(batch.video, batch.text, batch.t_video, batch.t_text, states, batch.text_mask, pmask)
-        loss, _ = unified_loss(velocity, logits, batch, text_flow, text_loss="ce")
+        loss, _ = unified_loss(velocity, logits, batch, text_flow, text_loss=text_loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        if time.perf_counter() - start > 60:
+        if time.perf_counter() - start > 30:  # two models, ~60 s of training in all
             break
-    print(f"\n[toy] trained {step + 1} steps in {time.perf_counter() - start:.1f}s, last loss {loss.item():.3f}")
+    print(f"\n[toy {source}-{text_loss}] trained {step + 1} steps in {time.perf_counter() - start:.1f}s, last loss {loss.item():.3f}")
     return model.eval(), text_flow
 
 
@@ -107,8 +109,8 @@ def test_joint_reproduces_coupling(trained):
     in_mode = (torch.cdist(out.video, CENTERS).min(1).values < 4 * STD).float().mean().item()
     well_formed = (out.text[:, 1:] == torch.tensor([END, PAD])).all(1).float().mean().item()
     spread = torch.bincount(out.text[:, 0].clamp_max(4), minlength=5)[:4].float() / N
-    print(f"[toy] joint: coupling {agree:.3f}, within 4 std of a mode {in_mode:.3f}, "
-          f"well-formed text {well_formed:.3f}, token spread {spread.tolist()}")  # fmt: skip
+    print(f"[toy {text_flow.source}] joint: coupling {agree:.3f}, within 4 std of a mode {in_mode:.3f}, "
+          f"well-formed text {well_formed:.3f}, token spread {[round(x, 3) for x in spread.tolist()]}")  # fmt: skip
     assert agree >= 0.95
     assert well_formed >= 0.95
     assert spread.min() > 0.15  # all modes are generated, not one collapsed
@@ -119,17 +121,17 @@ def test_joint_linear_resample_runs(trained):
     model, text_flow = trained
     out = sample_t2vt(model, PROMPT, text_flow, (N, 2), L, num_steps=50, shift=3.0, generator=1, text_update="linear-resample")
     agree = (_mode_of(out.video) == out.text[:, 0]).float().mean().item()
-    print(f"[toy] joint with linear-resample text update: coupling {agree:.3f}")
+    print(f"[toy {text_flow.source}] joint with linear-resample text update: coupling {agree:.3f}")
     assert out.text.shape == (N, L) and ((out.text >= 0) & (out.text < V)).all()
 
 
 def test_t2v_lands_in_the_token_mode(trained):
-    model, _ = trained
+    model, text_flow = trained
     g = torch.Generator().manual_seed(2)
     _, text = _data(N, g)
     out = sample_t2v(model, text, PROMPT, (N, 2), num_steps=50, shift=3.0, generator=3)
     right = (_mode_of(out.video) == text[:, 0]).float().mean().item()
-    print(f"[toy] T2V-like: right mode {right:.3f}")
+    print(f"[toy {text_flow.source}] T2V-like: right mode {right:.3f}")
     assert right >= 0.98
 
 
@@ -142,6 +144,6 @@ def test_v2t_names_the_point_mode(trained):
     exact = (out.text == text).all(1).float().mean().item()
     captions = cut_at_end(out.text, END)
     one_token = sum(len(c) == 1 for c in captions) / N
-    print(f"[toy] V2T-like: right token {right:.3f}, whole canvas exact {exact:.3f}, cut length 1: {one_token:.3f}")
+    print(f"[toy {text_flow.source}] V2T-like: right token {right:.3f}, whole canvas exact {exact:.3f}, cut length 1: {one_token:.3f}")
     assert right >= 0.98
     assert one_token >= 0.95

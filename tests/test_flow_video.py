@@ -1,0 +1,86 @@
+"""Video flow: rectified-flow path, target, loss, timestep sampling and shift, grid, Euler, guidance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from univigu.flow import VideoFlow, clean_estimate, euler_step, guide, shift_time, time_grid, video_timestep
+
+
+def test_network_timestep_ends():
+    assert video_timestep(torch.tensor(1.0)).item() == 1000.0  # pure noise
+    assert video_timestep(torch.tensor(0.0)).item() == 0.0  # clean
+
+
+@pytest.mark.parametrize("k", [1.0, 3.0, 5.0])
+def test_shift_fixes_ends_and_is_monotone(k):
+    s = torch.linspace(0, 1, 101)
+    out = shift_time(s, k)
+    assert out[0] == 0 and torch.isclose(out[-1], torch.tensor(1.0))
+    assert (out.diff() > 0).all()
+    if k == 1.0:
+        assert torch.allclose(out, s)
+    else:
+        assert (out[1:-1] > s[1:-1]).all()  # k > 1 moves every level towards noise
+        assert torch.allclose(out, k * s / (1 + (k - 1) * s))
+
+
+def test_time_grid_runs_from_noise_to_clean():
+    grid = time_grid(10, shift=3.0)
+    assert grid.shape == (11,)
+    assert grid[0].item() == pytest.approx(1.0) and grid[-1].item() == 0.0
+    assert (grid.diff() < 0).all()
+    assert grid[1] > 0.9  # shifted: the first step is smaller than 1/10
+    assert torch.allclose(time_grid(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    with pytest.raises(ValueError):
+        time_grid(0)
+
+
+def test_path_ends_target_and_estimate():
+    g = torch.Generator().manual_seed(0)
+    x0, e = torch.randn(3, 4, 2, 5, generator=g), torch.randn(3, 4, 2, 5, generator=g)
+    flow = VideoFlow()
+    assert torch.equal(flow.add_noise(x0, torch.zeros(3), e), x0)
+    assert torch.equal(flow.add_noise(x0, torch.ones(3), e), e)
+    s = torch.tensor([0.2, 0.5, 0.9])
+    x_s = flow.add_noise(x0, s, e)
+    v = flow.velocity_target(x0, e)
+    d = 1e-2  # the target is the derivative of the path in s
+    assert torch.allclose((flow.add_noise(x0, s + d, e) - x_s) / d, v, atol=1e-3)
+    for i in range(3):
+        assert torch.allclose(clean_estimate(x_s[i], v[i], s[i]), x0[i], atol=1e-6)
+    # an exact velocity makes Euler exact: from s to s' the path value at s'
+    stepped = euler_step(x_s[1], v[1], 0.5, 0.1)
+    assert torch.allclose(stepped, flow.add_noise(x0[1:2], torch.tensor([0.1]), e[1:2])[0], atol=1e-6)
+
+
+def test_loss_is_per_sample_mse():
+    v, target = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
+    target[1] *= 2
+    assert torch.allclose(VideoFlow.loss(v, target), torch.tensor([1.0, 4.0]))
+    assert VideoFlow.loss(target, target).abs().max() == 0
+
+
+@pytest.mark.parametrize("kind", ["uniform", "logit-normal"])
+def test_time_sampling_range_seed_and_shift(kind):
+    n = 20000
+    s = VideoFlow(time_sampling=kind).sample_time(n, torch.Generator().manual_seed(0))
+    assert s.shape == (n,) and (s >= 0).all() and (s < 1).all()
+    assert abs(s.median().item() - 0.5) < 0.02  # both are symmetric about 1/2 without shift
+    if kind == "logit-normal":
+        assert (s - 0.5).abs().mean() < 0.22  # concentrated in the middle (uniform gives 0.25)
+    again = VideoFlow(time_sampling=kind).sample_time(n, torch.Generator().manual_seed(0))
+    assert torch.equal(s, again)
+    shifted = VideoFlow(shift=3.0, time_sampling=kind).sample_time(n, torch.Generator().manual_seed(0))
+    assert torch.allclose(shifted, shift_time(s, 3.0))
+    assert shifted.mean() > s.mean() + 0.1
+    with pytest.raises(ValueError):
+        VideoFlow(time_sampling="beta")
+
+
+def test_guidance():
+    c, u = torch.randn(2, 3), torch.randn(2, 3)
+    assert torch.allclose(guide(c, u, 1.0), c)
+    assert torch.allclose(guide(c, u, 0.0), u)
+    assert torch.allclose(guide(c, u, 5.0), u + 5.0 * (c - u))

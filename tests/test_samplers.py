@@ -1,0 +1,189 @@
+"""Samplers: a perfect denoiser is reproduced exactly, timestep conventions, CFG, seeds, callbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from univigu.flow import Guidance, TextFlow, sample_t2v, sample_t2vt, sample_v2t
+
+V, L, B, PAD, END = 9, 6, 5, 8, 7
+
+
+class Oracle:
+    """The perfect denoiser for fixed targets: v = (x_s - x0) / s, logits certain of the clean tokens.
+
+    Records every call's timesteps and inputs.
+    """
+
+    def __init__(self, x0: torch.Tensor, tokens: torch.Tensor, num_logits: int):
+        self.x0, self.logits = x0, F.one_hot(tokens, num_logits).float() * 1e4 - 5e3
+        self.calls: list[dict] = []
+
+    def __call__(self, video, text, t_video, t_text, prompt_states, text_mask, prompt_mask):
+        self.calls.append(dict(t_video=t_video.clone(), t_text=t_text.clone(), text=text.clone(), b=video.shape[0]))
+        s = (t_video / 1000).reshape(-1, *[1] * (video.dim() - 1))
+        v = torch.where(s > 0, (video - self.x0) / s.clamp_min(1e-12), torch.zeros_like(video))
+        return v, self.logits
+
+
+def _targets(num_logits: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, 3, 2, 4, 4, generator=g)  # any trailing shape: a small "video"
+    tokens = torch.randint(0, V - 2, (B, L), generator=g)
+    tokens[:, 3], tokens[:, 4:] = END, PAD  # caption, end, pad
+    return x0, tokens
+
+
+PROMPT = torch.randn(B, 4, 8)
+
+
+@pytest.mark.parametrize("source", ["uniform", "mask"])
+def test_perfect_denoiser_v2t_and_joint(source):
+    flow = TextFlow(V, source)
+    x0, tokens = _targets(flow.num_logits)
+    text_mask = torch.ones(B, L, dtype=torch.bool)
+    text_mask[0, 4:] = False  # a row whose padding is not generated
+    tokens[0, 4:] = 0  # ... and which therefore must hold pad_id, whatever the prediction
+    expected = tokens.clone()
+    expected[0, 4:] = PAD
+
+    model = Oracle(x0, tokens, flow.num_logits)
+    out = sample_v2t(model, x0, PROMPT, flow, L, text_mask=text_mask, pad_id=PAD, num_steps=8, generator=0)
+    assert torch.equal(out.text, expected) and torch.equal(out.video, x0)
+    for c in model.calls:  # never any mask id or pad change fed back
+        assert (c["text"][0, 4:] == PAD).all()
+
+    for update in ("ctmc", "linear-resample"):
+        model = Oracle(x0, tokens, flow.num_logits)
+        out = sample_t2vt(
+            model, PROMPT, flow, x0.shape, L, text_mask=text_mask, pad_id=PAD, num_steps=8, generator=1,
+            text_update=update,
+        )  # fmt: skip
+        assert (out.video - x0).abs().max() < 1e-4, update
+        assert torch.equal(out.text, expected), update
+
+
+def test_perfect_denoiser_t2v():
+    x0, tokens = _targets(V)
+    model = Oracle(x0, tokens, V)
+    out = sample_t2v(model, tokens, PROMPT, x0.shape, num_steps=8, generator=0)
+    assert (out.video - x0).abs().max() < 1e-4
+    assert torch.equal(out.text, tokens)
+    assert all(torch.equal(c["text"], tokens) for c in model.calls)  # the prompt stream is never touched
+
+
+def test_timestep_conventions_in_the_loops():
+    flow = TextFlow(V, "mask")
+    x0, tokens = _targets(flow.num_logits)
+    n = 6
+
+    model = Oracle(x0, tokens, V)
+    sample_t2v(model, tokens, PROMPT, x0.shape, num_steps=n, generator=0)
+    tv = torch.stack([c["t_video"] for c in model.calls])
+    assert len(model.calls) == n and (tv[0] == 1000).all() and (tv.diff(dim=0) < 0).all() and (tv[-1] > 0).all()
+    assert all((c["t_text"] == 0).all() for c in model.calls)  # clean prompt tokens
+
+    model = Oracle(x0, tokens, flow.num_logits)
+    sample_v2t(model, x0, PROMPT, flow, L, num_steps=n, generator=0)
+    tt = torch.stack([c["t_text"] for c in model.calls])
+    assert (tt[0] == 1000).all() and (tt.diff(dim=0) < 0).all() and (tt[-1] > 0).all()
+    assert all((c["t_video"] == 0).all() for c in model.calls)  # clean video
+    assert (model.calls[0]["text"] == flow.mask_id).all()  # starts from the source
+
+    model = Oracle(x0, tokens, flow.num_logits)
+    sample_t2vt(model, PROMPT, flow, x0.shape, L, num_steps=n, shift=3.0, generator=0)
+    for c in model.calls:  # both streams at the same noise level
+        assert (c["t_video"] - c["t_text"]).abs().max() <= 0.5
+    assert (model.calls[0]["t_video"] == 1000).all() and (model.calls[0]["t_text"] == 1000).all()
+
+    model = Oracle(x0, tokens, flow.num_logits)
+    sample_t2vt(model, PROMPT, flow, x0.shape, L, num_steps=n, generator=0, text_update="linear-resample")
+    assert len(model.calls) == n + 1  # the released rule's final clean pass
+    assert (model.calls[-1]["t_video"] == 0).all() and (model.calls[-1]["t_text"] == 0).all()
+
+
+def test_seeds_callbacks_and_trajectory():
+    flow = TextFlow(V, "uniform")
+    x0, tokens = _targets(V)
+    seen = []
+
+    def callback(step, t, video_estimate, text_tokens):
+        seen.append((step, t, video_estimate.clone(), text_tokens.clone()))
+
+    run = lambda seed, cb=None: sample_t2vt(  # noqa: E731
+        Oracle(x0, tokens, V), PROMPT, flow, x0.shape, L, num_steps=5, generator=seed, callback=cb,
+        return_trajectory=True, progress=False,
+    )  # fmt: skip
+    a = run(3, callback)
+    assert [s[0] for s in seen] == list(range(5))
+    ts = [s[1] for s in seen]
+    assert isinstance(ts[0], float) and ts[0] == pytest.approx(1.0) and all(x > y for x, y in zip(ts, ts[1:]))
+    assert all((s[2] - x0).abs().max() < 1e-4 for s in seen)  # the oracle's estimate is x0 at every step
+    assert a.video_trajectory.shape == (5, *x0.shape) and a.text_trajectory.shape == (5, B, L)
+    assert torch.equal(a.text_trajectory[-1], a.text) and torch.allclose(a.times, torch.tensor(ts))
+    assert torch.equal(a.text_trajectory[2], seen[2][3])
+
+    # same seed, same run (also with a Generator); another seed, other intermediate tokens
+    b = run(3)
+    assert torch.equal(a.text_trajectory, b.text_trajectory) and torch.equal(a.video, b.video)
+    c = run(torch.Generator().manual_seed(3))
+    assert torch.equal(a.text_trajectory, c.text_trajectory)
+    d = run(4)
+    assert not torch.equal(a.text_trajectory, d.text_trajectory)
+
+
+class ConstantVelocity:
+    """velocity = the first prompt feature (so conditional and null passes differ); counts calls."""
+
+    def __init__(self):
+        self.calls, self.batch_sizes = 0, []
+
+    def __call__(self, video, text, t_video, t_text, prompt_states, text_mask, prompt_mask):
+        self.calls += 1
+        self.batch_sizes.append(video.shape[0])
+        v = prompt_states[:, 0, 0].reshape(-1, *[1] * (video.dim() - 1)).expand_as(video)
+        return v, torch.zeros(*text.shape, V)
+
+
+def test_classifier_free_guidance():
+    tokens = torch.zeros(B, L, dtype=torch.long)
+    shape, n = (B, 3, 4), 4
+    cond = torch.full((B, 4, 8), 2.0)
+    null = torch.full((1, 4, 8), -1.0)
+    # a zero velocity leaves the initial noise
+    noise = sample_t2v(ConstantVelocity(), tokens, torch.zeros(B, 4, 8), shape, num_steps=n, generator=7).video
+    for batched in (True, False):
+        model = ConstantVelocity()
+        out = sample_t2v(
+            model, tokens, cond, shape, guidance=Guidance(null, scale=5.0, batched=batched), num_steps=n, generator=7
+        )
+        # a constant velocity integrates exactly from s = 1 to 0: x = e - v, v = v_null + w (v_cond - v_null)
+        assert torch.allclose(out.video, noise - (-1.0 + 5.0 * (2.0 + 1.0)), atol=1e-5)
+        assert model.batch_sizes == ([2 * B] * n if batched else [B] * (2 * n))
+    # a null prompt of another length (padded for the batched pass), and scale 1 skips the null pass
+    model = ConstantVelocity()
+    out = sample_t2vt(
+        model, cond, TextFlow(V), shape, L, guidance=Guidance(torch.full((1, 2, 8), -1.0), scale=3.0),
+        num_steps=n, generator=7,
+    )  # fmt: skip
+    assert torch.allclose(out.video, noise - (-1.0 + 3.0 * 3.0), atol=1e-5)
+    model = ConstantVelocity()
+    sample_t2v(model, tokens, cond, shape, guidance=Guidance(null, scale=1.0), num_steps=n, generator=7)
+    assert model.calls == n
+
+
+def test_linear_resample_keeps_source_at_first_step():
+    """The released rule takes nothing at step 0 (fraction 0/(N-1)); the CTMC already jumps some positions."""
+    flow = TextFlow(V, "mask")
+    x0, tokens = _targets(flow.num_logits)
+    tokens = tokens.repeat(1, 40)
+    kwargs = dict(num_steps=10, generator=0, return_trajectory=True)
+    lin = sample_t2vt(Oracle(x0, tokens, V + 1), PROMPT, flow, x0.shape, 40 * L, text_update="linear-resample", **kwargs)
+    ctmc = sample_t2vt(Oracle(x0, tokens, V + 1), PROMPT, flow, x0.shape, 40 * L, text_update="ctmc", **kwargs)
+    assert (lin.text_trajectory[0] == flow.mask_id).all()
+    revealed = (ctmc.text_trajectory[0] != flow.mask_id).float().mean().item()
+    assert 0.02 < revealed < 0.2  # p = 1 - exp(-h) with h = 0.1
+    with pytest.raises(ValueError):
+        sample_t2vt(Oracle(x0, tokens, V + 1), PROMPT, flow, x0.shape, 40 * L, text_update="greedy", num_steps=2)
