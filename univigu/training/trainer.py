@@ -113,6 +113,12 @@ class Trainer:
         self.accelerator = acc = Accelerator(
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
         )
+        if acc.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # e.g. torchrun on a machine without GPUs: each process would train alone and they
+            # would overwrite each other's checkpoints
+            raise RuntimeError(
+                "launched as several processes but accelerate sees one; on CPU set ACCELERATE_USE_CPU=1"
+            )
         if cfg.gradient_checkpointing:
             enabled = [m for m in task.modules() if callable(getattr(m, "enable_gradient_checkpointing", None))]
             for m in enabled:

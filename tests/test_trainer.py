@@ -1,0 +1,200 @@
+"""Trainer tests on a tiny MLP stand-in task (tests/trainer_stub.py): learning, logs, rotation,
+exact resume after SIGKILL, a save killed midway, NaN skipping, and 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from univigu.training import Trainer, TrainerConfig
+from univigu.training import checkpoint as ckpt
+from univigu.training.sampler import ResumableBatchSampler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_stub import MLPTask, Regression, config  # noqa: E402
+
+STUB = str(Path(__file__).parent / "trainer_stub.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def read_csv(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {int(r["step"]): r["loss"] for r in read_csv(path)}
+
+
+def run_stub(out: Path, *args: str) -> None:
+    subprocess.run([sys.executable, STUB, str(out), *args], env=ENV, check=True, capture_output=True)
+
+
+def test_sampler_shards_and_resumes() -> None:
+    def take(s: ResumableBatchSampler, k: int) -> list[list[int]]:
+        it = iter(s)
+        return [next(it) for _ in range(k)]
+
+    whole = take(ResumableBatchSampler(50, 8, seed=3), 20)  # 6 per epoch: crosses 3 epochs
+    shards = [take(ResumableBatchSampler(50, 4, seed=3, rank=r, num_processes=2), 20) for r in (0, 1)]
+    assert [a + b for a, b in zip(*shards)] == whole  # ranks split each global micro-batch
+    assert take(ResumableBatchSampler(50, 8, seed=3, start=7), 13) == whole[7:]
+    assert whole[:6] != whole[6:12]  # epochs are shuffled differently
+    assert len(set(sum(whole[:6], []))) == 48  # an epoch has no repeats
+    assert ResumableBatchSampler(50, 8, seed=3).position(13) == (2, 1)
+    with pytest.raises(ValueError, match="smaller than one global micro-batch"):
+        ResumableBatchSampler(7, 4, seed=0, num_processes=2)
+
+
+def test_lr_schedule() -> None:
+    c = TrainerConfig(lr=1.0, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    assert c.lr_at(0) == pytest.approx(0.2) and c.lr_at(3) == pytest.approx(0.8)
+    assert c.lr_at(4) == pytest.approx(1.0) and c.lr_at(9) == pytest.approx(0.55)
+    assert c.lr_at(14) == pytest.approx(0.1)
+
+
+def test_trains_logs_rotates_and_exports_ema(tmp_path: Path) -> None:
+    cfg = config(tmp_path, max_steps=60, batch_size=32, lr=1e-2, ema_decay=0.9, keep_last=2)
+    task = MLPTask()
+    trainer = Trainer(task, Regression(), cfg)
+    rows = trainer.train()
+    logged = read_csv(tmp_path / "losses.csv")
+    assert [int(r["step"]) for r in logged] == list(range(1, 61)) == [r["step"] for r in rows]
+    first, last = [r["loss"] for r in logged[:10]], [r["loss"] for r in logged[-10:]]
+    assert sum(last) < 0.3 * sum(first), (first, last)
+    assert {"loss", "mae", "lr", "grad_norm", "bad_steps", "time"} <= logged[0].keys()
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000050", "step_000060"]
+    assert (root / "latest").read_text().strip() == "step_000060"
+    assert not list(root.glob(".tmp_*"))
+    ema = trainer.ema_state_dict()
+    assert ema.keys() == {n for n, _ in task.named_parameters()}
+    assert not torch.equal(ema["net.0.weight"], task.net[0].weight.detach())  # averaged, not a copy
+    saved = torch.load(root / "step_000060" / "ema.pt")
+    assert torch.allclose(saved["net.0.weight"], ema["net.0.weight"])
+    # the checkpoint `latest` names wins; without it, the newest complete directory
+    (root / "latest").unlink()
+    assert ckpt.find_latest(root) == root / "step_000060"
+
+
+def test_kill9_resume_is_exact(tmp_path: Path) -> None:
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    common = ["--max-steps", "50", "--save-every", "10", "--ema", "0.9"]
+    run_stub(ref, *common)
+    # slow steps (40 ms) so that the kill lands mid-run, right after step_000020 is published
+    proc = subprocess.Popen([sys.executable, STUB, str(out), *common, "--sleep", "0.04"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 60
+    while not (out / "checkpoints" / "step_000020").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its step-20 checkpoint"
+        time.sleep(0.01)
+    time.sleep(0.1)  # a few steps (and rows) past the checkpoint, which resume must discard
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = max(losses(out / "losses.csv"))
+    resumed_from = int(ckpt.find_latest(out / "checkpoints").name.split("_")[1])
+    assert resumed_from < killed_at < 50
+    run_stub(out, *common, "--resume")
+    got, want = losses(out / "losses.csv"), losses(ref / "losses.csv")
+    assert list(got) == list(range(1, 51))  # no duplicated or missing rows
+    assert resumed_from <= 30 and len([s for s in got if s > resumed_from]) >= 20
+    for s in want:
+        assert got[s] == pytest.approx(want[s], abs=1e-6), s
+    a, b = ref / "checkpoints" / "step_000050", out / "checkpoints" / "step_000050"
+    assert torch.equal(load_file(a / "model.safetensors")["net.0.weight"],
+                       load_file(b / "model.safetensors")["net.0.weight"])  # fmt: skip
+    assert torch.equal(torch.load(a / "ema.pt")["net.0.weight"], torch.load(b / "ema.pt")["net.0.weight"])
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+def test_kill_during_save_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    ref = Trainer(MLPTask(), Regression(), config(tmp_path / "ref", max_steps=30)).train()
+    trainer = Trainer(MLPTask(), Regression(), config(tmp_path / "run", max_steps=30))
+    save_state, calls = trainer.accelerator.save_state, []
+
+    def dies_on_second_save(path: str) -> None:
+        calls.append(path)
+        if len(calls) == 2:  # write part of the state, then "die"
+            (Path(path) / "model.safetensors").write_bytes(b"\0" * 10)
+            raise SimulatedKill
+        save_state(path)
+
+    trainer.accelerator.save_state = dies_on_second_save
+    with pytest.raises(SimulatedKill):
+        trainer.train()
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000010"]
+    assert (root / "latest").read_text().strip() == "step_000010"
+    assert (root / ".tmp_step_000020").is_dir()  # the debris a kill would leave
+
+    rows = Trainer(MLPTask(), Regression(), config(tmp_path / "run", max_steps=30)).train(resume=True)
+    assert [r["step"] for r in rows] == list(range(11, 31))
+    for r in rows:
+        assert r["loss"] == pytest.approx(ref[r["step"] - 1]["loss"], abs=1e-6)
+    assert not list(root.glob(".tmp_*"))
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000020", "step_000030"]
+
+
+def test_resume_refuses_math_changes_and_overwrites(tmp_path: Path) -> None:
+    Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=10)).train()
+    with pytest.raises(FileExistsError, match="resume=True"):
+        Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=20)).train()
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0.003 -> now 0.01"):
+        Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=20, lr=1e-2)).train(resume=True)
+    with pytest.warns(UserWarning, match="max_steps changed 10 -> 12"):
+        rows = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=12)).train(resume=True)
+    assert [r["step"] for r in rows] == [11, 12]
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path: Path) -> None:
+    task = MLPTask(nan_calls=frozenset({3, 4, 9}))
+    rows = Trainer(task, Regression(), config(tmp_path, max_steps=12, ema_decay=0.9)).train()
+    by_step = {r["step"]: r for r in rows}
+    assert [by_step[s]["bad_steps"] for s in (2, 3, 4, 5, 9, 12)] == [0, 1, 2, 2, 3, 3]
+    assert all(torch.isnan(torch.tensor(by_step[s]["loss"])) for s in (3, 4, 9))
+    assert all(torch.isfinite(p).all() for p in task.parameters())  # no NaN update got through
+    assert torch.isfinite(torch.tensor(rows[-1]["loss"]))
+
+
+def test_too_many_nan_steps_abort(tmp_path: Path) -> None:
+    task = MLPTask(nan_calls=frozenset(range(5, 100)))
+    cfg = config(tmp_path, max_steps=30, max_bad_steps=3)
+    with pytest.raises(RuntimeError, match=r"aborting at step 8: 4 consecutive steps .*max_bad_steps=3"):
+        Trainer(task, Regression(), cfg).train()
+
+
+def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
+    # noise off: each process draws its own noise, so only noiseless runs can agree exactly
+    common = ["--max-steps", "6", "--save-every", "6", "--grad-accum", "2", "--noise", "0",
+              "--dropout", "0", "--ema", "0.9"]  # fmt: skip
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29731"]  # fmt: skip
+    # accelerate's CPU launcher needs MPI; torchrun (its --multi_gpu path) + ACCELERATE_USE_CPU gives gloo
+    res = subprocess.run([*launch, STUB, str(tmp_path / "ddp"), *common, "--batch-size", "4"],
+                         env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_stub(tmp_path / "single", *common, "--batch-size", "8")
+    ddp_dir = tmp_path / "ddp" / "checkpoints" / "step_000006"
+    assert {"generator_0.pt", "generator_1.pt", "random_states_1.pkl"} <= {p.name for p in ddp_dir.iterdir()}
+    got, want = losses(tmp_path / "ddp" / "losses.csv"), losses(tmp_path / "single" / "losses.csv")
+    assert list(got) == list(want) == list(range(1, 7))
+    for s in want:
+        assert got[s] == pytest.approx(want[s], abs=1e-4), s
+    ema_d = torch.load(ddp_dir / "ema.pt")
+    ema_s = torch.load(tmp_path / "single" / "checkpoints" / "step_000006" / "ema.pt")
+    for k in ema_s:
+        assert torch.allclose(ema_d[k], ema_s[k], atol=1e-5), k
