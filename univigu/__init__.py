@@ -7,9 +7,13 @@ heavy dependencies (torch models, diffusers) load on first use of a name that ne
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+# The shipped toy-world model (a pipeline folder inside the package).
+DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "toy-model")
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -33,7 +37,7 @@ _EXPORTS = {
     "PixelCodec": "univigu.data.codec",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["DEFAULT_MODEL", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from univigu.cli import model as model_cli
+from univigu.cli import run as run_cli
 from univigu.cli import world as world_cli
 
 app = typer.Typer(
@@ -16,6 +17,10 @@ app = typer.Typer(
 app.add_typer(world_cli.app, name="world")
 app.add_typer(model_cli.app, name="model")
 app.command("demo")(world_cli.demo)
+app.command("generate")(run_cli.generate)
+app.command("caption")(run_cli.caption)
+app.command("joint")(run_cli.joint)
+app.command("eval")(run_cli.evaluate)
 
 
 def main() -> None:

@@ -1,0 +1,66 @@
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from univigu import PipelineConfig, UniViGUPipeline, World, write_video
+from univigu.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_parts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    p = tiny_parts
+    config = PipelineConfig(num_steps=2)
+    UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"], config).save_pretrained(root / "unified")
+    UniViGUPipeline(p["wan"], p["prompt_encoder"], p["tokenizer"], config).save_pretrained(root / "base")
+    return root
+
+
+def test_generate_writes_video_and_sidecar(checkpoints, tmp_path):
+    result = runner.invoke(app, ["generate", "a red circle moves right", "--model", str(checkpoints / "unified"),
+                                 "--out", str(tmp_path), "--seed", "4"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert sidecar["prompt"] == "a red circle moves right" and sidecar["seed"] == 4 and sidecar["steps"] == 2
+    assert {"gif", "mp4"} <= set(sidecar["files"])
+
+
+def test_caption_reads_files_and_reports_bad_ones(checkpoints, tmp_path):
+    world = World()
+    video = np.ascontiguousarray(world.render(world.scenes("test", [0]))[0])
+    path = write_video(tmp_path / "clip.mp4", video)
+    result = runner.invoke(app, ["caption", str(path), "--model", str(checkpoints / "unified"), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "clip_caption_seed0.json").read_text())["caption"] is not None
+    (tmp_path / "bad.mp4").write_bytes(b"junk" * 50)
+    bad = runner.invoke(app, ["caption", str(tmp_path / "bad.mp4"), "--model", str(checkpoints / "unified")])
+    assert bad.exit_code != 0 and "cannot decode" in bad.output
+
+
+def test_joint_writes_video_and_caption(checkpoints, tmp_path):
+    result = runner.invoke(app, ["joint", "a blue square grows", "--model", str(checkpoints / "unified"),
+                                 "--out", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert sidecar["task"] == "joint" and isinstance(sidecar["caption"], str)
+
+
+def test_eval_reports_every_number(checkpoints, tmp_path):
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(checkpoints / "unified"), "--n", "4", "--batch-size", "2",
+                                 "--base", str(checkpoints / "base"), "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    for key in ("t2v", "t2v_base", "v2t", "joint"):
+        assert key in data
+    assert 0 <= data["v2t"]["all"] <= 1 and "bleu4" in data["v2t"] and "cider" in data["v2t"]
+    assert "T2V prompt-attribute accuracy" in result.output
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["generate", "a red circle moves right", "--model", str(tmp_path)])
+    assert result.exit_code != 0 and "model_index.json" in result.output

@@ -1,0 +1,138 @@
+"""`univigu eval`: how well a checkpoint generates, understands, and stays consistent.
+
+- T2V prompt-attribute accuracy: the oracle reads each generated video; the prompt's colour,
+  shape and motion of its main object are checked (the colour counts right when an object
+  of that colour is there).
+- V2T detailed-caption attribute accuracy: generated captions of rendered videos are parsed
+  and compared with the true attributes (every attribute of every object, the background and
+  the object count), plus BLEU-4 and CIDEr against the true caption.
+- Joint consistency: for joint generation, the oracle's reading of the generated video
+  against the parse of the generated caption.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from univigu.data.oracle import Oracle
+from univigu.data.world import World, WorldConfig, accuracy, attribute_matches, parse_caption
+
+PROMPT_ATTRIBUTES = ("colour", "shape", "motion")
+
+
+def prompt_accuracy(prompt_attributes: Sequence[dict[str, Any]], readings: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy of the main-object attributes a prompt names, per attribute, overall and per sample (all three)."""
+    right = {k: 0 for k in PROMPT_ATTRIBUTES}
+    whole = 0
+    for want, got in zip(prompt_attributes, readings):
+        match = next((o for o in got["objects"] if o["colour"] == want["colour"]), None)
+        hits = {k: match is not None and match[k] == want[k] for k in PROMPT_ATTRIBUTES}
+        for k, hit in hits.items():
+            right[k] += int(hit)
+        whole += int(all(hits.values()))
+    n = max(1, len(prompt_attributes))
+    out = {k: v / n for k, v in right.items()}
+    out["all"] = sum(right.values()) / (n * len(PROMPT_ATTRIBUTES))
+    out["exact"] = whole / n
+    return out
+
+
+def caption_scores(references: Sequence[str], candidates: Sequence[str]) -> dict[str, float]:
+    """Corpus BLEU-4 and CIDEr-D (pycocoevalcap) of candidates against one reference each."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    def tokens(text: str) -> str:  # the parser's tokenisation: words and punctuation apart
+        return " ".join(parse_caption.__globals__["_tokenize"](text)) or "empty"
+
+    gts = {i: [tokens(r)] for i, r in enumerate(references)}
+    res = {i: [tokens(c)] for i, c in enumerate(candidates)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"bleu4": float(bleu[3]), "cider": float(cider)}
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def evaluate(
+    pipeline: Any,
+    split: str = "test",
+    n: int = 256,
+    seed: int = 0,
+    num_steps: int | None = None,
+    batch_size: int = 64,
+    base_pipeline: Any = None,
+    tasks: Sequence[str] = ("t2v", "v2t", "joint"),
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a pipeline on `n` world samples of `split`; returns a JSON-able dict."""
+    cfg = pipeline.config
+    world = World(WorldConfig(height=cfg.height, width=cfg.width, frames=cfg.frames))
+    oracle = Oracle(world.config)
+    scenes = world.scenes(split, range(n), seed)
+    prompts = [s.prompt for s in scenes]
+    mains = [s.objects[0].attributes() for s in scenes]
+    results: dict[str, Any] = {"split": split, "n": n, "seed": seed, "num_steps": num_steps or cfg.num_steps}
+
+    def t2v(pipe) -> dict[str, float]:
+        readings = []
+        for part in _batches(n, batch_size):
+            videos = pipe.text_to_video(prompts[part], seed=seed + part.start, num_steps=num_steps, progress=progress)
+            readings += oracle(videos.videos)
+        return prompt_accuracy(mains, readings)
+
+    start = time.perf_counter()
+    if "t2v" in tasks:
+        results["t2v"] = t2v(pipeline)
+    if base_pipeline is not None and "t2v" in tasks:
+        results["t2v_base"] = t2v(base_pipeline)
+        results["t2v_drop_from_base"] = results["t2v_base"]["all"] - results["t2v"]["all"]
+    if "v2t" in tasks:
+        captions = []
+        for part in _batches(n, batch_size):
+            videos = world.render(scenes[part])
+            captions += pipeline.video_to_text(videos, seed=seed + part.start, num_steps=num_steps,
+                                               progress=progress).texts  # fmt: skip
+        scores = [attribute_matches(s.attributes(), parse_caption(c)) for s, c in zip(scenes, captions)]
+        results["v2t"] = {**accuracy(scores), **caption_scores([s.caption for s in scenes], captions)}
+        results["v2t_examples"] = [{"true": s.caption, "generated": c} for s, c in zip(scenes[:5], captions)]
+    if "joint" in tasks:
+        agreement, prompt_hits, examples = [], [], []
+        readings = []
+        for part in _batches(n, batch_size):
+            out = pipeline.generate(prompts[part], seed=seed + part.start, num_steps=num_steps, progress=progress)
+            seen = oracle(out.videos)
+            readings += seen
+            agreement += [attribute_matches(r, parse_caption(t)) for r, t in zip(seen, out.texts)]
+            examples += out.texts
+        results["joint"] = {"consistency": accuracy(agreement)["all"], "t2v": prompt_accuracy(mains, readings)["all"]}
+        results["joint_examples"] = [{"prompt": p, "caption": c} for p, c in zip(prompts[:5], examples[:5])]
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    return results
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """The headline numbers as a small text table."""
+    rows = []
+    if "t2v" in results:
+        rows.append(("T2V prompt-attribute accuracy", results["t2v"]["all"]))
+    if "t2v_base" in results:
+        rows.append(("T2V accuracy of the base generator", results["t2v_base"]["all"]))
+    if "v2t" in results:
+        rows.append(("V2T caption-attribute accuracy", results["v2t"]["all"]))
+        rows.append(("V2T BLEU-4", results["v2t"]["bleu4"]))
+        rows.append(("V2T CIDEr", results["v2t"]["cider"]))
+    if "joint" in results:
+        rows.append(("joint consistency (video vs caption)", results["joint"]["consistency"]))
+        rows.append(("joint T2V prompt accuracy", results["joint"]["t2v"]))
+    width = max(len(r[0]) for r in rows) if rows else 0
+    head = f"{results['split']} split, n={results['n']}, {results['num_steps']} steps"
+    lines = [head] + [f"{name:<{width}}  {value * 100:6.2f}" if "BLEU" not in name and "CIDEr" not in name
+                      else f"{name:<{width}}  {value:6.3f}" for name, value in rows]  # fmt: skip
+    return "\n".join(lines)
