@@ -120,7 +120,8 @@ class Trainer:
                 "launched as several processes but accelerate sees one; on CPU set ACCELERATE_USE_CPU=1"
             )
         if cfg.gradient_checkpointing:
-            enabled = [m for m in task.modules() if callable(getattr(m, "enable_gradient_checkpointing", None))]
+            enabled = [m for m in task.modules() if callable(getattr(m, "enable_gradient_checkpointing", None))
+                       and getattr(m, "_supports_gradient_checkpointing", True)]  # diffusers raises otherwise
             for m in enabled:
                 m.enable_gradient_checkpointing()
             if not enabled:
