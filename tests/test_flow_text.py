@@ -156,3 +156,12 @@ def test_cut_at_end():
     end = 4
     tokens = torch.tensor([[1, 2, end, 5, 5], [end, 0, 0, 0, 0], [3, 3, 3, 3, 3], [1, end, 2, end, 5]])
     assert cut_at_end(tokens, end) == [[1, 2], [], [3, 3, 3, 3, 3], [1]]
+
+
+def test_mask_id_inside_the_vocabulary_is_never_sampled():
+    flow = TextFlow(V, "mask", mask_id=3)
+    logits = torch.zeros(4, 200, V)
+    logits[..., 3] = 50.0
+    out = flow.sample_clean(logits, torch.Generator().manual_seed(0))
+    assert not (out == 3).any() and (out < V).all()
+    assert (flow.sample_source((2, 5)) == 3).all()

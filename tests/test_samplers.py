@@ -187,3 +187,47 @@ def test_linear_resample_keeps_source_at_first_step():
     assert 0.02 < revealed < 0.2  # p = 1 - exp(-h) with h = 0.1
     with pytest.raises(ValueError):
         sample_t2vt(Oracle(x0, tokens, V + 1), PROMPT, flow, x0.shape, 40 * L, text_update="greedy", num_steps=2)
+
+
+def test_with_the_real_transformer():
+    """A tiny UniViGUTransformer plugs into the regimes, the loss and the samplers; batched CFG with prompts
+    of different lengths and masks equals two forwards."""
+    from univigu.flow import RegimeMix, VideoFlow, make_training_batch, select_prompt, unified_loss
+    from univigu.models import UniViGUTransformer
+
+    torch.manual_seed(0)
+    vocab = 20
+    model = UniViGUTransformer(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=12, freq_dim=32, ffn_dim=32, num_layers=2, text_vocab_size=vocab, text_mask_row=True,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        model.text_proj_out.weight.normal_(std=0.1)  # the zero-initialised head would give uniform logits
+    flow = TextFlow(vocab, "mask")
+    b, shape = 2, (2, 4, 2, 4, 4)
+    prompt = torch.randn(b, 5, 12)
+    prompt_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    null = torch.zeros(1, 3, 12)
+
+    runs = [
+        sample_t2vt(
+            model, prompt, flow, shape, 6, prompt_mask=prompt_mask, guidance=Guidance(null, scale=4.0, batched=batched),
+            num_steps=3, generator=0,
+        )  # fmt: skip
+        for batched in (True, False)
+    ]
+    assert torch.allclose(runs[0].video, runs[1].video, atol=1e-4)
+    assert torch.equal(runs[0].text, runs[1].text)
+    assert (runs[0].text < vocab).all()
+
+    g = torch.Generator().manual_seed(0)
+    x0, target = torch.randn(shape, generator=g), torch.randint(0, vocab, (b, 6), generator=g)
+    batch = make_training_batch(
+        x0, target, None, mix=RegimeMix(t2v=0.0), video_flow=VideoFlow(shift=3.0), text_flow=flow, generator=g
+    )
+    states, mask = select_prompt(batch.keep_prompt_condition, prompt, null, prompt_mask)
+    model.train()
+    velocity, logits = model(batch.video, batch.text, batch.t_video, batch.t_text, states, batch.text_mask, mask)
+    loss, _ = unified_loss(velocity, logits, batch, flow, text_loss="gkl")
+    loss.backward()
+    assert torch.isfinite(loss) and model.text_proj_out.weight.grad.abs().sum() > 0
