@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,12 @@ def read_csv(path: Path) -> list[dict[str, float]]:
 
 def losses(path: Path) -> dict[int, float]:
     return {int(r["step"]): r["loss"] for r in read_csv(path)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_stub(out: Path, *args: str) -> None:
@@ -182,7 +189,8 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     common = ["--max-steps", "6", "--save-every", "6", "--grad-accum", "2", "--noise", "0",
               "--dropout", "0", "--ema", "0.9"]  # fmt: skip
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29731"]  # fmt: skip
+              "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]  # fmt: skip
     # accelerate's CPU launcher needs MPI; torchrun (its --multi_gpu path) + ACCELERATE_USE_CPU gives gloo
     res = subprocess.run([*launch, STUB, str(tmp_path / "ddp"), *common, "--batch-size", "4"],
                          env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)  # fmt: skip

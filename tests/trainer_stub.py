@@ -44,14 +44,17 @@ class MLPTask(nn.Module):
                  nan_calls: frozenset[int] = frozenset(), sleep: float = 0.0) -> None:  # fmt: skip
         super().__init__()
         torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(dim, 32), nn.LayerNorm(32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 1))
+        self.net = nn.Sequential(
+            nn.Linear(dim, 32), nn.LayerNorm(32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 1)
+        )
         self.noise, self.nan_calls, self.sleep, self.calls = noise, nan_calls, sleep, 0
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
         self.calls += 1
         if self.sleep:
             time.sleep(self.sleep)
-        x = batch["x"] + self.noise * torch.randn(batch["x"].shape, generator=generator, device=batch["x"].device)
+        x = batch["x"]
+        x = x + self.noise * torch.randn(x.shape, generator=generator, device=x.device)
         err = self.net(x) - batch["y"]
         loss = F.mse_loss(err, torch.zeros_like(err))
         if self.calls in self.nan_calls:

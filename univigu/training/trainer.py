@@ -25,6 +25,23 @@ Checkpoint layout (`output_dir/checkpoints/`)
         ema.pt                  {param name: fp32 tensor}, trainable params (ema_<rank>.pt under FSDP)
         trainer_state.json      step, data position, bad-step counters, elapsed time
         config.json             TrainerConfig + num_processes, checked on resume
+
+A checkpoint is written to `.tmp_step_XXXXXX`, fsynced, renamed, and only then named by
+`latest`: a kill at any point leaves the previous checkpoint usable (see `checkpoint.py`).
+`output_dir` must be on a filesystem all processes share.
+
+Policies
+--------
+- Data: the dataset must be deterministic in the index; see `ResumableBatchSampler`.
+- Non-finite loss (any micro-batch, any process) or gradient norm: the step is skipped on all
+  processes (grads zeroed, no optimizer/EMA update) but still consumes its batch and its LR
+  slot; more than `max_bad_steps` skipped steps *in a row* abort (isolated spikes are survived,
+  a diverged run stops fast).
+- Logs (`losses.csv`, TensorBoard `tb/`, tqdm) average the good steps since the last log row;
+  keep `save_every` a multiple of `log_every` for resumed logs identical to uninterrupted ones.
+- Launch: `python script.py` (one process) or `accelerate launch [--multi_gpu | FSDP config]
+  script.py`; several CPU processes (gloo): `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu
+  --num_processes N script.py` (accelerate's own `--cpu` multi-process launcher needs MPI).
 """
 
 from __future__ import annotations
@@ -37,14 +54,14 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, send_to_device, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, send_to_device, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -55,7 +72,7 @@ from univigu.training.sampler import ResumableBatchSampler
 
 # Config keys that may differ on resume: they do not change what the run computes.
 _FREE_KEYS = {"output_dir", "max_steps", "save_every", "keep_last", "log_every", "max_bad_steps",
-              "num_workers", "gradient_checkpointing"}  # fmt: skip
+              "num_workers", "gradient_checkpointing", "find_unused_parameters"}  # fmt: skip
 
 
 @dataclass
@@ -80,7 +97,7 @@ class TrainerConfig:
     seed: int = 0
     max_bad_steps: int = 10  # consecutive non-finite steps tolerated; one more aborts
     num_workers: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved with the config
+    find_unused_parameters: bool = False  # DDP: set when some steps leave trainable params unused
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives lists
@@ -110,8 +127,9 @@ class Trainer:
         self.dataset, self.collate_fn = dataset, collate_fn
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
         self.accelerator = acc = Accelerator(
-            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[ddp]
         )
         if acc.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # e.g. torchrun on a machine without GPUs: each process would train alone and they
@@ -120,12 +138,15 @@ class Trainer:
                 "launched as several processes but accelerate sees one; on CPU set ACCELERATE_USE_CPU=1"
             )
         if cfg.gradient_checkpointing:
-            enabled = [m for m in task.modules() if callable(getattr(m, "enable_gradient_checkpointing", None))
-                       and getattr(m, "_supports_gradient_checkpointing", True)]  # diffusers raises otherwise
+            enabled = [
+                m for m in task.modules()
+                if callable(getattr(m, "enable_gradient_checkpointing", None))
+                and getattr(m, "_supports_gradient_checkpointing", True)  # diffusers raises otherwise
+            ]  # fmt: skip
             for m in enabled:
                 m.enable_gradient_checkpointing()
             if not enabled:
-                warnings.warn("gradient_checkpointing=True but no submodule has enable_gradient_checkpointing()")
+                warnings.warn("gradient_checkpointing=True, but no submodule has enable_gradient_checkpointing()")
 
         named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
         if not named:
