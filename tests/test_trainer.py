@@ -106,7 +106,10 @@ def test_kill9_resume_is_exact(tmp_path: Path) -> None:
     while not (out / "checkpoints" / "step_000020").is_dir():
         assert proc.poll() is None and time.time() < deadline, "run ended before its step-20 checkpoint"
         time.sleep(0.01)
-    time.sleep(0.1)  # a few steps (and rows) past the checkpoint, which resume must discard
+    # let it log a couple of steps past the checkpoint (rows resume must discard), then kill
+    while len((out / "losses.csv").read_text().splitlines()) < 1 + 22:
+        assert proc.poll() is None and time.time() < deadline, "run ended before step 22"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     killed_at = max(losses(out / "losses.csv"))
