@@ -180,7 +180,9 @@ def test_linear_resample_keeps_source_at_first_step():
     x0, tokens = _targets(flow.num_logits)
     tokens = tokens.repeat(1, 40)
     kwargs = dict(num_steps=10, generator=0, return_trajectory=True)
-    lin = sample_t2vt(Oracle(x0, tokens, V + 1), PROMPT, flow, x0.shape, 40 * L, text_update="linear-resample", **kwargs)
+    lin = sample_t2vt(
+        Oracle(x0, tokens, V + 1), PROMPT, flow, x0.shape, 40 * L, text_update="linear-resample", **kwargs
+    )
     ctmc = sample_t2vt(Oracle(x0, tokens, V + 1), PROMPT, flow, x0.shape, 40 * L, text_update="ctmc", **kwargs)
     assert (lin.text_trajectory[0] == flow.mask_id).all()
     revealed = (ctmc.text_trajectory[0] != flow.mask_id).float().mean().item()

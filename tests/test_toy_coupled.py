@@ -102,7 +102,8 @@ def trained(request, one_thread):
         sched.step()
         if time.perf_counter() - start > 30:  # two models, ~60 s of training in all
             break
-    print(f"\n[toy {source}-{text_loss}] trained {step + 1} steps in {time.perf_counter() - start:.1f}s, last loss {loss.item():.3f}")
+    elapsed = time.perf_counter() - start
+    print(f"\n[toy {source}-{text_loss}] trained {step + 1} steps in {elapsed:.1f}s, last loss {loss.item():.3f}")
     return model.eval(), text_flow
 
 
@@ -128,7 +129,9 @@ def test_joint_reproduces_coupling(trained):
 def test_joint_linear_resample_runs(trained):
     """The released heuristic, for comparison (no threshold: it is the baseline we improve on)."""
     model, text_flow = trained
-    out = sample_t2vt(model, PROMPT, text_flow, (N, 2), L, num_steps=50, shift=3.0, generator=1, text_update="linear-resample")
+    out = sample_t2vt(
+        model, PROMPT, text_flow, (N, 2), L, num_steps=50, shift=3.0, generator=1, text_update="linear-resample"
+    )
     agree = (_mode_of(out.video) == out.text[:, 0]).float().mean().item()
     print(f"[toy {text_flow.source}] joint with linear-resample text update: coupling {agree:.3f}")
     assert out.text.shape == (N, L) and ((out.text >= 0) & (out.text < V)).all()
@@ -153,6 +156,7 @@ def test_v2t_names_the_point_mode(trained):
     exact = (out.text == text).all(1).float().mean().item()
     captions = cut_at_end(out.text, END)
     one_token = sum(len(c) == 1 for c in captions) / N
-    print(f"[toy {text_flow.source}] V2T-like: right token {right:.3f}, whole canvas exact {exact:.3f}, cut length 1: {one_token:.3f}")
+    print(f"[toy {text_flow.source}] V2T-like: right token {right:.3f}, whole canvas exact {exact:.3f}, "
+          f"cut length 1: {one_token:.3f}")  # fmt: skip
     assert right >= 0.98
     assert one_token >= 0.95

@@ -89,7 +89,7 @@ def make_training_batch(
     elif prompt_mask is None:
         prompt_mask = torch.ones_like(prompt_tokens, dtype=torch.bool)
     if prompt_tokens.shape != text_target.shape:
-        raise ValueError(f"prompt tokens {tuple(prompt_tokens.shape)} and text target {tuple(text_target.shape)} differ")
+        raise ValueError(f"prompt tokens {tuple(prompt_tokens.shape)} != text target {tuple(text_target.shape)}")
 
     gdev = generator.device if generator is not None else device
     regime = torch.multinomial(mix.probs().float().to(gdev), b, replacement=True, generator=generator).to(device)
