@@ -35,6 +35,19 @@ _EXPORTS = {
     "UniViGUPipelineOutput": "univigu.pipelines.pipeline",
     "PipelineConfig": "univigu.pipelines.pipeline",
     "PixelCodec": "univigu.data.codec",
+    "VideoFlow": "univigu.flow",
+    "TextFlow": "univigu.flow",
+    "RegimeMix": "univigu.flow",
+    "Guidance": "univigu.flow",
+    "make_training_batch": "univigu.flow",
+    "unified_loss": "univigu.flow",
+    "sample_t2v": "univigu.flow",
+    "sample_v2t": "univigu.flow",
+    "sample_t2vt": "univigu.flow",
+    "Trainer": "univigu.training.trainer",
+    "TrainerConfig": "univigu.training.trainer",
+    "load_config": "univigu.training.stages",
+    "run_stage": "univigu.training.stages",
 }
 
 __all__ = sorted(_EXPORTS) + ["DEFAULT_MODEL", "__version__"]

@@ -6,6 +6,7 @@ import typer
 
 from univigu.cli import model as model_cli
 from univigu.cli import run as run_cli
+from univigu.cli import train as train_cli
 from univigu.cli import world as world_cli
 
 app = typer.Typer(
@@ -21,6 +22,9 @@ app.command("generate")(run_cli.generate)
 app.command("caption")(run_cli.caption)
 app.command("joint")(run_cli.joint)
 app.command("eval")(run_cli.evaluate)
+_EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+app.command("train", context_settings=_EXTRA_ARGS)(train_cli.train)
+app.command("train-all", context_settings=_EXTRA_ARGS)(train_cli.train_all)
 
 
 def main() -> None:

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from univigu import UniViGUPipeline
+from univigu.cli import app
+from univigu.cli.train import CONFIG_DIR
+from univigu.training.stages import load_config
+
+runner = CliRunner()
+
+# A very small base model, so the whole chain trains in seconds.
+SMALL = ["model.num_layers=1", "model.attention_head_dim=16", "model.ffn_dim=64", "model.text_dim=32",
+         "prompt_encoder.num_layers=1", "train.batch_size=4", "train.max_steps=2", "train.log_every=1"]  # fmt: skip
+
+
+def test_shipped_configs_load_and_overrides_apply():
+    for stage in ("base", "recall", "refine"):
+        cfg = load_config(CONFIG_DIR / f"{stage}.yaml")
+        assert cfg.stage == stage
+    cfg = load_config(CONFIG_DIR / "refine.yaml", ["train.lr=1e-3", "--mix.v2t=5", "flow.text_source=mask"])
+    assert cfg.train.lr == 1e-3 and cfg.mix["v2t"] == 5 and cfg.flow.text_source == "mask"
+    assert cfg.text_target == "caption"
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"train\.learning_rate"):
+        load_config(CONFIG_DIR / "base.yaml", ["train.learning_rate=1"])
+    with pytest.raises(ValueError, match="init_from"):
+        load_config(None, ["stage=recall"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(CONFIG_DIR / "base.yaml", ["train.lr"])
+    with pytest.raises(ValueError, match="regime probabilities|must be"):
+        load_config(CONFIG_DIR / "recall.yaml", ["mix.t2v=-1"])
+
+
+def test_train_all_chains_the_stages_and_resumes(tmp_path):
+    args = ["train-all", "--out", str(tmp_path)] + [f"--{s}.{o}" for s in ("base", "recall", "refine") for o in SMALL]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    refine = UniViGUPipeline.from_pretrained(tmp_path / "refine" / "final")
+    assert refine.unified and set(refine.config.extra) == {"base", "recall", "refine"}  # provenance
+    base = UniViGUPipeline.from_pretrained(tmp_path / "base" / "final")
+    assert not base.unified
+    rows = (tmp_path / "recall" / "losses.csv").read_text().splitlines()
+    assert rows[0].startswith("step") and "text" in rows[0] and len(rows) == 3
+    # resume: finished stages are kept, nothing is retrained
+    again = runner.invoke(app, args + ["--resume"])
+    assert again.exit_code == 0 and again.output.count("already done") == 3
+
+
+def test_train_one_stage_then_resume_further(tmp_path):
+    out = tmp_path / "base"
+    args = ["train", str(CONFIG_DIR / "base.yaml"), f"--train.output_dir={out}"] + [f"--{o}" for o in SMALL]
+    assert runner.invoke(app, args).exit_code == 0
+    longer = runner.invoke(app, args + ["--train.max_steps=3", "--resume"])
+    assert longer.exit_code == 0, longer.output
+    steps = [int(line.split(",")[0]) for line in (out / "losses.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3]
+    bad = runner.invoke(app, ["train", str(CONFIG_DIR / "base.yaml"), "--train.nope=1"])
+    assert bad.exit_code != 0 and "train.nope" in bad.output

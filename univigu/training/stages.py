@@ -1,0 +1,192 @@
+"""The three training stages as YAML configs, and `train_all` which chains them.
+
+    base    a plain Wan text-to-video generator and its prompt encoder (the toy world's
+            stand-in for "a pretrained Wan2.1")
+    recall  Knowledge Recall: the unified model built from the base with `from_wan`, trained
+            on the regime mix with the prompt as the text target
+    refine  Capability Refinement: the same, with the detailed caption as the text target
+
+Each stage ends by exporting a pipeline folder (`OUTPUT_DIR/final`, EMA weights when EMA is on)
+that the next stage's `init_from` names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from univigu.data.dataset import WorldDataset, collate
+from univigu.data.tokenizer import TextCanvas, build_world_tokenizer
+from univigu.data.world import WorldConfig
+from univigu.flow.regimes import RegimeMix
+from univigu.flow.text import TextFlow
+from univigu.flow.video import VideoFlow
+from univigu.models.prompt_encoder import PromptEncoder
+from univigu.models.transformer import UniViGUTransformer
+from univigu.pipelines.pipeline import PipelineConfig, UniViGUPipeline
+from univigu.training.tasks import GeneratorTask, UnifiedTask
+from univigu.training.trainer import Trainer, TrainerConfig
+
+STAGES = ("base", "recall", "refine")
+
+
+@dataclass
+class FlowConfig:
+    time_sampling: str = "uniform"  # video noise levels: "uniform" or "logit-normal"
+    train_shift: float = 1.0  # shift applied to the sampled training noise levels
+    text_source: str = "uniform"  # "uniform" or "mask"
+    text_exponent: float = 1.0
+    text_loss: str = "ce"  # "ce" or "gkl"
+
+
+@dataclass
+class StageConfig:
+    stage: str = "base"
+    init_from: str | None = None  # pipeline folder of the previous stage (recall, refine)
+    dataset_size: int = 1_000_000  # world samples the sampler cycles through
+    data_seed: int = 0
+    world: dict[str, Any] = field(default_factory=dict)  # WorldConfig fields
+    model: dict[str, Any] = field(default_factory=dict)  # base: WanTransformer3DModel config
+    prompt_encoder: dict[str, Any] = field(default_factory=dict)  # base: PromptEncoder config
+    pipeline: dict[str, Any] = field(default_factory=dict)  # PipelineConfig fields (sampling defaults)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    mix: dict[str, float] = field(default_factory=dict)  # RegimeMix fields
+    text_target: str = "prompt"  # recall: "prompt"; refine: "caption"
+    trainable: str = "all"  # "all" or "text" (shared Wan weights frozen)
+    video_weight: float = 1.0
+    text_weight: float = 1.0
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage != "base" and not self.init_from:
+            raise ValueError(f"stage {self.stage!r} needs init_from: the previous stage's pipeline folder")
+        if self.trainable not in ("all", "text"):
+            raise ValueError(f"trainable must be 'all' or 'text', got {self.trainable!r}")
+        WorldConfig(**self.world)  # validates the world fields early
+        RegimeMix(**self.mix).probs()  # validates the probabilities
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    """A dataclass from a dict, with nested dataclasses, rejecting unknown keys by name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config keys {[f'{where}{k}' for k in unknown]}; valid: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        value = _coerce(value, hints[key], f"{where}{key}")
+        default = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        nested = default() if default is not None else None
+        if dataclasses.is_dataclass(nested) and isinstance(value, dict):
+            value = _build(type(nested), value, f"{where}{key}.")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Numbers YAML 1.1 leaves as strings ("1e-3") become the field's numeric type."""
+    kinds = typing.get_args(hint) or (hint,)
+    if isinstance(value, str):
+        for kind in (int, float):
+            if kind in kinds:
+                try:
+                    return kind(value)
+                except ValueError:
+                    if kind is float:
+                        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> StageConfig:
+    """A stage config from YAML, with `key.sub=value` overrides (values parsed as YAML)."""
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data = data or {}
+    for item in overrides:
+        key, sep, raw = item.lstrip("-").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        node = data
+        *parents, leaf = key.replace("-", "_").split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return _build(StageConfig, data, "")
+
+
+def build_task(cfg: StageConfig):
+    """(task, tokenizer, pipeline config) for a stage; `init_from` is loaded for recall/refine."""
+    flow = cfg.flow
+    video_flow = VideoFlow(shift=flow.train_shift, time_sampling=flow.time_sampling)
+    if cfg.stage == "base":
+        from diffusers import WanTransformer3DModel
+
+        tokenizer = build_world_tokenizer()
+        world = WorldConfig(**cfg.world)
+        pipe_cfg = PipelineConfig(frames=world.frames, height=world.height, width=world.width, **cfg.pipeline)
+        wan = WanTransformer3DModel(in_channels=3, out_channels=3, **cfg.model)
+        prompt_encoder = PromptEncoder(vocab_size=len(tokenizer), max_length=pipe_cfg.prompt_length,
+                                       **{"dim": wan.config.text_dim, **cfg.prompt_encoder})  # fmt: skip
+        task = GeneratorTask(wan, prompt_encoder, TextCanvas(tokenizer, pipe_cfg.prompt_length), video_flow,
+                             cond_dropout=RegimeMix(**cfg.mix).cond_dropout)  # fmt: skip
+        return task, tokenizer, pipe_cfg
+
+    previous = UniViGUPipeline.from_pretrained(cfg.init_from)
+    tokenizer, pipe_cfg = previous.tokenizer, dataclasses.replace(previous.config, **cfg.pipeline)
+    pipe_cfg.text_source, pipe_cfg.text_exponent = flow.text_source, flow.text_exponent
+    text_canvas = TextCanvas(tokenizer, pipe_cfg.text_length)
+    if previous.unified:
+        transformer = previous.transformer
+    else:  # Knowledge Recall starts from the generator, as Uni-ViGU starts from Wan2.1
+        needs_row = flow.text_source == "mask" and tokenizer.mask_token_id is None
+        transformer = UniViGUTransformer.from_wan(previous.transformer, text_vocab_size=len(tokenizer),
+                                                  text_mask_row=needs_row)  # fmt: skip
+    transformer.train()
+    transformer.set_trainable(cfg.trainable)
+    text_flow = TextFlow(len(tokenizer), source=flow.text_source, mask_id=text_canvas.mask_id,
+                         exponent=flow.text_exponent)  # fmt: skip
+    task = UnifiedTask(
+        transformer, previous.prompt_encoder, TextCanvas(tokenizer, pipe_cfg.prompt_length), text_canvas,
+        video_flow, text_flow, RegimeMix(**cfg.mix), text_target=cfg.text_target,
+        video_weight=cfg.video_weight, text_weight=cfg.text_weight, text_loss=flow.text_loss,
+    )  # fmt: skip
+    return task, tokenizer, pipe_cfg
+
+
+def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
+    """Train one stage and export its pipeline folder (`output_dir/final`); returns that folder."""
+    task, tokenizer, pipe_cfg = build_task(cfg)
+    dataset = WorldDataset("train", size=cfg.dataset_size, seed=cfg.data_seed, config=WorldConfig(**cfg.world))
+    trainer = Trainer(task, dataset, cfg.train, collate_fn=collate)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stage_config.yaml").write_text(yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
+    start = time.perf_counter()
+    trainer.train(resume=resume)
+    if cfg.train.ema_decay is not None:
+        task.load_state_dict(trainer.ema_state_dict(), strict=False)
+    if not trainer.accelerator.is_main_process:
+        return out / "final"
+    pipe_cfg.extra = {**pipe_cfg.extra, cfg.stage: {"steps": cfg.train.max_steps, "minutes": round(
+        (time.perf_counter() - start) / 60, 1), "init_from": cfg.init_from}}  # fmt: skip
+    transformer = task.transformer
+    pipeline = UniViGUPipeline(transformer, task.prompt_encoder, tokenizer, pipe_cfg)
+    return pipeline.save_pretrained(out / "final")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, for YAML."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
