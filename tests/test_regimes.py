@@ -129,3 +129,24 @@ def test_select_prompt():
     assert states.shape == (3, 6, 2)
     assert mask[1].all() and torch.equal(mask[0], torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool))
     assert (states[1] == -1).all() and (states[0, 4:] == 0).all()
+
+
+def test_dropped_t2v_rows_get_the_empty_prompt_in_the_text_stream():
+    b = 2000
+    g = torch.Generator().manual_seed(3)
+    x0, target = torch.randn(b, 2), torch.randint(0, V, (b, L), generator=g)
+    prompt = torch.randint(2, V, (b, L), generator=g)
+    null_text = torch.tensor([[1] + [0] * (L - 1)])  # end token, then padding
+    null_mask = torch.arange(L)[None] < 1
+    batch = make_training_batch(
+        x0, target, None, prompt, None, null_text, null_mask, mix=RegimeMix(1.0, 1.0, 1.0, cond_dropout=0.3),
+        video_flow=VideoFlow(), text_flow=TextFlow(V), generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    t2v = batch.regime == T2V
+    dropped = t2v & ~batch.keep_prompt_condition
+    kept = t2v & batch.keep_prompt_condition
+    assert dropped.sum() > 50 and kept.sum() > 50
+    assert (batch.text[dropped] == null_text).all() and (batch.text_mask[dropped] == null_mask).all()
+    assert torch.equal(batch.text[kept], prompt[kept])
+    joint_dropped = (batch.regime == JOINT) & ~batch.keep_prompt_condition
+    assert not (batch.text[joint_dropped] == null_text).all(dim=1).any()  # joint text is the noised target

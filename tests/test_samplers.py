@@ -174,6 +174,32 @@ def test_classifier_free_guidance():
     assert model.calls == n
 
 
+class RecordsText:
+    """Returns zero velocity and remembers the text stream and its mask of every call."""
+
+    def __init__(self):
+        self.texts, self.masks = [], []
+
+    def __call__(self, video, text, t_video, t_text, prompt_states, text_mask=None, prompt_mask=None):
+        self.texts.append(text.clone())
+        self.masks.append(None if text_mask is None else text_mask.clone())
+        return torch.zeros_like(video), torch.zeros(*text.shape, V)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_guidance_null_pass_can_take_the_empty_prompt_text(batched):
+    tokens = torch.full((B, L), 5, dtype=torch.long)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    null_text = torch.tensor([[1] + [0] * (L - 1)])
+    null_mask = torch.arange(L)[None] < 1
+    model = RecordsText()
+    guidance = Guidance(torch.zeros(1, 4, 8), scale=4.0, batched=batched, null_text=null_text, null_text_mask=null_mask)
+    sample_t2v(model, tokens, torch.ones(B, 4, 8), (B, 3), text_mask=mask, guidance=guidance, num_steps=2, generator=0)
+    texts, masks = (torch.cat(model.texts), torch.cat(model.masks))
+    assert (texts == 5).all(dim=1).sum() == 2 * B and (texts == null_text).all(dim=1).sum() == 2 * B
+    assert masks.sum() == 2 * B * L + 2 * B * 1
+
+
 def test_linear_resample_keeps_source_at_first_step():
     """The released rule takes nothing at step 0 (fraction 0/(N-1)); the CTMC already jumps some positions."""
     flow = TextFlow(V, "mask")

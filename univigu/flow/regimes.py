@@ -68,6 +68,8 @@ def make_training_batch(
     text_target_mask: Tensor | None,
     prompt_tokens: Tensor | None = None,
     prompt_mask: Tensor | None = None,
+    null_text: Tensor | None = None,
+    null_text_mask: Tensor | None = None,
     *,
     mix: RegimeMix,
     video_flow: VideoFlow,
@@ -80,6 +82,8 @@ def make_training_batch(
     and text_target_mask [B, L] the positions generated and scored (None = all L: pad is a real target).
     prompt_tokens / prompt_mask [B, L]: the clean prompt for the text stream of T2V rows (None: the
     target itself, as in Knowledge Recall where the target is the prompt; mask None = all real).
+    null_text / null_text_mask [1, L]: the empty prompt's tokens; T2V rows whose condition is dropped
+    get them in the text stream too, so the unconditional branch of guidance never sees the prompt.
     """
     b, device = x0.shape[0], x0.device
     if text_target_mask is None:
@@ -110,6 +114,12 @@ def make_training_batch(
     text_mask = torch.where(rows, prompt_mask, text_target_mask)
 
     dropped = uniform_draw((b,), generator, device) < mix.cond_dropout
+    if null_text is not None:
+        unconditional = (is_t2v & dropped).unsqueeze(1)
+        if null_text_mask is None:
+            null_text_mask = torch.ones_like(null_text, dtype=torch.bool)
+        text = torch.where(unconditional, null_text.expand_as(text), text)
+        text_mask = torch.where(unconditional, null_text_mask.expand_as(text_mask), text_mask)
     return TrainingBatch(
         video=video,
         text=text,

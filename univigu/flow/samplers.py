@@ -48,6 +48,10 @@ class Guidance:
     null_mask: Tensor | None = None  # [1 or B, S'] bool
     scale: float = 5.0
     batched: bool = True
+    # T2V: the text stream of the null pass (the empty prompt's tokens [1 or B, L] and mask), so that
+    # the prompt reaches neither the cross-attention nor the text stream; None keeps the text stream.
+    null_text: Tensor | None = None
+    null_text_mask: Tensor | None = None
 
 
 def make_generator(generator: torch.Generator | int | None, device: torch.device | str) -> torch.Generator | None:
@@ -78,9 +82,11 @@ def _forward(
     b = video.shape[0]
     null_states = _expand(guidance.null_states, b).to(prompt_states.dtype)
     null_mask = _expand(guidance.null_mask, b)
+    null_text = text if guidance.null_text is None else _expand(guidance.null_text, b).to(text.device)
+    null_text_mask = text_mask if guidance.null_text is None else _expand(guidance.null_text_mask, b)
     if not guidance.batched:
         v_cond, logits = tuple(model(video, text, t_video, t_text, prompt_states, text_mask, prompt_mask))[:2]
-        v_null = tuple(model(video, text, t_video, t_text, null_states, text_mask, null_mask))[0]
+        v_null = tuple(model(video, null_text, t_video, t_text, null_states, null_text_mask, null_mask))[0]
         return guide(v_cond, v_null, guidance.scale), logits
     if prompt_mask is None and null_mask is None and null_states.shape == prompt_states.shape:
         states, masks = torch.cat([prompt_states, null_states]), None
@@ -88,8 +94,14 @@ def _forward(
         n = max(prompt_states.shape[1], null_states.shape[1])
         (ps, pm), (ns, nm) = pad_prompt(prompt_states, prompt_mask, n), pad_prompt(null_states, null_mask, n)
         states, masks = torch.cat([ps, ns]), torch.cat([pm, nm])
+    if text_mask is None and null_text_mask is None:
+        text_masks = None
+    else:
+        ones = torch.ones_like(text, dtype=torch.bool)
+        text_masks = torch.cat([ones if text_mask is None else text_mask, ones if null_text_mask is None else null_text_mask])
     two = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
-    velocity, logits = tuple(model(two(video), two(text), two(t_video), two(t_text), states, two(text_mask), masks))[:2]
+    velocity, logits = tuple(model(two(video), torch.cat([text, null_text]), two(t_video), two(t_text), states,
+                                   text_masks, masks))[:2]  # fmt: skip
     v_cond, v_null = velocity.chunk(2)
     return guide(v_cond, v_null, guidance.scale), logits[:b]
 

@@ -142,8 +142,14 @@ class UniViGUPipeline:
         ids, mask = self.prompt_canvas.encode(prompts)
         return self.prompt_encoder(ids.to(self.device), mask.to(self.device))
 
-    def _guidance(self, scale: float) -> Guidance | None:
-        return Guidance(null_states=self.encode_prompts([""]), scale=scale) if scale != 1.0 else None
+    def _guidance(self, scale: float, null_text: bool = False) -> Guidance | None:
+        """Guidance with the empty prompt; with `null_text` (T2V) also in the null pass's text stream."""
+        if scale == 1.0:
+            return None
+        tokens, mask = self.text_canvas.encode([""]) if null_text else (None, None)
+        return Guidance(null_states=self.encode_prompts([""]), scale=scale,
+                        null_text=None if tokens is None else tokens.to(self.device),
+                        null_text_mask=None if mask is None else mask.to(self.device))  # fmt: skip
 
     def _recorder(self, record: bool, callback: Callable | None):
         """A sampler callback that keeps trajectories (when `record`) and forwards to `callback`."""
@@ -183,7 +189,7 @@ class UniViGUPipeline:
         step, frames, toks = self._recorder(return_trajectory, callback)
         out = sample_t2v(
             self._model, tokens.to(self.device), states, self._video_shape(len(prompts)),
-            text_mask=mask.to(self.device), guidance=self._guidance(self._scale(guidance_scale)),
+            text_mask=mask.to(self.device), guidance=self._guidance(self._scale(guidance_scale), null_text=self.unified),
             num_steps=num_steps or self.config.num_steps, shift=self.config.shift, generator=seed,
             callback=step, progress=progress,
         )  # fmt: skip

@@ -102,9 +102,10 @@ class UnifiedTask(nn.Module):
         x0 = self.codec.encode(batch["video"].to(device))
         target, _ = self.text_canvas.encode(batch[self.text_target])  # caption, end, padding: all scored
         prompt_tokens, prompt_mask = self.text_canvas.encode(batch["prompt"])
+        null_text, null_mask = self.text_canvas.encode([""])
         tb = make_training_batch(
             x0, target.to(device), None, prompt_tokens.to(device), prompt_mask.to(device),
-            mix=self.mix, video_flow=self.video_flow, text_flow=self.text_flow, generator=generator,
+            null_text.to(device), null_mask.to(device), mix=self.mix, video_flow=self.video_flow, text_flow=self.text_flow, generator=generator,
         )  # fmt: skip
         states = self.encode_prompts(batch["prompt"])
         null = self.encode_prompts([""])
