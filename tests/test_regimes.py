@@ -99,7 +99,14 @@ def test_unified_loss_uses_only_the_regime_terms(kind):
     logits = torch.randn(600, L, flow.num_logits, generator=g, requires_grad=True)
     loss, parts = unified_loss(velocity, logits, batch, flow, 2.0, 0.5, kind)
     assert torch.isfinite(loss)
-    assert loss.item() == pytest.approx(2.0 * parts["video"].item() + 0.5 * parts["text"].item(), rel=1e-5)
+    # a per-sample mean: each term's conditional mean weighted by the share of samples carrying it
+    share_v, share_t = batch.video_weight.mean().item(), batch.text_weight.mean().item()
+    expected = 2.0 * share_v * parts["video"].item() + 0.5 * share_t * parts["text"].item()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # the same rows split in two halves (as two processes would) average to the same loss
+    halves = [unified_loss(velocity[rows], logits[rows], _rows(batch, rows), flow, 2.0, 0.5, kind)[0]
+              for rows in (slice(0, 300), slice(300, 600))]  # fmt: skip
+    assert (halves[0] + halves[1]).item() / 2 == pytest.approx(loss.item(), rel=1e-5)
     loss.backward()
     v2t, t2v = batch.regime == V2T, batch.regime == T2V
     assert (velocity.grad[v2t] == 0).all() and (velocity.grad[~v2t].abs().sum() > 0)
@@ -117,6 +124,12 @@ def test_unified_loss_uses_only_the_regime_terms(kind):
     perfect = torch.nn.functional.one_hot(batch.text_target, flow.num_logits).float() * 50
     _, parts = unified_loss(batch.velocity_target, perfect, batch, flow, text_loss=kind)
     assert parts["video"] == 0 and abs(parts["text"].item()) < 1e-4
+
+
+def _rows(batch, rows):
+    import dataclasses
+
+    return type(batch)(**{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)})
 
 
 def test_select_prompt():

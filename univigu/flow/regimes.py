@@ -182,18 +182,19 @@ def unified_loss(
     text_weight: float = 1.0,
     text_loss: Literal["ce", "gkl"] = "ce",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """L = w_v L_video + w_t L_text, each the mean over the samples that carry it.
+    """L = mean over samples of (w_v L_video,i + w_t L_text,i), each term only where the regime has it.
 
-    velocity [B, ...], logits [B, L, V'] from the model on `batch`. Normalising each term by the number of
-    samples carrying it keeps its scale independent of the regime mix. Returns (loss, {"video", "text"}
-    detached per-term values for logging; 0 when no sample carried the term).
+    velocity [B, ...], logits [B, L, V'] from the model on `batch`. A plain per-sample mean makes the
+    loss (and its gradient) the same however a global batch is split over processes or micro-batches.
+    Returns (loss, logs): "video" and "text" are the mean of each term over the samples that carry it
+    (detached, for logging; 0 when no sample carried the term).
     """
     per_video = VideoFlow.loss(velocity, batch.velocity_target)
     per_text = text_flow.loss(logits, batch.text_target, batch.text, batch.text_time, batch.text_loss_mask, text_loss)
     # where (not multiply): unscored rows may hold non-finite values (e.g. GKL at t = 1 before clamping)
-    l_video = torch.where(batch.video_weight > 0, per_video * batch.video_weight, 0.0).sum()
-    l_video = l_video / batch.video_weight.sum().clamp_min(1.0)
-    l_text = torch.where(batch.text_weight > 0, per_text * batch.text_weight, 0.0).sum()
-    l_text = l_text / batch.text_weight.sum().clamp_min(1.0)
-    loss = video_weight * l_video + text_weight * l_text
+    video_terms = torch.where(batch.video_weight > 0, per_video * batch.video_weight, 0.0)
+    text_terms = torch.where(batch.text_weight > 0, per_text * batch.text_weight, 0.0)
+    loss = (video_weight * video_terms + text_weight * text_terms).mean()
+    l_video = video_terms.detach().sum() / batch.video_weight.sum().clamp_min(1.0)
+    l_text = text_terms.detach().sum() / batch.text_weight.sum().clamp_min(1.0)
     return loss, {"video": l_video.detach(), "text": l_text.detach()}

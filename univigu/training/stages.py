@@ -164,6 +164,7 @@ def build_task(cfg: StageConfig):
 
 def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     """Train one stage and export its pipeline folder (`output_dir/final`); returns that folder."""
+    torch.manual_seed(cfg.train.seed)  # new weights (base, MoE text layers) start the same on every process and run
     task, tokenizer, pipe_cfg = build_task(cfg)
     dataset = WorldDataset("train", size=cfg.dataset_size, seed=cfg.data_seed, config=WorldConfig(**cfg.world))
     trainer = Trainer(task, dataset, cfg.train, collate_fn=collate)

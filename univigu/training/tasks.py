@@ -13,16 +13,26 @@ knows nothing else about it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
 
 from univigu.data.codec import PixelCodec
 from univigu.data.tokenizer import TextCanvas
-from univigu.flow.regimes import RegimeMix, make_training_batch, select_prompt, unified_loss
+from univigu.flow.regimes import RegimeMix, TrainingBatch, make_training_batch, select_prompt, unified_loss
 from univigu.flow.text import TextFlow, uniform_draw
 from univigu.flow.video import VideoFlow, video_timestep
+
+
+def per_sample(draw: Callable[[torch.Generator, slice], Any], seeds: list[int], device: torch.device) -> list[Any]:
+    """Run `draw(generator, rows)` once per sample, each with a generator seeded by its own seed.
+
+    Noise keyed by sample (the trainer's `sample_seeds`, one per global position in the run)
+    does not depend on how a global batch is split over processes.
+    """
+    return [draw(torch.Generator(device=device).manual_seed(seed), slice(i, i + 1)) for i, seed in enumerate(seeds)]
 
 
 class GeneratorTask(nn.Module):
@@ -36,17 +46,25 @@ class GeneratorTask(nn.Module):
         self.prompt_canvas, self.video_flow, self.cond_dropout = prompt_canvas, video_flow, cond_dropout
         self.codec = codec or PixelCodec()
 
-    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def _draw(self, generator: torch.Generator | None, shape: tuple[int, ...], device) -> tuple[Tensor, ...]:
+        """Condition dropout [B], noise levels [B] and noise `shape` for len(shape[0]) samples."""
+        dropped = uniform_draw(shape[:1], generator, device) < self.cond_dropout
+        s = self.video_flow.sample_time(shape[0], generator, device)
+        gdev = generator.device if generator is not None else device
+        return dropped, s, torch.randn(shape, generator=generator, device=gdev).to(device)
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                sample_seeds: list[int] | None = None) -> dict[str, Tensor]:  # fmt: skip
         device = self.transformer.device
         x0 = self.codec.encode(batch["video"].to(device))
-        b = x0.shape[0]
-        dropped = uniform_draw((b,), generator, device) < self.cond_dropout
+        if sample_seeds is None:
+            dropped, s, noise = self._draw(generator, tuple(x0.shape), device)
+        else:
+            parts = per_sample(lambda g, rows: self._draw(g, tuple(x0[rows].shape), device), sample_seeds, device)
+            dropped, s, noise = (torch.cat(p) for p in zip(*parts))
         prompts = ["" if d else p for p, d in zip(batch["prompt"], dropped.tolist())]
         ids, mask = self.prompt_canvas.encode(prompts)
         states = self.prompt_encoder(ids.to(device), mask.to(device))
-        s = self.video_flow.sample_time(b, generator, device)
-        gdev = generator.device if generator is not None else device
-        noise = torch.randn(x0.shape, generator=generator, device=gdev).to(device)
         velocity = self.transformer(
             hidden_states=VideoFlow.add_noise(x0, s, noise),
             timestep=video_timestep(s),
@@ -97,16 +115,27 @@ class UnifiedTask(nn.Module):
         device = self.transformer.device
         return self.prompt_encoder(ids.to(device), mask.to(device))
 
-    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                sample_seeds: list[int] | None = None) -> dict[str, Tensor]:  # fmt: skip
         device = self.transformer.device
         x0 = self.codec.encode(batch["video"].to(device))
         target, _ = self.text_canvas.encode(batch[self.text_target])  # caption, end, padding: all scored
         prompt_tokens, prompt_mask = self.text_canvas.encode(batch["prompt"])
         null_text, null_mask = self.text_canvas.encode([""])
-        tb = make_training_batch(
-            x0, target.to(device), None, prompt_tokens.to(device), prompt_mask.to(device),
-            null_text.to(device), null_mask.to(device), mix=self.mix, video_flow=self.video_flow, text_flow=self.text_flow, generator=generator,
-        )  # fmt: skip
+        target, prompt_tokens, prompt_mask = target.to(device), prompt_tokens.to(device), prompt_mask.to(device)
+
+        def draw(g: torch.Generator | None, rows: slice) -> TrainingBatch:
+            return make_training_batch(
+                x0[rows], target[rows], None, prompt_tokens[rows], prompt_mask[rows], null_text.to(device),
+                null_mask.to(device), mix=self.mix, video_flow=self.video_flow, text_flow=self.text_flow, generator=g,
+            )  # fmt: skip
+
+        if sample_seeds is None:
+            tb = draw(generator, slice(None))
+        else:
+            parts = per_sample(draw, sample_seeds, device)
+            tb = TrainingBatch(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                                  for f in dataclasses.fields(TrainingBatch)})  # fmt: skip
         states = self.encode_prompts(batch["prompt"])
         null = self.encode_prompts([""])
         states, _ = select_prompt(tb.keep_prompt_condition, states, null)

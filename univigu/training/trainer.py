@@ -10,6 +10,10 @@ A task is an `nn.Module` whose forward is `task(batch, generator=g) -> dict`:
   global RNG, so that a resumed run draws the same noise as an uninterrupted one (the global
   RNGs are checkpointed too, which covers dropout, but the generator keeps the task's
   randomness explicit and independent of library internals);
+- a task whose forward also takes `sample_seeds` gets one int seed per sample of the micro-batch
+  (a list), a function of the sample's global position in the run: drawing each sample's noise
+  from its own seed makes the run independent of the number of processes (2 processes with
+  batch 4 compute what 1 process with batch 8 computes) and resumes exactly;
 - the dict holds `"loss"` (a scalar tensor to minimise) and any other scalar logs (tensors or
   floats, the same keys on every call and process); logs are averaged over micro-batches and
   processes.
@@ -47,6 +51,7 @@ Policies
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -167,6 +172,7 @@ class Trainer:
             unwrapped = acc.unwrap_model(self.model)
             self.ema = EMA([(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad])
         self.generator = torch.Generator(device=acc.device)
+        self._wants_seeds = "sample_seeds" in inspect.signature(acc.unwrap_model(self.model).forward).parameters
         self.step = 0  # optimizer steps done
         self.micro_batches = 0  # global micro-batches consumed (the data position)
         self.bad_total = self.bad_streak = 0
@@ -277,9 +283,10 @@ class Trainer:
         bad = torch.zeros((), device=acc.device)
         for _ in range(cfg.grad_accum):
             batch = send_to_device(next(data), acc.device)
+            extra = {"sample_seeds": self._sample_seeds()} if self._wants_seeds else {}
             self.micro_batches += 1
             with acc.accumulate(self.model):
-                out = self.model(batch, generator=self.generator)
+                out = self.model(batch, generator=self.generator, **extra)
                 loss = out["loss"]
                 # backward even on NaN: under DDP every process must join the all-reduce
                 acc.backward(loss)
@@ -320,6 +327,12 @@ class Trainer:
         if self.ema is not None and not self.optimizer.step_was_skipped:
             self.ema.update(0.0 if self.step < cfg.ema_start else cfg.ema_decay)
         return stats, grad_norm, lr, False
+
+    def _sample_seeds(self) -> list[int]:
+        """Seeds of this process's samples in the current micro-batch, keyed by global position."""
+        cfg, acc = self.config, self.accelerator
+        first = (self.micro_batches * acc.num_processes + acc.process_index) * cfg.batch_size
+        return [_seed_of(cfg.seed, position) for position in range(first, first + cfg.batch_size)]
 
     def _dataloader(self) -> DataLoader:
         cfg, acc = self.config, self.accelerator
