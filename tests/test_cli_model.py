@@ -43,3 +43,16 @@ def test_bench_tiny(tmp_path):
     for row in data["rows"].values():
         assert row["forward_ms"] > 0 and row["samples_per_s"] > 0
     assert data["t2v_over_wan_forward"] > 0
+
+
+def test_bench_bfloat16_and_bad_dtype(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["model", "bench", "--preset", "tiny", "--batch", "1", "--steps", "1", "--warmup", "0", "--frames", "2",
+            "--size", "16", "--text-len", "4", "--device", "cpu", "--dtype", "bfloat16", "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "bfloat16" and data["device"] == "cpu"
+    assert 0 < data["parity_max_abs_diff"] < 0.1  # bf16 rounding, not a different model
+    bad = runner.invoke(app, ["model", "bench", "--dtype", "float8"])
+    assert bad.exit_code == 2 and "dtype must be" in bad.output

@@ -22,7 +22,7 @@ def checkpoints(tiny_parts, tmp_path_factory):
 
 def test_generate_writes_video_and_sidecar(checkpoints, tmp_path):
     result = runner.invoke(app, ["generate", "a red circle moves right", "--model", str(checkpoints / "unified"),
-                                 "--out", str(tmp_path), "--seed", "4"])  # fmt: skip
+                                 "--out", str(tmp_path), "--seed", "4", "--device", "cpu"])  # fmt: skip
     assert result.exit_code == 0, result.output
     sidecar = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert sidecar["prompt"] == "a red circle moves right" and sidecar["seed"] == 4 and sidecar["steps"] == 2

@@ -84,3 +84,18 @@ def test_guidance():
     assert torch.allclose(guide(c, u, 1.0), c)
     assert torch.allclose(guide(c, u, 0.0), u)
     assert torch.allclose(guide(c, u, 5.0), u + 5.0 * (c - u))
+
+
+def test_sample_prediction_stands_for_the_velocity_of_its_clean_estimate():
+    g = torch.Generator().manual_seed(0)
+    x0, e = torch.randn(4, 3, 2, 4, 4, generator=g), torch.randn(4, 3, 2, 4, 4, generator=g)
+    s = torch.tensor([1.0, 0.7, 0.3, 0.05])
+    x_s = VideoFlow.add_noise(x0, s, e)
+    flow = VideoFlow(prediction="sample")
+    # a perfect clean estimate gives the exact target velocity down to the cap on 1 / s
+    assert torch.allclose(flow.velocity(x0, x_s, s), VideoFlow.velocity_target(x0, e), atol=1e-5)
+    assert torch.equal(VideoFlow().velocity(x0, x_s, s), x0)  # velocity prediction is the output itself
+    near_clean = flow.velocity(x0, x_s, torch.full((4,), 0.001))
+    assert torch.isfinite(near_clean).all()
+    with pytest.raises(ValueError, match="prediction"):
+        VideoFlow(prediction="epsilon")

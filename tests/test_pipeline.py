@@ -73,3 +73,24 @@ def test_bad_inputs_are_clear_errors(pipe, videos, tmp_path):
         pipe.text_to_video(" ".join(["red"] * 40), progress=False)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         UniViGUPipeline.from_pretrained(tmp_path / "nothing")
+
+
+class _FixedClean(torch.nn.Module):
+    """Predicts the same clean video whatever it sees: Euler on x-prediction must land exactly on it."""
+
+    def __init__(self, clean):
+        super().__init__()
+        self.clean = torch.nn.Parameter(clean, requires_grad=False)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+        return (self.clean.expand_as(hidden_states).clone(),)
+
+
+def test_sample_prediction_pipeline_lands_on_the_predicted_video(tiny_parts):
+    p = tiny_parts
+    clean = -torch.ones(1, 3, 16, 32, 32)
+    clean[:, 0] = 1.0  # red everywhere
+    config = PipelineConfig(num_steps=4, shift=3.0, video_prediction="sample", guidance_scale=1.0)
+    pipe = UniViGUPipeline(_FixedClean(clean), p["prompt_encoder"], p["tokenizer"], config)
+    video = pipe.text_to_video(["a red circle moves right"], seed=0, progress=False).videos
+    assert (video[..., 0] == 255).all() and (video[..., 1:] == 0).all()

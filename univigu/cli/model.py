@@ -55,17 +55,21 @@ def params(
     _write_json(json_path, {"preset": preset, "counts": counts})
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], object]], steps: int, warmup: int) -> dict[str, float]:
+def _interleaved_medians(fns: dict[str, Callable[[], object]], steps: int, warmup: int,
+                         sync: Callable[[], None] = lambda: None) -> dict[str, float]:  # fmt: skip
     """Median seconds per function. Rounds alternate between the functions, so a burst of load from
-    other processes on a shared CPU hits all of them alike instead of skewing one."""
+    other processes on a shared CPU hits all of them alike instead of skewing one. `sync` waits for
+    queued device work (CUDA runs asynchronously)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(steps):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -80,6 +84,8 @@ def bench(
     size: int = typer.Option(32, min=1, help="Video height and width."),
     text_len: int = typer.Option(64, min=1, help="Text tokens in the text stream (T2V: the clean prompt)."),
     prompt_len: int = typer.Option(16, min=1, help="Prompt states the cross-attention sees."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+    dtype: str = typer.Option("float32", help="Weights and activations: float32 or bfloat16."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
     """Forward and forward+backward time of the unified model, and its overhead over plain Wan.
@@ -97,6 +103,8 @@ def bench(
 
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}", param_hint="--preset")
+    if dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter(f"dtype must be float32 or bfloat16, got {dtype!r}", param_hint="--dtype")
     torch.manual_seed(0)
     model = build_model(preset)
     with torch.no_grad():  # a non-zero text head, so the text loss has gradients everywhere, as in training
@@ -104,13 +112,16 @@ def bench(
     cfg = model.config
     wan = WanTransformer3DModel(**{k: cfg[k] for k in WAN_CONFIG_KEYS})
     wan.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_text_parameter(k)})
+    model.to(device, getattr(torch, dtype))
+    wan.to(device, getattr(torch, dtype))
 
     g = torch.Generator().manual_seed(0)
-    video = torch.randn(batch, cfg.in_channels, frames, size, size, generator=g)
-    t_video = torch.rand(batch, generator=g) * 1000
-    prompt = torch.randn(batch, prompt_len, cfg.text_dim, generator=g)
-    tokens = torch.randint(0, cfg.text_vocab_size, (batch, text_len), generator=g)
-    t_clean = torch.zeros(batch)
+    video = torch.randn(batch, cfg.in_channels, frames, size, size, generator=g).to(device, getattr(torch, dtype))
+    t_video = (torch.rand(batch, generator=g) * 1000).to(device)
+    prompt = torch.randn(batch, prompt_len, cfg.text_dim, generator=g).to(device, getattr(torch, dtype))
+    tokens = torch.randint(0, cfg.text_vocab_size, (batch, text_len), generator=g).to(device)
+    t_clean = torch.zeros(batch, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     runs = {
         "wan (diffusers)": lambda: (wan(video, t_video, prompt, return_dict=False)[0], None),
@@ -130,8 +141,9 @@ def bench(
     with torch.no_grad():
         parity = (runs["wan (diffusers)"]()[0] - runs["unified, no text"]()[0]).abs().max().item()
     with torch.no_grad():
-        fwd = _interleaved_medians(runs, steps, warmup)
-    fwd_bwd = _interleaved_medians({k: (lambda run=run: train_step(run)) for k, run in runs.items()}, steps, warmup)
+        fwd = _interleaved_medians(runs, steps, warmup, sync)
+    fwd_bwd = _interleaved_medians({k: (lambda run=run: train_step(run)) for k, run in runs.items()}, steps, warmup,
+                                   sync)  # fmt: skip
     rows = {
         name: {"forward_ms": 1e3 * fwd[name], "forward_backward_ms": 1e3 * fwd_bwd[name],
                "samples_per_s": batch / fwd_bwd[name]}
@@ -145,7 +157,8 @@ def bench(
 
     typer.echo(
         f"preset {preset}: batch {batch}, video {cfg.in_channels}x{frames}x{size}x{size} ({n_video} tokens), "
-        f"text {text_len} tokens, prompt {prompt_len}; {torch.get_num_threads()} threads; median of {steps}"
+        f"text {text_len} tokens, prompt {prompt_len}; {device} {dtype}, {torch.get_num_threads()} threads; "
+        f"median of {steps}"
     )
     typer.echo(f"{'model':<34}{'fwd ms':>10}{'fwd+bwd ms':>12}{'samples/s':>11}")
     for name, r in rows.items():
@@ -155,7 +168,7 @@ def bench(
     _write_json(
         json_path,
         {
-            "preset": preset, "batch": batch, "frames": frames, "size": size, "video_tokens": n_video,
+            "preset": preset, "device": device, "dtype": dtype, "batch": batch, "frames": frames, "size": size, "video_tokens": n_video,
             "text_len": text_len, "prompt_len": prompt_len, "steps": steps, "threads": torch.get_num_threads(),
             "rows": rows, "t2v_over_wan_forward": ratio_fwd, "t2v_over_wan_forward_backward": ratio_fwd_bwd,
             "parity_max_abs_diff": parity,

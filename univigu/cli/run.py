@@ -9,17 +9,21 @@ from pathlib import Path
 import typer
 
 MODEL_HELP = "Pipeline folder (default: the shipped toy-world model, univigu.DEFAULT_MODEL)."
+DEVICE_HELP = "torch device (default: cuda when available, else cpu)."
 
 
-def _pipeline(model: Path | None):
+def _pipeline(model: Path | None, device: str | None = None):
+    import torch
+
     from univigu import DEFAULT_MODEL
     from univigu.pipelines import UniViGUPipeline
 
     path = Path(model) if model else Path(DEFAULT_MODEL)
     try:
-        return UniViGUPipeline.from_pretrained(path), path
+        pipe = UniViGUPipeline.from_pretrained(path)
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="--model") from error
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), path
 
 
 def _save(out: Path, stem: str, video, record: dict) -> dict[str, str]:
@@ -43,12 +47,13 @@ def _slug(text: str) -> str:
 def generate(
     prompts: list[str] = typer.Argument(..., help="One or more prompts."),
     model: Path = typer.Option(None, help=MODEL_HELP),
+    device: str = typer.Option(None, help=DEVICE_HELP),
     seed: int = typer.Option(0), steps: int = typer.Option(None, help="Sampling steps (default: the model's)."),
     guidance: float = typer.Option(None, help="Classifier-free guidance scale (default: the model's)."),
     out: Path = typer.Option(Path("outputs/generate"), help="Output folder."),
 ) -> None:
     """Text to video."""
-    pipe, path = _pipeline(model)
+    pipe, path = _pipeline(model, device)
     start = time.perf_counter()
     videos = pipe.text_to_video(prompts, seed=seed, num_steps=steps, guidance_scale=guidance).videos
     seconds = time.perf_counter() - start
@@ -64,6 +69,7 @@ def generate(
 def caption(
     videos: list[Path] = typer.Argument(..., help="Video files (mp4, gif, webm)."),
     model: Path = typer.Option(None, help=MODEL_HELP),
+    device: str = typer.Option(None, help=DEVICE_HELP),
     seed: int = typer.Option(0), steps: int = typer.Option(None),
     instruction: str = typer.Option(None, help="A question or instruction as the prompt condition."),
     out: Path = typer.Option(Path("outputs/caption"), help="Where the sidecar JSON files go."),
@@ -73,7 +79,7 @@ def caption(
 
     from univigu.data.video_io import VideoReadError, read_video
 
-    pipe, path = _pipeline(model)
+    pipe, path = _pipeline(model, device)
     c = pipe.config
     try:
         frames = np.stack([read_video(v, num_frames=c.frames, size=(c.height, c.width)).numpy() for v in videos])
@@ -93,12 +99,13 @@ def caption(
 def joint(
     prompts: list[str] = typer.Argument(..., help="One or more prompts."),
     model: Path = typer.Option(None, help=MODEL_HELP),
+    device: str = typer.Option(None, help=DEVICE_HELP),
     seed: int = typer.Option(0), steps: int = typer.Option(None), guidance: float = typer.Option(None),
     text_update: str = typer.Option("ctmc", help="'ctmc' or the released 'linear-resample' heuristic."),
     out: Path = typer.Option(Path("outputs/joint"), help="Output folder."),
 ) -> None:
     """Joint generation: a video and its caption per prompt, denoised together."""
-    pipe, path = _pipeline(model)
+    pipe, path = _pipeline(model, device)
     start = time.perf_counter()
     result = pipe.generate(prompts, seed=seed, num_steps=steps, guidance_scale=guidance, text_update=text_update)
     seconds = time.perf_counter() - start
@@ -113,6 +120,7 @@ def joint(
 
 def evaluate(
     checkpoint: Path = typer.Argument(None, help=MODEL_HELP),
+    device: str = typer.Option(None, help=DEVICE_HELP),
     split: str = typer.Option("test", help="test or heldout (or val)."),
     n: int = typer.Option(256, "--n", min=1), seed: int = typer.Option(0),
     steps: int = typer.Option(None, help="Sampling steps (default: the model's)."),
@@ -125,8 +133,8 @@ def evaluate(
     from univigu.evaluation.evaluate import evaluate as run_eval
     from univigu.evaluation.evaluate import summary_table
 
-    pipe, path = _pipeline(checkpoint)
-    base_pipe = _pipeline(base)[0] if base else None
+    pipe, path = _pipeline(checkpoint, device)
+    base_pipe = _pipeline(base, device)[0] if base else None
     chosen = tuple(t for t in tasks.split(",") if t)
     if not pipe.unified:
         chosen = tuple(t for t in chosen if t == "t2v")

@@ -4,6 +4,13 @@ Noise level s in [0, 1]: s = 0 is the clean latent, s = 1 pure Gaussian noise.
     x_s = (1 - s) x0 + s e,   e ~ N(0, I),   target velocity v = e - x0,   loss = MSE.
 The network sees the timestep 1000 s. Sampling integrates dx/ds = v with Euler from s = 1 to 0
 on a grid warped by Wan's shift k: s' = k s / (1 + (k - 1) s) (k > 1 spends more steps at high noise).
+
+What the network outputs is the parameterization: "velocity" (Wan's, v directly) or "sample" (the
+clean video x0_hat, turned into v = (x_s - x0_hat) / s). The loss and the samplers always see v.
+Sample prediction is for pixel-space models whose patches are as wide as the model (the toy
+world's 4x4x4x3 = 192 values per token): there a velocity network must carry the full-rank noise
+through every block and learns slowly, while the clean video is low-dimensional (Li & He 2025,
+"Back to Basics: Let Denoising Generative Models Denoise").
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import torch
 from torch import Tensor
 
 NUM_TRAIN_TIMESTEPS = 1000  # the network's timestep scale, shared by both modalities
+PREDICTIONS = ("velocity", "sample")
+MIN_SAMPLE_NOISE = 0.05  # sample prediction: 1 / s is capped at 20 near the clean end
 
 
 def shift_time(s: Tensor, shift: float) -> Tensor:
@@ -44,6 +53,16 @@ def clean_estimate(x: Tensor, velocity: Tensor, s: float | Tensor) -> Tensor:
     return x - s * velocity.to(x.dtype)
 
 
+def velocity_from_output(output: Tensor, x_s: Tensor, s: Tensor, prediction: str = "velocity") -> Tensor:
+    """The velocity a network output stands for. output, x_s [B, ...]; s [B] noise levels."""
+    if prediction == "velocity":
+        return output
+    if prediction != "sample":
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    s = _bcast(s.clamp_min(MIN_SAMPLE_NOISE), x_s)
+    return (x_s.to(output.dtype) - output) / s
+
+
 def guide(v_cond: Tensor, v_null: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance on the velocity: v_null + w (v_cond - v_null)."""
     return v_null + scale * (v_cond - v_null)
@@ -66,8 +85,11 @@ class VideoFlow:
     time_sampling: Literal["uniform", "logit-normal"] = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    prediction: Literal["velocity", "sample"] = "velocity"
 
     def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.time_sampling not in ("uniform", "logit-normal"):
             raise ValueError(f"time_sampling must be 'uniform' or 'logit-normal', got {self.time_sampling!r}")
 
@@ -80,6 +102,10 @@ class VideoFlow:
             z = torch.randn(batch, generator=generator, device=gdev)
             s = torch.sigmoid(self.logit_mean + self.logit_std * z)
         return shift_time(s, self.shift).to(device)
+
+    def velocity(self, output: Tensor, x_s: Tensor, s: Tensor) -> Tensor:
+        """The velocity the network's output stands for (x_s the network's input at noise levels s [B])."""
+        return velocity_from_output(output, x_s, s, self.prediction)
 
     @staticmethod
     def add_noise(x0: Tensor, s: Tensor, noise: Tensor) -> Tensor:

@@ -20,6 +20,7 @@ from univigu.data.codec import PixelCodec
 from univigu.data.tokenizer import TextCanvas, load_tokenizer
 from univigu.flow.samplers import Guidance, sample_t2v, sample_t2vt, sample_v2t
 from univigu.flow.text import TextFlow
+from univigu.flow.video import NUM_TRAIN_TIMESTEPS, velocity_from_output
 from univigu.models.prompt_encoder import PromptEncoder
 from univigu.models.transformer import UniViGUTransformer
 
@@ -36,6 +37,7 @@ class PipelineConfig:
     text_source: str = "uniform"  # discrete-flow source: "uniform" or "mask"
     text_exponent: float = 1.0  # kappa(t) = t^n
     shift: float = 3.0  # video schedule shift k
+    video_prediction: str = "velocity"  # what the transformer outputs: "velocity" (Wan) or "sample" (x0)
     text_shift: float = 1.0  # grid shift for video-to-text
     num_steps: int = 50
     guidance_scale: float = 5.0
@@ -65,6 +67,18 @@ class _WanAsUnified(nn.Module):
         return velocity, video.new_zeros(video.shape[0], text.shape[1], self.vocab_out)
 
 
+class _AsVelocity(nn.Module):
+    """A sample-predicting transformer behind the velocity interface the samplers use."""
+
+    def __init__(self, model: nn.Module, prediction: str) -> None:
+        super().__init__()
+        self.model, self.prediction = model, prediction
+
+    def forward(self, video, text, t_video, t_text, prompt_states, text_mask=None, prompt_mask=None):
+        output, logits = tuple(self.model(video, text, t_video, t_text, prompt_states, text_mask, prompt_mask))[:2]
+        return velocity_from_output(output, video, t_video / NUM_TRAIN_TIMESTEPS, self.prediction), logits
+
+
 class UniViGUPipeline:
     """Text to video, video to text, and joint generation with one Uni-ViGU model.
 
@@ -86,7 +100,8 @@ class UniViGUPipeline:
         self.text_flow = TextFlow(self.text_canvas.vocab_size, source=self.config.text_source,
                                   mask_id=self.text_canvas.mask_id, exponent=self.config.text_exponent)  # fmt: skip
         self.unified = isinstance(transformer, UniViGUTransformer)
-        self._model = transformer if self.unified else _WanAsUnified(transformer, self.text_canvas.vocab_size)
+        model = transformer if self.unified else _WanAsUnified(transformer, self.text_canvas.vocab_size)
+        self._model = _AsVelocity(model, self.config.video_prediction)
 
     # ---- loading and saving ------------------------------------------------------------------------
 

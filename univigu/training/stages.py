@@ -126,13 +126,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def build_task(cfg: StageConfig):
     """(task, tokenizer, pipeline config) for a stage; `init_from` is loaded for recall/refine."""
     flow = cfg.flow
-    video_flow = VideoFlow(shift=flow.train_shift, time_sampling=flow.time_sampling)
     if cfg.stage == "base":
         from diffusers import WanTransformer3DModel
 
         tokenizer = build_world_tokenizer()
         world = WorldConfig(**cfg.world)
         pipe_cfg = PipelineConfig(frames=world.frames, height=world.height, width=world.width, **cfg.pipeline)
+        video_flow = _video_flow(cfg, pipe_cfg)
         wan = WanTransformer3DModel(in_channels=3, out_channels=3, **cfg.model)
         prompt_encoder = PromptEncoder(vocab_size=len(tokenizer), max_length=pipe_cfg.prompt_length,
                                        **{"dim": wan.config.text_dim, **cfg.prompt_encoder})  # fmt: skip
@@ -144,6 +144,7 @@ def build_task(cfg: StageConfig):
     tokenizer, pipe_cfg = previous.tokenizer, dataclasses.replace(previous.config, **cfg.pipeline)
     pipe_cfg.text_source, pipe_cfg.text_exponent = flow.text_source, flow.text_exponent
     text_canvas = TextCanvas(tokenizer, pipe_cfg.text_length)
+    video_flow = _video_flow(cfg, pipe_cfg)  # the parameterization the base was trained with
     if previous.unified:
         transformer = previous.transformer
     else:  # Knowledge Recall starts from the generator, as Uni-ViGU starts from Wan2.1
@@ -160,6 +161,11 @@ def build_task(cfg: StageConfig):
         video_weight=cfg.video_weight, text_weight=cfg.text_weight, text_loss=flow.text_loss,
     )  # fmt: skip
     return task, tokenizer, pipe_cfg
+
+
+def _video_flow(cfg: StageConfig, pipe_cfg: PipelineConfig) -> VideoFlow:
+    flow = cfg.flow
+    return VideoFlow(shift=flow.train_shift, time_sampling=flow.time_sampling, prediction=pipe_cfg.video_prediction)
 
 
 def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:

@@ -65,12 +65,10 @@ class GeneratorTask(nn.Module):
         prompts = ["" if d else p for p, d in zip(batch["prompt"], dropped.tolist())]
         ids, mask = self.prompt_canvas.encode(prompts)
         states = self.prompt_encoder(ids.to(device), mask.to(device))
-        velocity = self.transformer(
-            hidden_states=VideoFlow.add_noise(x0, s, noise),
-            timestep=video_timestep(s),
-            encoder_hidden_states=states,
-            return_dict=False,
-        )[0]
+        x_s = VideoFlow.add_noise(x0, s, noise)
+        output = self.transformer(hidden_states=x_s, timestep=video_timestep(s), encoder_hidden_states=states,
+                                  return_dict=False)[0]  # fmt: skip
+        velocity = self.video_flow.velocity(output, x_s, s)
         loss = VideoFlow.loss(velocity, VideoFlow.velocity_target(x0, noise)).mean()
         return {"loss": loss, "video": loss.detach()}
 
@@ -139,7 +137,8 @@ class UnifiedTask(nn.Module):
         states = self.encode_prompts(batch["prompt"])
         null = self.encode_prompts([""])
         states, _ = select_prompt(tb.keep_prompt_condition, states, null)
-        velocity, logits = self.transformer(tb.video, tb.text, tb.t_video, tb.t_text, states, tb.text_mask, None)
+        output, logits = self.transformer(tb.video, tb.text, tb.t_video, tb.t_text, states, tb.text_mask, None)
+        velocity = self.video_flow.velocity(output, tb.video, tb.video_time)
         loss, logs = unified_loss(
             velocity, logits, tb, self.text_flow, self.video_weight, self.text_weight, self.text_loss
         )
