@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from univigu import PipelineConfig, UniViGUPipeline, World, write_video
@@ -64,3 +65,26 @@ def test_eval_reports_every_number(checkpoints, tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["generate", "a red circle moves right", "--model", str(tmp_path)])
     assert result.exit_code != 0 and "model_index.json" in result.output
+
+
+def test_demo_writes_the_three_tasks(checkpoints, tmp_path):
+    result = runner.invoke(app, ["demo", "--model", str(checkpoints / "unified"), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for stem in ("text_to_video", "video_to_text", "joint"):
+        assert (tmp_path / f"{stem}.gif").exists() and (tmp_path / f"{stem}.mp4").exists()
+        assert json.loads((tmp_path / f"{stem}.json").read_text())["task"] == stem
+    sidecar = json.loads((tmp_path / "video_to_text.json").read_text())
+    assert sidecar["true_caption"] in result.output and sidecar["caption"] in result.output
+    base = runner.invoke(app, ["demo", "--model", str(checkpoints / "base"), "--out", str(tmp_path / "b")])
+    assert base.exit_code == 2 and "needs a unified model" in base.output
+
+
+def test_export_half_precision(checkpoints, tmp_path):
+    result = runner.invoke(app, ["export", str(checkpoints / "unified"), str(tmp_path / "half")])
+    assert result.exit_code == 0, result.output
+    loaded = UniViGUPipeline.from_pretrained(tmp_path / "half")
+    original = UniViGUPipeline.from_pretrained(checkpoints / "unified")
+    a, b = original.transformer.state_dict(), loaded.transformer.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-2, rtol=1e-3) for k in a)
+    bad = runner.invoke(app, ["export", str(checkpoints / "unified"), str(tmp_path / "x"), "--dtype", "int8"])
+    assert bad.exit_code == 2 and "dtype must be" in bad.output

@@ -50,8 +50,3 @@ def test_tokenizer_command(tmp_path):
     result = runner.invoke(app, ["world", "tokenizer", str(tmp_path / "tok")])
     assert result.exit_code == 0 and (tmp_path / "tok" / "tokenizer.json").exists()
 
-
-def test_demo_runs(tmp_path):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "contact_sheet.png").exists() and len(list((tmp_path / "videos").glob("*.gif"))) == 8

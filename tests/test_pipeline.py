@@ -94,3 +94,15 @@ def test_sample_prediction_pipeline_lands_on_the_predicted_video(tiny_parts):
     pipe = UniViGUPipeline(_FixedClean(clean), p["prompt_encoder"], p["tokenizer"], config)
     video = pipe.text_to_video(["a red circle moves right"], seed=0, progress=False).videos
     assert (video[..., 0] == 255).all() and (video[..., 1:] == 0).all()
+
+
+def test_half_precision_export_loads_back_in_float32(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "fp32")
+    pipe.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    assert next(pipe.transformer.parameters()).dtype == torch.float32  # the pipeline itself is untouched
+    size = lambda d: sum(f.stat().st_size for f in (tmp_path / d).rglob("*.safetensors"))  # noqa: E731
+    assert size("fp16") < 0.6 * size("fp32")
+    loaded = UniViGUPipeline.from_pretrained(tmp_path / "fp16")
+    assert next(loaded.transformer.parameters()).dtype == torch.float32
+    for (name, a), b in zip(pipe.transformer.state_dict().items(), loaded.transformer.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-2, rtol=1e-3), name

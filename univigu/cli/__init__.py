@@ -17,11 +17,12 @@ app = typer.Typer(
 )
 app.add_typer(world_cli.app, name="world")
 app.add_typer(model_cli.app, name="model")
-app.command("demo")(world_cli.demo)
+app.command("demo")(run_cli.demo)
 app.command("generate")(run_cli.generate)
 app.command("caption")(run_cli.caption)
 app.command("joint")(run_cli.joint)
 app.command("eval")(run_cli.evaluate)
+app.command("export")(run_cli.export)
 _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 app.command("train", context_settings=_EXTRA_ARGS)(train_cli.train)
 app.command("train-all", context_settings=_EXTRA_ARGS)(train_cli.train_all)

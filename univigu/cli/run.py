@@ -145,3 +145,58 @@ def evaluate(
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2))
+
+
+def demo(
+    prompt: str = typer.Option("a red circle moves right", help="Prompt for text-to-video and joint generation."),
+    model: Path = typer.Option(None, help=MODEL_HELP),
+    device: str = typer.Option(None, help=DEVICE_HELP),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("outputs/demo"), help="Output folder."),
+) -> None:
+    """The main job on the shipped toy-world model: a generated video, a caption for a freshly rendered
+    world video, and a joint video + caption."""
+    from univigu.data.world import World, WorldConfig
+
+    pipe, path = _pipeline(model, device)
+    c = pipe.config
+    if not pipe.unified:
+        raise typer.BadParameter("the demo needs a unified model (text to video and video to text)", param_hint="--model")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    video = pipe.text_to_video([prompt], seed=seed, progress=False).videos[0]
+    common = {"seed": seed, "steps": c.num_steps, "model": str(path), "fps": c.fps}
+    t2v = _save(out, "text_to_video", video, {"task": "text_to_video", "prompt": prompt, **common})
+
+    world = World(WorldConfig(height=c.height, width=c.width, frames=c.frames))
+    scene = world.scenes("test", [seed])[0]  # a test-split scene: never trained on
+    rendered = world.render([scene])
+    caption = pipe.video_to_text(rendered, seed=seed, progress=False).texts[0]
+    v2t = _save(out, "video_to_text", rendered[0], {"task": "video_to_text", "caption": caption,
+                                                   "true_caption": scene.caption, **common})  # fmt: skip
+
+    both = pipe.generate([prompt], seed=seed, progress=False)
+    joint_files = _save(out, "joint", both.videos[0], {"task": "joint", "prompt": prompt, "caption": both.texts[0],
+                                                        **common})  # fmt: skip
+    typer.echo(f"model: {path}")
+    typer.echo(f"text to video   {prompt!r}\n  -> {t2v['gif']}, {t2v['mp4']}")
+    typer.echo(f"video to text   {v2t['gif']} (a freshly rendered world video)\n  generated: {caption}\n"
+               f"  true:      {scene.caption}")  # fmt: skip
+    typer.echo(f"joint           {prompt!r}\n  -> {joint_files['gif']}, {joint_files['mp4']}\n  caption: {both.texts[0]}")
+    typer.echo(f"done in {time.perf_counter() - start:.1f} s; sidecar JSON files beside each video in {out}")
+
+
+def export(
+    source: Path = typer.Argument(..., help="Pipeline folder to copy."),
+    target: Path = typer.Argument(..., help="New pipeline folder."),
+    dtype: str = typer.Option("float16", help="Stored weight dtype: float16, bfloat16 or float32."),
+) -> None:
+    """Copy a pipeline folder with its weights stored in another dtype (loading casts back to float32)."""
+    import torch
+
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise typer.BadParameter(f"dtype must be float16, bfloat16 or float32, got {dtype!r}", param_hint="--dtype")
+    pipe, _ = _pipeline(source, "cpu")
+    pipe.save_pretrained(target, dtype=getattr(torch, dtype))
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    typer.echo(f"wrote {target} ({size / 2**20:.1f} MiB, {dtype} weights)")

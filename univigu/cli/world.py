@@ -144,7 +144,3 @@ def tokenizer(out: Path = typer.Argument(..., help="Folder to write tokenizer.js
     tok.save_pretrained(str(out))
     typer.echo(f"wrote a {len(tok)}-token world tokenizer to {out}")
 
-
-def demo(out: Path = typer.Option(Path("outputs/demo"), help="Output folder.")) -> None:
-    """Run the main job on the embedded default: render world samples and a contact sheet."""
-    render(n=8, split="test", seed=0, out=out, height=32, width=32, frames=16, fmt="mp4,gif", scale=4)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from univigu.data.codec import PixelCodec
@@ -106,28 +107,38 @@ class UniViGUPipeline:
     # ---- loading and saving ------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "UniViGUPipeline":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        torch_dtype: torch.dtype = torch.float32) -> "UniViGUPipeline":  # fmt: skip
+        """Load a pipeline folder; weights stored in half precision are cast to `torch_dtype`."""
         path = Path(path)
         index_file = path / "model_index.json"
         if not index_file.exists():
             raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json)")
         index = json.loads(index_file.read_text())
         if index["transformer"][1] == "UniViGUTransformer":
-            transformer = UniViGUTransformer.from_pretrained(path / "transformer")
+            transformer = UniViGUTransformer.from_pretrained(path / "transformer", torch_dtype=torch_dtype)
         else:
             from diffusers import WanTransformer3DModel
 
-            transformer = WanTransformer3DModel.from_pretrained(path / "transformer", local_files_only=True)
-        prompt_encoder = PromptEncoder.from_pretrained(path / "prompt_encoder")
+            transformer = WanTransformer3DModel.from_pretrained(path / "transformer", local_files_only=True,
+                                                                torch_dtype=torch_dtype)  # fmt: skip
+        prompt_encoder = PromptEncoder.from_pretrained(path / "prompt_encoder", torch_dtype=torch_dtype)
         tokenizer = load_tokenizer(path / "tokenizer")
         config = PipelineConfig(**index["config"])
         return cls(transformer, prompt_encoder, tokenizer, config).to(device)
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the pipeline folder; `dtype` (e.g. torch.float16) stores the weights cast, leaving this
+        pipeline's own weights as they are."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(path / "transformer")
-        self.prompt_encoder.save_pretrained(path / "prompt_encoder")
+        for name in ("transformer", "prompt_encoder"):
+            getattr(self, name).save_pretrained(path / name)
+            if dtype is not None:  # cast the written shards rather than the weights in memory
+                for shard in (path / name).glob("*.safetensors"):
+                    tensors = load_file(shard)
+                    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, shard,
+                              metadata={"format": "pt"})  # fmt: skip
         self.tokenizer.save_pretrained(str(path / "tokenizer"))
         library = "univigu" if self.unified else "diffusers"
         index = {
