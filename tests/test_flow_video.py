@@ -99,3 +99,20 @@ def test_sample_prediction_stands_for_the_velocity_of_its_clean_estimate():
     assert torch.isfinite(near_clean).all()
     with pytest.raises(ValueError, match="prediction"):
         VideoFlow(prediction="epsilon")
+
+
+def test_sample_loss_space_is_the_clean_video_error():
+    g = torch.Generator().manual_seed(1)
+    x0, e, x0_hat = (torch.randn(3, 3, 2, 4, 4, generator=g) for _ in range(3))
+    s = torch.tensor([0.9, 0.4, 0.01])
+    x_s = VideoFlow.add_noise(x0, s, e)
+    flow = VideoFlow(prediction="sample", loss_space="sample")
+    loss = flow.training_loss(flow.velocity(x0_hat, x_s, s), VideoFlow.velocity_target(x0, e), s)
+    clean_error = (x0_hat - x0).pow(2).flatten(1).mean(1)
+    assert torch.allclose(loss[:2], clean_error[:2], rtol=1e-4)  # exactly the x0 MSE above the 1 / s cap
+    assert torch.isfinite(loss).all()
+    velocity_space = VideoFlow(prediction="sample").training_loss(flow.velocity(x0_hat, x_s, s),
+                                                                  VideoFlow.velocity_target(x0, e), s)  # fmt: skip
+    assert torch.allclose(velocity_space[:2] * s[:2] ** 2, loss[:2], rtol=1e-4)
+    with pytest.raises(ValueError, match="loss_space"):
+        VideoFlow(loss_space="noise")

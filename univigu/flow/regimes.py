@@ -181,6 +181,7 @@ def unified_loss(
     video_weight: float = 1.0,
     text_weight: float = 1.0,
     text_loss: Literal["ce", "gkl"] = "ce",
+    video_flow: VideoFlow | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """L = mean over samples of (w_v L_video,i + w_t L_text,i), each term only where the regime has it.
 
@@ -189,7 +190,7 @@ def unified_loss(
     Returns (loss, logs): "video" and "text" are the mean of each term over the samples that carry it
     (detached, for logging; 0 when no sample carried the term).
     """
-    per_video = VideoFlow.loss(velocity, batch.velocity_target)
+    per_video = (video_flow or VideoFlow()).training_loss(velocity, batch.velocity_target, batch.video_time)
     per_text = text_flow.loss(logits, batch.text_target, batch.text, batch.text_time, batch.text_loss_mask, text_loss)
     # where (not multiply): unscored rows may hold non-finite values (e.g. GKL at t = 1 before clamping)
     video_terms = torch.where(batch.video_weight > 0, per_video * batch.video_weight, 0.0)

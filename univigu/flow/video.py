@@ -86,10 +86,13 @@ class VideoFlow:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     prediction: Literal["velocity", "sample"] = "velocity"
+    loss_space: Literal["velocity", "sample"] = "velocity"
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.loss_space not in PREDICTIONS:
+            raise ValueError(f"loss_space must be one of {PREDICTIONS}, got {self.loss_space!r}")
         if self.time_sampling not in ("uniform", "logit-normal"):
             raise ValueError(f"time_sampling must be 'uniform' or 'logit-normal', got {self.time_sampling!r}")
 
@@ -117,6 +120,15 @@ class VideoFlow:
     def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
         """v = e - x0 (dx_s/ds)."""
         return noise - x0
+
+    def training_loss(self, velocity: Tensor, target: Tensor, s: Tensor) -> Tensor:
+        """Per-sample loss [B] at noise levels s [B]: the velocity MSE, or with loss_space "sample" the
+        clean-video MSE s^2 |v_hat - v|^2 = |x0_hat - x0|^2, which weighs high noise (where a video's
+        layout is decided) far more than the velocity MSE does."""
+        mse = self.loss(velocity, target)
+        if self.loss_space == "velocity":
+            return mse
+        return mse * s.float().clamp_min(MIN_SAMPLE_NOISE).square()
 
     @staticmethod
     def loss(velocity: Tensor, target: Tensor) -> Tensor:

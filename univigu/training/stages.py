@@ -44,6 +44,7 @@ class FlowConfig:
     text_source: str = "uniform"  # "uniform" or "mask"
     text_exponent: float = 1.0
     text_loss: str = "ce"  # "ce" or "gkl"
+    video_loss: str = "velocity"  # where the video error is measured: "velocity" or "sample" (x0)
 
 
 @dataclass
@@ -165,7 +166,8 @@ def build_task(cfg: StageConfig):
 
 def _video_flow(cfg: StageConfig, pipe_cfg: PipelineConfig) -> VideoFlow:
     flow = cfg.flow
-    return VideoFlow(shift=flow.train_shift, time_sampling=flow.time_sampling, prediction=pipe_cfg.video_prediction)
+    return VideoFlow(shift=flow.train_shift, time_sampling=flow.time_sampling, prediction=pipe_cfg.video_prediction,
+                     loss_space=flow.video_loss)  # fmt: skip
 
 
 def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:

@@ -69,7 +69,7 @@ class GeneratorTask(nn.Module):
         output = self.transformer(hidden_states=x_s, timestep=video_timestep(s), encoder_hidden_states=states,
                                   return_dict=False)[0]  # fmt: skip
         velocity = self.video_flow.velocity(output, x_s, s)
-        loss = VideoFlow.loss(velocity, VideoFlow.velocity_target(x0, noise)).mean()
+        loss = self.video_flow.training_loss(velocity, VideoFlow.velocity_target(x0, noise), s).mean()
         return {"loss": loss, "video": loss.detach()}
 
 
@@ -140,6 +140,6 @@ class UnifiedTask(nn.Module):
         output, logits = self.transformer(tb.video, tb.text, tb.t_video, tb.t_text, states, tb.text_mask, None)
         velocity = self.video_flow.velocity(output, tb.video, tb.video_time)
         loss, logs = unified_loss(
-            velocity, logits, tb, self.text_flow, self.video_weight, self.text_weight, self.text_loss
+            velocity, logits, tb, self.text_flow, self.video_weight, self.text_weight, self.text_loss, self.video_flow
         )
         return {"loss": loss, **logs}
