@@ -1,0 +1,31 @@
+"""The shipped toy-world model: small, loadable in float32, and what README command 1 runs."""
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+import univigu
+from univigu.cli import app
+
+
+def test_shipped_model_is_small_and_loads_in_float32():
+    root = Path(univigu.DEFAULT_MODEL)
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20, f"{size / 2**20:.1f} MiB"
+    assert (root / "README.md").exists()  # the card: command, steps, time, evaluation numbers
+    pipe = univigu.UniViGUPipeline.from_pretrained(root)
+    assert pipe.unified and next(pipe.transformer.parameters()).dtype == torch.float32
+    stages = pipe.config.extra
+    assert set(stages) == {"base", "recall", "refine"}  # provenance of the three stages
+
+
+def test_demo_on_the_shipped_model(tmp_path):
+    """README command 1: the demo on the default model writes the three tasks' outputs."""
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for stem in ("text_to_video", "video_to_text", "joint"):
+        assert (tmp_path / f"{stem}.gif").stat().st_size > 0 and (tmp_path / f"{stem}.mp4").stat().st_size > 0
+    caption = json.loads((tmp_path / "video_to_text.json").read_text())["caption"]
+    assert caption and caption in result.output
