@@ -112,13 +112,14 @@ def bench(
     cfg = model.config
     wan = WanTransformer3DModel(**{k: cfg[k] for k in WAN_CONFIG_KEYS})
     wan.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_text_parameter(k)})
-    model.to(device, getattr(torch, dtype))
-    wan.to(device, getattr(torch, dtype))
+    torch_dtype = getattr(torch, dtype)
+    model.to(device, torch_dtype)
+    wan.to(device, torch_dtype)
 
     g = torch.Generator().manual_seed(0)
-    video = torch.randn(batch, cfg.in_channels, frames, size, size, generator=g).to(device, getattr(torch, dtype))
+    video = torch.randn(batch, cfg.in_channels, frames, size, size, generator=g).to(device, torch_dtype)
     t_video = (torch.rand(batch, generator=g) * 1000).to(device)
-    prompt = torch.randn(batch, prompt_len, cfg.text_dim, generator=g).to(device, getattr(torch, dtype))
+    prompt = torch.randn(batch, prompt_len, cfg.text_dim, generator=g).to(device, torch_dtype)
     tokens = torch.randint(0, cfg.text_vocab_size, (batch, text_len), generator=g).to(device)
     t_clean = torch.zeros(batch, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
@@ -168,7 +169,8 @@ def bench(
     _write_json(
         json_path,
         {
-            "preset": preset, "device": device, "dtype": dtype, "batch": batch, "frames": frames, "size": size, "video_tokens": n_video,
+            "preset": preset, "device": device, "dtype": dtype, "batch": batch, "frames": frames, "size": size,
+            "video_tokens": n_video,
             "text_len": text_len, "prompt_len": prompt_len, "steps": steps, "threads": torch.get_num_threads(),
             "rows": rows, "t2v_over_wan_forward": ratio_fwd, "t2v_over_wan_forward_backward": ratio_fwd_bwd,
             "parity_max_abs_diff": parity,

@@ -19,11 +19,11 @@ def _pipeline(model: Path | None, device: str | None = None):
     from univigu.pipelines import UniViGUPipeline
 
     path = Path(model) if model else Path(DEFAULT_MODEL)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        pipe = UniViGUPipeline.from_pretrained(path)
+        return UniViGUPipeline.from_pretrained(path, device=device), path
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="--model") from error
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), path
 
 
 def _save(out: Path, stem: str, video, record: dict) -> dict[str, str]:
@@ -161,7 +161,8 @@ def demo(
     pipe, path = _pipeline(model, device)
     c = pipe.config
     if not pipe.unified:
-        raise typer.BadParameter("the demo needs a unified model (text to video and video to text)", param_hint="--model")
+        raise typer.BadParameter("the demo needs a unified model (text to video and video to text)",
+                                 param_hint="--model")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     video = pipe.text_to_video([prompt], seed=seed, progress=False).videos[0]
@@ -182,7 +183,8 @@ def demo(
     typer.echo(f"text to video   {prompt!r}\n  -> {t2v['gif']}, {t2v['mp4']}")
     typer.echo(f"video to text   {v2t['gif']} (a freshly rendered world video)\n  generated: {caption}\n"
                f"  true:      {scene.caption}")  # fmt: skip
-    typer.echo(f"joint           {prompt!r}\n  -> {joint_files['gif']}, {joint_files['mp4']}\n  caption: {both.texts[0]}")
+    typer.echo(f"joint           {prompt!r}\n  -> {joint_files['gif']}, {joint_files['mp4']}\n"
+               f"  caption: {both.texts[0]}")  # fmt: skip
     typer.echo(f"done in {time.perf_counter() - start:.1f} s; sidecar JSON files beside each video in {out}")
 
 
