@@ -1,8 +1,10 @@
 """`UniViGUPipeline`: text to video, video to text, and both at once, from one checkpoint folder.
 
 Folder layout (diffusers-style): `model_index.json` (the pipeline config and component
-classes), `transformer/`, `prompt_encoder/`, `tokenizer/`. The transformer is the unified
-model, or a plain diffusers `WanTransformer3DModel` (a base generator: text to video only).
+classes), `transformer/`, `prompt_encoder/`, `tokenizer/`, and `vae/` for latent models. The
+transformer is the unified model, or a plain diffusers `WanTransformer3DModel` (a base generator:
+text to video only). `from_wan` builds a latent pipeline from a Wan2.1 diffusers folder (Wan VAE,
+umT5 prompt encoder and tokenizer, see `univigu.models.wan`); `from_pretrained` also accepts one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from univigu.flow.text import TextFlow
 from univigu.flow.video import NUM_TRAIN_TIMESTEPS, velocity_from_output
 from univigu.models.prompt_encoder import PromptEncoder
 from univigu.models.transformer import UniViGUTransformer
+from univigu.models.wan import WAN_PROMPT_LENGTH, UMT5PromptEncoder, WanComponents, WanVAECodec, is_wan_folder
 
 
 @dataclass
@@ -76,8 +79,10 @@ class _AsVelocity(nn.Module):
         self.model, self.prediction = model, prediction
 
     def forward(self, video, text, t_video, t_text, prompt_states, text_mask=None, prompt_mask=None):
-        output, logits = tuple(self.model(video, text, t_video, t_text, prompt_states, text_mask, prompt_mask))[:2]
-        return velocity_from_output(output, video, t_video / NUM_TRAIN_TIMESTEPS, self.prediction), logits
+        dtype = next(self.model.parameters()).dtype  # samplers keep the state in float32; a bf16 model runs in bf16
+        output, logits = tuple(self.model(video.to(dtype), text, t_video, t_text, prompt_states.to(dtype), text_mask,
+                                          prompt_mask))[:2]  # fmt: skip
+        return velocity_from_output(output.float(), video, t_video / NUM_TRAIN_TIMESTEPS, self.prediction), logits
 
 
 class UniViGUPipeline:
@@ -109,12 +114,15 @@ class UniViGUPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         torch_dtype: torch.dtype = torch.float32) -> "UniViGUPipeline":  # fmt: skip
-        """Load a pipeline folder; weights stored in half precision are cast to `torch_dtype`."""
+        """Load a pipeline folder (or a Wan2.1 diffusers folder, through `from_wan`); weights stored in half
+        precision are cast to `torch_dtype`."""
         path = Path(path)
         index_file = path / "model_index.json"
-        if not index_file.exists():
+        if not index_file.exists() and not is_wan_folder(path):
             raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json)")
-        index = json.loads(index_file.read_text())
+        index = json.loads(index_file.read_text()) if index_file.exists() else {}
+        if is_wan_folder(path) and index.get("_class_name") != cls.__name__:
+            return cls.from_wan(path, device=device, torch_dtype=torch_dtype)
         if index["transformer"][1] == "UniViGUTransformer":
             transformer = UniViGUTransformer.from_pretrained(path / "transformer", torch_dtype=torch_dtype)
         else:
@@ -122,18 +130,55 @@ class UniViGUPipeline:
 
             transformer = WanTransformer3DModel.from_pretrained(path / "transformer", local_files_only=True,
                                                                 torch_dtype=torch_dtype)  # fmt: skip
-        prompt_encoder = PromptEncoder.from_pretrained(path / "prompt_encoder", torch_dtype=torch_dtype)
+        encoder_class = UMT5PromptEncoder if index["prompt_encoder"][1] == "UMT5PromptEncoder" else PromptEncoder
+        prompt_encoder = encoder_class.from_pretrained(path / "prompt_encoder", torch_dtype=torch_dtype)
         tokenizer = load_tokenizer(path / "tokenizer")
         config = PipelineConfig(**index["config"])
-        return cls(transformer, prompt_encoder, tokenizer, config).to(device)
+        codec = WanVAECodec.from_pretrained(path / "vae", patch_size=transformer.config.patch_size) if "vae" in index \
+            else None  # fmt: skip
+        return cls(transformer, prompt_encoder, tokenizer, config, codec=codec).to(device)
+
+    @classmethod
+    def from_wan(cls, path: str | Path, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
+                 **config: Any) -> "UniViGUPipeline":  # fmt: skip
+        """The unified model built from a local Wan2.1 diffusers folder (transformer/, vae/, text_encoder/,
+        tokenizer/; nothing is downloaded): `UniViGUTransformer.from_wan` on transformer/ with the umT5 vocabulary
+        for the text stream, the Wan VAE as the codec (float32), umT5 as the prompt encoder (prompts padded to
+        512). `config`: PipelineConfig fields; by default 81 frames at 480x832, 256 text tokens, the folder's
+        flow_shift. Sizes are checked against the VAE (4k+1 frames, height/width multiples of VAE x patch)."""
+        from diffusers import WanTransformer3DModel
+
+        path = Path(path)
+        wan = WanComponents.from_folder(path, torch_dtype=torch_dtype)
+        base = WanTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=torch_dtype, local_files_only=True)
+        transformer = UniViGUTransformer.from_wan(base, text_vocab_size=len(wan.tokenizer),
+                                                  text_mask_row=config.get("text_source") == "mask")  # fmt: skip
+        del base
+        wan.codec.patch_size = tuple(transformer.config.patch_size)
+        defaults = dict(frames=81, height=480, width=832, prompt_length=WAN_PROMPT_LENGTH, text_length=256, fps=16)
+        if wan.flow_shift is not None:
+            defaults["shift"] = wan.flow_shift
+        pipe_config = PipelineConfig(**{**defaults, **config})
+        wan.codec.check_size(pipe_config.frames, pipe_config.height, pipe_config.width)
+        return cls(transformer, wan.prompt_encoder, wan.tokenizer, pipe_config, codec=wan.codec).to(device)
+
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> "UniViGUPipeline":
+        """Keep the VAE and the prompt encoder on the CPU, each moved to `device` only while it runs; the
+        transformer lives on `device`."""
+        if not isinstance(self.codec, WanVAECodec) or not isinstance(self.prompt_encoder, UMT5PromptEncoder):
+            raise ValueError("CPU offload is for pipelines built from Wan (VAE + umT5); move this one with .to()")
+        self.transformer.to(device)
+        WanComponents(self.codec, self.prompt_encoder, self.tokenizer).enable_model_cpu_offload(device)
+        return self
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write the pipeline folder; `dtype` (e.g. torch.float16) stores the weights cast, leaving this
         pipeline's own weights as they are."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        for name in ("transformer", "prompt_encoder"):
-            getattr(self, name).save_pretrained(path / name)
+        parts = ("transformer", "prompt_encoder") + (("vae",) if hasattr(self.codec, "save_pretrained") else ())
+        for name in parts:
+            (self.codec if name == "vae" else getattr(self, name)).save_pretrained(path / name)
             if dtype is not None:  # cast the written shards rather than the weights in memory
                 for shard in (path / name).glob("*.safetensors"):
                     tensors = load_file(shard)
@@ -144,16 +189,20 @@ class UniViGUPipeline:
         index = {
             "_class_name": type(self).__name__,
             "transformer": [library, type(self.transformer).__name__],
-            "prompt_encoder": ["univigu", "PromptEncoder"],
+            "prompt_encoder": ["univigu", type(self.prompt_encoder).__name__],
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
             "config": asdict(self.config),
         }
+        if "vae" in parts:
+            index["vae"] = ["diffusers", type(self.codec.vae).__name__]
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
         return path
 
     def to(self, device: str | torch.device) -> "UniViGUPipeline":
         self.transformer.to(device)
         self.prompt_encoder.to(device)
+        if hasattr(self.codec, "vae"):
+            self.codec.vae.to(device)
         return self
 
     @property
@@ -233,8 +282,10 @@ class UniViGUPipeline:
         x = self.codec.encode(videos.to(self.device))
         states = self.encode_prompts([instruction or ""] * len(x))
         step, frames, toks = self._recorder(return_trajectory, callback)
+        # a video_prefix model runs the clean video once, then only the text per step (exact)
+        model = self.transformer if self.transformer.caches_clean_video else self._model
         out = sample_v2t(
-            self._model, x, states, self.text_flow, self.config.text_length, pad_id=self.text_canvas.pad_id,
+            model, x, states, self.text_flow, self.config.text_length, pad_id=self.text_canvas.pad_id,
             num_steps=num_steps or self.config.num_steps, shift=self.config.text_shift, generator=seed,
             callback=step, progress=progress,
         )  # fmt: skip

@@ -1,0 +1,103 @@
+"""Wan scale on CPU: a tiny random Wan2.1-Diffusers-like folder through `from_wan` and the three tasks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wan_fixture import FRAMES, HEIGHT, WIDTH, build_wan_folder
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    return build_wan_folder(tmp_path_factory.mktemp("wan") / "Wan2.1-tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(wan_dir):
+    from univigu import UniViGUPipeline
+
+    return UniViGUPipeline.from_wan(wan_dir, frames=FRAMES, height=HEIGHT, width=WIDTH, text_length=8, num_steps=2)
+
+
+def test_components_match_diffusers_wan_conventions(wan_dir):
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from univigu.models.wan import WanComponents
+
+    wan = WanComponents.from_folder(wan_dir)
+    video = torch.randint(0, 256, (2, FRAMES, HEIGHT, WIDTH, 3), dtype=torch.uint8)
+    latents = wan.encode_video(video)
+    assert latents.shape == (2, 4, 2, 4, 4)
+    # WanPipeline's normalisation: (z - latents_mean) / latents_std, with z the posterior mode
+    vae = AutoencoderKLWan.from_pretrained(wan_dir / "vae")
+    z = vae.encode(video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1).latent_dist.mode()
+    mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(latents, (z - mean) / std)
+    assert wan.decode_latents(latents).shape == video.shape and wan.decode_latents(latents).dtype == torch.uint8
+
+    # WanPipeline's prompt states: tokenizer padded to 512 with the end token, umT5, padded positions zeroed
+    states, mask = wan.encode_prompts(["a red  cat runs", "blue dog"])
+    tokenizer = AutoTokenizer.from_pretrained(wan_dir / "tokenizer")
+    ids = tokenizer(["a red cat runs</s>", "blue dog</s>"], padding="max_length", max_length=512,
+                    add_special_tokens=False, return_tensors="pt")  # fmt: skip
+    ref = UMT5EncoderModel.from_pretrained(wan_dir / "text_encoder")(ids.input_ids, ids.attention_mask).last_hidden_state
+    assert states.shape == (2, 512, 32) and mask.sum(1).tolist() == [5, 3]
+    torch.testing.assert_close(states, ref * ids.attention_mask[..., None])
+    assert states[1, 3:].abs().max() == 0
+
+
+@pytest.mark.parametrize("size, message", [((6, 16, 16), "nearest valid: 5"), ((5, 20, 16), "nearest valid: 16"),
+                                           ((5, 16, 28), "multiple of 8")])  # fmt: skip
+def test_bad_sizes_name_the_nearest_valid_one(wan_dir, size, message):
+    from univigu import UniViGUPipeline
+
+    frames, height, width = size
+    with pytest.raises(ValueError, match=message):
+        UniViGUPipeline.from_wan(wan_dir, frames=frames, height=height, width=width)
+
+
+def test_from_wan_runs_the_three_tasks(pipe, wan_dir, tmp_path):
+    from univigu import UniViGUPipeline, UniViGUTransformer
+
+    assert isinstance(pipe.transformer, UniViGUTransformer)
+    assert pipe.transformer.config.text_vocab_size == len(pipe.tokenizer) and pipe.config.shift == 3.0
+    assert pipe.config.prompt_length == 512
+    out = pipe.text_to_video(["a red circle moves left"], seed=0, progress=False)
+    assert out.videos.shape == (1, FRAMES, HEIGHT, WIDTH, 3) and out.videos.dtype == np.uint8
+    again = pipe.text_to_video(["a red circle moves left"], seed=0, progress=False)
+    np.testing.assert_array_equal(out.videos, again.videos)
+    texts = pipe.video_to_text(out.videos, seed=0, progress=False).texts
+    assert len(texts) == 1 and isinstance(texts[0], str)
+    joint = pipe.generate(["a dog runs", "the cat jumps"], seed=1, progress=False)
+    assert joint.videos.shape == (2, FRAMES, HEIGHT, WIDTH, 3) and len(joint.texts) == 2
+
+    # saved with its VAE and umT5, it loads back and samples the same
+    folder = pipe.save_pretrained(tmp_path / "pipe")
+    assert json.loads((folder / "model_index.json").read_text())["vae"][1] == "AutoencoderKLWan"
+    loaded = UniViGUPipeline.from_pretrained(folder)
+    np.testing.assert_array_equal(loaded.text_to_video(["a red circle moves left"], seed=0, progress=False).videos,
+                                  out.videos)  # fmt: skip
+    # a Wan folder given to from_pretrained goes through from_wan
+    assert isinstance(UniViGUPipeline.from_pretrained(wan_dir).transformer, UniViGUTransformer)
+
+
+def test_cpu_offload_moves_components_only_while_they_run(wan_dir):
+    from univigu.models.wan import WanComponents
+
+    wan = WanComponents.from_folder(wan_dir)
+    moves = []
+    for name, part in (("vae", wan.codec.vae), ("umt5", wan.prompt_encoder.encoder)):
+        # record the moves instead of making them: this machine has no GPU
+        part.to = lambda device, name=name, part=part: (moves.append((name, str(device))), part)[1]
+    wan.enable_model_cpu_offload("cuda")
+    assert moves == [("vae", "cpu"), ("umt5", "cpu")]
+    moves.clear()
+    wan.encode_prompts(["a cat"])
+    assert moves == [("umt5", "cuda"), ("umt5", "cpu")]
+    moves.clear()
+    wan.decode_latents(wan.encode_video(torch.zeros(1, FRAMES, HEIGHT, WIDTH, 3, dtype=torch.uint8)))
+    assert moves == [("vae", "cuda"), ("vae", "cpu")] * 2
