@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from univigu.outputs import run_record, save_sample, save_trajectory, slug, timed_sample
+
 MODEL_HELP = "Pipeline folder (default: the shipped toy-world model, univigu.DEFAULT_MODEL)."
 DEVICE_HELP = "torch device (default: cuda when available, else cpu)."
 
@@ -26,22 +28,14 @@ def _pipeline(model: Path | None, device: str | None = None):
         raise typer.BadParameter(str(error), param_hint="--model") from error
 
 
-def _save(out: Path, stem: str, video, record: dict) -> dict[str, str]:
-    """Write a video as gif + mp4 (pixels scaled for viewing) and a sidecar JSON."""
-    from univigu.data.video_io import write_video
-
-    files = {}
-    if video is not None:
-        scale = max(1, 128 // max(video.shape[1:3]))
-        files = {ext: str(write_video(out / f"{stem}.{ext}", video, fps=record.get("fps", 8), scale=scale))
-                 for ext in ("gif", "mp4")}  # fmt: skip
-    record = {**record, "files": files}
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
-    return files
+def _trajectory_path(base: Path | None, i: int, n: int) -> Path | None:
+    """`--trajectory OUT.html` for one sample; with several, OUT_0.html, OUT_1.html, ..."""
+    if base is None or n == 1:
+        return base
+    return base.with_name(f"{base.stem}_{i}{base.suffix or '.html'}")
 
 
-def _slug(text: str) -> str:
-    return "-".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())[:48] or "sample"
+TRAJECTORY_HELP = "Write the denoising-trajectory viewer here (one self-contained HTML page; _0, _1, ... for several)."
 
 
 def generate(
@@ -51,19 +45,21 @@ def generate(
     seed: int = typer.Option(0), steps: int = typer.Option(None, help="Sampling steps (default: the model's)."),
     guidance: float = typer.Option(None, help="Classifier-free guidance scale (default: the model's)."),
     out: Path = typer.Option(Path("outputs/generate"), help="Output folder."),
+    trajectory: Path = typer.Option(None, help=TRAJECTORY_HELP),
 ) -> None:
     """Text to video."""
+    load = time.perf_counter()
     pipe, path = _pipeline(model, device)
-    start = time.perf_counter()
-    videos = pipe.text_to_video(prompts, seed=seed, num_steps=steps, guidance_scale=guidance).videos
-    seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (prompt, video) in enumerate(zip(prompts, videos)):
-        record = {"task": "text_to_video", "prompt": prompt, "seed": seed, "steps": steps or pipe.config.num_steps,
-                  "guidance_scale": pipe._scale(guidance), "model": str(path), "seconds": round(seconds, 2),
-                  "fps": pipe.config.fps}  # fmt: skip
-        files = _save(out, f"{_slug(prompt)}_seed{seed}_{i}", video, record)
-        typer.echo(f"{prompt!r} -> {files['gif']}")
+    load = time.perf_counter() - load
+    result, seconds, times = timed_sample(pipe, "text_to_video", prompts, seed=seed, num_steps=steps,
+                                  guidance_scale=guidance, trajectory=trajectory is not None)  # fmt: skip
+    for i, (prompt, video) in enumerate(zip(prompts, result.videos)):
+        record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": pipe._scale(guidance),
+                  **run_record(pipe, path, seed, steps, load, seconds, len(prompts))}  # fmt: skip
+        record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
+                                            f"text to video: {prompt}", record, times)  # fmt: skip
+        files = save_sample(out, f"{slug(prompt)}_seed{seed}_{i}", video, record)
+        typer.echo(f"{prompt!r} -> {files['gif']}" + (f" (trajectory: {files['trajectory']})" if trajectory else ""))
 
 
 def caption(
@@ -73,26 +69,29 @@ def caption(
     seed: int = typer.Option(0), steps: int = typer.Option(None),
     instruction: str = typer.Option(None, help="A question or instruction as the prompt condition."),
     out: Path = typer.Option(Path("outputs/caption"), help="Where the sidecar JSON files go."),
+    trajectory: Path = typer.Option(None, help=TRAJECTORY_HELP),
 ) -> None:
     """Video to text: a detailed caption per video file."""
     import numpy as np
 
     from univigu.data.video_io import VideoReadError, read_video
 
+    load = time.perf_counter()
     pipe, path = _pipeline(model, device)
+    load = time.perf_counter() - load
     c = pipe.config
     try:
         frames = np.stack([read_video(v, num_frames=c.frames, size=(c.height, c.width)).numpy() for v in videos])
     except VideoReadError as error:
         raise typer.BadParameter(str(error), param_hint="VIDEOS") from error
-    start = time.perf_counter()
-    texts = pipe.video_to_text(frames, seed=seed, num_steps=steps, instruction=instruction).texts
-    seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    for video, text in zip(videos, texts):
+    result, seconds, times = timed_sample(pipe, "video_to_text", frames, seed=seed, num_steps=steps, instruction=instruction,
+                                  trajectory=trajectory is not None)  # fmt: skip
+    for i, (video, text) in enumerate(zip(videos, result.texts)):
         record = {"task": "video_to_text", "video": str(video), "caption": text, "instruction": instruction,
-                  "seed": seed, "steps": steps or c.num_steps, "model": str(path), "seconds": round(seconds, 2)}  # fmt: skip
-        _save(out, f"{Path(video).stem}_caption_seed{seed}", None, record)
+                  **run_record(pipe, path, seed, steps, load, seconds, len(videos))}  # fmt: skip
+        record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(videos)), pipe, result, i,
+                                            f"video to text: {Path(video).name}", record, times, video=frames[i])  # fmt: skip
+        save_sample(out, f"{Path(video).stem}_caption_seed{seed}", None, record)
         typer.echo(f"{video}: {text}")
 
 
@@ -103,18 +102,20 @@ def joint(
     seed: int = typer.Option(0), steps: int = typer.Option(None), guidance: float = typer.Option(None),
     text_update: str = typer.Option("ctmc", help="'ctmc' or the released 'linear-resample' heuristic."),
     out: Path = typer.Option(Path("outputs/joint"), help="Output folder."),
+    trajectory: Path = typer.Option(None, help=TRAJECTORY_HELP),
 ) -> None:
     """Joint generation: a video and its caption per prompt, denoised together."""
+    load = time.perf_counter()
     pipe, path = _pipeline(model, device)
-    start = time.perf_counter()
-    result = pipe.generate(prompts, seed=seed, num_steps=steps, guidance_scale=guidance, text_update=text_update)
-    seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
+    load = time.perf_counter() - load
+    result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps, guidance_scale=guidance,
+                                  text_update=text_update, trajectory=trajectory is not None)  # fmt: skip
     for i, (prompt, video, text) in enumerate(zip(prompts, result.videos, result.texts)):
-        record = {"task": "joint", "prompt": prompt, "caption": text, "seed": seed,
-                  "steps": steps or pipe.config.num_steps, "guidance_scale": pipe._scale(guidance),
-                  "text_update": text_update, "model": str(path), "seconds": round(seconds, 2), "fps": pipe.config.fps}  # fmt: skip
-        files = _save(out, f"{_slug(prompt)}_joint_seed{seed}_{i}", video, record)
+        record = {"task": "joint", "prompt": prompt, "caption": text, "guidance_scale": pipe._scale(guidance),
+                  "text_update": text_update, **run_record(pipe, path, seed, steps, load, seconds, len(prompts))}  # fmt: skip
+        record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
+                                            f"joint generation: {prompt}", record, times)  # fmt: skip
+        files = save_sample(out, f"{slug(prompt)}_joint_seed{seed}_{i}", video, record)
         typer.echo(f"{prompt!r} -> {files['gif']}\n  caption: {text}")
 
 
@@ -167,17 +168,17 @@ def demo(
     start = time.perf_counter()
     video = pipe.text_to_video([prompt], seed=seed, progress=False).videos[0]
     common = {"seed": seed, "steps": c.num_steps, "model": str(path), "fps": c.fps}
-    t2v = _save(out, "text_to_video", video, {"task": "text_to_video", "prompt": prompt, **common})
+    t2v = save_sample(out, "text_to_video", video, {"task": "text_to_video", "prompt": prompt, **common})
 
     world = World(WorldConfig(height=c.height, width=c.width, frames=c.frames))
     scene = world.scenes("test", [seed])[0]  # a test-split scene: never trained on
     rendered = world.render([scene])
     caption = pipe.video_to_text(rendered, seed=seed, progress=False).texts[0]
-    v2t = _save(out, "video_to_text", rendered[0], {"task": "video_to_text", "caption": caption,
+    v2t = save_sample(out, "video_to_text", rendered[0], {"task": "video_to_text", "caption": caption,
                                                    "true_caption": scene.caption, **common})  # fmt: skip
 
     both = pipe.generate([prompt], seed=seed, progress=False)
-    joint_files = _save(out, "joint", both.videos[0], {"task": "joint", "prompt": prompt, "caption": both.texts[0],
+    joint_files = save_sample(out, "joint", both.videos[0], {"task": "joint", "prompt": prompt, "caption": both.texts[0],
                                                         **common})  # fmt: skip
     typer.echo(f"model: {path}")
     typer.echo(f"text to video   {prompt!r}\n  -> {t2v['gif']}, {t2v['mp4']}")
