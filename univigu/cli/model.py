@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -176,3 +177,105 @@ def bench(
             "parity_max_abs_diff": parity,
         },
     )  # fmt: skip
+
+
+@app.command("bench-v2t")
+def bench_v2t(
+    preset: str = typer.Option("tiny", help="Preset name, or a pipeline folder (its transformer's architecture)."),
+    batch: int = typer.Option(1, min=1, help="Videos captioned at once."),
+    steps: int = typer.Option(50, min=1, help="Text denoising steps of one V2T run."),
+    repeats: int = typer.Option(3, min=1, help="Timed runs (the median is reported)."),
+    frames: int = typer.Option(16, min=1, help="Transformer input frames (latent frames for Wan)."),
+    height: int = typer.Option(32, min=1, help="Transformer input height (latent for Wan: 60 at 480p)."),
+    width: int = typer.Option(32, min=1, help="Transformer input width (latent for Wan: 104 at 832)."),
+    text_len: int = typer.Option(64, min=1, help="Text canvas length."),
+    prompt_len: int = typer.Option(16, min=1, help="Prompt states (the V2T condition: null or an instruction)."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+    dtype: str = typer.Option("float32", help="Weights and activations: float32 or bfloat16."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Video to text with attention_layout video_prefix: the clean video cached (run once, then only the text
+    per step) vs uncached (the whole network every step), and both in units of one full forward pass (T2V:
+    noised video and clean text). Also the text stream's share of a T2V forward (what caching clean prompt
+    tokens in T2V could save at most). Random weights: speed only."""
+    import torch
+
+    from univigu.flow.samplers import sample_v2t
+    from univigu.flow.text import TextFlow
+    from univigu.models import PRESETS
+    from univigu.models.presets import preset_config
+    from univigu.models.transformer import UniViGUTransformer
+
+    if dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter(f"dtype must be float32 or bfloat16, got {dtype!r}", param_hint="--dtype")
+    if preset in PRESETS:
+        config = preset_config(preset)
+    elif (Path(preset) / "transformer" / "config.json").exists():
+        config = UniViGUTransformer.load_config(Path(preset) / "transformer")
+    else:
+        raise typer.BadParameter(f"{preset!r} is neither a preset {sorted(PRESETS)} nor a pipeline folder",
+                                 param_hint="--preset")  # fmt: skip
+    torch_dtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    with torch.device(device):  # weights initialised where they run (1.3B on the CPU is slow)
+        model = UniViGUTransformer.from_config({**config, "attention_layout": "video_prefix"}).eval()
+        if torch_dtype != torch.float32:
+            model.to(torch_dtype)
+        model.text_proj_out.weight.data.normal_(std=0.02)  # non-uniform logits, as a trained head gives
+    cfg = model.config
+    vocab = cfg.text_vocab_size
+
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(batch, cfg.in_channels, frames, height, width, generator=g).to(device, torch_dtype)
+    prompt = torch.randn(batch, prompt_len, cfg.text_dim, generator=g).to(device, torch_dtype)
+    prompt_mask = torch.ones(batch, prompt_len, dtype=torch.bool, device=device)
+    tokens = torch.randint(0, vocab, (batch, text_len), generator=g).to(device)
+    t_noised, t_clean = torch.full((batch,), 500.0, device=device), torch.zeros(batch, device=device)
+    text_flow = TextFlow(vocab)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def v2t(use_cache: bool, num_steps: int = steps) -> torch.Tensor:
+        return sample_v2t(model, video, prompt, text_flow, text_len, prompt_mask=prompt_mask, num_steps=num_steps,
+                          generator=0, use_cache=use_cache).text  # fmt: skip
+
+    with torch.no_grad():
+        t_text = torch.full((batch,), 500.0, device=device)
+        full = model(video, tokens, t_clean, t_text, prompt, None, prompt_mask).logits
+        cached = model.forward_text(tokens, t_text, model.encode_video(video, prompt, prompt_mask))
+        logit_diff = (full.float() - cached.float()).abs().max().item()
+        for use_cache in (False, True):  # warm up kernels and allocator on short runs
+            v2t(use_cache, 2)
+        runs = {
+            "full forward (T2V)": lambda: model(video, tokens, t_noised, t_clean, prompt, None, prompt_mask),
+            "forward, no text": lambda: model(video, None, t_noised, None, prompt, None, prompt_mask),
+            f"V2T {steps} steps, uncached": lambda: v2t(False),
+            f"V2T {steps} steps, cached": lambda: v2t(True),
+        }
+        times = _interleaved_medians(runs, repeats, 0, sync)
+        cached_texts_equal = bool(torch.equal(v2t(True), v2t(False)))
+    forward, no_text, uncached, cached = (times[name] for name in runs)
+    n_video = math.prod(n // p for n, p in zip((frames, height, width), cfg.patch_size))
+    result = {
+        "preset": preset, "device": device, "dtype": dtype, "batch": batch, "steps": steps, "repeats": repeats,
+        "video_tokens": n_video, "text_len": text_len, "prompt_len": prompt_len, "threads": torch.get_num_threads(),
+        "ms": {name: 1e3 * t for name, t in times.items()},
+        "speedup_cached": uncached / cached,
+        "v2t_cached_in_forward_passes": cached / forward,
+        "v2t_uncached_in_forward_passes": uncached / forward,
+        "t2v_text_stream_share": 1 - no_text / forward,
+        "max_abs_logit_diff_cached_vs_uncached": logit_diff,
+        "same_texts_cached_vs_uncached": cached_texts_equal,
+    }  # fmt: skip
+    typer.echo(f"preset {preset}: batch {batch}, video {cfg.in_channels}x{frames}x{height}x{width} ({n_video} "
+               f"tokens), text {text_len}, prompt {prompt_len}; {device} {dtype}, {torch.get_num_threads()} "
+               f"threads; median of {repeats}")  # fmt: skip
+    for name, t in times.items():
+        typer.echo(f"{name:<34}{1e3 * t:>12.1f} ms")
+    typer.echo(f"V2T {steps} steps: cached is {result['speedup_cached']:.1f}x faster than uncached")
+    typer.echo(f"cost of V2T in full forward passes: cached {result['v2t_cached_in_forward_passes']:.2f}, "
+               f"uncached {result['v2t_uncached_in_forward_passes']:.2f}")  # fmt: skip
+    typer.echo(f"text stream share of a T2V forward ({text_len} of {n_video + text_len} tokens): "
+               f"{100 * result['t2v_text_stream_share']:.1f}%")  # fmt: skip
+    typer.echo(f"max |logit difference| cached vs uncached, one step: {logit_diff:.2e}; "
+               f"same texts after {steps} steps: {cached_texts_equal}")  # fmt: skip
+    _write_json(json_path, result)

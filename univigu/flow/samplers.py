@@ -203,6 +203,17 @@ def _init_text(
     return text if text_mask is None else torch.where(text_mask, text, pad_id)
 
 
+class _TextSteps:
+    """A V2T model that ran the clean video once (`encode_video`) and runs only the text tokens per step."""
+
+    def __init__(self, model: Model, video: Tensor, prompt_states: Tensor, prompt_mask: Tensor | None) -> None:
+        dtype = model.dtype  # the sampler's state may be float32 for a half-precision model
+        self.model, self.cache = model, model.encode_video(video.to(dtype), prompt_states.to(dtype), prompt_mask)
+
+    def __call__(self, video, text, t_video, t_text, prompt_states, text_mask=None, prompt_mask=None):
+        return None, self.model.forward_text(text, t_text, self.cache, text_mask)  # V2T needs no velocity
+
+
 def _video_noise(shape: tuple[int, ...], generator, device, dtype) -> Tensor:
     gdev = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
@@ -261,15 +272,24 @@ def sample_v2t(
     callback: Callback | None = None,
     progress: bool = False,
     return_trajectory: bool = False,
+    use_cache: bool | None = None,
 ) -> SampleOutput:
     """Video to text: the clean video (t_video = 0) conditions a CTMC from source tokens to text.
 
     video [B, ...] clean latent; prompt_states [B, S, D]: the null condition, or an instruction's states.
     text_mask [B, text_length] (None = all positions generated; outside it: pad_id, never updated).
     shift = 1 gives the uniform text grid t = i / N (as the released V2T solver).
+    use_cache: run the video through the network once and only the text per step (exact; needs a model
+    with `encode_video` / `forward_text`, i.e. attention_layout "video_prefix"); None = whenever it can.
     """
+    can_cache = getattr(model, "caches_clean_video", False)
+    use_cache = can_cache if use_cache is None else use_cache
+    if use_cache and not can_cache:
+        raise ValueError("use_cache=True needs a UniViGUTransformer with attention_layout='video_prefix'")
     g = make_generator(generator, video.device)
     text = _init_text(text_flow, video.shape[0], text_length, text_mask, pad_id, g, video.device)
+    if use_cache:
+        model = _TextSteps(model, video, prompt_states, prompt_mask)
     return _sample(
         model, video, text, generate_video=False, generate_text=True,
         prompt_states=prompt_states, prompt_mask=prompt_mask, text_mask=text_mask, text_flow=text_flow,

@@ -36,7 +36,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 __all__ = [
+    "ATTENTION_LAYOUTS",
     "UniViGUOutput",
+    "VideoCache",
     "UniViGUTransformer",
     "UniViGUBlock",
     "parameter_breakdown",
@@ -48,6 +50,11 @@ WAN_CONFIG_KEYS = (
     "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps",
     "rope_max_seq_len",
 )  # fmt: skip
+
+# "full": every token attends to every token. "video_prefix": where the video is clean (t_video == 0, the V2T
+# regime; per sample) video queries attend to video keys only, so the clean video's states do not depend on the
+# text and V2T runs the video once and then only the text tokens per step (`encode_video`, `forward_text`).
+ATTENTION_LAYOUTS = ("full", "video_prefix")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,13 +136,23 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """x [B, N, D], context [B, S, D] (None: self-attention), mask [B, 1, 1, S] bool (True = attend)."""
+        return self.attend(*self.qkv(x, context, rope), mask)
+
+    def qkv(
+        self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Normed, rotated q [B, heads, N, head_dim] and k, v [B, heads, S, head_dim]."""
         context = x if context is None else context
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))
         k = self.norm_k(self.to_k(context)).unflatten(2, (self.heads, -1))
         v = self.to_v(context).unflatten(2, (self.heads, -1))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """SDPA and the output projection: q [B, heads, N, head_dim], k/v [B, heads, S, head_dim] -> [B, N, D]."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(q))
 
 
@@ -216,6 +233,25 @@ class UniViGUBlock(nn.Module):
         self.ffn_t = FeedForward(dim, ffn_dim)  # text expert; initialised as a copy of `ffn`
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
+    def _modulation(self, mod: Tensor) -> tuple[Tensor, ...]:
+        """One table, a stream's timestep: shift/scale/gate [B, 1, D] for attention (msa) and FFN (c_)."""
+        return (self.scale_shift_table + mod.float()).chunk(6, 1)
+
+    def _pre_attention(self, x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+        return _modulate(self.norm1(x.float()), shift, scale).type_as(x)
+
+    def _cross_attention(self, x: Tensor, context: Tensor, cross_mask: Tensor | None,
+                         cross_keep: Tensor | None) -> Tensor:  # fmt: skip
+        """Ungated residual cross-attention to the prompt; per query, so one call serves both streams."""
+        a = self.attn2(self.norm2(x.float()).type_as(x), context, mask=cross_mask)
+        if cross_keep is not None:
+            a = a * cross_keep  # a sample without any prompt token gets no cross-attention at all
+        return x + a
+
+    def _feed_forward(self, ffn: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor) -> Tensor:
+        h = _modulate(self.norm3(x.float()), shift, scale).type_as(x)
+        return (x.float() + ffn(h).float() * gate).type_as(x)
+
     def forward(
         self,
         x_v: Tensor,
@@ -227,44 +263,87 @@ class UniViGUBlock(nn.Module):
         self_mask: Tensor | None,
         cross_mask: Tensor | None,
         cross_keep: Tensor | None,
+        video_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """x_v [B, N, D], x_t [B, L, D], context [B, S, D], mod_* [B, 6, D] projected timesteps,
-        rope cos/sin [N+L, head_dim/2], self_mask [B, 1, 1, N+L], cross_mask [B, 1, 1, S], cross_keep [B, 1, 1]."""
+        rope cos/sin [N+L, head_dim/2], self_mask [B, 1, 1, N+L], cross_mask [B, 1, 1, S], cross_keep [B, 1, 1],
+        video_mask [B, 1, 1, N+L]: the keys video queries see, when they differ from self_mask (video_prefix)."""
         n_v, n_t = x_v.shape[1], x_t.shape[1]
-        # One table, two timesteps: shift/scale/gate [B, 1, D] for attention (msa) and FFN (c_), per modality.
-        shift_v, scale_v, gate_v, c_shift_v, c_scale_v, c_gate_v = (self.scale_shift_table + mod_v.float()).chunk(6, 1)
-        shift_t, scale_t, gate_t, c_shift_t, c_scale_t, c_gate_t = (self.scale_shift_table + mod_t.float()).chunk(6, 1)
+        shift_v, scale_v, gate_v, c_shift_v, c_scale_v, c_gate_v = self._modulation(mod_v)
+        shift_t, scale_t, gate_t, c_shift_t, c_scale_t, c_gate_t = self._modulation(mod_t)
 
-        # 1. Joint bidirectional self-attention over video and text tokens, gated per modality.
-        h = torch.cat(
-            [
-                _modulate(self.norm1(x_v.float()), shift_v, scale_v).type_as(x_v),
-                _modulate(self.norm1(x_t.float()), shift_t, scale_t).type_as(x_t),
-            ],
-            dim=1,
-        )
-        a_v, a_t = self.attn1(h, mask=self_mask, rope=rope).split([n_v, n_t], dim=1)
+        # 1. Joint self-attention over video and text tokens, gated per modality.
+        h = torch.cat([self._pre_attention(x_v, shift_v, scale_v), self._pre_attention(x_t, shift_t, scale_t)], dim=1)
+        if video_mask is None:
+            a = self.attn1(h, mask=self_mask, rope=rope)
+        else:  # video and text queries see different keys: one SDPA each
+            q, k, v = self.attn1.qkv(h, rope=rope)
+            a = torch.cat([self.attn1.attend(q[:, :, :n_v], k, v, video_mask),
+                           self.attn1.attend(q[:, :, n_v:], k, v, self_mask)], dim=1)  # fmt: skip
+        a_v, a_t = a.split([n_v, n_t], dim=1)
         x_v = (x_v.float() + a_v * gate_v).type_as(x_v)
         x_t = (x_t.float() + a_t * gate_t).type_as(x_t)
 
-        # 2. Cross-attention to the prompt, ungated; per-query, so one call serves both streams.
-        x = torch.cat([x_v, x_t], dim=1)
-        a = self.attn2(self.norm2(x.float()).type_as(x), context, mask=cross_mask)
-        if cross_keep is not None:
-            a = a * cross_keep  # a sample without any prompt token gets no cross-attention at all
-        x_v, x_t = (x + a).split([n_v, n_t], dim=1)
+        # 2. Cross-attention to the prompt.
+        x_v, x_t = self._cross_attention(torch.cat([x_v, x_t], dim=1), context, cross_mask, cross_keep).split(
+            [n_v, n_t], dim=1
+        )
 
         # 3. Each modality through its own FFN, with its own modulation.
-        h_v = _modulate(self.norm3(x_v.float()), c_shift_v, c_scale_v).type_as(x_v)
-        h_t = _modulate(self.norm3(x_t.float()), c_shift_t, c_scale_t).type_as(x_t)
-        x_v = (x_v.float() + self.ffn(h_v).float() * c_gate_v).type_as(x_v)
-        x_t = (x_t.float() + self.ffn_t(h_t).float() * c_gate_t).type_as(x_t)
+        x_v = self._feed_forward(self.ffn, x_v, c_shift_v, c_scale_v, c_gate_v)
+        x_t = self._feed_forward(self.ffn_t, x_t, c_shift_t, c_scale_t, c_gate_t)
         return x_v, x_t
+
+    def encode_video(
+        self,
+        x_v: Tensor,
+        context: Tensor,
+        mod_v: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cross_mask: Tensor | None,
+        cross_keep: Tensor | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The video stream alone (video_prefix: clean video queries see video keys only).
+        x_v [B, N, D] -> (x_v [B, N, D], its self-attention keys and values [B, heads, N, head_dim])."""
+        shift, scale, gate, c_shift, c_scale, c_gate = self._modulation(mod_v)
+        q, k, v = self.attn1.qkv(self._pre_attention(x_v, shift, scale), rope=rope)
+        x_v = (x_v.float() + self.attn1.attend(q, k, v) * gate).type_as(x_v)
+        x_v = self._cross_attention(x_v, context, cross_mask, cross_keep)
+        return self._feed_forward(self.ffn, x_v, c_shift, c_scale, c_gate), (k, v)
+
+    def step_text(
+        self,
+        x_t: Tensor,
+        video_kv: tuple[Tensor, Tensor],
+        context: Tensor,
+        mod_t: Tensor,
+        rope: tuple[Tensor, Tensor],
+        self_mask: Tensor | None,
+        cross_mask: Tensor | None,
+        cross_keep: Tensor | None,
+    ) -> Tensor:
+        """The text stream alone, attending to the cached keys/values of the clean video and to itself.
+        x_t [B, L, D], video_kv from `encode_video`, rope cos/sin [L, head_dim/2], self_mask [B, 1, 1, N+L]."""
+        shift, scale, gate, c_shift, c_scale, c_gate = self._modulation(mod_t)
+        q, k, v = self.attn1.qkv(self._pre_attention(x_t, shift, scale), rope=rope)
+        k, v = torch.cat([video_kv[0], k], dim=2), torch.cat([video_kv[1], v], dim=2)
+        x_t = (x_t.float() + self.attn1.attend(q, k, v, self_mask) * gate).type_as(x_t)
+        x_t = self._cross_attention(x_t, context, cross_mask, cross_keep)
+        return self._feed_forward(self.ffn_t, x_t, c_shift, c_scale, c_gate)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------
+
+
+class VideoCache(NamedTuple):
+    """What the text steps of V2T need from a clean video and its prompt condition (`encode_video`)."""
+
+    kv: list[tuple[Tensor, Tensor]]  # per block: self-attention keys, values [B, heads, N, head_dim]
+    context: Tensor  # [B, S, D] projected prompt states
+    cross_mask: Tensor | None  # [B, 1, 1, S]
+    cross_keep: Tensor | None  # [B, 1, 1]
 
 
 class UniViGUOutput(NamedTuple):
@@ -315,6 +394,8 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         for Wan config compatibility only: RoPE is computed for the actual grid, no table is stored).
     Args (text): text_vocab_size V; text_mask_row adds one row (id V) used as the mask/source token for
         tokenizers that have none, so V' = V + 1; text_rope_theta for the 1D text RoPE.
+    Args (attention): attention_layout "full" (Wan's, the default) or "video_prefix" (see ATTENTION_LAYOUTS;
+        the same weights, a different model: train with the layout you sample with).
     """
 
     _supports_gradient_checkpointing = True
@@ -343,8 +424,11 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         text_vocab_size: int = 256384,
         text_mask_row: bool = False,
         text_rope_theta: float = 10000.0,
+        attention_layout: str = "full",
     ):
         super().__init__()
+        if attention_layout not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention_layout must be one of {ATTENTION_LAYOUTS}, got {attention_layout!r}")
         if qk_norm != "rms_norm_across_heads":
             raise ValueError(f"qk_norm={qk_norm!r} is not supported; Wan2.1 uses 'rms_norm_across_heads'")
         if attention_head_dim % 2 or attention_head_dim < 6:
@@ -382,6 +466,11 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         """The id of the extra mask row (= text_vocab_size), or None without `text_mask_row`."""
         return self.config.text_vocab_size if self.config.text_mask_row else None
 
+    @property
+    def caches_clean_video(self) -> bool:
+        """True when V2T can run the clean video once and then only the text (attention_layout video_prefix)."""
+        return self.config.attention_layout == "video_prefix"
+
     # ---- initialisation and loading ------------------------------------------------------------------
 
     @torch.no_grad()
@@ -416,7 +505,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         """Build the unified model from a diffusers `WanTransformer3DModel` (in memory, or a local folder loaded
         with diffusers' `from_pretrained`, no network). All Wan weights are copied (dtypes kept); the text
         parts are initialised from them (`init_text_parts`). `text_config`: text_vocab_size, text_mask_row,
-        text_rope_theta.
+        text_rope_theta, attention_layout.
         """
         if isinstance(wan, (str, os.PathLike)):
             from diffusers import WanTransformer3DModel
@@ -425,7 +514,8 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         unsupported = {k: wan.config.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")}
         if any(v is not None for v in unsupported.values()):
             raise ValueError(f"only text-to-video Wan models are supported, this one has {unsupported}")
-        bad = set(text_config) - {"text_vocab_size", "text_mask_row", "text_rope_theta"}
+        bad = set(text_config) - {"text_vocab_size", "text_mask_row", "text_rope_theta",
+                                "attention_layout"}
         if bad:
             raise TypeError(f"from_wan() got unexpected text config keys {sorted(bad)}")
 
@@ -556,25 +646,23 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
             temb_t, mod_t = self._embed_timestep(t_text, self.time_embedder_t, self.time_proj_t, prompt_states.dtype)
         else:
             temb_t, mod_t = temb_v, mod_v  # unused by an empty stream
-        context = self.condition_embedder.text_embedder(prompt_states)  # [B, S, D]
+        context, cross_mask, cross_keep = self._prompt_condition(prompt_states, prompt_mask, x_v.dtype)
 
         cos_v, sin_v = video_rope(grid, head_dim, video.device)
         cos_t, sin_t = text_rope(n_t, head_dim, self.config.text_rope_theta, video.device)
         rope = (torch.cat([cos_v, cos_t]), torch.cat([sin_v, sin_t]))
 
-        self_mask = None
-        if text_mask is not None and n_t:
-            keep = torch.cat([text_mask.new_ones(b, n_v), text_mask], dim=1).bool()
-            self_mask = keep[:, None, None, :]  # [B, 1, 1, N+L], broadcast over heads and queries
-        cross_mask = cross_keep = None
-        if prompt_mask is not None:
-            prompt_mask = prompt_mask.bool()
-            has_prompt = prompt_mask.any(dim=1)
-            # Unmask the rows of prompt-less samples (an all-masked softmax is NaN); their output is zeroed.
-            cross_mask = (prompt_mask | ~has_prompt[:, None])[:, None, None, :]
-            cross_keep = has_prompt[:, None, None].to(x_v.dtype)
+        self_mask = _key_mask(text_mask, b, n_v, n_t, video.device)
+        video_mask = None
+        if self.caches_clean_video and n_t:
+            # Clean-video rows: their video queries do not see the text keys.
+            clean = (t_video == 0)[:, None, None, None]
+            is_text = torch.arange(n_v + n_t, device=video.device) >= n_v
+            keys = self_mask if self_mask is not None else torch.ones(b, 1, 1, n_v + n_t, dtype=torch.bool,
+                                                                      device=video.device)  # fmt: skip
+            video_mask = keys & ~(clean & is_text)
 
-        args = (context, mod_v, mod_t, rope, self_mask, cross_mask, cross_keep)
+        args = (context, mod_v, mod_t, rope, self_mask, cross_mask, cross_keep, video_mask)
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x_v, x_t = self._gradient_checkpointing_func(block, x_v, x_t, *args)
@@ -587,7 +675,69 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         x_v = x_v.reshape(b, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         velocity = x_v.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # [B, C, T, H, W]
 
-        # Text head: the same, with the text table and timestep, Linear to V' logits.
+        return UniViGUOutput(velocity, self._text_head(x_t, temb_t))
+
+    def _prompt_condition(self, prompt_states: Tensor, prompt_mask: Tensor | None, dtype: torch.dtype):
+        """context [B, S, D], cross_mask [B, 1, 1, S] and cross_keep [B, 1, 1] (None without prompt_mask)."""
+        context = self.condition_embedder.text_embedder(prompt_states)
+        if prompt_mask is None:
+            return context, None, None
+        prompt_mask = prompt_mask.bool()
+        has_prompt = prompt_mask.any(dim=1)
+        # Unmask the rows of prompt-less samples (an all-masked softmax is NaN); their output is zeroed.
+        cross_mask = (prompt_mask | ~has_prompt[:, None])[:, None, None, :]
+        return context, cross_mask, has_prompt[:, None, None].to(dtype)
+
+    def _text_head(self, x_t: Tensor, temb_t: Tensor) -> Tensor:
+        """LayerNorm, adaLN from the text table and timestep, Linear: x_t [B, L, D] -> logits [B, L, V']."""
         shift, scale = (self.scale_shift_table_t + temb_t[:, None]).chunk(2, dim=1)
-        logits = self.text_proj_out(_modulate(self.norm_out(x_t.float()), shift, scale).type_as(x_t))
-        return UniViGUOutput(velocity, logits)
+        return self.text_proj_out(_modulate(self.norm_out(x_t.float()), shift, scale).type_as(x_t))
+
+    # ---- V2T with a cached clean video (attention_layout "video_prefix") ----------------------------
+
+    def encode_video(self, video: Tensor, prompt_states: Tensor, prompt_mask: Tensor | None = None) -> VideoCache:
+        """Run a clean video (t_video = 0) and its prompt condition through every block once, keeping each
+        block's self-attention keys and values. video [B, C, T, H, W], prompt_states [B, S, text_dim],
+        prompt_mask [B, S] bool. Then `forward_text` gives, per text step, exactly the logits of `forward`."""
+        if not self.caches_clean_video:
+            raise ValueError("encode_video needs attention_layout='video_prefix'; with 'full' the video attends to "
+                             "the text, so its states change at every text step")  # fmt: skip
+        b, _, frames, height, width = video.shape
+        p_t, p_h, p_w = self.config.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        x_v = self.patch_embedding(video).flatten(2).transpose(1, 2).contiguous()
+        zeros = torch.zeros(b, device=video.device)
+        _, mod_v = self._embed_timestep(
+            zeros, self.condition_embedder.time_embedder, self.condition_embedder.time_proj, prompt_states.dtype
+        )
+        context, cross_mask, cross_keep = self._prompt_condition(prompt_states, prompt_mask, x_v.dtype)
+        rope = video_rope(grid, self.config.attention_head_dim, video.device)
+        kv = []
+        for block in self.blocks:
+            x_v, block_kv = block.encode_video(x_v, context, mod_v, rope, cross_mask, cross_keep)
+            kv.append(block_kv)
+        return VideoCache(kv, context, cross_mask, cross_keep)
+
+    def forward_text(
+        self, text_tokens: Tensor, t_text: Tensor, cache: VideoCache, text_mask: Tensor | None = None
+    ) -> Tensor:
+        """One V2T step on the text tokens only: text_tokens [B, L] ids, t_text [B] (or a scalar) on [0, 1000],
+        cache from `encode_video`, text_mask [B, L] bool (True = real token). Returns logits [B, L, V']."""
+        b, n_t = text_tokens.shape
+        n_v = cache.kv[0][0].shape[2]
+        x_t = self.text_embedding(text_tokens).to(cache.context.dtype)
+        t_text = torch.as_tensor(t_text, device=text_tokens.device).expand(b)
+        temb_t, mod_t = self._embed_timestep(t_text, self.time_embedder_t, self.time_proj_t, cache.context.dtype)
+        rope = text_rope(n_t, self.config.attention_head_dim, self.config.text_rope_theta, text_tokens.device)
+        self_mask = _key_mask(text_mask, b, n_v, n_t, text_tokens.device)
+        for block, kv in zip(self.blocks, cache.kv):
+            x_t = block.step_text(x_t, kv, cache.context, mod_t, rope, self_mask, cache.cross_mask, cache.cross_keep)
+        return self._text_head(x_t, temb_t)
+
+
+def _key_mask(text_mask: Tensor | None, b: int, n_v: int, n_t: int, device: torch.device) -> Tensor | None:
+    """The keys every query may see, [B, 1, 1, N+L] bool (video always, text where text_mask), or None."""
+    if text_mask is None or not n_t:
+        return None
+    keep = torch.cat([torch.ones(b, n_v, dtype=torch.bool, device=device), text_mask.bool()], dim=1)
+    return keep[:, None, None, :]  # broadcast over heads and queries

@@ -29,7 +29,7 @@ from univigu.flow.regimes import RegimeMix
 from univigu.flow.text import TextFlow
 from univigu.flow.video import VideoFlow
 from univigu.models.prompt_encoder import PromptEncoder
-from univigu.models.transformer import UniViGUTransformer
+from univigu.models.transformer import ATTENTION_LAYOUTS, UniViGUTransformer
 from univigu.pipelines.pipeline import PipelineConfig, UniViGUPipeline
 from univigu.training.tasks import GeneratorTask, UnifiedTask
 from univigu.training.trainer import Trainer, TrainerConfig
@@ -61,6 +61,9 @@ class StageConfig:
     mix: dict[str, float] = field(default_factory=dict)  # RegimeMix fields
     text_target: str = "prompt"  # recall: "prompt"; refine: "caption"
     trainable: str = "all"  # "all" or "text" (shared Wan weights frozen)
+    # "full" or "video_prefix" (clean video ignores the text: cached V2T); None: "full" from a generator,
+    # else the previous stage's
+    attention_layout: str | None = None
     video_weight: float = 1.0
     text_weight: float = 1.0
     train: TrainerConfig = field(default_factory=TrainerConfig)
@@ -72,6 +75,8 @@ class StageConfig:
             raise ValueError(f"stage {self.stage!r} needs init_from: the previous stage's pipeline folder")
         if self.trainable not in ("all", "text"):
             raise ValueError(f"trainable must be 'all' or 'text', got {self.trainable!r}")
+        if self.attention_layout not in (None, *ATTENTION_LAYOUTS):
+            raise ValueError(f"attention_layout must be one of {ATTENTION_LAYOUTS}, got {self.attention_layout!r}")
         WorldConfig(**self.world)  # validates the world fields early
         RegimeMix(**self.mix).probs()  # validates the probabilities
 
@@ -152,6 +157,8 @@ def build_task(cfg: StageConfig):
         needs_row = flow.text_source == "mask" and tokenizer.mask_token_id is None
         transformer = UniViGUTransformer.from_wan(previous.transformer, text_vocab_size=len(tokenizer),
                                                   text_mask_row=needs_row)  # fmt: skip
+    if cfg.attention_layout is not None:  # a config switch, no weights: saved with the transformer's config
+        transformer.register_to_config(attention_layout=cfg.attention_layout)
     transformer.train()
     transformer.set_trainable(cfg.trainable)
     text_flow = TextFlow(len(tokenizer), source=flow.text_source, mask_id=text_canvas.mask_id,
