@@ -7,6 +7,7 @@ import typer
 from univigu.cli import model as model_cli
 from univigu.cli import run as run_cli
 from univigu.cli import train as train_cli
+from univigu.cli import wan as wan_cli
 from univigu.cli import world as world_cli
 
 app = typer.Typer(
@@ -26,6 +27,8 @@ app.command("export")(run_cli.export)
 _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 app.command("train", context_settings=_EXTRA_ARGS)(train_cli.train)
 app.command("train-all", context_settings=_EXTRA_ARGS)(train_cli.train_all)
+app.command("cache-latents")(wan_cli.cache_latents)
+app.command("convert-official")(wan_cli.convert_official)
 
 
 def main() -> None:

@@ -23,13 +23,14 @@ import torch
 import yaml
 
 from univigu.data.dataset import WorldDataset, collate
+from univigu.data.latent_cache import LatentCacheDataset, LatentCodec, collate_latents
 from univigu.data.tokenizer import TextCanvas, build_world_tokenizer
 from univigu.data.world import WorldConfig
 from univigu.flow.regimes import RegimeMix
 from univigu.flow.text import TextFlow
 from univigu.flow.video import VideoFlow
 from univigu.models.prompt_encoder import PromptEncoder
-from univigu.models.transformer import ATTENTION_LAYOUTS, UniViGUTransformer
+from univigu.models.transformer import UniViGUTransformer
 from univigu.pipelines.pipeline import PipelineConfig, UniViGUPipeline
 from univigu.training.tasks import GeneratorTask, UnifiedTask
 from univigu.training.trainer import Trainer, TrainerConfig
@@ -53,6 +54,9 @@ class StageConfig:
     init_from: str | None = None  # pipeline folder of the previous stage (recall, refine)
     dataset_size: int = 1_000_000  # world samples the sampler cycles through
     data_seed: int = 0
+    # training data: {} or {kind: world} (the toy world, rendered on the fly), or {kind: latent_cache,
+    # path: DIR, bucket: "HxW" (optional)}: a `univigu cache-latents` folder (recall / refine stages)
+    data: dict[str, Any] = field(default_factory=dict)
     world: dict[str, Any] = field(default_factory=dict)  # WorldConfig fields
     model: dict[str, Any] = field(default_factory=dict)  # base: WanTransformer3DModel config
     prompt_encoder: dict[str, Any] = field(default_factory=dict)  # base: PromptEncoder config
@@ -61,9 +65,6 @@ class StageConfig:
     mix: dict[str, float] = field(default_factory=dict)  # RegimeMix fields
     text_target: str = "prompt"  # recall: "prompt"; refine: "caption"
     trainable: str = "all"  # "all" or "text" (shared Wan weights frozen)
-    # "full" or "video_prefix" (clean video ignores the text: cached V2T); None: "full" from a generator,
-    # else the previous stage's
-    attention_layout: str | None = None
     video_weight: float = 1.0
     text_weight: float = 1.0
     train: TrainerConfig = field(default_factory=TrainerConfig)
@@ -75,10 +76,14 @@ class StageConfig:
             raise ValueError(f"stage {self.stage!r} needs init_from: the previous stage's pipeline folder")
         if self.trainable not in ("all", "text"):
             raise ValueError(f"trainable must be 'all' or 'text', got {self.trainable!r}")
-        if self.attention_layout not in (None, *ATTENTION_LAYOUTS):
-            raise ValueError(f"attention_layout must be one of {ATTENTION_LAYOUTS}, got {self.attention_layout!r}")
         WorldConfig(**self.world)  # validates the world fields early
         RegimeMix(**self.mix).probs()  # validates the probabilities
+        kind = self.data.get("kind", "world")
+        if kind not in ("world", "latent_cache"):
+            raise ValueError(f"data.kind must be 'world' or 'latent_cache', got {kind!r}")
+        if kind == "latent_cache" and (self.stage == "base" or "path" not in self.data):
+            raise ValueError("data.kind latent_cache needs data.path and a recall/refine stage (init_from: a Wan2.1 "
+                             "diffusers folder or a unified pipeline)")  # fmt: skip
 
 
 def _build(cls, data: dict[str, Any], where: str):
@@ -157,18 +162,56 @@ def build_task(cfg: StageConfig):
         needs_row = flow.text_source == "mask" and tokenizer.mask_token_id is None
         transformer = UniViGUTransformer.from_wan(previous.transformer, text_vocab_size=len(tokenizer),
                                                   text_mask_row=needs_row)  # fmt: skip
-    if cfg.attention_layout is not None:  # a config switch, no weights: saved with the transformer's config
-        transformer.register_to_config(attention_layout=cfg.attention_layout)
     transformer.train()
     transformer.set_trainable(cfg.trainable)
     text_flow = TextFlow(len(tokenizer), source=flow.text_source, mask_id=text_canvas.mask_id,
                          exponent=flow.text_exponent)  # fmt: skip
-    task = UnifiedTask(
+    task_cls, extra = UnifiedTask, {}
+    if cfg.data.get("kind") == "latent_cache":
+        cache = _dataset(cfg)[0]
+        pipe_cfg.frames, pipe_cfg.height, pipe_cfg.width = cache.frame_size
+        task_cls, extra = CachedLatentTask, {"null_states": cache.null_prompt_states()}
+    task = task_cls(
         transformer, previous.prompt_encoder, TextCanvas(tokenizer, pipe_cfg.prompt_length), text_canvas,
         video_flow, text_flow, RegimeMix(**cfg.mix), text_target=cfg.text_target,
-        video_weight=cfg.video_weight, text_weight=cfg.text_weight, text_loss=flow.text_loss,
+        video_weight=cfg.video_weight, text_weight=cfg.text_weight, text_loss=flow.text_loss, **extra,
     )  # fmt: skip
+    task.export_parts = (previous.prompt_encoder, previous.codec)  # a tuple: not submodules of the task
     return task, tokenizer, pipe_cfg
+
+
+class CachedLatentTask(UnifiedTask):
+    """`UnifiedTask` on a latent cache: the batch holds the VAE latents ("video") and the prompt states
+    ("prompt_states"), so neither the VAE nor the prompt encoder runs (the encoder is not even held)."""
+
+    def __init__(self, transformer, prompt_encoder, *args, null_states: torch.Tensor, **kwargs) -> None:
+        super().__init__(transformer, torch.nn.Identity(), *args, codec=LatentCodec(), **kwargs)
+        self.register_buffer("null_states", null_states, persistent=False)  # [1, S, D]: the empty prompt
+        self._cached: tuple[list[str], torch.Tensor] | None = None
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                sample_seeds: list[int] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        self._cached = (batch["prompt"], batch["prompt_states"])
+        try:
+            return super().forward(batch, generator, sample_seeds)
+        finally:
+            self._cached = None
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """The cached states of this batch's prompts, or the empty prompt's."""
+        if self._cached is not None and prompts is self._cached[0]:
+            return self._cached[1].to(self.null_states.device)
+        if all(p == "" for p in prompts):
+            return self.null_states.expand(len(prompts), -1, -1)
+        raise ValueError("a latent-cache task has states only for the cached prompts and the empty prompt")
+
+
+def _dataset(cfg: StageConfig):
+    """(dataset, collate_fn) of a stage's data source."""
+    if cfg.data.get("kind") == "latent_cache":
+        prompt_length = cfg.pipeline.get("prompt_length", 512)
+        return LatentCacheDataset(cfg.data["path"], cfg.data.get("bucket"), prompt_length), collate_latents
+    return WorldDataset("train", size=cfg.dataset_size, seed=cfg.data_seed, config=WorldConfig(**cfg.world)), collate
 
 
 def _video_flow(cfg: StageConfig, pipe_cfg: PipelineConfig) -> VideoFlow:
@@ -181,8 +224,8 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     """Train one stage and export its pipeline folder (`output_dir/final`); returns that folder."""
     torch.manual_seed(cfg.train.seed)  # new weights (base, MoE text layers) start the same on every process and run
     task, tokenizer, pipe_cfg = build_task(cfg)
-    dataset = WorldDataset("train", size=cfg.dataset_size, seed=cfg.data_seed, config=WorldConfig(**cfg.world))
-    trainer = Trainer(task, dataset, cfg.train, collate_fn=collate)
+    dataset, collate_fn = _dataset(cfg)
+    trainer = Trainer(task, dataset, cfg.train, collate_fn=collate_fn)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stage_config.yaml").write_text(yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
@@ -195,7 +238,8 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     pipe_cfg.extra = {**pipe_cfg.extra, cfg.stage: {"steps": cfg.train.max_steps, "minutes": round(
         (time.perf_counter() - start) / 60, 1), "init_from": cfg.init_from}}  # fmt: skip
     transformer = task.transformer
-    pipeline = UniViGUPipeline(transformer, task.prompt_encoder, tokenizer, pipe_cfg)
+    prompt_encoder, codec = getattr(task, "export_parts", (task.prompt_encoder, None))
+    pipeline = UniViGUPipeline(transformer, prompt_encoder, tokenizer, pipe_cfg, codec=codec)
     return pipeline.save_pretrained(out / "final")
 
 

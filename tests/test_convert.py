@@ -1,0 +1,103 @@
+"""`univigu convert-official`: the released Uni-ViGU key names, FSDP prefixes, and exact forward parity."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from univigu import UniViGUTransformer
+from univigu.cli import app
+from univigu.models.convert import ConversionError, convert_official_state_dict
+
+runner = CliRunner()
+CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+              text_dim=24, freq_dim=32, ffn_dim=40, num_layers=2, text_vocab_size=50, text_mask_row=True)  # fmt: skip
+# our name -> the official WanUnifiedTransformer name (module names of github.com/Fr0zenCrane/Uni-ViGU)
+TO_OFFICIAL = [
+    ("text_embedding.", "vocab_embed."),
+    ("condition_embedder.text_embedder.", "cond_text_embedder."),
+    ("condition_embedder.time_embedder.", "time_embedding_v.time_embedder."),
+    ("condition_embedder.time_proj.", "time_embedding_v.time_proj."),
+    ("time_embedder_t.", "time_embedding_t.time_embedder."),
+    ("time_proj_t.", "time_embedding_t.time_proj."),
+    ("scale_shift_table_t", "scale_shift_table_t"),
+    ("scale_shift_table", "scale_shift_table_v"),
+    ("proj_out.", "video_head.proj_out."),
+    ("text_proj_out.", "text_head.linear."),
+]
+
+
+def official_state_dict(model: UniViGUTransformer) -> dict[str, torch.Tensor]:
+    """Our weights under every official key name, FSDP-wrapped as a sharded run saves them."""
+    out = {}
+    for key, value in model.state_dict().items():
+        new = key
+        if not key.startswith("blocks."):
+            new = next((o + key[len(ours):] for ours, o in TO_OFFICIAL if key.startswith(ours)), key)
+        else:  # blocks.N.x -> blocks.N._fsdp_wrapped_module.x (one FSDP unit per block)
+            n, rest = key.split(".", 2)[1:]
+            new = f"blocks.{n}._fsdp_wrapped_module.{rest}"
+        out[f"_fsdp_wrapped_module._orig_mod.{new}"] = value.clone()
+    dim = model.config.num_attention_heads * model.config.attention_head_dim
+    out["_fsdp_wrapped_module._orig_mod.text_head.norm_final.weight"] = torch.ones(dim)
+    out["_fsdp_wrapped_module._orig_mod.rotary_emb_text.inv_freq"] = torch.rand(8)  # a recomputed buffer
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = UniViGUTransformer(**CONFIG)
+    with torch.no_grad():
+        for p in model.text_parameters():  # not the copies init_text_parts makes: a mix-up must show
+            p.normal_(std=0.1)
+    return model.eval()
+
+
+def test_every_official_name_maps_and_the_forward_is_the_same(model, tmp_path):
+    official = official_state_dict(model)
+    names = {k.replace("_fsdp_wrapped_module.", "").replace("_orig_mod.", "").split(".")[0] for k in official}
+    assert names == {"vocab_embed", "blocks", "time_embedding_v", "time_embedding_t", "cond_text_embedder",
+                     "scale_shift_table_v", "scale_shift_table_t", "patch_embedding", "video_head", "text_head",
+                     "rotary_emb_text"}  # fmt: skip
+    block_parts = {k.split("._fsdp_wrapped_module.")[-1].split(".")[0] for k in official if ".blocks." in k}
+    assert block_parts == {"attn1", "attn2", "norm2", "ffn", "ffn_t", "scale_shift_table"}
+    ckpt = tmp_path / "unified.pth"
+    torch.save({"model": official, "step": torch.tensor(1000)}, ckpt)
+
+    result = runner.invoke(app, ["convert-official", str(ckpt), str(tmp_path / "ours"), "--attention-head-dim", "16",
+                                 "--vocab-size", "50"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"mapped {len(official) - 2} tensors" in result.output
+    converted = UniViGUTransformer.from_pretrained(tmp_path / "ours").eval()
+    assert {k: v for k, v in converted.config.items() if k in CONFIG} == {**CONFIG, "patch_size": [1, 2, 2]}
+
+    g = torch.Generator().manual_seed(1)
+    video, prompt = torch.randn(2, 4, 3, 8, 8, generator=g), torch.randn(2, 7, 24, generator=g)
+    tokens = torch.randint(0, 51, (2, 6), generator=g)
+    t_v, t_t = torch.tensor([300.0, 900.0]), torch.tensor([0.0, 500.0])
+    with torch.no_grad():
+        want, got = model(video, tokens, t_v, t_t, prompt), converted(video, tokens, t_v, t_t, prompt)
+    assert torch.equal(want.velocity, got.velocity) and torch.equal(want.logits, got.logits)
+
+
+def test_unmapped_keys_are_an_error_naming_them(model, tmp_path):
+    official = official_state_dict(model)
+    official["_fsdp_wrapped_module.blocks.0.adapter.weight"] = torch.zeros(2)
+    official["mystery_head.bias"] = torch.zeros(2)
+    with pytest.raises(ConversionError, match=r"unmapped official keys: \['blocks.0.adapter.weight', 'mystery_head"):
+        convert_official_state_dict(official, attention_head_dim=16)
+    torch.save(official, tmp_path / "bad.pth")
+    result = runner.invoke(app, ["convert-official", str(tmp_path / "bad.pth"), str(tmp_path / "out"),
+                                 "--attention-head-dim", "16"])  # fmt: skip
+    assert result.exit_code == 1 and "mystery_head.bias" in result.output and not (tmp_path / "out").exists()
+
+
+def test_missing_and_untranslatable_weights_are_errors(model):
+    official = official_state_dict(model)
+    del official["_fsdp_wrapped_module._orig_mod.blocks.1._fsdp_wrapped_module.ffn_t.net.2.bias"]
+    with pytest.raises(ConversionError, match=r"not filled \['blocks.1.ffn_t.net.2.bias'\]"):
+        convert_official_state_dict(official, attention_head_dim=16)
+    official = official_state_dict(model)
+    official["_fsdp_wrapped_module._orig_mod.text_head.norm_final.weight"] *= 1.5
+    with pytest.raises(ConversionError, match="norm_final.weight is not all ones"):
+        convert_official_state_dict(official, attention_head_dim=16)

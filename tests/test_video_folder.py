@@ -1,0 +1,144 @@
+"""Video folders: captions, decoding to clips, and the latent cache over broken files (all skipped, listed)."""
+
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from univigu.cli import app
+from univigu.data.video_folder import VideoReadError, load_clip, read_captions
+from univigu.data.video_io import write_video
+from wan_fixture import FRAMES, HEIGHT, WIDTH, build_wan_folder
+
+runner = CliRunner()
+
+
+def _moving(frames: int, height: int, width: int) -> np.ndarray:
+    """A bright bar moving right: frame i has its bar at column i (so the frame index is readable)."""
+    video = np.zeros((frames, height, width, 3), dtype=np.uint8)
+    for i in range(frames):
+        video[i, :, (2 * i) % width] = 255
+    return video
+
+
+def _write_gray(path, frames: int, size: int) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "gray"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size), 20 * i, dtype=np.uint8), format="gray")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    """Two good wide clips, one tall clip, and five bad files, with a JSONL of captions."""
+    root = tmp_path_factory.mktemp("videos")
+    write_video(root / "good0.mp4", _moving(12, 24, 32), fps=8)
+    write_video(root / "good1.mp4", _moving(12, 24, 40), fps=8)
+    write_video(root / "tall.mp4", _moving(12, 40, 24), fps=8)
+    _write_gray(root / "gray.mkv", 12, 24)
+    (root / "corrupt.mp4").write_bytes(b"this is not a video at all" * 10)
+    whole = (root / "good0.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(whole[: len(whole) // 3])
+    write_video(root / "short.mp4", _moving(2, 24, 32), fps=8)  # 2 frames: too few for 5
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(root / "dot.gif", save_all=True,
+                                               append_images=[Image.new("RGB", (1, 1))] * 6, duration=125)  # fmt: skip
+    rows = [("good0.mp4", "a bar moves right", "a white bar moves right on black"), ("good1.mp4", "a bar", ""),
+            ("tall.mp4", "", "a tall clip"), ("gray.mkv", "a gray clip", "it gets brighter"),
+            ("corrupt.mp4", "x", "x"), ("truncated.mp4", "x", "x"), ("short.mp4", "x", "x"), ("dot.gif", "x", "x")]  # fmt: skip
+    (root / "captions.jsonl").write_text("".join(json.dumps({"video": v, "prompt": p, "caption": c}) + "\n"
+                                                 for v, p, c in rows))  # fmt: skip
+    return root
+
+
+def test_captions_and_clips(video_dir):
+    records = read_captions(video_dir)
+    assert [r.path.name for r in records][:3] == ["good0.mp4", "good1.mp4", "tall.mp4"]
+    assert records[1].caption == "a bar" and records[2].prompt == "a tall clip"  # a missing text takes the other
+    clip = load_clip(video_dir / "good0.mp4", frames=5, height=16, width=16, fps=4)
+    assert clip.shape == (5, 16, 16, 3) and clip.dtype == torch.uint8
+    # 4 fps from an 8 fps file: every other frame; the bar of frame i sits at column 2i of 32, cropped 4..28
+    bars = [int(f[..., 0].float().mean(0).argmax()) for f in load_clip(video_dir / "good0.mp4", 5, 24, 32, fps=4)]
+    assert bars == [0, 4, 8, 12, 16]
+    gray = load_clip(video_dir / "gray.mkv", 5, 16, 16, fps=None)
+    assert gray.shape == (5, 16, 16, 3) and torch.equal(gray[..., 0], gray[..., 2])
+
+
+@pytest.mark.parametrize("name, message", [("corrupt.mp4", "cannot decode|corrupt"), ("truncated.mp4", "trunc|corrupt"),
+                                           ("short.mp4", "too short"), ("dot.gif", "1x1 pixels"),
+                                           ("missing.mp4", "not found")])  # fmt: skip
+def test_bad_videos_say_why(video_dir, name, message):
+    with pytest.raises(VideoReadError, match=message):
+        load_clip(video_dir / name, frames=5, height=16, width=16, fps=4)
+
+
+def test_bad_captions_file(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"video": "a.mp4"}) + "\n")
+    with pytest.raises(ValueError, match="needs a video path and a prompt or caption"):
+        read_captions(tmp_path)
+
+
+def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, tmp_path):
+    wan = build_wan_folder(tmp_path / "wan")
+    out = tmp_path / "cache"
+    args = ["cache-latents", str(wan), str(video_dir), str(out), "--frames", str(FRAMES), "--fps", "4",
+            "--size", f"{HEIGHT}x{WIDTH}", "--size", "24x16", "--shard-size", "3", "--dtype", "float32"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_videos"] == 4 and index["num_skipped"] == 4
+    assert {b: sum(v["counts"]) for b, v in index["buckets"].items()} == {"16x16": 3, "24x16": 1}  # tall -> 24x16
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(s["video"].rsplit("/", 1)[1] for s in skipped) == ["corrupt.mp4", "dot.gif", "short.mp4",
+                                                                      "truncated.mp4"]  # fmt: skip
+    assert result.output.count("skipped:") == 4 and "1x1 pixels" in result.output
+    assert [n["video"].rsplit("/", 1)[1] for n in index["notes"]] == ["gray.mkv"]
+
+    from univigu.data.latent_cache import LatentCacheDataset
+    from univigu.models.wan import WanComponents
+
+    with pytest.raises(ValueError, match="choose one of"):
+        LatentCacheDataset(out)
+    data = LatentCacheDataset(out, "16x16")
+    item = data[0]
+    assert item["video"].shape == (4, 2, 4, 4) and item["prompt_states"].shape == (512, 32)
+    assert item["prompt"] == "a bar moves right" and item["caption"] == "a white bar moves right on black"
+    components = WanComponents.from_folder(wan)
+    clip = load_clip(video_dir / "good0.mp4", FRAMES, HEIGHT, WIDTH, fps=4)
+    torch.testing.assert_close(item["video"], components.encode_video(clip[None])[0])
+    states, _ = components.encode_prompts([item["prompt"]])
+    torch.testing.assert_close(item["prompt_states"], states[0])
+
+    # a rerun skips finished chunks: delete one shard's done marker, only that chunk is redone
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
+    (out / "shards" / "chunk_00001.done.json").unlink()
+    assert runner.invoke(app, args).exit_code == 0
+    again = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
+    assert [n for n in stamps if again[n] != stamps[n]] == [n for n in stamps if n.startswith("chunk_00001")]
+    assert json.loads((out / "index.json").read_text())["num_videos"] == 4
+
+    # the same trainer trains the unified model on the cache: 3 steps, a pipeline with the VAE comes out
+    from univigu import UniViGUPipeline
+    from univigu.training.stages import load_config, run_stage
+
+    cfg = load_config(None, [
+        "stage=recall", f"init_from={wan}", f"data={{kind: latent_cache, path: '{out}', bucket: 16x16}}",
+        "pipeline={text_length: 8}", "text_target=caption", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3",
+        "train.batch_size=2", "train.log_every=1", "train.save_every=3", "train.gradient_checkpointing=true",
+    ])  # fmt: skip
+    final = run_stage(cfg)
+    losses = (tmp_path / "run" / "losses.csv").read_text().splitlines()
+    assert len(losses) == 4 and all(np.isfinite(float(v)) for v in losses[-1].split(",")[1:3])
+    pipe = UniViGUPipeline.from_pretrained(final)
+    assert (pipe.config.frames, pipe.config.height, pipe.config.width) == (FRAMES, HEIGHT, WIDTH)
+    assert pipe.text_to_video(["a bar"], num_steps=1, progress=False).videos.shape == (1, FRAMES, HEIGHT, WIDTH, 3)

@@ -1,0 +1,71 @@
+"""`univigu cache-latents` and `univigu convert-official`: the Wan-scale data and checkpoint commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def cache_latents(
+    wan: Path = typer.Argument(..., help="Wan2.1 diffusers folder (transformer/, vae/, text_encoder/, tokenizer/)."),
+    videos: Path = typer.Argument(..., help="Folder of videos with one captions file (*.jsonl or *.csv)."),
+    out: Path = typer.Argument(..., help="Cache folder to write (a rerun resumes: finished shards are skipped)."),
+    captions: Path | None = typer.Option(None, help="Captions file (default: the one *.jsonl / *.csv in VIDEOS)."),
+    frames: int = typer.Option(81, min=1, help="Frames per clip (4k+1 for the Wan VAE)."),
+    fps: float = typer.Option(16.0, min=0.0, help="Resample to this frame rate (0: the file's own)."),
+    size: list[str] = typer.Option(["480x832"], help="Bucket size HxW; repeat for several buckets."),
+    shard_size: int = typer.Option(64, min=1, help="Videos per shard."),
+    batch_size: int = typer.Option(4, min=1, help="Videos per VAE call."),
+    dtype: str = typer.Option("bfloat16", help="Stored dtype: bfloat16, float16 or float32."),
+    device: str = typer.Option("cpu", help="Where the VAE and umT5 run, e.g. cuda."),
+) -> None:
+    """Encode a video folder to Wan VAE latents and umT5 prompt states, sharded on disk for training."""
+    import torch
+
+    from univigu.data.latent_cache import CacheSettings, build_latent_cache
+    from univigu.data.video_folder import read_captions
+    from univigu.models.wan import WanComponents
+
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise typer.BadParameter(f"dtype must be bfloat16, float16 or float32, got {dtype!r}", param_hint="--dtype")
+    try:
+        buckets = tuple(tuple(int(v) for v in s.lower().split("x")) for s in size)
+        if any(len(b) != 2 for b in buckets):
+            raise ValueError
+    except ValueError:
+        raise typer.BadParameter(f"sizes must look like 480x832, got {size}", param_hint="--size") from None
+    settings = CacheSettings(frames=frames, fps=fps or None, buckets=buckets, shard_size=shard_size,
+                             batch_size=batch_size, dtype=dtype)  # fmt: skip
+    try:
+        records = read_captions(videos, captions)
+        components = WanComponents.from_folder(wan, torch_dtype=torch.bfloat16 if device != "cpu" else torch.float32)
+        components.codec.vae.to(device)
+        components.prompt_encoder.to(device)
+        index = build_latent_cache(records, out, components, settings, log=typer.echo)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(f"wrote {out / 'index.json'} ({index['num_videos']} videos, {index['num_skipped']} skipped)")
+
+
+def convert_official(
+    checkpoint: Path = typer.Argument(..., help="Released Uni-ViGU checkpoint (.pth / .pt / .safetensors)."),
+    out_dir: Path = typer.Argument(..., help="Where to write our transformer folder (config.json + safetensors)."),
+    attention_head_dim: int = typer.Option(128, min=6, help="Head size (not readable from the shapes); Wan's is 128."),
+    vocab_size: int | None = typer.Option(None, help="Text vocabulary size (default: vocab_embed rows; one more row "
+                                          "means a mask token)."),  # fmt: skip
+) -> None:
+    """Map an official Uni-ViGU state dict to UniViGUTransformer; any unmapped key is an error."""
+    from univigu.models.convert import ConversionError, convert_official_checkpoint
+
+    if not checkpoint.is_file():
+        raise typer.BadParameter(f"no such file: {checkpoint}", param_hint="CHECKPOINT")
+    try:
+        report = convert_official_checkpoint(checkpoint, out_dir, attention_head_dim, vocab_size)
+    except ConversionError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"mapped {len(report.mapped)} tensors; dropped {len(report.dropped)} (recomputed or identity): "
+               f"{report.dropped}")  # fmt: skip
+    typer.echo(f"config: {report.config}")
+    typer.echo(f"wrote {out_dir}")

@@ -1,0 +1,247 @@
+"""A sharded on-disk cache of Wan VAE latents and umT5 prompt states, so training never runs either.
+
+Layout of a cache folder (`build_latent_cache`, the `univigu cache-latents` command):
+
+    index.json                         settings, buckets, shards (written last; rebuilt on every run)
+    null_prompt.safetensors            the empty prompt's states (the guidance / dropped-condition input)
+    shards/chunk_00012_480x832.safetensors   latents [N, C, T', H', W'], prompt_states [N, S, D] cut at the
+                                       longest prompt of the shard, prompt_lengths [N]; metadata: the
+                                       records (video path, prompt, caption) as JSON
+    shards/chunk_00012.done.json       what chunk 12 (records 12*S .. 13*S-1) wrote and skipped
+    skipped.jsonl                      every video skipped and why (also printed)
+
+Records are processed in chunks of `shard_size` in the caption file's order; a chunk whose `.done.json`
+exists is skipped on a rerun, so an interrupted run resumes where it stopped. Each video goes to the
+size bucket (height x width) nearest its aspect ratio; a chunk writes one shard per bucket it touches.
+A video that cannot be read (missing, corrupt, truncated, too short, too small) is skipped and listed,
+never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import av
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from univigu.data.video_folder import VideoReadError, VideoRecord, load_clip
+
+__all__ = ["CacheSettings", "build_latent_cache", "LatentCacheDataset", "LatentCodec", "collate_latents"]
+
+
+@dataclass
+class CacheSettings:
+    frames: int = 81
+    fps: float | None = 16.0  # None: the file's own frame rate
+    buckets: tuple[tuple[int, int], ...] = ((480, 832),)  # (height, width) sizes
+    shard_size: int = 64  # records per chunk
+    batch_size: int = 4  # videos per VAE call
+    dtype: str = "bfloat16"  # stored dtype of latents and prompt states
+    min_side: int = 16  # videos smaller than this (pixels) are skipped
+
+
+def bucket_name(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def nearest_bucket(height: int, width: int, buckets: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log ratio) to the video's."""
+    return min(buckets, key=lambda b: abs(math.log((width / height) / (b[1] / b[0]))))
+
+
+def _probe(path: Path) -> tuple[int, int, str]:
+    """(height, width, pixel format) of the first video stream, without decoding."""
+    if not path.is_file():
+        raise VideoReadError(f"video file not found: {path}")
+    if path.stat().st_size == 0:
+        raise VideoReadError(f"video file is empty (0 bytes): {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"no video stream in {path}")
+            ctx = container.streams.video[0].codec_context
+            return ctx.height, ctx.width, ctx.pix_fmt or ""
+    except av.error.FFmpegError as error:
+        raise VideoReadError(f"cannot open {path} (corrupt?): {error}") from error
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_json(data: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, wan: Any, settings: CacheSettings,
+                       log: Callable[[str], None] = print) -> dict:  # fmt: skip
+    """Encode `records` with `wan` (a `WanComponents`) into a cache folder; returns the index.
+
+    Each bucket size is checked against the VAE first (ValueError naming the nearest valid size)."""
+    out = Path(out_dir)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, settings.dtype)
+    buckets = tuple(tuple(b) for b in settings.buckets)
+    for h, w in buckets:
+        wan.codec.check_size(settings.frames, h, w)
+    null_file = out / "null_prompt.safetensors"
+    if not null_file.exists():
+        states, mask = wan.encode_prompts([""])
+        _atomic_save({"prompt_states": states.to(dtype)[:, : int(mask.sum())]}, null_file, {})
+
+    chunks = range(0, len(records), settings.shard_size)
+    for start in tqdm(chunks, desc="cache-latents", unit="chunk"):
+        chunk = start // settings.shard_size
+        done = out / "shards" / f"chunk_{chunk:05d}.done.json"
+        if done.exists():
+            continue
+        groups: dict[tuple[int, int], list[tuple[VideoRecord, Tensor]]] = defaultdict(list)
+        skipped, notes = [], []
+        for record in records[start : start + settings.shard_size]:
+            try:
+                h, w, pix_fmt = _probe(record.path)
+                bucket = nearest_bucket(h, w, buckets)
+                clip = load_clip(record.path, settings.frames, *bucket, fps=settings.fps, min_side=settings.min_side)
+            except VideoReadError as error:
+                skipped.append({"video": str(record.path), "reason": str(error)})
+                log(f"skipped: {error}")
+                continue
+            if pix_fmt.startswith("gray"):
+                notes.append({"video": str(record.path), "note": f"grayscale ({pix_fmt}), expanded to RGB"})
+            groups[bucket].append((record, clip))
+        shards = {}
+        for bucket, items in groups.items():
+            latents = []
+            for i in range(0, len(items), settings.batch_size):
+                latents.append(wan.encode_video(torch.stack([clip for _, clip in items[i : i + settings.batch_size]])))
+            states, mask = wan.encode_prompts([r.prompt for r, _ in items])
+            lengths = mask.sum(1)
+            name = f"chunk_{chunk:05d}_{bucket_name(bucket)}.safetensors"
+            meta = [{"video": str(r.path), "prompt": r.prompt, "caption": r.caption} for r, _ in items]
+            _atomic_save({"latents": torch.cat(latents).to(dtype), "prompt_states": states[:, : int(lengths.max())]
+                          .to(dtype), "prompt_lengths": lengths}, out / "shards" / name,
+                         {"records": json.dumps(meta)})  # fmt: skip
+            shards[name] = {"bucket": bucket_name(bucket), "count": len(items)}
+        _atomic_json({"shards": shards, "skipped": skipped, "notes": notes}, done)
+
+    return _write_index(out, settings, len(chunks), log)
+
+
+def _write_index(out: Path, settings: CacheSettings, num_chunks: int, log: Callable[[str], None]) -> dict:
+    """index.json and skipped.jsonl from every chunk's done file."""
+    buckets: dict[str, dict] = {}
+    skipped, notes = [], []
+    with safe_open(out / "null_prompt.safetensors", "pt") as f:
+        prompt_dim = f.get_slice("prompt_states").get_shape()[-1]
+    for chunk in range(num_chunks):
+        done = json.loads((out / "shards" / f"chunk_{chunk:05d}.done.json").read_text())
+        skipped += done["skipped"]
+        notes += done["notes"]
+        for name, info in done["shards"].items():
+            entry = buckets.setdefault(info["bucket"], {"shards": [], "counts": []})
+            entry["shards"].append(f"shards/{name}")
+            entry["counts"].append(info["count"])
+    for entry in buckets.values():
+        with safe_open(out / entry["shards"][0], "pt") as f:
+            entry["latent_shape"] = f.get_slice("latents").get_shape()[1:]
+    index = {"version": 1, "settings": asdict(settings), "prompt_dim": prompt_dim, "buckets": buckets,
+             "num_videos": sum(sum(b["counts"]) for b in buckets.values()), "num_skipped": len(skipped),
+             "notes": notes}  # fmt: skip
+    with (out / "skipped.jsonl").open("w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in skipped)
+    _atomic_json(index, out / "index.json")
+    log(f"cached {index['num_videos']} videos in {len(buckets)} bucket(s) {sorted(buckets)}; "
+        f"skipped {len(skipped)} (listed in {out / 'skipped.jsonl'})")  # fmt: skip
+    return index
+
+
+class LatentCacheDataset(Dataset):
+    """The videos of one bucket of a latent cache. Item: {"video": latents [C, T', H', W'] float32,
+    "prompt_states": [prompt_length, D] float32 (zero past the prompt), "prompt": str, "caption": str}.
+
+    bucket: "HxW"; None picks the only bucket (an error naming them when there are several: batches must
+    share a size, so train one bucket per stage)."""
+
+    def __init__(self, path: str | os.PathLike, bucket: str | None = None, prompt_length: int = 512) -> None:
+        self.path = Path(path)
+        index_file = self.path / "index.json"
+        if not index_file.exists():
+            raise FileNotFoundError(f"{self.path} is not a latent cache (no index.json); build one with "
+                                    "`univigu cache-latents`")  # fmt: skip
+        self.index = json.loads(index_file.read_text())
+        buckets = self.index["buckets"]
+        if bucket is None and len(buckets) == 1:
+            bucket = next(iter(buckets))
+        if bucket not in buckets:
+            counts = {b: sum(v["counts"]) for b, v in buckets.items()}
+            raise ValueError(f"bucket {bucket!r} is not in the cache; choose one of {counts} (videos per bucket)")
+        self.bucket, self.prompt_length = bucket, prompt_length
+        entry = buckets[bucket]
+        self.latent_shape = tuple(entry["latent_shape"])
+        self.rows = [(shard, row) for shard, n in zip(entry["shards"], entry["counts"]) for row in range(n)]
+        self._records: dict[str, list[dict]] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def frame_size(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the videos in pixels."""
+        h, w = map(int, self.bucket.split("x"))
+        return self.index["settings"]["frames"], h, w
+
+    def null_prompt_states(self) -> Tensor:
+        """[1, prompt_length, D] float32: the empty prompt's states, zero-padded."""
+        with safe_open(self.path / "null_prompt.safetensors", "pt") as f:
+            return self._pad(f.get_tensor("prompt_states")[0])[None]
+
+    def _pad(self, states: Tensor) -> Tensor:
+        out = states.new_zeros(self.prompt_length, states.shape[-1], dtype=torch.float32)
+        out[: len(states)] = states.float()
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        shard, row = self.rows[index]
+        with safe_open(self.path / shard, "pt") as f:  # memory-mapped: reads only this row
+            if shard not in self._records:
+                self._records[shard] = json.loads(f.metadata()["records"])
+            length = int(f.get_slice("prompt_lengths")[row : row + 1][0])
+            states = f.get_slice("prompt_states")[row : row + 1][0, :length]
+            latents = f.get_slice("latents")[row : row + 1][0].float()
+        record = self._records[shard][row]
+        return {"video": latents, "prompt_states": self._pad(states), "prompt": record["prompt"],
+                "caption": record["caption"]}  # fmt: skip
+
+
+def collate_latents(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack latents [B, C, T', H', W'] and prompt states [B, S, D]; keep texts as lists."""
+    return {
+        "video": torch.stack([it["video"] for it in items]),
+        "prompt_states": torch.stack([it["prompt_states"] for it in items]),
+        "prompt": [it["prompt"] for it in items],
+        "caption": [it["caption"] for it in items],
+    }
+
+
+class LatentCodec:
+    """The codec of cached data: the batch already holds the latents [B, C, T', H', W']."""
+
+    def encode(self, latents: Tensor) -> Tensor:
+        if not latents.is_floating_point() or latents.ndim != 5:
+            raise ValueError(f"expected float latents [B, C, T, H, W], got {latents.dtype} {tuple(latents.shape)}")
+        return latents.float()

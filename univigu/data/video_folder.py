@@ -1,0 +1,124 @@
+"""A folder of real videos with captions: listing, decoding to a fixed clip, and why a file was skipped.
+
+Captions come from a JSONL or CSV file next to the videos, one record per video:
+
+    {"video": "clips/0001.mp4", "prompt": "a dog runs on a beach", "caption": "A brown dog ..."}
+
+`video` (also `path` / `file`) is relative to the folder; `prompt` (short) and `caption` (detailed)
+are both optional but at least one is needed (a missing one takes the other's text). Each video is
+decoded with PyAV, resampled to `fps` (frames picked at the target rate from the start; a clip too
+short for `frames` frames at that rate is an error, not padded), resized so that it covers the
+target size and centre-cropped to it (aspect kept), grayscale expanded to RGB by the decoder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from univigu.data.video_io import VideoReadError
+
+__all__ = ["VideoRecord", "read_captions", "load_clip", "VideoReadError"]
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    path: Path
+    prompt: str
+    caption: str
+
+
+def read_captions(folder: str | os.PathLike, captions: str | os.PathLike | None = None) -> list[VideoRecord]:
+    """Records of a captions file (default: the only *.jsonl or *.csv in `folder`); paths resolved in `folder`."""
+    folder = Path(folder)
+    if captions is None:
+        found = sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.csv"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{folder}: expected one captions file (*.jsonl or *.csv), found "
+                                    f"{[p.name for p in found]}; pass it explicitly")  # fmt: skip
+        captions = found[0]
+    captions = Path(captions)
+    if captions.suffix == ".jsonl":
+        rows = [json.loads(line) for line in captions.read_text().splitlines() if line.strip()]
+    elif captions.suffix == ".csv":
+        with captions.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise ValueError(f"captions must be .jsonl or .csv, got {captions}")
+    records = []
+    for i, row in enumerate(rows):
+        name = row.get("video") or row.get("path") or row.get("file")
+        prompt, caption = (row.get("prompt") or "").strip(), (row.get("caption") or "").strip()
+        if not name or not (prompt or caption):
+            raise ValueError(f"{captions} record {i + 1} needs a video path and a prompt or caption: {row}")
+        records.append(VideoRecord(folder / name, prompt or caption, caption or prompt))
+    return records
+
+
+def _resize_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> [T, height, width, 3]: scale to cover (bilinear, antialiased), centre crop."""
+    h, w = video.shape[1:3]
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    x = video.permute(0, 3, 1, 2).float()
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    x = x[:, :, top : top + height, left : left + width]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def load_clip(path: str | os.PathLike, frames: int, height: int, width: int, fps: float | None = None,
+              min_side: int = 16) -> torch.Tensor:  # fmt: skip
+    """The first `frames` frames of a video at `fps` (None: the file's own rate), resized and centre-cropped
+    to uint8 [frames, height, width, 3]. Raises VideoReadError saying why a file cannot give such a clip
+    (missing, empty, corrupt or truncated, no video stream, too short, smaller than `min_side` pixels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"video file not found: {path}")
+    if path.stat().st_size == 0:
+        raise VideoReadError(f"video file is empty (0 bytes): {path}")
+    decoded, times = [], []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"no video stream in {path}")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+            step = 1.0 / fps if fps else None
+            for frame in container.decode(stream):
+                t = float(frame.time) if frame.time is not None else len(decoded) / (rate or 1.0)
+                decoded.append(frame.to_ndarray(format="rgb24"))  # grayscale and yuv alike become RGB
+                times.append(t)
+                if step is None and len(decoded) >= frames:
+                    break
+                if step is not None and t - times[0] >= (frames - 1) * step + step / 2:
+                    break
+    except av.error.FFmpegError as error:
+        raise VideoReadError(f"cannot decode {path} (corrupt or truncated?): {error}") from error
+    if not decoded:
+        raise VideoReadError(f"video has zero decodable frames (truncated or corrupt?): {path}")
+    h, w = decoded[0].shape[:2]
+    if min(h, w) < min_side:
+        raise VideoReadError(f"video is {w}x{h} pixels, smaller than the {min_side}-pixel minimum: {path}")
+    if fps:  # nearest decoded frame at each target time from the first one
+        stamps = np.asarray(times) - times[0]
+        targets = np.arange(frames) / fps
+        index = np.abs(stamps[None, :] - targets[:, None]).argmin(axis=1)
+        if targets[-1] > stamps[-1] + 1.0 / (rate or fps):
+            raise VideoReadError(f"video is too short: {stamps[-1] + 1 / (rate or fps):.2f} s decoded, {frames} "
+                                 f"frames at {fps:g} fps need {frames / fps:.2f} s: {path}")  # fmt: skip
+    else:
+        if len(decoded) < frames:
+            raise VideoReadError(f"video has {len(decoded)} frames, {frames} needed: {path}")
+        index = np.arange(frames)
+    video = torch.from_numpy(np.stack([decoded[i] for i in index]))
+    return _resize_crop(video, height, width)
