@@ -203,3 +203,26 @@ def export(
     pipe.save_pretrained(target, dtype=getattr(torch, dtype))
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     typer.echo(f"wrote {target} ({size / 2**20:.1f} MiB, {dtype} weights)")
+
+
+def serve(
+    model: Path = typer.Option(None, help=MODEL_HELP),
+    device: str = typer.Option(None, help=DEVICE_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 opens the app to the network)."),
+    port: int = typer.Option(7860, min=1, max=65535),
+    out: Path = typer.Option(Path("outputs/serve"), help="Output folder."),
+) -> None:
+    """The local demo app (Gradio; install with `pip install 'univigu[app]'`): text to video, video to text
+    and joint generation in three tabs."""
+    from univigu import app
+
+    try:
+        app.require_gradio()
+    except ImportError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from error
+    try:
+        demo = app.Demo(model, device, out)
+    except (FileNotFoundError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--model") from error
+    app.serve(demo, host, port)

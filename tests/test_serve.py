@@ -1,0 +1,96 @@
+"""`univigu serve`: the demo app started for real on a loopback port, each tab called with gradio_client."""
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from univigu.cli import app
+
+pytest.importorskip("gradio", reason="the app extra: pip install -e '.[app]'")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The shipped model served on a free port; yields (client, output folder)."""
+    from gradio_client import Client
+
+    out, port = tmp_path_factory.mktemp("serve"), _free_port()
+    log = open(out.parent / "serve.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "univigu", "serve", "--port", str(port), "--out", str(out),
+                                "--device", "cpu"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = Client(url, verbose=False, download_files=str(out / "downloads"))
+                break
+            except Exception:  # not up yet
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start: {(out.parent / 'serve.log').read_text()}")
+                time.sleep(1)
+        yield client, out
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def _frames(path: str) -> int:
+    import av
+
+    with av.open(path) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def test_each_tab_returns_a_playable_video_or_a_caption(server):
+    client, out = server
+    assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
+        "/text_to_video", "/world_sample", "/video_to_text", "/joint"}  # fmt: skip
+
+    video, sidecar, page = client.predict("a red circle moves right", 5, 3, 3.0, api_name="/text_to_video")
+    assert video.endswith(".mp4") and _frames(video) == 16 and page.endswith(".html")
+    record = json.loads(Path(sidecar).read_text())
+    assert record["prompt"] == "a red circle moves right" and record["seed"] == 5 and record["steps"] == 3
+    assert record["model"].endswith("toy-model") and record["seconds"] > 0
+    assert (out / "a-red-circle-moves-right_seed5.mp4").exists()  # named from the prompt and the seed
+
+    from gradio_client import handle_file
+
+    clip = client.predict(1, api_name="/world_sample")
+    caption, sidecar, page = client.predict(handle_file(clip), 0, 3, "", api_name="/video_to_text")
+    assert caption.strip() and json.loads(Path(sidecar).read_text())["caption"] == caption
+
+    video, caption, sidecar, page = client.predict("a blue square grows", 0, 3, 3.0, api_name="/joint")
+    assert _frames(video) == 16 and caption.strip() and "noise level" in Path(page).read_text()
+
+
+def test_bad_input_is_a_clear_message(server):
+    from gradio_client.exceptions import AppError
+
+    client, _ = server
+    with pytest.raises(AppError, match="write a prompt first"):
+        client.predict("  ", 0, 2, 3.0, api_name="/joint")
+
+
+def test_serve_errors_before_starting(tmp_path, monkeypatch):
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path)])
+    message = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # the error box unwrapped
+    assert result.exit_code == 2 and "is not a univigu pipeline folder" in message
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if the app extra were not installed
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 1 and "pip install 'univigu[app]'" in result.output

@@ -1,0 +1,191 @@
+"""The local demo app (`univigu serve`, extra `univigu[app]`): text to video, video to text and joint
+generation in three Gradio tabs, each writing its outputs (video, sidecar JSON, trajectory viewer page)
+under one folder, named like the command line's."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+MISSING = "the demo app needs Gradio: pip install 'univigu[app]'"
+
+
+def require_gradio():
+    """Gradio, imported on first use so that the core package never needs it."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app phones nobody
+    try:
+        import gradio
+    except ImportError as error:
+        raise ImportError(MISSING) from error
+    return gradio
+
+
+class Demo:
+    """The app's three tasks on one loaded pipeline; each returns the paths it wrote."""
+
+    def __init__(self, model: str | Path | None = None, device: str | None = None,
+                 out: str | Path = "outputs/serve") -> None:  # fmt: skip
+        import torch
+
+        from univigu import DEFAULT_MODEL
+        from univigu.pipelines import UniViGUPipeline
+
+        self.model = Path(model or DEFAULT_MODEL)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        start = time.perf_counter()
+        self.pipe = UniViGUPipeline.from_pretrained(self.model, device=device)
+        self.load_s = time.perf_counter() - start
+        self.out = Path(out)
+
+    def _sample(self, method: str, *args: Any, progress: Any = None, **kwargs: Any):
+        from univigu.outputs import timed_sample
+
+        steps = kwargs.get("num_steps") or self.pipe.config.num_steps
+        on_step = (lambda i: progress((i + 1) / steps, desc=f"step {i + 1} / {steps}")) if progress else None
+        return timed_sample(self.pipe, method, *args, trajectory=True, on_step=on_step, progress=False, **kwargs)
+
+    def _record(self, seed: int, steps: int | None, seconds: float) -> dict[str, Any]:
+        from univigu.outputs import run_record
+
+        return run_record(self.pipe, self.model, seed, steps, self.load_s, seconds)
+
+    def text_to_video(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+                      progress: Any = None) -> tuple[str, str, str]:  # fmt: skip
+        """A video for `prompt`: (mp4, sidecar JSON, trajectory page)."""
+        from univigu.outputs import save_sample, save_trajectory, slug
+
+        seed, steps = int(seed), int(steps) if steps else None
+        result, seconds, times = self._sample("text_to_video", [_prompt(prompt)], seed=seed, num_steps=steps,
+                                              guidance_scale=guidance, progress=progress)  # fmt: skip
+        stem = f"{slug(prompt)}_seed{seed}"
+        record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": self.pipe._scale(guidance),
+                  **self._record(seed, steps, seconds)}  # fmt: skip
+        record["files"] = save_trajectory(self.out / f"{stem}.html", self.pipe, result, 0,
+                                          f"text to video: {prompt}", record, times)  # fmt: skip
+        files = save_sample(self.out, stem, result.videos[0], record)
+        return files["mp4"], files["json"], files["trajectory"]
+
+    def video_to_text(self, video: str, seed: int = 0, steps: int | None = None, instruction: str = "",
+                      progress: Any = None) -> tuple[str, str, str]:  # fmt: skip
+        """A caption for the video file at `video`: (caption, sidecar JSON, trajectory page)."""
+        from univigu.data.video_io import read_video
+        from univigu.outputs import save_sample, save_trajectory
+
+        if not video:
+            raise ValueError("upload a video, or render a world sample first")
+        c = self.pipe.config
+        frames = read_video(video, num_frames=c.frames, size=(c.height, c.width)).numpy()
+        seed, steps = int(seed), int(steps) if steps else None
+        result, seconds, times = self._sample("video_to_text", frames[None], seed=seed, num_steps=steps,
+                                              instruction=instruction or None, progress=progress)  # fmt: skip
+        stem = f"{Path(video).stem}_caption_seed{seed}"
+        record = {"task": "video_to_text", "video": Path(video).name, "caption": result.texts[0],
+                  "instruction": instruction or None, **self._record(seed, steps, seconds)}  # fmt: skip
+        record["files"] = save_trajectory(self.out / f"{stem}.html", self.pipe, result, 0,
+                                          f"video to text: {Path(video).name}", record, times, video=frames)  # fmt: skip
+        files = save_sample(self.out, stem, None, record)
+        return result.texts[0], files["json"], files["trajectory"]
+
+    def joint(self, prompt: str, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+              progress: Any = None) -> tuple[str, str, str, str]:  # fmt: skip
+        """A video and its caption for `prompt`, denoised together: (mp4, caption, sidecar JSON, trajectory)."""
+        from univigu.outputs import save_sample, save_trajectory, slug
+
+        seed, steps = int(seed), int(steps) if steps else None
+        result, seconds, times = self._sample("generate", [_prompt(prompt)], seed=seed, num_steps=steps,
+                                              guidance_scale=guidance, progress=progress)  # fmt: skip
+        stem = f"{slug(prompt)}_joint_seed{seed}"
+        record = {"task": "joint", "prompt": prompt, "caption": result.texts[0],
+                  "guidance_scale": self.pipe._scale(guidance), **self._record(seed, steps, seconds)}  # fmt: skip
+        record["files"] = save_trajectory(self.out / f"{stem}.html", self.pipe, result, 0,
+                                          f"joint generation: {prompt}", record, times)  # fmt: skip
+        files = save_sample(self.out, stem, result.videos[0], record)
+        return files["mp4"], result.texts[0], files["json"], files["trajectory"]
+
+    def world_sample(self, index: int = 0, split: str = "test") -> str:
+        """Render sample `index` of a world split (not trained on for test) to an mp4; returns its path."""
+        from univigu.data.video_io import write_video
+        from univigu.data.world import World, WorldConfig
+
+        c = self.pipe.config
+        world = World(WorldConfig(height=c.height, width=c.width, frames=c.frames))
+        video = world.render(world.scenes(split, [int(index)]))[0]
+        scale = max(1, 128 // max(c.height, c.width))
+        return str(write_video(self.out / f"world-{split}-{int(index)}.mp4", video, fps=c.fps, scale=scale))
+
+
+def _prompt(prompt: str) -> str:
+    if not prompt or not prompt.strip():
+        raise ValueError("write a prompt first")
+    return prompt.strip()
+
+
+def build_app(demo: Demo):
+    """The Gradio Blocks of the app. API names: /text_to_video, /world_sample, /video_to_text, /joint."""
+    gr = require_gradio()
+    c = demo.pipe.config
+
+    def run(task, *args, progress):
+        """Bad input shows as a message in the app rather than a stack trace."""
+        try:
+            return task(*args, progress=progress)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+
+    # gradio finds its progress tracker by a parameter's default, so each task gets an explicit signature
+    def text_to_video(prompt, seed, steps, guidance, progress=gr.Progress()):
+        return run(demo.text_to_video, prompt, seed, steps, guidance, progress=progress)
+
+    def video_to_text(video, seed, steps, instruction, progress=gr.Progress()):
+        return run(demo.video_to_text, video, seed, steps, instruction, progress=progress)
+
+    def joint(prompt, seed, steps, guidance, progress=gr.Progress()):
+        return run(demo.joint, prompt, seed, steps, guidance, progress=progress)
+
+    def controls(guidance: bool = True) -> list:
+        with gr.Row():
+            seed = gr.Number(value=0, precision=0, label="seed", minimum=0)
+            steps = gr.Slider(1, 100, value=c.num_steps, step=1, label="sampling steps")
+            scale = gr.Slider(1.0, 10.0, value=c.guidance_scale, step=0.5, label="guidance scale", visible=guidance)
+        return [seed, steps, scale] if guidance else [seed, steps]
+
+    with gr.Blocks(title="Uni-ViGU") as app:
+        gr.Markdown(f"# Uni-ViGU\nOne diffusion transformer: text to video, video to text, and both at once. "
+                    f"Model: `{demo.model}` ({c.frames} frames of {c.height}x{c.width}).")  # fmt: skip
+        with gr.Tab("Text to video"):
+            prompt = gr.Textbox("a red circle moves right", label="prompt")
+            settings = controls()
+            go = gr.Button("Generate", variant="primary")
+            video, sidecar, page = gr.Video(label="video", height=320), gr.File(label="sidecar JSON"), gr.File(label="trajectory")
+            go.click(text_to_video, [prompt] + settings, [video, sidecar, page], api_name="text_to_video")
+        with gr.Tab("Video to text"):
+            with gr.Row():
+                source = gr.Video(label="video (upload, or render a world sample)", height=320)
+                with gr.Column():
+                    index = gr.Number(value=0, precision=0, minimum=0, label="world test sample")
+                    render = gr.Button("Render a world sample")
+            instruction = gr.Textbox("", label="instruction (optional)")
+            settings = controls(guidance=False)
+            go = gr.Button("Caption", variant="primary")
+            text, sidecar, page = gr.Textbox(label="caption"), gr.File(label="sidecar JSON"), gr.File(label="trajectory")
+            render.click(demo.world_sample, [index], [source], api_name="world_sample")
+            go.click(video_to_text, [source] + settings + [instruction], [text, sidecar, page], api_name="video_to_text")
+        with gr.Tab("Joint"):
+            prompt = gr.Textbox("a blue square grows", label="prompt")
+            settings = controls()
+            go = gr.Button("Generate both", variant="primary")
+            with gr.Row():
+                video, text = gr.Video(label="video", height=320), gr.Textbox(label="caption")
+            sidecar, page = gr.File(label="sidecar JSON"), gr.File(label="trajectory")
+            go.click(joint, [prompt] + settings, [video, text, sidecar, page], api_name="joint")
+    return app
+
+
+def serve(demo: Demo, host: str = "127.0.0.1", port: int = 7860) -> None:
+    """Serve the app on a loaded `Demo` until interrupted."""
+    gr = require_gradio()
+    demo.out.mkdir(parents=True, exist_ok=True)
+    build_app(demo).queue().launch(server_name=host, server_port=port, share=False, show_error=True,
+                                   allowed_paths=[str(demo.out.resolve())], theme=gr.themes.Default())  # fmt: skip
