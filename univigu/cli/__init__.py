@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from univigu.cli import ablate as ablate_cli
 from univigu.cli import model as model_cli
 from univigu.cli import run as run_cli
 from univigu.cli import train as train_cli
@@ -28,6 +29,8 @@ app.command("serve")(run_cli.serve)
 _EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 app.command("train", context_settings=_EXTRA_ARGS)(train_cli.train)
 app.command("train-all", context_settings=_EXTRA_ARGS)(train_cli.train_all)
+app.command("ablate")(ablate_cli.ablate)
+app.command("ablate-report")(ablate_cli.ablate_report)
 app.command("cache-latents")(wan_cli.cache_latents)
 app.command("convert-official")(wan_cli.convert_official)
 

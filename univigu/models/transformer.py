@@ -222,7 +222,8 @@ def _modulate(x_normed: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class UniViGUBlock(nn.Module):
     """One Wan block shared by both streams, plus the text expert `ffn_t`."""
 
-    def __init__(self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float):
+    def __init__(self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float,
+                 text_expert: bool = True):  # fmt: skip
         super().__init__()
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.attn1 = Attention(dim, heads, eps)
@@ -230,8 +231,14 @@ class UniViGUBlock(nn.Module):
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, ffn_dim)
-        self.ffn_t = FeedForward(dim, ffn_dim)  # text expert; initialised as a copy of `ffn`
+        # text expert, initialised as a copy of `ffn`; None: text goes through `ffn` (the no-MoE ablation)
+        self.ffn_t = FeedForward(dim, ffn_dim) if text_expert else None
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    @property
+    def text_ffn(self) -> nn.Module:
+        """The FFN text tokens go through: the expert, or the video FFN when there is none."""
+        return self.ffn if self.ffn_t is None else self.ffn_t
 
     def _modulation(self, mod: Tensor) -> tuple[Tensor, ...]:
         """One table, a stream's timestep: shift/scale/gate [B, 1, D] for attention (msa) and FFN (c_)."""
@@ -291,7 +298,7 @@ class UniViGUBlock(nn.Module):
 
         # 3. Each modality through its own FFN, with its own modulation.
         x_v = self._feed_forward(self.ffn, x_v, c_shift_v, c_scale_v, c_gate_v)
-        x_t = self._feed_forward(self.ffn_t, x_t, c_shift_t, c_scale_t, c_gate_t)
+        x_t = self._feed_forward(self.text_ffn, x_t, c_shift_t, c_scale_t, c_gate_t)
         return x_v, x_t
 
     def encode_video(
@@ -329,7 +336,7 @@ class UniViGUBlock(nn.Module):
         k, v = torch.cat([video_kv[0], k], dim=2), torch.cat([video_kv[1], v], dim=2)
         x_t = (x_t.float() + self.attn1.attend(q, k, v, self_mask) * gate).type_as(x_t)
         x_t = self._cross_attention(x_t, context, cross_mask, cross_keep)
-        return self._feed_forward(self.ffn_t, x_t, c_shift, c_scale, c_gate)
+        return self._feed_forward(self.text_ffn, x_t, c_shift, c_scale, c_gate)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,7 +400,8 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         cross_attn_norm, qk_norm (only "rms_norm_across_heads", the Wan2.1 one), eps, rope_max_seq_len (kept
         for Wan config compatibility only: RoPE is computed for the actual grid, no table is stored).
     Args (text): text_vocab_size V; text_mask_row adds one row (id V) used as the mask/source token for
-        tokenizers that have none, so V' = V + 1; text_rope_theta for the 1D text RoPE.
+        tokenizers that have none, so V' = V + 1; text_rope_theta for the 1D text RoPE; text_ffn "expert"
+        (the MoE: a text FFN per block) or "shared" (text tokens through the video FFN; an ablation).
     Args (attention): attention_layout "full" (Wan's, the default) or "video_prefix" (see ATTENTION_LAYOUTS;
         the same weights, a different model: train with the layout you sample with).
     """
@@ -424,6 +432,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         text_vocab_size: int = 256384,
         text_mask_row: bool = False,
         text_rope_theta: float = 10000.0,
+        text_ffn: str = "expert",
         attention_layout: str = "full",
     ):
         super().__init__()
@@ -433,6 +442,8 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
             raise ValueError(f"qk_norm={qk_norm!r} is not supported; Wan2.1 uses 'rms_norm_across_heads'")
         if attention_head_dim % 2 or attention_head_dim < 6:
             raise ValueError(f"attention_head_dim must be even and >= 6 for 3D RoPE, got {attention_head_dim}")
+        if text_ffn not in ("expert", "shared"):
+            raise ValueError(f"text_ffn must be 'expert' or 'shared', got {text_ffn!r}")
         dim = num_attention_heads * attention_head_dim
         out_channels = out_channels or in_channels
 
@@ -440,7 +451,8 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim)
         self.blocks = nn.ModuleList(
-            [UniViGUBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps) for _ in range(num_layers)]
+            [UniViGUBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps, text_ffn == "expert")
+             for _ in range(num_layers)]  # fmt: skip
         )
         self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)  # no parameters: serves both heads
         self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
@@ -488,7 +500,8 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
             dst.load_state_dict({k: v.detach().clone() for k, v in src.state_dict().items()}, assign=True)
 
         for block in self.blocks:
-            copy_into(block.ffn_t, block.ffn)
+            if block.ffn_t is not None:
+                copy_into(block.ffn_t, block.ffn)
         copy_into(self.time_embedder_t, self.condition_embedder.time_embedder)
         copy_into(self.time_proj_t, self.condition_embedder.time_proj)
         self.scale_shift_table_t = nn.Parameter(self.scale_shift_table.detach().clone())
@@ -505,7 +518,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         """Build the unified model from a diffusers `WanTransformer3DModel` (in memory, or a local folder loaded
         with diffusers' `from_pretrained`, no network). All Wan weights are copied (dtypes kept); the text
         parts are initialised from them (`init_text_parts`). `text_config`: text_vocab_size, text_mask_row,
-        text_rope_theta, attention_layout.
+        text_rope_theta, text_ffn, attention_layout.
         """
         if isinstance(wan, (str, os.PathLike)):
             from diffusers import WanTransformer3DModel
@@ -514,7 +527,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         unsupported = {k: wan.config.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")}
         if any(v is not None for v in unsupported.values()):
             raise ValueError(f"only text-to-video Wan models are supported, this one has {unsupported}")
-        bad = set(text_config) - {"text_vocab_size", "text_mask_row", "text_rope_theta",
+        bad = set(text_config) - {"text_vocab_size", "text_mask_row", "text_rope_theta", "text_ffn",
                                 "attention_layout"}
         if bad:
             raise TypeError(f"from_wan() got unexpected text config keys {sorted(bad)}")

@@ -65,6 +65,9 @@ class StageConfig:
     mix: dict[str, float] = field(default_factory=dict)  # RegimeMix fields
     text_target: str = "prompt"  # recall: "prompt"; refine: "caption"
     trainable: str = "all"  # "all" or "text" (shared Wan weights frozen)
+    # recall from a base generator: "generator" (its weights) or "scratch" (its architecture, fresh weights)
+    init: str = "generator"
+    text_ffn: str = "expert"  # recall from a base generator: "expert" (MoE) or "shared" (the video FFN)
     video_weight: float = 1.0
     text_weight: float = 1.0
     train: TrainerConfig = field(default_factory=TrainerConfig)
@@ -76,6 +79,8 @@ class StageConfig:
             raise ValueError(f"stage {self.stage!r} needs init_from: the previous stage's pipeline folder")
         if self.trainable not in ("all", "text"):
             raise ValueError(f"trainable must be 'all' or 'text', got {self.trainable!r}")
+        if self.init not in ("generator", "scratch"):
+            raise ValueError(f"init must be 'generator' or 'scratch', got {self.init!r}")
         WorldConfig(**self.world)  # validates the world fields early
         RegimeMix(**self.mix).probs()  # validates the probabilities
         kind = self.data.get("kind", "world")
@@ -160,8 +165,11 @@ def build_task(cfg: StageConfig):
         transformer = previous.transformer
     else:  # Knowledge Recall starts from the generator, as Uni-ViGU starts from Wan2.1
         needs_row = flow.text_source == "mask" and tokenizer.mask_token_id is None
-        transformer = UniViGUTransformer.from_wan(previous.transformer, text_vocab_size=len(tokenizer),
-                                                  text_mask_row=needs_row)  # fmt: skip
+        wan = previous.transformer
+        if cfg.init == "scratch":  # the fresh weights the base stage starts from (the ablation of the prior)
+            wan = type(wan).from_config(wan.config)
+        transformer = UniViGUTransformer.from_wan(wan, text_vocab_size=len(tokenizer), text_mask_row=needs_row,
+                                                  text_ffn=cfg.text_ffn)  # fmt: skip
     transformer.train()
     transformer.set_trainable(cfg.trainable)
     text_flow = TextFlow(len(tokenizer), source=flow.text_source, mask_id=text_canvas.mask_id,

@@ -1,0 +1,107 @@
+"""Ablations: the text_ffn switch, the scratch init, the plan, the verdict rule, and `univigu ablate --smoke`
+end to end on the committed configs (the command that makes reports/ablations.md)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from univigu import UniViGUTransformer
+from univigu.cli import app
+from univigu.evaluation.ablation import SHIPPED_BASE, plan, stage_budget
+from univigu.evaluation.report import _stats, compare, verdict
+from univigu.models.transformer import parameter_breakdown
+from univigu.training.stages import build_task, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ablations"
+TOY = Path(__file__).resolve().parents[1] / "univigu" / "configs" / "toy"
+
+
+def test_shared_text_ffn_has_no_experts_and_routes_text_through_the_video_ffn(tiny_parts, tmp_path):
+    wan, expert = tiny_parts["wan"], tiny_parts["unified"]
+    shared = UniViGUTransformer.from_wan(wan, text_vocab_size=expert.config.text_vocab_size, text_ffn="shared")
+    assert all(b.ffn_t is None and b.text_ffn is b.ffn for b in shared.blocks)
+    ffn_t = sum(p.numel() for n, p in expert.named_parameters() if ".ffn_t." in n)
+    assert parameter_breakdown(expert)["text"] - parameter_breakdown(shared)["text"] == ffn_t > 0
+    # same text weights as the expert model: at init (ffn_t a copy of ffn) both compute the same thing
+    shared.load_state_dict({k: v for k, v in expert.state_dict().items() if ".ffn_t." not in k})
+    args = (torch.randn(2, 3, 4, 8, 8), torch.randint(0, 20, (2, 5)), torch.tensor([900.0, 100.0]),
+            torch.tensor([500.0, 0.0]), torch.randn(2, 3, 32))  # fmt: skip
+    with torch.no_grad():
+        for a, b in zip(expert(*args), shared(*args)):
+            torch.testing.assert_close(a, b)
+    shared.save_pretrained(tmp_path)
+    assert UniViGUTransformer.from_pretrained(tmp_path).config.text_ffn == "shared"
+    with pytest.raises(ValueError, match="text_ffn"):
+        UniViGUTransformer(num_layers=1, num_attention_heads=1, attention_head_dim=12, ffn_dim=8, text_dim=8,
+                           text_vocab_size=4, text_ffn="none")  # fmt: skip
+
+
+def test_scratch_init_keeps_the_architecture_not_the_weights():
+    def transformer(init):
+        cfg = load_config(TOY / "recall.yaml", [f"init_from={SHIPPED_BASE}", f"init={init}"])
+        return build_task(cfg)[0].transformer
+
+    prior, scratch = transformer("generator"), transformer("scratch")
+    assert prior.config == scratch.config
+    base = UniViGUTransformer.from_wan(SHIPPED_BASE / "transformer", text_vocab_size=prior.config.text_vocab_size)
+    torch.testing.assert_close(prior.patch_embedding.weight, base.patch_embedding.weight)
+    assert not torch.allclose(scratch.patch_embedding.weight, base.patch_embedding.weight)
+    with pytest.raises(ValueError, match="init must be"):
+        load_config(TOY / "recall.yaml", [f"init_from={SHIPPED_BASE}", "init=random"])
+
+
+def test_plan_shares_the_default_arm_and_gives_every_arm_the_same_budget(tmp_path):
+    p, jobs = plan(CONFIGS)
+    names = [j.name for j in jobs]
+    assert names.count("train-default-seed0") == 1  # the recipe serves four studies, trained once per seed
+    assert {"default", "shared_ffn", "scratch", "refine_only"} <= set(p["arms"])
+    totals = {sum(s for _, s in stage_budget(p["settings"], a["stages"])) for a in p["arms"].values()}
+    assert totals == {sum(p["settings"]["budget"].values())}
+    assert all(j.needs == ["train-default-seed1"] for j in jobs if j.name.startswith("sampler-default-seed1"))
+    (tmp_path / "settings.yaml").write_text("seeds: [0]\n")
+    (tmp_path / "a.yaml").write_text("kind: train\narms: {x: {set: [text_ffn=shared]}}\n")
+    (tmp_path / "b.yaml").write_text("kind: train\narms: {x: {set: [init=scratch]}}\n")
+    with pytest.raises(ValueError, match="defined twice"):
+        plan(tmp_path)
+    (tmp_path / "b.yaml").write_text("kind: nonsense\n")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        plan(tmp_path)
+
+
+def test_verdict_rule_reads_differences_against_the_seed_spread():
+    tight_high, tight_low = _stats([0.50, 0.52]), _stats([0.40, 0.41])
+    assert compare(tight_high, tight_low)["outcome"] == "better"
+    assert compare(tight_low, tight_high)["outcome"] == "worse"
+    noisy = _stats([0.30, 0.60])  # spread larger than the difference
+    assert compare(tight_high, noisy)["outcome"] == "tie"
+    assert verdict([compare(tight_high, tight_low)]) == "supported"
+    assert verdict([compare(tight_low, tight_high)]) == "not supported"
+    assert verdict([compare(tight_high, tight_low), compare(tight_low, tight_high)]) == "inconclusive"
+
+
+def test_ablate_smoke_end_to_end_resumes_and_regenerates_the_report(tmp_path):
+    runner = CliRunner()
+    out, report = tmp_path / "run", tmp_path / "report"
+    args = ["ablate", str(CONFIGS), "--out", str(out), "--smoke", "--jobs", "2", "--report", str(report)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    md = (report / "ablations.md").read_text()
+    assert "SMOKE RUN" in md and f"--out {out}" in md
+    summary = json.loads((report / "ablations.json").read_text())
+    assert [c["claim"] for c in summary["claims"]] == [1, 2, 3, 4]
+    assert all(c["verdict"] in ("supported", "not supported", "inconclusive") for c in summary["claims"])
+    for name in ("learning_curve.png", "sampler_steps.png", "coevolution.png"):
+        assert (report / name).stat().st_size > 1000
+    # the report's numbers are the per-seed results: V2T of the default arm, mean over its seeds
+    v2t = [json.loads((out / "results" / f"train-default-seed{s}.json").read_text())["eval"]["v2t"]["all"]
+           for s in (0, 1)]  # fmt: skip
+    assert summary["arms"]["default"]["stats"]["v2t"]["mean"] == pytest.approx(sum(v2t) / 2)
+    assert len(summary["arms"]["default"]["curve"]["steps"]) == 2  # one checkpoint per stage
+
+    again = runner.invoke(app, args)  # resumable: nothing left to run, the same report
+    assert again.exit_code == 0, again.output
+    assert "already done" in again.output
+    assert (report / "ablations.md").read_text() == md
