@@ -9,12 +9,12 @@ import typer
 
 
 def ablate(
-    configs: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of ablation YAMLs (configs/ablations)."),
-    out: Path = typer.Option(Path("runs/ablations"), help="Run folder: arms, logs, results/*.json (reused: resumable)."),
+    configs: Path = typer.Argument(..., exists=True, file_okay=False, help="Folder of ablation YAMLs."),
+    out: Path = typer.Option(Path("runs/ablations"), help="Run folder: arms, logs, results/*.json (resumable)."),
     device: str = typer.Option("cpu", help="cuda or cpu: where every job trains and samples."),
     jobs: int = typer.Option(2, "--jobs", min=1, help="Jobs run at once, each in its own subprocess."),
-    smoke: bool = typer.Option(False, "--smoke", help="The settings' smoke variant: 2 steps, tiny evaluation (CI)."),
-    report: Path = typer.Option(None, help="Where ablations.md, ablations.json and the plots go (default: OUT/report)."),
+    smoke: bool = typer.Option(False, "--smoke", help="The settings' smoke variant: 2 steps, tiny evaluation."),
+    report: Path = typer.Option(None, help="Folder for ablations.md, ablations.json, plots (default: OUT/report)."),
 ) -> None:
     """Run the ablations of the paper's claims (jobs whose results exist are skipped), then write the report."""
     from univigu.evaluation.ablation import run

@@ -141,7 +141,7 @@ def plan(folder: str | Path, smoke: bool = False) -> tuple[dict[str, Any], list[
                             "text_updates": study.get("text_updates", ["ctmc"])}, needs))  # fmt: skip
                 else:
                     jobs.append(Job(f"{name}-{tag}", "coevolution", {
-                        "arm": arm, "seed": seed, "steps": study.get("steps_per_run"), "n": study.get("n")}, needs))  # fmt: skip
+                        "arm": arm, "seed": seed, "steps": study.get("steps_per_run")}, needs))  # fmt: skip
     return p, jobs
 
 
@@ -151,7 +151,8 @@ def plan(folder: str | Path, smoke: bool = False) -> tuple[dict[str, Any], list[
 def run(folder: str | Path, out: str | Path, device: str = "cpu", jobs: int = 1, smoke: bool = False,
         log=print, command: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Run every job of the plan not yet done, `jobs` at a time in subprocesses; returns the plan with
-    `done` and `failed` job names (`command`, the command line, is kept in OUT/plan.json for the report). A failed job's log is OUT/logs/<name>.log; jobs needing it are skipped."""
+    `done` and `failed` job names (`command`, the command line, is kept in OUT/plan.json for the report).
+    A failed job's log is OUT/logs/<name>.log; jobs needing it are skipped."""
     out = Path(out)
     p, todo = plan(folder, smoke)
     (out / "results").mkdir(parents=True, exist_ok=True)
@@ -305,9 +306,7 @@ def _coevolution_job(spec: dict[str, Any], p: dict[str, Any], out: Path, device:
     from univigu.evaluation.evaluate import coevolution
 
     kwargs = _eval_kwargs(p)
-    kwargs.pop("num_steps", None)
-    if spec.get("n"):
-        kwargs["n"] = min(spec["n"], kwargs["n"])
+    kwargs.pop("num_steps", None)  # the study's steps_per_run
     return {"trajectory": coevolution(_pipeline(_arm_model(spec, p, out), device), num_steps=spec["steps"], **kwargs)}
 
 

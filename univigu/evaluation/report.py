@@ -304,7 +304,8 @@ def write_report(out: str | Path, folder: str | Path) -> Path:
     lines += [f"| {k} | {r.get('seconds', 0):.0f} |" for k, r in data["results"].items()]
     (folder / "ablations.md").write_text("\n".join(lines) + "\n")
     summary = {"claims": claims, "base_t2v": data["base_t2v"], "plan": plan, "results": data["results"],
-               "arms": {k: {"seeds": v["seeds"], "stats": v["stats"], "curve": v["curve"]} for k, v in data["arms"].items()},
+               "arms": {k: {"seeds": v["seeds"], "stats": v["stats"], "curve": v["curve"]}
+                        for k, v in data["arms"].items()},
                "sweeps": {m: _sweep_series(b) for m, b in data["sweeps"].items()}}  # fmt: skip
     (folder / "ablations.json").write_text(json.dumps(summary, indent=2, default=str))
     return folder / "ablations.md"
@@ -325,13 +326,15 @@ def _study_section(name: str, study: dict[str, Any], data: dict[str, Any], plots
                   "|---|---|---|" + "---|" * len(keys)]  # fmt: skip
         for arm, spec in study["arms"].items():
             spec = spec or {}
-            what = ", ".join(spec.get("set", []) + ([f"stages: {'+'.join(spec['stages'])}"] if "stages" in spec else []))
+            stages = [f"stages: {'+'.join(spec['stages'])}"] if "stages" in spec else []
+            what = ", ".join(spec.get("set", []) + stages)
             if arm not in data["arms"]:
                 lines.append(f"| {arm} | {what or 'default'} | 0 | " + " | ".join("n/a" for _ in keys) + " |")
                 continue
             s = data["arms"][arm]["stats"]
             cells = [_fmt(s[k], points=k not in ("bleu4", "cider")) for k in keys]
-            lines.append(f"| {arm} | {what or 'the recipe'} | {len(data['arms'][arm]['seeds'])} | " + " | ".join(cells) + " |")
+            seeds = len(data["arms"][arm]["seeds"])
+            lines.append(f"| {arm} | {what or 'the recipe'} | {seeds} | " + " | ".join(cells) + " |")
         if data["base_t2v"] is not None:
             lines += ["", f"Base generator T2V accuracy (the same evaluation): {100 * data['base_t2v']:.1f}."]
         trained = [a for a in study["arms"] if a in data["arms"]]
@@ -367,10 +370,11 @@ def _study_section(name: str, study: dict[str, Any], data: dict[str, Any], plots
         for model, runs in sorted(data["coevolution"].items()):
             cells = [f"{_fmt(_stats([r[k][0] for r in runs]))} -> {_fmt(_stats([r[k][-1] for r in runs]))}"
                      for k in ("video", "text", "consistency")]  # fmt: skip
-            lines.append(f"| {model} | {len(runs)} | " + " | ".join(cells) + f" | {_fmt(_stats([r['shuffled'] for r in runs]))} |")
-        lines += ["", "video: prompt accuracy of the oracle's reading of the clean-video estimate; text: prompt accuracy "
-                  "of the parse of the current text; consistency: their agreement on every attribute; mismatched "
-                  "pairs: the final video against another sample's caption (chance agreement)."]  # fmt: skip
+            chance = _fmt(_stats([r["shuffled"] for r in runs]))
+            lines.append(f"| {model} | {len(runs)} | " + " | ".join(cells) + f" | {chance} |")
+        lines += ["", "video: prompt accuracy of the oracle's reading of the clean-video estimate; text: prompt "
+                  "accuracy of the parse of the current text; consistency: their agreement on every attribute; "
+                  "mismatched pairs: the final video against another sample's caption (chance agreement)."]  # fmt: skip
         if "coevolution" in plots:
             lines += ["", f"![co-evolution]({plots['coevolution']})"]
     return lines + [""]
