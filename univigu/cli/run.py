@@ -159,27 +159,30 @@ def demo(
     world video, and a joint video + caption."""
     from univigu.data.world import World, WorldConfig
 
+    load = time.perf_counter()
     pipe, path = _pipeline(model, device)
+    load = time.perf_counter() - load
     c = pipe.config
     if not pipe.unified:
         raise typer.BadParameter("the demo needs a unified model (text to video and video to text)",
                                  param_hint="--model")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    video = pipe.text_to_video([prompt], seed=seed, progress=False).videos[0]
-    common = {"seed": seed, "steps": c.num_steps, "model": str(path), "fps": c.fps}
-    t2v = save_sample(out, "text_to_video", video, {"task": "text_to_video", "prompt": prompt, **common})
+    result, seconds, _ = timed_sample(pipe, "text_to_video", [prompt], seed=seed, progress=False)
+    t2v = save_sample(out, "text_to_video", result.videos[0], {"task": "text_to_video", "prompt": prompt,
+                                                               **run_record(pipe, path, seed, None, load, seconds)})  # fmt: skip
 
     world = World(WorldConfig(height=c.height, width=c.width, frames=c.frames))
     scene = world.scenes("test", [seed])[0]  # a test-split scene: never trained on
     rendered = world.render([scene])
-    caption = pipe.video_to_text(rendered, seed=seed, progress=False).texts[0]
+    result, seconds, _ = timed_sample(pipe, "video_to_text", rendered, seed=seed, progress=False)
+    caption = result.texts[0]
     v2t = save_sample(out, "video_to_text", rendered[0], {"task": "video_to_text", "caption": caption,
-                                                   "true_caption": scene.caption, **common})  # fmt: skip
+                                                          "true_caption": scene.caption,
+                                                          **run_record(pipe, path, seed, None, load, seconds)})  # fmt: skip
 
-    both = pipe.generate([prompt], seed=seed, progress=False)
+    both, seconds, _ = timed_sample(pipe, "generate", [prompt], seed=seed, progress=False)
     joint_files = save_sample(out, "joint", both.videos[0], {"task": "joint", "prompt": prompt, "caption": both.texts[0],
-                                                        **common})  # fmt: skip
+                                                             **run_record(pipe, path, seed, None, load, seconds)})  # fmt: skip
     typer.echo(f"model: {path}")
     typer.echo(f"text to video   {prompt!r}\n  -> {t2v['gif']}, {t2v['mp4']}")
     typer.echo(f"video to text   {v2t['gif']} (a freshly rendered world video)\n  generated: {caption}\n"
