@@ -96,6 +96,10 @@ def test_clean_video_rows_ignore_the_text_in_a_mixed_batch():
     assert (f_a - f_b).flatten(1).abs().amax(1)[0] > 1e-4  # with "full" the clean video sees the text
     # Same weights: the row that is not clean gets the full layout's output (T2V and joint are unchanged).
     assert torch.allclose(v_a[1], f_a[1], atol=1e-5)
+    with torch.no_grad():  # no clean row at all: exactly the full layout
+        noisy = torch.tensor([100.0, 600.0, 900.0])
+        args = (video, text_a, noisy, t_text, prompt, text_mask, prompt_mask)
+        assert all(torch.equal(a, b) for a, b in zip(model(*args), full(*args)))
 
 
 def test_training_forward_with_gradient_checkpointing():

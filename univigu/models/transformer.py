@@ -667,9 +667,9 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
 
         self_mask = _key_mask(text_mask, b, n_v, n_t, video.device)
         video_mask = None
-        if self.caches_clean_video and n_t:
+        clean = (t_video == 0)[:, None, None, None] if self.caches_clean_video and n_t else None
+        if clean is not None and clean.any():  # else every row attends fully: one SDPA, as with "full"
             # Clean-video rows: their video queries do not see the text keys.
-            clean = (t_video == 0)[:, None, None, None]
             is_text = torch.arange(n_v + n_t, device=video.device) >= n_v
             keys = self_mask if self_mask is not None else torch.ones(b, 1, 1, n_v + n_t, dtype=torch.bool,
                                                                       device=video.device)  # fmt: skip
