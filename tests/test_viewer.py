@@ -21,7 +21,8 @@ runner = CliRunner()
 def checkpoint(tiny_parts, tmp_path_factory):
     p = tiny_parts
     path = tmp_path_factory.mktemp("ckpt") / "unified"
-    UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"], PipelineConfig(num_steps=4)).save_pretrained(path)
+    pipe = UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"], PipelineConfig(num_steps=4))
+    pipe.save_pretrained(path)
     return path
 
 
@@ -71,8 +72,8 @@ def test_joint_trajectory_page_is_self_contained(joint_page):
 
 
 def test_generate_and_caption_trajectories(checkpoint, tmp_path):
-    result = runner.invoke(app, ["generate", "a blue square grows", "a red circle moves up", "--model",
-                                 str(checkpoint), "--out", str(tmp_path), "--trajectory", str(tmp_path / "t.html")])  # fmt: skip
+    result = runner.invoke(app, ["generate", "a blue square grows", "a red circle moves up", "--model", str(checkpoint),
+                                 "--out", str(tmp_path), "--trajectory", str(tmp_path / "t.html")])  # fmt: skip
     assert result.exit_code == 0, result.output
     for i in (0, 1):  # one page per prompt; the text stream holds the prompt
         data = json.loads(re.search(r'id="data">(.*?)</script>', (tmp_path / f"t_{i}.html").read_text()).group(1))
@@ -123,7 +124,8 @@ def test_slider_moves_text_and_frames_in_chromium(joint_page, tmp_path):
         last = state()  # the page opens on the last step
         driver.find_element(By.ID, "step").send_keys(Keys.HOME)  # a user dragging the slider to the start
         first = state()
-        assert last["label"].startswith("step 4 / 4") and first["label"].startswith("step 1 / 4, from noise level s = 1.000")
+        assert last["label"].startswith("step 4 / 4")
+        assert first["label"].startswith("step 1 / 4, from noise level s = 1.000")
         assert first["strip"] != last["strip"] and first["anim"] != last["anim"] and "data:image/png" in first["anim"]
         assert first["tokens"] != last["tokens"] and first["noisy"] > 0 and last["noisy"] == 0
         driver.find_element(By.ID, "step").send_keys(Keys.END)

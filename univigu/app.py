@@ -84,7 +84,8 @@ class Demo:
         record = {"task": "video_to_text", "video": Path(video).name, "caption": result.texts[0],
                   "instruction": instruction or None, **self._record(seed, steps, seconds)}  # fmt: skip
         record["files"] = save_trajectory(self.out / f"{stem}.html", self.pipe, result, 0,
-                                          f"video to text: {Path(video).name}", record, times, video=frames)  # fmt: skip
+                                          f"video to text: {Path(video).name}", record, times,
+                                          video=frames)  # fmt: skip
         files = save_sample(self.out, stem, None, record)
         return result.texts[0], files["json"], files["trajectory"]
 
@@ -158,7 +159,8 @@ def build_app(demo: Demo):
             prompt = gr.Textbox("a red circle moves right", label="prompt")
             settings = controls()
             go = gr.Button("Generate", variant="primary")
-            video, sidecar, page = gr.Video(label="video", height=320), gr.File(label="sidecar JSON"), gr.File(label="trajectory")
+            video = gr.Video(label="video", height=320)
+            sidecar, page = gr.File(label="sidecar JSON"), gr.File(label="trajectory")
             go.click(text_to_video, [prompt] + settings, [video, sidecar, page], api_name="text_to_video")
         with gr.Tab("Video to text"):
             with gr.Row():
@@ -169,9 +171,11 @@ def build_app(demo: Demo):
             instruction = gr.Textbox("", label="instruction (optional)")
             settings = controls(guidance=False)
             go = gr.Button("Caption", variant="primary")
-            text, sidecar, page = gr.Textbox(label="caption"), gr.File(label="sidecar JSON"), gr.File(label="trajectory")
+            text = gr.Textbox(label="caption")
+            sidecar, page = gr.File(label="sidecar JSON"), gr.File(label="trajectory")
             render.click(demo.world_sample, [index], [source], api_name="world_sample")
-            go.click(video_to_text, [source] + settings + [instruction], [text, sidecar, page], api_name="video_to_text")
+            go.click(video_to_text, [source] + settings + [instruction], [text, sidecar, page],
+                     api_name="video_to_text")
         with gr.Tab("Joint"):
             prompt = gr.Textbox("a blue square grows", label="prompt")
             settings = controls()

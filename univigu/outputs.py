@@ -41,8 +41,10 @@ def run_record(pipe: Any, model: str | Path, seed: int, steps: int | None, load_
             "load_seconds": round(load_s, 2), "seconds": round(sample_s / n, 2), "fps": pipe.config.fps}  # fmt: skip
 
 
-def timed_sample(pipe: Any, method: str, *args: Any, trajectory: bool = False,
-                 on_step: Callable[[int], None] | None = None, **kwargs: Any) -> tuple[Any, float, list[float]]:  # fmt: skip
+def timed_sample(
+    pipe: Any, method: str, *args: Any, trajectory: bool = False, on_step: Callable[[int], None] | None = None,
+    **kwargs: Any,
+) -> tuple[Any, float, list[float]]:
     """`pipe.<method>(*args, **kwargs)` timed: (output, seconds, the noise level s each step started from).
     `trajectory` records the denoising trajectory; `on_step(i)` is called after step i (progress bars)."""
     times: list[float] = []

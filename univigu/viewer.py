@@ -20,10 +20,13 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from univigu.data.tokenizer import TextCanvas
 
 
 @dataclass
@@ -66,7 +69,7 @@ def strip_uri(video: np.ndarray) -> str:
     return _data_uri(Image.fromarray(np.ascontiguousarray(np.concatenate(list(video), axis=1))), format="PNG")
 
 
-def token_rows(tokens: np.ndarray, canvas: Any) -> list[list[tuple[str, str]]]:
+def token_rows(tokens: np.ndarray, canvas: TextCanvas) -> list[list[tuple[str, str]]]:
     """Per step, `(token, classes)` for every canvas position, classes as described in the module
     docstring. tokens: `[N, L]` ids; canvas: the pipeline's `TextCanvas` (tokenizer, pad, end, mask)."""
     tokens = np.asarray(tokens)
@@ -109,6 +112,9 @@ img,#video-anim{image-rendering:pixelated;border:1px solid #ccc}
 #text{font-size:1.1em;margin:.5em 0} .legend span{padding:0 .3em;border-radius:3px}
 """
 
+# the page may load nothing: images are data URIs, style and script inline
+_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
 _SCRIPT = """
 const S = JSON.parse(document.getElementById('data').textContent);
 const slider = document.getElementById('step');
@@ -135,7 +141,7 @@ show(+slider.value);
 """
 
 
-def render_html(trajectory: Trajectory, canvas: Any = None) -> str:
+def render_html(trajectory: Trajectory, canvas: TextCanvas | None = None) -> str:
     """The whole page as a string. `canvas` (the pipeline's `TextCanvas`) is needed when the
     trajectory has tokens."""
     t = trajectory
@@ -163,12 +169,13 @@ def render_html(trajectory: Trajectory, canvas: Any = None) -> str:
     play = (f"#video-anim{{width:{width * zoom}px;height:{height * zoom}px;background-size:{frames * width * zoom}px "
             f"{height * zoom}px;animation:play {frames / t.fps:.3f}s steps({frames}) infinite}}"
             f"@keyframes play{{to{{background-position:-{frames * width * zoom}px 0}}}}")  # fmt: skip
-    estimate = '<div><h3>video estimate at this step</h3><div id="video-anim"></div></div>' if t.frames is not None else ""
+    estimate = ('<div><h3>video estimate at this step</h3><div id="video-anim"></div></div>'
+                if t.frames is not None else "")
     strip = f'<img id="video-strip" {small} alt="frames of the estimate">' if t.frames is not None else ""
     final_label = "final video" if t.frames is not None else "input video"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(t.title)}</title>
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="{_POLICY}">
 <style>{_STYLE}{play if t.frames is not None else ""}</style></head><body>
 <h1>{html.escape(t.title)}</h1>
 <p id="settings">{settings}</p>
@@ -186,7 +193,7 @@ def render_html(trajectory: Trajectory, canvas: Any = None) -> str:
 """
 
 
-def write_trajectory(path: str | Path, trajectory: Trajectory, canvas: Any = None) -> Path:
+def write_trajectory(path: str | Path, trajectory: Trajectory, canvas: TextCanvas | None = None) -> Path:
     """Write the viewer page for one trajectory (see `render_html`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

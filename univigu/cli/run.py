@@ -84,13 +84,14 @@ def caption(
         frames = np.stack([read_video(v, num_frames=c.frames, size=(c.height, c.width)).numpy() for v in videos])
     except VideoReadError as error:
         raise typer.BadParameter(str(error), param_hint="VIDEOS") from error
-    result, seconds, times = timed_sample(pipe, "video_to_text", frames, seed=seed, num_steps=steps, instruction=instruction,
-                                  trajectory=trajectory is not None)  # fmt: skip
+    result, seconds, times = timed_sample(pipe, "video_to_text", frames, seed=seed, num_steps=steps,
+                                          instruction=instruction, trajectory=trajectory is not None)  # fmt: skip
     for i, (video, text) in enumerate(zip(videos, result.texts)):
         record = {"task": "video_to_text", "video": str(video), "caption": text, "instruction": instruction,
                   **run_record(pipe, path, seed, steps, load, seconds, len(videos))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(videos)), pipe, result, i,
-                                            f"video to text: {Path(video).name}", record, times, video=frames[i])  # fmt: skip
+                                            f"video to text: {Path(video).name}", record, times,
+                                            video=frames[i])  # fmt: skip
         save_sample(out, f"{Path(video).stem}_caption_seed{seed}", None, record)
         typer.echo(f"{video}: {text}")
 
@@ -108,11 +109,13 @@ def joint(
     load = time.perf_counter()
     pipe, path = _pipeline(model, device)
     load = time.perf_counter() - load
-    result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps, guidance_scale=guidance,
-                                  text_update=text_update, trajectory=trajectory is not None)  # fmt: skip
+    result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps,
+                                          guidance_scale=guidance, text_update=text_update,
+                                          trajectory=trajectory is not None)  # fmt: skip
     for i, (prompt, video, text) in enumerate(zip(prompts, result.videos, result.texts)):
         record = {"task": "joint", "prompt": prompt, "caption": text, "guidance_scale": pipe._scale(guidance),
-                  "text_update": text_update, **run_record(pipe, path, seed, steps, load, seconds, len(prompts))}  # fmt: skip
+                  "text_update": text_update,
+                  **run_record(pipe, path, seed, steps, load, seconds, len(prompts))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"joint generation: {prompt}", record, times)  # fmt: skip
         files = save_sample(out, f"{slug(prompt)}_joint_seed{seed}_{i}", video, record)
@@ -168,21 +171,22 @@ def demo(
                                  param_hint="--model")  # fmt: skip
     start = time.perf_counter()
     result, seconds, _ = timed_sample(pipe, "text_to_video", [prompt], seed=seed, progress=False)
-    t2v = save_sample(out, "text_to_video", result.videos[0], {"task": "text_to_video", "prompt": prompt,
-                                                               **run_record(pipe, path, seed, None, load, seconds)})  # fmt: skip
+    record = {"task": "text_to_video", "prompt": prompt, **run_record(pipe, path, seed, None, load, seconds)}
+    t2v = save_sample(out, "text_to_video", result.videos[0], record)
 
     world = World(WorldConfig(height=c.height, width=c.width, frames=c.frames))
     scene = world.scenes("test", [seed])[0]  # a test-split scene: never trained on
     rendered = world.render([scene])
     result, seconds, _ = timed_sample(pipe, "video_to_text", rendered, seed=seed, progress=False)
     caption = result.texts[0]
-    v2t = save_sample(out, "video_to_text", rendered[0], {"task": "video_to_text", "caption": caption,
-                                                          "true_caption": scene.caption,
-                                                          **run_record(pipe, path, seed, None, load, seconds)})  # fmt: skip
+    record = {"task": "video_to_text", "caption": caption, "true_caption": scene.caption,
+              **run_record(pipe, path, seed, None, load, seconds)}  # fmt: skip
+    v2t = save_sample(out, "video_to_text", rendered[0], record)
 
     both, seconds, _ = timed_sample(pipe, "generate", [prompt], seed=seed, progress=False)
-    joint_files = save_sample(out, "joint", both.videos[0], {"task": "joint", "prompt": prompt, "caption": both.texts[0],
-                                                             **run_record(pipe, path, seed, None, load, seconds)})  # fmt: skip
+    record = {"task": "joint", "prompt": prompt, "caption": both.texts[0],
+              **run_record(pipe, path, seed, None, load, seconds)}  # fmt: skip
+    joint_files = save_sample(out, "joint", both.videos[0], record)
     typer.echo(f"model: {path}")
     typer.echo(f"text to video   {prompt!r}\n  -> {t2v['gif']}, {t2v['mp4']}")
     typer.echo(f"video to text   {v2t['gif']} (a freshly rendered world video)\n  generated: {caption}\n"
