@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from univigu import PipelineConfig, TextCanvas, UniViGUPipeline, World, write_video
+from univigu import PipelineConfig, TextCanvas, Trajectory, UniViGUPipeline, World, write_trajectory, write_video
 from univigu.cli import app
 from univigu.data.tokenizer import build_world_tokenizer
-from univigu.viewer import Trajectory, render_html, token_rows
+from univigu.viewer import render_html, token_rows
 
 runner = CliRunner()
 
@@ -52,12 +52,13 @@ def test_token_states_changed_noisy_pad_mask():
     assert all("noisy" not in c for _, c in rows[2])
 
 
-def test_page_needs_steps_and_escapes_text():
+def test_page_needs_steps_and_escapes_text(tmp_path):
     video = np.zeros((2, 4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match="no steps"):
         render_html(Trajectory("t", {}, video))
-    page = render_html(Trajectory("<b>x</b>", {"prompt": "</script>"}, video, frames=video[None]))
-    assert "<b>x</b>" not in page and "&lt;/script&gt;" in page
+    page = write_trajectory(tmp_path / "sub" / "p.html", Trajectory("<b>x</b>", {"prompt": "</script>"}, video,
+                                                                    frames=video[None])).read_text()  # fmt: skip
+    assert "<b>x</b>" not in page and "&lt;/script&gt;" in page and 'id="video-strip"' in page
 
 
 def test_joint_trajectory_page_is_self_contained(joint_page):

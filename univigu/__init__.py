@@ -48,6 +48,8 @@ _EXPORTS = {
     "TrainerConfig": "univigu.training.trainer",
     "load_config": "univigu.training.stages",
     "run_stage": "univigu.training.stages",
+    "Trajectory": "univigu.viewer",
+    "write_trajectory": "univigu.viewer",
 }
 
 __all__ = sorted(_EXPORTS) + ["DEFAULT_MODEL", "__version__"]
