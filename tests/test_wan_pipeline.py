@@ -101,3 +101,20 @@ def test_cpu_offload_moves_components_only_while_they_run(wan_dir):
     moves.clear()
     wan.decode_latents(wan.encode_video(torch.zeros(1, FRAMES, HEIGHT, WIDTH, 3, dtype=torch.uint8)))
     assert moves == [("vae", "cuda"), ("vae", "cpu")] * 2
+
+
+def test_accelerate_fsdp_configs_wrap_our_block():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from univigu.models import transformer
+
+    files = sorted((Path(__file__).parents[1] / "configs" / "accelerate").glob("*.yaml"))
+    assert [f.stem for f in files] == ["fsdp_1gpu", "fsdp_8gpu", "fsdp_multinode"]
+    for f in files:
+        cfg = load_config_from_file(str(f))
+        assert cfg.distributed_type == "FSDP" and cfg.mixed_precision == "bf16"
+        assert cfg.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+        assert hasattr(transformer, cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+    assert [load_config_from_file(str(f)).num_machines for f in files] == [1, 1, 2]

@@ -1,0 +1,178 @@
+"""Wan-scale speed of the unified model with random weights: per-step latency of T2V (vs diffusers' Wan at the
+same size), V2T and joint sampling, and one training step (time, peak memory, model-FLOPs utilisation).
+
+    python benchmarks/wan_scale.py --device cuda --out results/        # 1.3B, 480x832x81 (21x60x104 latents)
+    python benchmarks/wan_scale.py --layers 2 --latent 3 16 16 --text-len 32 --prompt-len 64   # CPU-sized
+
+Per-step latency is one transformer forward at the state of a sampling step (no guidance; T2V with CFG
+costs a forward of twice the batch): T2V = noisy video + clean prompt tokens, V2T = clean video (t=0) +
+noisy text, joint = both noisy. The training step is forward + backward (velocity MSE + text cross-entropy)
++ AdamW, weights in float32 under bf16 autocast (the trainer's `mixed_precision: bf16`), with gradient
+checkpointing. Model FLOPs are counted by torch.utils.flop_counter on one forward (matmuls, convolutions,
+attention) x 3 for forward + backward, recomputation not counted; MFU = those FLOPs / step time / peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from univigu.cli.model import _interleaved_medians
+from univigu.models import build_model
+from univigu.models.transformer import WAN_CONFIG_KEYS
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
+
+
+def _peak(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return platform.processor() or platform.machine(), None
+    name = torch.cuda.get_device_name(device)
+    return name, next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    parser.add_argument("--layers", type=int, default=None, help="override num_layers (smaller runs)")
+    parser.add_argument("--latent", type=int, nargs=3, default=(21, 60, 104), metavar=("T", "H", "W"))
+    parser.add_argument("--text-len", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="directory for result.json and result.md")
+    args = parser.parse_args()
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    overrides = {} if args.layers is None else {"num_layers": args.layers}
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(args.preset, **overrides)
+    cfg = model.config
+    b, (t, h, w) = args.batch, args.latent
+    n_video = (t // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    g = torch.Generator(device).manual_seed(0)
+    video = torch.randn(b, cfg.in_channels, t, h, w, generator=g, device=device)
+    prompt = torch.randn(b, args.prompt_len, cfg.text_dim, generator=g, device=device)
+    tokens = torch.randint(0, cfg.text_vocab_size, (b, args.text_len), generator=g, device=device)
+    t_noisy, t_clean = torch.full((b,), 700.0, device=device), torch.zeros(b, device=device)
+
+    # ---- per-step latency, weights and activations in `dtype` ----
+    from diffusers import WanTransformer3DModel
+
+    with torch.device(device):
+        wan = WanTransformer3DModel(**{k: cfg[k] for k in WAN_CONFIG_KEYS})
+    wan.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_text_parameter(k)})
+    model.to(dtype)
+    wan.to(dtype)
+    v, p = video.to(dtype), prompt.to(dtype)
+    runs = {
+        "wan (diffusers)": lambda: wan(v, t_noisy, p, return_dict=False),
+        "unified, no text": lambda: model(v, None, t_noisy, None, p),
+        "unified T2V step": lambda: model(v, tokens, t_noisy, t_clean, p),
+        "unified V2T step": lambda: model(v, tokens, t_clean, t_noisy, p),
+        "unified joint step": lambda: model(v, tokens, t_noisy, t_noisy, p),
+    }
+    with torch.no_grad():
+        latency = _interleaved_medians(runs, args.steps, args.warmup, sync)
+        parity = (runs["wan (diffusers)"]()[0].float() - runs["unified, no text"]()[0].float()).abs().max().item()
+    del wan
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # ---- one training step: float32 weights, bf16 autocast, checkpointing, AdamW ----
+    model.float().train()
+    model.gradient_checkpointing = not args.no_checkpointing
+    if not args.no_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def loss_fn():
+        with autocast:
+            velocity, logits = model(video, tokens, t_noisy, t_noisy, prompt)
+            return velocity.float().square().mean() + F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        loss_fn()
+    forward_flops = counter.get_total_flops()
+
+    def train_step():
+        loss_fn().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(1 if args.train_steps > 1 else 0):
+        train_step()  # warmup: optimizer state allocated
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.train_steps):
+        sync()
+        start = time.perf_counter()
+        train_step()
+        sync()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    machine, peak_tflops = _peak(device)
+    train_flops = 3 * forward_flops
+    achieved = train_flops / step_s / 1e12
+
+    result = {
+        "date": datetime.date.today().isoformat(), "machine": machine, "device": str(device), "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "preset": args.preset,
+        "num_layers": cfg.num_layers, "latent": [t, h, w], "batch": b, "video_tokens": n_video,
+        "text_tokens": args.text_len, "prompt_tokens": args.prompt_len,
+        "latency_ms": {k: 1e3 * s for k, s in latency.items()},
+        "t2v_over_wan": latency["unified T2V step"] / latency["wan (diffusers)"],
+        "no_text_over_wan": latency["unified, no text"] / latency["wan (diffusers)"],
+        "parity_max_abs_diff": parity,
+        "train_step_s": step_s, "train_forward_tflop": forward_flops / 1e12, "train_tflops_achieved": achieved,
+        "peak_tflops": peak_tflops, "mfu": achieved / peak_tflops if peak_tflops else None,
+        "peak_memory_gib": peak_mem, "gradient_checkpointing": not args.no_checkpointing,
+    }  # fmt: skip
+    lines = [
+        f"{machine}, {device} {args.dtype}, torch {torch.__version__}, {result['date']}; preset {args.preset}, "
+        f"{cfg.num_layers} layers, latent {t}x{h}x{w} ({n_video} video tokens) + {args.text_len} text tokens, "
+        f"{args.prompt_len} prompt tokens, batch {b}",
+        "",
+        "| per-step forward | ms |",
+        "|---|---|",
+        *[f"| {k} | {1e3 * s:.1f} |" for k, s in latency.items()],
+        "",
+        f"unified T2V / Wan: {result['t2v_over_wan']:.3f}x; unified without text / Wan: "
+        f"{result['no_text_over_wan']:.3f}x; max |velocity diff| no-text vs Wan: {parity:.2e}",
+        "",
+        f"training step (fp32 weights, {'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'}, checkpointing "
+        f"{not args.no_checkpointing}, AdamW): {step_s:.3f} s, {achieved:.3g} TFLOP/s model FLOPs "
+        f"({3 * forward_flops / 1e12:.3g} TFLOP per step)"
+        + (f", MFU {100 * result['mfu']:.1f}% of {peak_tflops:.0f}" if peak_tflops else "")
+        + (f", peak memory {peak_mem:.1f} GiB" if peak_mem is not None else ""),
+    ]  # fmt: skip
+    print("\n".join(lines))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "result.md").write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.out}/result.json and result.md")
+
+
+if __name__ == "__main__":
+    main()
