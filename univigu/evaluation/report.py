@@ -362,6 +362,12 @@ def _study_section(name: str, study: dict[str, Any], data: dict[str, Any], plots
                 lines.append(f"| {model} | {steps} | {_fmt(series['t2v'][steps])} | {_fmt(series['v2t'][steps])} | "
                              + " | ".join(_fmt(series["joint"][u][steps]) for u in updates) + " | "
                              + " | ".join(joint_t2v) + " |")  # fmt: skip
+        if "ctmc" in updates and "linear-resample" in updates:
+            for model, by_steps in sorted(data["sweeps"].items()):
+                joint = _sweep_series(by_steps)["joint"]
+                gap = np.mean([joint["ctmc"][k]["mean"] - joint["linear-resample"][k]["mean"] for k in by_steps])
+                lines += ["", f"{model}: joint consistency with CTMC text updates minus the released linear "
+                          f"re-sampling, averaged over the step counts: {_pts(float(gap))}."]  # fmt: skip
         if "sweep" in plots:
             lines += ["", f"![sampling steps]({plots['sweep']})"]
     else:
