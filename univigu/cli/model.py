@@ -228,7 +228,7 @@ def bench_v2t(
     g = torch.Generator().manual_seed(0)
     video = torch.randn(batch, cfg.in_channels, frames, height, width, generator=g).to(device, torch_dtype)
     prompt = torch.randn(batch, prompt_len, cfg.text_dim, generator=g).to(device, torch_dtype)
-    prompt_mask = torch.ones(batch, prompt_len, dtype=torch.bool, device=device)
+    prompt_mask = None  # as the pipeline samples: all prompt states attended to
     tokens = torch.randint(0, vocab, (batch, text_len), generator=g).to(device)
     t_noised, t_clean = torch.full((batch,), 500.0, device=device), torch.zeros(batch, device=device)
     text_flow = TextFlow(vocab)
