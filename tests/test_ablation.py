@@ -105,3 +105,6 @@ def test_ablate_smoke_end_to_end_resumes_and_regenerates_the_report(tmp_path):
     assert again.exit_code == 0, again.output
     assert "already done" in again.output
     assert (report / "ablations.md").read_text() == md
+    rewritten = runner.invoke(app, ["ablate-report", str(out), "--report", str(tmp_path / "again")])
+    assert rewritten.exit_code == 0, rewritten.output
+    assert (tmp_path / "again" / "ablations.md").read_text() == md
