@@ -5,9 +5,12 @@
 #      target: cached >= 15x faster, i.e. <= 3 full forward passes;
 #   2. the same at the shipped toy model's size (batch 64, the eval batch);
 #   3. quality: benchmarks/v2t_layout_quality.sh (full vs video_prefix, seeds 0 and 1).
-# usage: benchmarks/v2t_gpu_check.sh OUT [RECALL_STEPS] [REFINE_STEPS]
+# usage: benchmarks/v2t_gpu_check.sh OUT [RECALL_STEPS] [REFINE_STEPS] [RUNS]
+# OUT gets three small files (the two bench JSONs, quality_table.txt); the training runs go to RUNS
+# (default /tmp/v2t_quality).
 set -uo pipefail
-out=${1:?usage: $0 OUT [RECALL_STEPS] [REFINE_STEPS]}
+out=${1:?usage: $0 OUT [RECALL_STEPS] [REFINE_STEPS] [RUNS]}
+runs=${4:-/tmp/v2t_quality}
 cd "$(dirname "$0")/.."
 python=$(command -v python || command -v python3)
 mkdir -p "$out"
@@ -19,5 +22,6 @@ timeout 60 "$python" -m univigu model bench-v2t --preset univigu/assets/toy-mode
     --text-len 40 --prompt-len 8 --steps 20 --repeats 3 --json "$out/bench_v2t_toy.json"
 echo "bench toy rc=$?"
 start=$SECONDS
-timeout 300 bash benchmarks/v2t_layout_quality.sh cuda "$out/quality" "${2:-200}" "${3:-600}"
+timeout 300 bash benchmarks/v2t_layout_quality.sh cuda "$runs" "${2:-200}" "${3:-600}"
 echo "quality rc=$? in $((SECONDS - start)) s"
+cp "$runs/table.txt" "$out/quality_table.txt"
