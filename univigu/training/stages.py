@@ -30,7 +30,7 @@ from univigu.flow.regimes import RegimeMix
 from univigu.flow.text import TextFlow
 from univigu.flow.video import VideoFlow
 from univigu.models.prompt_encoder import PromptEncoder
-from univigu.models.transformer import UniViGUTransformer
+from univigu.models.transformer import ATTENTION_LAYOUTS, UniViGUTransformer
 from univigu.pipelines.pipeline import PipelineConfig, UniViGUPipeline
 from univigu.training.tasks import GeneratorTask, UnifiedTask
 from univigu.training.trainer import Trainer, TrainerConfig
@@ -68,6 +68,9 @@ class StageConfig:
     # recall from a base generator: "generator" (its weights) or "scratch" (its architecture, fresh weights)
     init: str = "generator"
     text_ffn: str = "expert"  # recall from a base generator: "expert" (MoE) or "shared" (the video FFN)
+    # "full" or "video_prefix" (clean video ignores the text: cached V2T); None: "full" from a generator,
+    # else the previous stage's
+    attention_layout: str | None = None
     video_weight: float = 1.0
     text_weight: float = 1.0
     train: TrainerConfig = field(default_factory=TrainerConfig)
@@ -81,6 +84,8 @@ class StageConfig:
             raise ValueError(f"trainable must be 'all' or 'text', got {self.trainable!r}")
         if self.init not in ("generator", "scratch"):
             raise ValueError(f"init must be 'generator' or 'scratch', got {self.init!r}")
+        if self.attention_layout not in (None, *ATTENTION_LAYOUTS):
+            raise ValueError(f"attention_layout must be one of {ATTENTION_LAYOUTS}, got {self.attention_layout!r}")
         WorldConfig(**self.world)  # validates the world fields early
         RegimeMix(**self.mix).probs()  # validates the probabilities
         kind = self.data.get("kind", "world")
@@ -170,6 +175,8 @@ def build_task(cfg: StageConfig):
             wan = type(wan).from_config(wan.config)
         transformer = UniViGUTransformer.from_wan(wan, text_vocab_size=len(tokenizer), text_mask_row=needs_row,
                                                   text_ffn=cfg.text_ffn)  # fmt: skip
+    if cfg.attention_layout is not None:  # a config switch, no weights: saved with the transformer's config
+        transformer.register_to_config(attention_layout=cfg.attention_layout)
     transformer.train()
     transformer.set_trainable(cfg.trainable)
     text_flow = TextFlow(len(tokenizer), source=flow.text_source, mask_id=text_canvas.mask_id,
