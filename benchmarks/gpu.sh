@@ -7,5 +7,5 @@ out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-PYTHONPATH=. python benchmarks/wan_scale.py --device cuda --dtype bfloat16 --latent 21 60 104 --text-len 256 \
+PYTHONPATH=.:${PYTHONPATH:-} python benchmarks/wan_scale.py --device cuda --dtype bfloat16 --latent 21 60 104 --text-len 256 \
     --prompt-len 512 --steps 5 --warmup 2 --train-steps 3 --out "$out" 2>&1 | grep -v Warning | tee "$out/log.txt"
