@@ -47,6 +47,22 @@ def test_generate_returns_video_and_text(pipe):
     assert heuristic.videos.shape == out.videos.shape
 
 
+def test_config_sets_caption_steps_and_joint_text_update(tiny_parts, videos):
+    p = tiny_parts
+    cfg = PipelineConfig(num_steps=2, caption_steps=4, text_update="linear-resample")
+    pipe = UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"], cfg)
+    seen = []
+    pipe.video_to_text(videos[:1], progress=False, callback=lambda i, s, v, t: seen.append(i))
+    assert seen == [0, 1, 2, 3]  # caption_steps, not num_steps
+    by_config = pipe.generate(["a red circle moves right"], seed=3, progress=False).texts
+    named = pipe.generate(["a red circle moves right"], seed=3, progress=False, text_update="linear-resample").texts
+    ctmc = pipe.generate(["a red circle moves right"], seed=3, progress=False, text_update="ctmc").texts
+    assert by_config == named
+    assert len(ctmc) == 1
+    with pytest.raises(ValueError, match="text_update"):
+        pipe.generate(["a red circle moves right"], progress=False, text_update="greedy")
+
+
 def test_save_and_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     loaded = UniViGUPipeline.from_pretrained(tmp_path)

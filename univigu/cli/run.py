@@ -101,7 +101,7 @@ def joint(
     model: Path = typer.Option(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
     seed: int = typer.Option(0), steps: int = typer.Option(None), guidance: float = typer.Option(None),
-    text_update: str = typer.Option("ctmc", help="'ctmc' or the released 'linear-resample' heuristic."),
+    text_update: str = typer.Option(None, help="'ctmc' or the released 'linear-resample' (default: the model's)."),
     out: Path = typer.Option(Path("outputs/joint"), help="Output folder."),
     trajectory: Path = typer.Option(None, help=TRAJECTORY_HELP),
 ) -> None:
@@ -114,7 +114,7 @@ def joint(
                                           trajectory=trajectory is not None)  # fmt: skip
     for i, (prompt, video, text) in enumerate(zip(prompts, result.videos, result.texts)):
         record = {"task": "joint", "prompt": prompt, "caption": text, "guidance_scale": pipe._scale(guidance),
-                  "text_update": text_update,
+                  "text_update": text_update or pipe.config.text_update,
                   **run_record(pipe, path, seed, steps, load, seconds, len(prompts))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"joint generation: {prompt}", record, times)  # fmt: skip

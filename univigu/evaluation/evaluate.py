@@ -70,17 +70,19 @@ def evaluate(
     base_pipeline: Any = None,
     tasks: Sequence[str] = ("t2v", "v2t", "joint"),
     progress: bool = False,
-    text_update: str = "ctmc",
+    text_update: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a pipeline on `n` world samples of `split`; returns a JSON-able dict. `text_update`: the
-    joint sampler's text rule ("ctmc" or the released "linear-resample")."""
+    joint sampler's text rule ("ctmc" or the released "linear-resample"; None: the pipeline's)."""
     cfg = pipeline.config
     world = World(WorldConfig(height=cfg.height, width=cfg.width, frames=cfg.frames))
     oracle = Oracle(world.config)
     scenes = world.scenes(split, range(n), seed)
     prompts = [s.prompt for s in scenes]
     mains = [s.objects[0].attributes() for s in scenes]
-    results: dict[str, Any] = {"split": split, "n": n, "seed": seed, "num_steps": num_steps or cfg.num_steps}
+    text_update = text_update or cfg.text_update
+    results: dict[str, Any] = {"split": split, "n": n, "seed": seed, "num_steps": num_steps or cfg.num_steps,
+                               "caption_steps": num_steps or cfg.caption_steps or cfg.num_steps}
 
     def t2v(pipe) -> dict[str, float]:
         readings = []
@@ -128,7 +130,7 @@ def coevolution(
     seed: int = 0,
     num_steps: int | None = None,
     batch_size: int = 64,
-    text_update: str = "ctmc",
+    text_update: str | None = None,
 ) -> dict[str, Any]:
     """Joint generation followed step by step (METHOD section 6, claim 4), on the prompts of `n` scenes.
 
@@ -138,6 +140,7 @@ def coevolution(
     Returns those per-step lists (length num_steps) and the chance level.
     """
     cfg = pipeline.config
+    text_update = text_update or cfg.text_update
     world = World(WorldConfig(height=cfg.height, width=cfg.width, frames=cfg.frames))
     oracle = Oracle(world.config)
     scenes = world.scenes(split, range(n), seed)

@@ -44,6 +44,8 @@ class PipelineConfig:
     video_prediction: str = "velocity"  # what the transformer outputs: "velocity" (Wan) or "sample" (x0)
     text_shift: float = 1.0  # grid shift for video-to-text
     num_steps: int = 50
+    caption_steps: int | None = None  # video-to-text steps (None: num_steps); text keeps improving past video
+    text_update: str = "ctmc"  # joint generation's text rule: "ctmc" or the released "linear-resample"
     guidance_scale: float = 5.0
     fps: int = 8
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: stage, steps, ...
@@ -286,16 +288,17 @@ class UniViGUPipeline:
         model = self.transformer if self.transformer.caches_clean_video else self._model
         out = sample_v2t(
             model, x, states, self.text_flow, self.config.text_length, pad_id=self.text_canvas.pad_id,
-            num_steps=num_steps or self.config.num_steps, shift=self.config.text_shift, generator=seed,
-            callback=step, progress=progress,
+            num_steps=num_steps or self.config.caption_steps or self.config.num_steps, shift=self.config.text_shift,
+            generator=seed, callback=step, progress=progress,
         )  # fmt: skip
         return self._output(None, out.text, [], toks)
 
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, seed: int = 0, num_steps: int | None = None,
-                 guidance_scale: float | None = None, text_update: str = "ctmc", progress: bool = True,
+                 guidance_scale: float | None = None, text_update: str | None = None, progress: bool = True,
                  return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
-        """Joint generation: a video and its caption per prompt (`.videos` and `.texts`)."""
+        """Joint generation: a video and its caption per prompt (`.videos` and `.texts`). `text_update`:
+        "ctmc" or "linear-resample" (None: the pipeline config's)."""
         self._require_unified("generate")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         states = self.encode_prompts(prompts)
@@ -303,7 +306,8 @@ class UniViGUPipeline:
         out = sample_t2vt(
             self._model, states, self.text_flow, self._video_shape(len(prompts)), self.config.text_length,
             pad_id=self.text_canvas.pad_id, guidance=self._guidance(self._scale(guidance_scale)),
-            text_update=text_update, num_steps=num_steps or self.config.num_steps, shift=self.config.shift,
+            text_update=text_update or self.config.text_update, num_steps=num_steps or self.config.num_steps,
+            shift=self.config.shift,
             generator=seed, callback=step, progress=progress,
         )  # fmt: skip
         return self._output(out.video, out.text, frames, toks)
