@@ -36,7 +36,8 @@ def test_config_errors_name_the_problem():
 
 
 def test_train_all_chains_the_stages_and_resumes(tmp_path):
-    args = ["train-all", "--out", str(tmp_path)] + [f"--{s}.{o}" for s in ("base", "recall", "refine") for o in SMALL]
+    args = ["train-all", "--out", str(tmp_path), "--stages", "base,recall,refine"]
+    args += [f"--{s}.{o}" for s in ("base", "recall", "refine") for o in SMALL]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     refine = UniViGUPipeline.from_pretrained(tmp_path / "refine" / "final")
@@ -48,6 +49,11 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     # resume: finished stages are kept, nothing is retrained
     again = runner.invoke(app, args + ["--resume"])
     assert again.exit_code == 0 and again.output.count("already done") == 3
+    # the toy default skips recall: base then refine
+    default = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--resume"])
+    assert default.exit_code == 0 and default.output.count("already done") == 2 and "recall" not in default.output
+    wrong = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--stages", "refine,base"])
+    assert wrong.exit_code != 0 and "in the order of" in wrong.output
 
 
 def test_train_one_stage_then_resume_further(tmp_path):
