@@ -35,7 +35,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from univigu.data.video_folder import VideoReadError, VideoRecord, load_clip
+from univigu.data.video_folder import VideoRecord, load_clip
+from univigu.data.video_io import VideoReadError, existing_video_file
 
 __all__ = ["CacheSettings", "build_latent_cache", "LatentCacheDataset", "LatentCodec", "collate_latents"]
 
@@ -62,10 +63,7 @@ def nearest_bucket(height: int, width: int, buckets: tuple[tuple[int, int], ...]
 
 def _probe(path: Path) -> tuple[int, int, str]:
     """(height, width, pixel format) of the first video stream, without decoding."""
-    if not path.is_file():
-        raise VideoReadError(f"video file not found: {path}")
-    if path.stat().st_size == 0:
-        raise VideoReadError(f"video file is empty (0 bytes): {path}")
+    existing_video_file(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:

@@ -55,6 +55,16 @@ def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: int = 
     return path
 
 
+def existing_video_file(path: str | Path) -> Path:
+    """`path` as a Path; VideoReadError when it is missing or empty (before PyAV gives a vaguer error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"video file not found: {path}")
+    if path.stat().st_size == 0:
+        raise VideoReadError(f"video file is empty (0 bytes): {path}")
+    return path
+
+
 def read_video(
     path: str | Path, num_frames: int | None = None, size: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -67,11 +77,7 @@ def read_video(
     holds one frame, so pass `num_frames` to get a fixed length.
     Raises VideoReadError for a missing, corrupt or empty file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise VideoReadError(f"video file not found: {path}")
-    if path.stat().st_size == 0:
-        raise VideoReadError(f"video file is empty (0 bytes): {path}")
+    path = existing_video_file(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
