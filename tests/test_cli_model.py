@@ -1,4 +1,4 @@
-"""`univigu model params` and `univigu model bench`, run for real through typer's CliRunner."""
+"""`univigu model params`, `bench` and `position-probe`, run for real through typer's CliRunner."""
 
 from __future__ import annotations
 
@@ -56,3 +56,24 @@ def test_bench_bfloat16_and_bad_dtype(tmp_path):
     assert 0 < data["parity_max_abs_diff"] < 0.1  # bf16 rounding, not a different model
     bad = runner.invoke(app, ["model", "bench", "--dtype", "float8"])
     assert bad.exit_code == 2 and "dtype must be" in bad.output
+
+
+def test_position_probe_on_the_shipped_model_reads_zero_without_rope(tmp_path, monkeypatch):
+    import univigu
+    from univigu.evaluation.probes import position_sensitivity
+    from univigu.models import transformer as module
+
+    out = tmp_path / "probe.json"
+    result = runner.invoke(app, ["model", "position-probe", "--n", "2", "--noise", "0,0.9", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    errors = json.loads(out.read_text())["relative_error"]
+    assert set(errors) == {"0", "0.9"} and all(0 < e < 1 for e in errors.values())
+    # the same weights with the video RoPE switched off are exactly equivariant: the probe must read ~0
+    pipe = univigu.UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL)
+    with_rope = position_sensitivity(pipe, n=2, noise_levels=(0.5,))["relative_error"]["0.5"]
+    rope = module.video_rope
+    monkeypatch.setattr(module, "video_rope", lambda *args: (rope(*args)[0] * 0 + 1, rope(*args)[1] * 0))
+    without_rope = position_sensitivity(pipe, n=2, noise_levels=(0.5,))["relative_error"]["0.5"]
+    assert without_rope < 1e-5 < with_rope
+    bad = runner.invoke(app, ["model", "position-probe", "--noise", "1.5"])
+    assert bad.exit_code != 0 and "[0, 1]" in bad.output

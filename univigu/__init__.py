@@ -47,6 +47,7 @@ _EXPORTS = {
     "Trainer": "univigu.training.trainer",
     "TrainerConfig": "univigu.training.trainer",
     "load_config": "univigu.training.stages",
+    "position_sensitivity": "univigu.evaluation.probes",
     "run_stage": "univigu.training.stages",
     "Trajectory": "univigu.viewer",
     "write_trajectory": "univigu.viewer",

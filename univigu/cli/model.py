@@ -281,3 +281,29 @@ def bench_v2t(
     typer.echo(f"max |logit difference| cached vs uncached, one step: {logit_diff:.2e}; "
                f"same texts after {steps} steps: {cached_texts_equal}")  # fmt: skip
     _write_json(json_path, result)
+
+
+@app.command("position-probe")
+def position_probe(
+    checkpoint: Path = typer.Argument(None, help="A pipeline folder (default: the shipped model)."),
+    n: int = typer.Option(16, "--n", min=1, help="Test-split world videos."),
+    noise: str = typer.Option("0,0.5,0.9", help="Comma-separated noise levels s in [0, 1]."),
+    seed: int = typer.Option(0),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
+) -> None:
+    """Does the transformer use where patches are? Relative change of its video output when the input's
+    patch columns are shuffled, against the shuffled output (0: positions unused)."""
+    import univigu
+    from univigu.evaluation.probes import position_sensitivity
+
+    try:
+        levels = [float(v) for v in noise.split(",") if v.strip()]
+    except ValueError as error:
+        raise typer.BadParameter(f"noise levels must be numbers, got {noise!r}", param_hint="--noise") from error
+    if not levels or any(not 0 <= s <= 1 for s in levels):
+        raise typer.BadParameter(f"noise levels must lie in [0, 1], got {noise!r}", param_hint="--noise")
+    pipe = univigu.UniViGUPipeline.from_pretrained(checkpoint or univigu.DEFAULT_MODEL)
+    result = position_sensitivity(pipe, n=n, noise_levels=levels, seed=seed)
+    for level, error in result["relative_error"].items():
+        typer.echo(f"noise {level:>4}: |f(shuffled) - shuffled f| / |f| = {error:.2%}")
+    _write_json(json_path, result)
