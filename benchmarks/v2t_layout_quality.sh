@@ -7,7 +7,8 @@
 # usage: benchmarks/v2t_layout_quality.sh DEVICE OUT [RECALL_STEPS] [REFINE_STEPS] [N] [TASKS]
 #   DEVICE        cuda or cpu (cpu: each run on one thread)
 #   OUT           folder for the runs, logs, eval JSONs and table.txt
-#   RECALL_STEPS  default 200; REFINE_STEPS default 600; N test samples, default 256
+#   RECALL_STEPS  default 200 (0: refine straight from the base, the toy default recipe);
+#   REFINE_STEPS  default 600; N test samples, default 256
 #   TASKS         eval tasks, default v2t,t2v,joint (v2t is the one that matters)
 # About 3 minutes on one H200 with the defaults; `... cpu /tmp/q 2 2 8 v2t` checks it on a CPU.
 set -euo pipefail
@@ -27,15 +28,20 @@ fi
 mkdir -p "$out"
 python=$(command -v python || command -v python3)
 
-run() {  # layout seed: recall, refine (the layout travels in the model's config), eval
-    local layout=$1 seed=$2 dir=$out/$1-seed$2
+run() {  # layout seed: [recall,] refine (the layout travels in the model's config), eval
+    local layout=$1 seed=$2 dir=$out/$1-seed$2 init=$base
+    # the sampling the ablations measure with (the toy refine config now defaults to 50 caption steps)
+    local common=(--train.seed="$seed" --data_seed="$seed" --pipeline.caption_steps=20 --pipeline.text_update=ctmc)
     mkdir -p "$dir"
     {
-        "$python" -m univigu train "$configs/recall.yaml" --init_from="$base" --attention_layout="$layout" \
-            --train.seed="$seed" --train.max_steps="$recall_steps" --train.save_every="$recall_steps" \
-            --train.output_dir="$dir/recall"
-        "$python" -m univigu train "$configs/refine.yaml" --init_from="$dir/recall/final" \
-            --train.seed="$seed" --train.max_steps="$refine_steps" --train.save_every="$refine_steps" \
+        if [ "$recall_steps" -gt 0 ]; then
+            "$python" -m univigu train "$configs/recall.yaml" --init_from="$base" --attention_layout="$layout" \
+                "${common[@]}" --train.max_steps="$recall_steps" --train.save_every="$recall_steps" \
+                --train.output_dir="$dir/recall"
+            init=$dir/recall/final
+        fi
+        "$python" -m univigu train "$configs/refine.yaml" --init_from="$init" --attention_layout="$layout" \
+            "${common[@]}" --train.max_steps="$refine_steps" --train.save_every="$refine_steps" \
             --train.output_dir="$dir/refine"
         "$python" -m univigu eval "$dir/refine/final" --device "$device" --split test --n "$n" --tasks "$tasks" \
             --json "$dir/eval_test.json"
