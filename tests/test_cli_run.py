@@ -15,7 +15,7 @@ runner = CliRunner()
 def checkpoints(tiny_parts, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     p = tiny_parts
-    config = PipelineConfig(num_steps=2)
+    config = PipelineConfig(num_steps=2, caption_steps=3)
     UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"], config).save_pretrained(root / "unified")
     UniViGUPipeline(p["wan"], p["prompt_encoder"], p["tokenizer"], config).save_pretrained(root / "base")
     return root
@@ -36,7 +36,8 @@ def test_caption_reads_files_and_reports_bad_ones(checkpoints, tmp_path):
     path = write_video(tmp_path / "clip.mp4", video)
     result = runner.invoke(app, ["caption", str(path), "--model", str(checkpoints / "unified"), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "clip_caption_seed0.json").read_text())["caption"] is not None
+    sidecar = json.loads((tmp_path / "clip_caption_seed0.json").read_text())
+    assert sidecar["caption"] is not None and sidecar["steps"] == 3  # the caption_steps it ran, not num_steps
     (tmp_path / "bad.mp4").write_bytes(b"junk" * 50)
     bad = runner.invoke(app, ["caption", str(tmp_path / "bad.mp4"), "--model", str(checkpoints / "unified")])
     assert bad.exit_code != 0 and "cannot decode" in bad.output

@@ -54,6 +54,8 @@ def test_config_sets_caption_steps_and_joint_text_update(tiny_parts, videos):
     seen = []
     pipe.video_to_text(videos[:1], progress=False, callback=lambda i, s, v, t: seen.append(i))
     assert seen == [0, 1, 2, 3]  # caption_steps, not num_steps
+    assert [cfg.steps_for(m) for m in ("text_to_video", "video_to_text", "generate")] == [2, 4, 2]
+    assert cfg.steps_for("video_to_text", 7) == 7
     by_config = pipe.generate(["a red circle moves right"], seed=3, progress=False).texts
     named = pipe.generate(["a red circle moves right"], seed=3, progress=False, text_update="linear-resample").texts
     ctmc = pipe.generate(["a red circle moves right"], seed=3, progress=False, text_update="ctmc").texts

@@ -42,11 +42,11 @@ class Demo:
     def _sample(self, method: str, *args: Any, progress: Any = None, **kwargs: Any):
         from univigu.outputs import timed_sample
 
-        steps = kwargs.get("num_steps") or self.pipe.config.num_steps
+        steps = self.pipe.config.steps_for(method, kwargs.get("num_steps"))
         on_step = (lambda i: progress((i + 1) / steps, desc=f"step {i + 1} / {steps}")) if progress else None
         return timed_sample(self.pipe, method, *args, trajectory=True, on_step=on_step, progress=False, **kwargs)
 
-    def _record(self, seed: int, steps: int | None, seconds: float) -> dict[str, Any]:
+    def _record(self, seed: int, steps: int, seconds: float) -> dict[str, Any]:
         from univigu.outputs import run_record
 
         return run_record(self.pipe, self.model, seed, steps, self.load_s, seconds)
@@ -61,7 +61,7 @@ class Demo:
                                               guidance_scale=guidance, progress=progress)  # fmt: skip
         stem = f"{slug(prompt)}_seed{seed}"
         record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": self.pipe._scale(guidance),
-                  **self._record(seed, steps, seconds)}  # fmt: skip
+                  **self._record(seed, len(times), seconds)}  # fmt: skip
         record["files"] = save_trajectory(self.out / f"{stem}.html", self.pipe, result, 0,
                                           f"text to video: {prompt}", record, times)  # fmt: skip
         files = save_sample(self.out, stem, result.videos[0], record)
@@ -82,7 +82,7 @@ class Demo:
                                               instruction=instruction or None, progress=progress)  # fmt: skip
         stem = f"{Path(video).stem}_caption_seed{seed}"
         record = {"task": "video_to_text", "video": Path(video).name, "caption": result.texts[0],
-                  "instruction": instruction or None, **self._record(seed, steps, seconds)}  # fmt: skip
+                  "instruction": instruction or None, **self._record(seed, len(times), seconds)}  # fmt: skip
         record["files"] = save_trajectory(self.out / f"{stem}.html", self.pipe, result, 0,
                                           f"video to text: {Path(video).name}", record, times,
                                           video=frames)  # fmt: skip
@@ -99,7 +99,7 @@ class Demo:
                                               guidance_scale=guidance, progress=progress)  # fmt: skip
         stem = f"{slug(prompt)}_joint_seed{seed}"
         record = {"task": "joint", "prompt": prompt, "caption": result.texts[0],
-                  "guidance_scale": self.pipe._scale(guidance), **self._record(seed, steps, seconds)}  # fmt: skip
+                  "guidance_scale": self.pipe._scale(guidance), **self._record(seed, len(times), seconds)}  # fmt: skip
         record["files"] = save_trajectory(self.out / f"{stem}.html", self.pipe, result, 0,
                                           f"joint generation: {prompt}", record, times)  # fmt: skip
         files = save_sample(self.out, stem, result.videos[0], record)

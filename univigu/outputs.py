@@ -34,10 +34,10 @@ def save_sample(out: str | Path, stem: str, video: np.ndarray | None, record: di
     return {**files, "json": str(sidecar)}
 
 
-def run_record(pipe: Any, model: str | Path, seed: int, steps: int | None, load_s: float, sample_s: float,
+def run_record(pipe: Any, model: str | Path, seed: int, steps: int, load_s: float, sample_s: float,
                n: int = 1) -> dict[str, Any]:  # fmt: skip
-    """Sidecar fields of every run: seed, steps, model and timings (loading; sampling per sample)."""
-    return {"seed": seed, "steps": steps or pipe.config.num_steps, "model": str(model),
+    """Sidecar fields of every run: seed, the steps it ran, model and timings (loading; sampling per sample)."""
+    return {"seed": seed, "steps": steps, "model": str(model),
             "load_seconds": round(load_s, 2), "seconds": round(sample_s / n, 2), "fps": pipe.config.fps}  # fmt: skip
 
 

@@ -55,7 +55,7 @@ def generate(
                                   guidance_scale=guidance, trajectory=trajectory is not None)  # fmt: skip
     for i, (prompt, video) in enumerate(zip(prompts, result.videos)):
         record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": pipe._scale(guidance),
-                  **run_record(pipe, path, seed, steps, load, seconds, len(prompts))}  # fmt: skip
+                  **run_record(pipe, path, seed, len(times), load, seconds, len(prompts))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"text to video: {prompt}", record, times)  # fmt: skip
         files = save_sample(out, f"{slug(prompt)}_seed{seed}_{i}", video, record)
@@ -88,7 +88,7 @@ def caption(
                                           instruction=instruction, trajectory=trajectory is not None)  # fmt: skip
     for i, (video, text) in enumerate(zip(videos, result.texts)):
         record = {"task": "video_to_text", "video": str(video), "caption": text, "instruction": instruction,
-                  **run_record(pipe, path, seed, steps, load, seconds, len(videos))}  # fmt: skip
+                  **run_record(pipe, path, seed, len(times), load, seconds, len(videos))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(videos)), pipe, result, i,
                                             f"video to text: {Path(video).name}", record, times,
                                             video=frames[i])  # fmt: skip
@@ -115,7 +115,7 @@ def joint(
     for i, (prompt, video, text) in enumerate(zip(prompts, result.videos, result.texts)):
         record = {"task": "joint", "prompt": prompt, "caption": text, "guidance_scale": pipe._scale(guidance),
                   "text_update": text_update or pipe.config.text_update,
-                  **run_record(pipe, path, seed, steps, load, seconds, len(prompts))}  # fmt: skip
+                  **run_record(pipe, path, seed, len(times), load, seconds, len(prompts))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"joint generation: {prompt}", record, times)  # fmt: skip
         files = save_sample(out, f"{slug(prompt)}_joint_seed{seed}_{i}", video, record)
@@ -170,22 +170,22 @@ def demo(
         raise typer.BadParameter("the demo needs a unified model (text to video and video to text)",
                                  param_hint="--model")  # fmt: skip
     start = time.perf_counter()
-    result, seconds, _ = timed_sample(pipe, "text_to_video", [prompt], seed=seed, progress=False)
-    record = {"task": "text_to_video", "prompt": prompt, **run_record(pipe, path, seed, None, load, seconds)}
+    result, seconds, times = timed_sample(pipe, "text_to_video", [prompt], seed=seed, progress=False)
+    record = {"task": "text_to_video", "prompt": prompt, **run_record(pipe, path, seed, len(times), load, seconds)}
     t2v = save_sample(out, "text_to_video", result.videos[0], record)
 
     world = World(WorldConfig(height=c.height, width=c.width, frames=c.frames))
     scene = world.scenes("test", [seed])[0]  # a test-split scene: never trained on
     rendered = world.render([scene])
-    result, seconds, _ = timed_sample(pipe, "video_to_text", rendered, seed=seed, progress=False)
+    result, seconds, times = timed_sample(pipe, "video_to_text", rendered, seed=seed, progress=False)
     caption = result.texts[0]
     record = {"task": "video_to_text", "caption": caption, "true_caption": scene.caption,
-              **run_record(pipe, path, seed, None, load, seconds)}  # fmt: skip
+              **run_record(pipe, path, seed, len(times), load, seconds)}  # fmt: skip
     v2t = save_sample(out, "video_to_text", rendered[0], record)
 
-    both, seconds, _ = timed_sample(pipe, "generate", [prompt], seed=seed, progress=False)
+    both, seconds, times = timed_sample(pipe, "generate", [prompt], seed=seed, progress=False)
     record = {"task": "joint", "prompt": prompt, "caption": both.texts[0],
-              **run_record(pipe, path, seed, None, load, seconds)}  # fmt: skip
+              **run_record(pipe, path, seed, len(times), load, seconds)}  # fmt: skip
     joint_files = save_sample(out, "joint", both.videos[0], record)
     typer.echo(f"model: {path}")
     typer.echo(f"text to video   {prompt!r}\n  -> {t2v['gif']}, {t2v['mp4']}")

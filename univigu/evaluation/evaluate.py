@@ -81,8 +81,8 @@ def evaluate(
     prompts = [s.prompt for s in scenes]
     mains = [s.objects[0].attributes() for s in scenes]
     text_update = text_update or cfg.text_update
-    results: dict[str, Any] = {"split": split, "n": n, "seed": seed, "num_steps": num_steps or cfg.num_steps,
-                               "caption_steps": num_steps or cfg.caption_steps or cfg.num_steps}
+    results: dict[str, Any] = {"split": split, "n": n, "seed": seed, "num_steps": cfg.steps_for("generate", num_steps),
+                               "caption_steps": cfg.steps_for("video_to_text", num_steps)}  # fmt: skip
 
     def t2v(pipe) -> dict[str, float]:
         readings = []

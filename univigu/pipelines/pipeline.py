@@ -50,6 +50,11 @@ class PipelineConfig:
     fps: int = 8
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: stage, steps, ...
 
+    def steps_for(self, method: str, num_steps: int | None = None) -> int:
+        """The sampling steps a pipeline method ("text_to_video", "video_to_text", "generate") runs: `num_steps`
+        when given, else caption_steps for video to text, else num_steps."""
+        return num_steps or (self.caption_steps if method == "video_to_text" else None) or self.num_steps
+
 
 @dataclass
 class UniViGUPipelineOutput:
@@ -267,7 +272,7 @@ class UniViGUPipeline:
         out = sample_t2v(
             self._model, tokens.to(self.device), states, self._video_shape(len(prompts)),
             text_mask=mask.to(self.device), guidance=self._guidance(self._scale(guidance_scale), null_text=self.unified),
-            num_steps=num_steps or self.config.num_steps, shift=self.config.shift, generator=seed,
+            num_steps=self.config.steps_for("text_to_video", num_steps), shift=self.config.shift, generator=seed,
             callback=step, progress=progress,
         )  # fmt: skip
         return self._output(out.video, None, frames, [])
@@ -288,7 +293,7 @@ class UniViGUPipeline:
         model = self.transformer if self.transformer.caches_clean_video else self._model
         out = sample_v2t(
             model, x, states, self.text_flow, self.config.text_length, pad_id=self.text_canvas.pad_id,
-            num_steps=num_steps or self.config.caption_steps or self.config.num_steps, shift=self.config.text_shift,
+            num_steps=self.config.steps_for("video_to_text", num_steps), shift=self.config.text_shift,
             generator=seed, callback=step, progress=progress,
         )  # fmt: skip
         return self._output(None, out.text, [], toks)
@@ -306,9 +311,8 @@ class UniViGUPipeline:
         out = sample_t2vt(
             self._model, states, self.text_flow, self._video_shape(len(prompts)), self.config.text_length,
             pad_id=self.text_canvas.pad_id, guidance=self._guidance(self._scale(guidance_scale)),
-            text_update=text_update or self.config.text_update, num_steps=num_steps or self.config.num_steps,
-            shift=self.config.shift,
-            generator=seed, callback=step, progress=progress,
+            text_update=text_update or self.config.text_update, num_steps=self.config.steps_for("generate", num_steps),
+            shift=self.config.shift, generator=seed, callback=step, progress=progress,
         )  # fmt: skip
         return self._output(out.video, out.text, frames, toks)
 
