@@ -639,15 +639,12 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         a row without any real token skips cross-attention).
         Returns (velocity [B, C_out, T, H, W], logits [B, L, V']).
         """
-        b, _, frames, height, width = video.shape
-        p_t, p_h, p_w = self.config.patch_size
-        grid = (frames // p_t, height // p_h, width // p_w)
+        b = video.shape[0]
+        x_v, grid = self._embed_video(video)
         if text_tokens is None:
             text_tokens = torch.zeros(b, 0, dtype=torch.long, device=video.device)
         n_v, n_t = math.prod(grid), text_tokens.shape[1]
         head_dim = self.config.attention_head_dim
-
-        x_v = self.patch_embedding(video).flatten(2).transpose(1, 2).contiguous()  # [B, N, D]
         x_t = self.text_embedding(text_tokens).to(x_v.dtype)  # [B, L, D]
 
         t_video = torch.as_tensor(t_video, device=video.device).expand(b)
@@ -685,10 +682,17 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         # Video head: LayerNorm, adaLN from Wan's (1, 2, D) table and the video timestep, Linear, unpatchify.
         shift, scale = (self.scale_shift_table + temb_v[:, None]).chunk(2, dim=1)
         x_v = self.proj_out(_modulate(self.norm_out(x_v.float()), shift, scale).type_as(x_v))
-        x_v = x_v.reshape(b, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        x_v = x_v.reshape(b, *grid, *self.config.patch_size, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         velocity = x_v.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # [B, C, T, H, W]
 
         return UniViGUOutput(velocity, self._text_head(x_t, temb_t))
+
+    def _embed_video(self, video: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        """Patchify: video [B, C, T, H, W] -> tokens [B, N, D] in (f, h, w) raster order, and the patch grid."""
+        _, _, frames, height, width = video.shape
+        p_t, p_h, p_w = self.config.patch_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        return self.patch_embedding(video).flatten(2).transpose(1, 2).contiguous(), grid
 
     def _prompt_condition(self, prompt_states: Tensor, prompt_mask: Tensor | None, dtype: torch.dtype):
         """context [B, S, D], cross_mask [B, 1, 1, S] and cross_keep [B, 1, 1] (None without prompt_mask)."""
@@ -715,11 +719,8 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         if not self.caches_clean_video:
             raise ValueError("encode_video needs attention_layout='video_prefix'; with 'full' the video attends to "
                              "the text, so its states change at every text step")  # fmt: skip
-        b, _, frames, height, width = video.shape
-        p_t, p_h, p_w = self.config.patch_size
-        grid = (frames // p_t, height // p_h, width // p_w)
-        x_v = self.patch_embedding(video).flatten(2).transpose(1, 2).contiguous()
-        zeros = torch.zeros(b, device=video.device)
+        x_v, grid = self._embed_video(video)
+        zeros = torch.zeros(video.shape[0], device=video.device)
         _, mod_v = self._embed_timestep(
             zeros, self.condition_embedder.time_embedder, self.condition_embedder.time_proj, prompt_states.dtype
         )

@@ -125,10 +125,11 @@ class UniViGUPipeline:
         precision are cast to `torch_dtype`."""
         path = Path(path)
         index_file = path / "model_index.json"
-        if not index_file.exists() and not is_wan_folder(path):
+        wan_folder = is_wan_folder(path)
+        if not index_file.exists() and not wan_folder:
             raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json)")
         index = json.loads(index_file.read_text()) if index_file.exists() else {}
-        if is_wan_folder(path) and index.get("_class_name") != cls.__name__:
+        if wan_folder and index.get("_class_name") != cls.__name__:
             return cls.from_wan(path, device=device, torch_dtype=torch_dtype)
         if index["transformer"][1] == "UniViGUTransformer":
             transformer = UniViGUTransformer.from_pretrained(path / "transformer", torch_dtype=torch_dtype)
@@ -183,9 +184,11 @@ class UniViGUPipeline:
         pipeline's own weights as they are."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        parts = ("transformer", "prompt_encoder") + (("vae",) if hasattr(self.codec, "save_pretrained") else ())
-        for name in parts:
-            (self.codec if name == "vae" else getattr(self, name)).save_pretrained(path / name)
+        parts = {"transformer": self.transformer, "prompt_encoder": self.prompt_encoder}
+        if hasattr(self.codec, "save_pretrained"):  # a latent pipeline's VAE
+            parts["vae"] = self.codec
+        for name, part in parts.items():
+            part.save_pretrained(path / name)
             if dtype is not None:  # cast the written shards rather than the weights in memory
                 for shard in (path / name).glob("*.safetensors"):
                     tensors = load_file(shard)
