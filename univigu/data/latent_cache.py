@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import av
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -36,7 +35,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from univigu.data.video_folder import VideoRecord, load_clip
-from univigu.data.video_io import VideoReadError, existing_video_file
+from univigu.data.video_io import VideoReadError, open_video
 
 __all__ = ["CacheSettings", "build_latent_cache", "LatentCacheDataset", "LatentCodec", "collate_latents"]
 
@@ -63,15 +62,9 @@ def nearest_bucket(height: int, width: int, buckets: tuple[tuple[int, int], ...]
 
 def _probe(path: Path) -> tuple[int, int, str]:
     """(height, width, pixel format) of the first video stream, without decoding."""
-    existing_video_file(path)
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"no video stream in {path}")
-            ctx = container.streams.video[0].codec_context
-            return ctx.height, ctx.width, ctx.pix_fmt or ""
-    except av.error.FFmpegError as error:
-        raise VideoReadError(f"cannot open {path} (corrupt?): {error}") from error
+    with open_video(path) as container:
+        ctx = container.streams.video[0].codec_context
+        return ctx.height, ctx.width, ctx.pix_fmt or ""
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:

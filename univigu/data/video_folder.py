@@ -19,12 +19,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from univigu.data.video_io import VideoReadError
+from univigu.data.video_io import VideoReadError, open_video, resize_video
 
 __all__ = ["VideoRecord", "read_captions", "load_clip", "VideoReadError"]
 
@@ -68,12 +66,8 @@ def _resize_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
     h, w = video.shape[1:3]
     scale = max(height / h, width / w)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    x = video.permute(0, 3, 1, 2).float()
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
     top, left = (new_h - height) // 2, (new_w - width) // 2
-    x = x[:, :, top : top + height, left : left + width]
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return resize_video(video, (new_h, new_w))[:, top : top + height, left : left + width].contiguous()
 
 
 def load_clip(path: str | os.PathLike, frames: int, height: int, width: int, fps: float | None = None,
@@ -81,29 +75,19 @@ def load_clip(path: str | os.PathLike, frames: int, height: int, width: int, fps
     """The first `frames` frames of a video at `fps` (None: the file's own rate), resized and centre-cropped
     to uint8 [frames, height, width, 3]. Raises VideoReadError saying why a file cannot give such a clip
     (missing, empty, corrupt or truncated, no video stream, too short, smaller than `min_side` pixels)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VideoReadError(f"video file not found: {path}")
-    if path.stat().st_size == 0:
-        raise VideoReadError(f"video file is empty (0 bytes): {path}")
     decoded, times = [], []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"no video stream in {path}")
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or stream.guessed_rate or 0) or None
-            step = 1.0 / fps if fps else None
-            for frame in container.decode(stream):
-                t = float(frame.time) if frame.time is not None else len(decoded) / (rate or 1.0)
-                decoded.append(frame.to_ndarray(format="rgb24"))  # grayscale and yuv alike become RGB
-                times.append(t)
-                if step is None and len(decoded) >= frames:
-                    break
-                if step is not None and t - times[0] >= (frames - 1) * step + step / 2:
-                    break
-    except av.error.FFmpegError as error:
-        raise VideoReadError(f"cannot decode {path} (corrupt or truncated?): {error}") from error
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+        step = 1.0 / fps if fps else None
+        for frame in container.decode(stream):
+            t = float(frame.time) if frame.time is not None else len(decoded) / (rate or 1.0)
+            decoded.append(frame.to_ndarray(format="rgb24"))  # grayscale and yuv alike become RGB
+            times.append(t)
+            if step is None and len(decoded) >= frames:
+                break
+            if step is not None and t - times[0] >= (frames - 1) * step + step / 2:
+                break
     if not decoded:
         raise VideoReadError(f"video has zero decodable frames (truncated or corrupt?): {path}")
     h, w = decoded[0].shape[:2]

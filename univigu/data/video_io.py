@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import av
 import numpy as np
@@ -55,14 +57,31 @@ def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: int = 
     return path
 
 
-def existing_video_file(path: str | Path) -> Path:
-    """`path` as a Path; VideoReadError when it is missing or empty (before PyAV gives a vaguer error)."""
+@contextlib.contextmanager
+def open_video(path: str | Path) -> Iterator[av.container.InputContainer]:
+    """`path` opened with PyAV, checked to hold a video stream. A missing, empty or corrupt file, and a
+    decoding error inside the block, raise VideoReadError."""
     path = Path(path)
     if not path.is_file():
         raise VideoReadError(f"video file not found: {path}")
-    if path.stat().st_size == 0:
+    if path.stat().st_size == 0:  # checked here: PyAV's own error for it is vaguer
         raise VideoReadError(f"video file is empty (0 bytes): {path}")
-    return path
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"no video stream in {path}")
+            yield container
+    except av.error.FFmpegError as error:
+        raise VideoReadError(f"cannot decode {path} (corrupt or truncated?): {error}") from error
+
+
+def resize_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 `[T, H, W, 3]` resized to (height, width): bilinear, antialiased."""
+    if tuple(size) == tuple(video.shape[1:3]):
+        return video
+    x = torch.nn.functional.interpolate(video.permute(0, 3, 1, 2).float(), size=tuple(size), mode="bilinear",
+                                        antialias=True)  # fmt: skip
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def read_video(
@@ -77,14 +96,8 @@ def read_video(
     holds one frame, so pass `num_frames` to get a fixed length.
     Raises VideoReadError for a missing, corrupt or empty file.
     """
-    path = existing_video_file(path)
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoReadError(f"no video stream in {path}")
-            decoded = [(f.to_ndarray(format="rgb24"), f.duration or 0) for f in container.decode(video=0)]
-    except av.error.FFmpegError as error:
-        raise VideoReadError(f"cannot decode {path}: {error}") from error
+    with open_video(path) as container:
+        decoded = [(f.to_ndarray(format="rgb24"), f.duration or 0) for f in container.decode(video=0)]
     if not decoded:
         raise VideoReadError(f"video has zero frames: {path}")
     frames, durations = zip(*decoded)
@@ -98,8 +111,4 @@ def read_video(
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         index = torch.linspace(0, len(video) - 1, num_frames).round().long()
         video = video[index]
-    if size is not None and tuple(size) != tuple(video.shape[1:3]):
-        x = video.permute(0, 3, 1, 2).float()
-        x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", antialias=True)
-        video = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    return video
+    return video if size is None else resize_video(video, size)

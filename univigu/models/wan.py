@@ -182,8 +182,8 @@ class WanComponents:
     @classmethod
     def from_folder(cls, path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32,
                     patch_size: tuple[int, int, int] = (1, 2, 2)) -> "WanComponents":  # fmt: skip
-        """Load from a local folder only (never the network). The VAE stays in float32 unless
-        `torch_dtype` is float32 too (WanPipeline also runs its VAE in float32)."""
+        """Load from a local folder only (never the network). umT5 in `torch_dtype`; the VAE always in
+        float32, as WanPipeline runs it."""
         from transformers import AutoTokenizer
 
         path = Path(path)
