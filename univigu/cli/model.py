@@ -56,6 +56,22 @@ def params(
     _write_json(json_path, {"preset": preset, "counts": counts})
 
 
+def _torch_dtype(dtype: str):
+    """The torch dtype a bench runs in; a clear error for any but float32 / bfloat16."""
+    import torch
+
+    if dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter(f"dtype must be float32 or bfloat16, got {dtype!r}", param_hint="--dtype")
+    return getattr(torch, dtype)
+
+
+def _synchronizer(device: str) -> Callable[[], None]:
+    """What waits for queued device work before a clock is read (CUDA runs asynchronously)."""
+    import torch
+
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def _interleaved_medians(fns: dict[str, Callable[[], object]], steps: int, warmup: int,
                          sync: Callable[[], None] = lambda: None) -> dict[str, float]:  # fmt: skip
     """Median seconds per function. Rounds alternate between the functions, so a burst of load from
@@ -104,8 +120,7 @@ def bench(
 
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}", param_hint="--preset")
-    if dtype not in ("float32", "bfloat16"):
-        raise typer.BadParameter(f"dtype must be float32 or bfloat16, got {dtype!r}", param_hint="--dtype")
+    torch_dtype = _torch_dtype(dtype)
     torch.manual_seed(0)
     model = build_model(preset)
     with torch.no_grad():  # a non-zero text head, so the text loss has gradients everywhere, as in training
@@ -113,7 +128,6 @@ def bench(
     cfg = model.config
     wan = WanTransformer3DModel(**{k: cfg[k] for k in WAN_CONFIG_KEYS})
     wan.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_text_parameter(k)})
-    torch_dtype = getattr(torch, dtype)
     model.to(device, torch_dtype)
     wan.to(device, torch_dtype)
 
@@ -123,7 +137,7 @@ def bench(
     prompt = torch.randn(batch, prompt_len, cfg.text_dim, generator=g).to(device, torch_dtype)
     tokens = torch.randint(0, cfg.text_vocab_size, (batch, text_len), generator=g).to(device)
     t_clean = torch.zeros(batch, device=device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
 
     runs = {
         "wan (diffusers)": lambda: (wan(video, t_video, prompt, return_dict=False)[0], None),
@@ -206,8 +220,6 @@ def bench_v2t(
     from univigu.models.presets import preset_config
     from univigu.models.transformer import UniViGUTransformer
 
-    if dtype not in ("float32", "bfloat16"):
-        raise typer.BadParameter(f"dtype must be float32 or bfloat16, got {dtype!r}", param_hint="--dtype")
     if preset in PRESETS:
         config = preset_config(preset)
     elif (Path(preset) / "transformer" / "config.json").exists():
@@ -215,7 +227,7 @@ def bench_v2t(
     else:
         raise typer.BadParameter(f"{preset!r} is neither a preset {sorted(PRESETS)} nor a pipeline folder",
                                  param_hint="--preset")  # fmt: skip
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = _torch_dtype(dtype)
     torch.manual_seed(0)
     with torch.device(device):  # weights initialised where they run (1.3B on the CPU is slow)
         model = UniViGUTransformer.from_config({**config, "attention_layout": "video_prefix"}).eval()
@@ -232,7 +244,7 @@ def bench_v2t(
     tokens = torch.randint(0, vocab, (batch, text_len), generator=g).to(device)
     t_noised, t_clean = torch.full((batch,), 500.0, device=device), torch.zeros(batch, device=device)
     text_flow = TextFlow(vocab)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
 
     texts = {}
 
