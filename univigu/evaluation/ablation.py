@@ -273,21 +273,23 @@ def _train_job(spec: dict[str, Any], p: dict[str, Any], out: Path, device: str) 
 
 
 def _checkpoint_pipelines(cfg, device: str):
-    """(step, pipeline) for each saved checkpoint of a stage run, with its EMA weights."""
+    """(step, pipeline) for each saved checkpoint of a stage run, with its EMA weights: one pipeline, its
+    weights replaced by each checkpoint's in turn (use each before asking for the next)."""
     import torch
 
     from univigu.pipelines.pipeline import UniViGUPipeline
     from univigu.training.checkpoint import list_checkpoints
     from univigu.training.stages import build_task
 
+    task, tokenizer, pipe_cfg = build_task(cfg)
+    pipe = UniViGUPipeline(task.transformer, task.prompt_encoder, tokenizer, pipe_cfg).to(device)
     for path in list_checkpoints(Path(cfg.train.output_dir) / "checkpoints"):
-        task, tokenizer, pipe_cfg = build_task(cfg)
-        state = torch.load(path / "ema.pt", map_location="cpu")
+        state = torch.load(path / "ema.pt", map_location=device)
         unexpected = task.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"{path}/ema.pt does not match the stage's model: {unexpected[:5]}")
         step = json.loads((path / "trainer_state.json").read_text())["step"]
-        yield step, UniViGUPipeline(task.transformer, task.prompt_encoder, tokenizer, pipe_cfg).to(device)
+        yield step, pipe
 
 
 def _sweep_job(spec: dict[str, Any], p: dict[str, Any], out: Path, device: str) -> dict[str, Any]:
