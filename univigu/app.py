@@ -108,10 +108,10 @@ class Demo:
     def world_sample(self, index: int = 0, split: str = "test") -> str:
         """Render sample `index` of a world split (not trained on for test) to an mp4; returns its path."""
         from univigu.data.video_io import write_video
-        from univigu.data.world import World, WorldConfig
+        from univigu.data.world import World
 
         c = self.pipe.config
-        world = World(WorldConfig(height=c.height, width=c.width, frames=c.frames))
+        world = World.sized_like(c)
         video = world.render(world.scenes(split, [int(index)]))[0]
         scale = max(1, 128 // max(c.height, c.width))
         return str(write_video(self.out / f"world-{split}-{int(index)}.mp4", video, fps=c.fps, scale=scale))

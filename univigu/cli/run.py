@@ -160,7 +160,7 @@ def demo(
 ) -> None:
     """The main job on the shipped toy-world model: a generated video, a caption for a freshly rendered
     world video, and a joint video + caption."""
-    from univigu.data.world import World, WorldConfig
+    from univigu.data.world import World
 
     load = time.perf_counter()
     pipe, path = _pipeline(model, device)
@@ -174,7 +174,7 @@ def demo(
     record = {"task": "text_to_video", "prompt": prompt, **run_record(pipe, path, seed, len(times), load, seconds)}
     t2v = save_sample(out, "text_to_video", result.videos[0], record)
 
-    world = World(WorldConfig(height=c.height, width=c.width, frames=c.frames))
+    world = World.sized_like(c)
     scene = world.scenes("test", [seed])[0]  # a test-split scene: never trained on
     rendered = world.render([scene])
     result, seconds, times = timed_sample(pipe, "video_to_text", rendered, seed=seed, progress=False)

@@ -208,6 +208,11 @@ class World:
     def __init__(self, config: WorldConfig | None = None) -> None:
         self.config = config or WorldConfig()
 
+    @classmethod
+    def sized_like(cls, config: Any) -> "World":
+        """The world at the video size of `config` (anything with frames, height, width: a PipelineConfig)."""
+        return cls(WorldConfig(height=config.height, width=config.width, frames=config.frames))
+
     def is_heldout(self, obj: dict[str, Any] | WorldObject) -> bool:
         attrs = obj.attributes() if isinstance(obj, WorldObject) else obj
         return any(all(attrs.get(k) == v for k, v in c.items()) for c in self.config.heldout)

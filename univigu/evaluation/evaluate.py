@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from univigu.data.oracle import Oracle
-from univigu.data.world import World, WorldConfig, accuracy, attribute_matches, parse_caption
+from univigu.data.world import World, accuracy, attribute_matches, parse_caption
 
 PROMPT_ATTRIBUTES = ("colour", "shape", "motion")
 
@@ -75,7 +75,7 @@ def evaluate(
     """Evaluate a pipeline on `n` world samples of `split`; returns a JSON-able dict. `text_update`: the
     joint sampler's text rule ("ctmc" or the released "linear-resample"; None: the pipeline's)."""
     cfg = pipeline.config
-    world = World(WorldConfig(height=cfg.height, width=cfg.width, frames=cfg.frames))
+    world = World.sized_like(cfg)
     oracle = Oracle(world.config)
     scenes = world.scenes(split, range(n), seed)
     prompts = [s.prompt for s in scenes]
@@ -141,7 +141,7 @@ def coevolution(
     """
     cfg = pipeline.config
     text_update = text_update or cfg.text_update
-    world = World(WorldConfig(height=cfg.height, width=cfg.width, frames=cfg.frames))
+    world = World.sized_like(cfg)
     oracle = Oracle(world.config)
     scenes = world.scenes(split, range(n), seed)
     prompts = [s.prompt for s in scenes]

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from univigu.data.world import World, WorldConfig
+from univigu.data.world import World
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def position_sensitivity(
     positions are unused; shapes, places and motions need them.
     """
     cfg = pipeline.config
-    world = World(WorldConfig(height=cfg.height, width=cfg.width, frames=cfg.frames))
+    world = World.sized_like(cfg)
     scenes = world.scenes("test", range(n), seed)
     device = pipeline.device
     x0 = pipeline.codec.encode(torch.as_tensor(world.render(scenes)).to(device))  # [B, C, T, H, W]
