@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-import numpy as np
 
 from univigu.data.oracle import Oracle
 from univigu.data.world import World, accuracy, attribute_matches, parse_caption
@@ -107,7 +106,7 @@ def evaluate(
         results["v2t"] = {**accuracy(scores), **caption_scores([s.caption for s in scenes], captions)}
         results["v2t_examples"] = [{"true": s.caption, "generated": c} for s, c in zip(scenes[:5], captions)]
     if "joint" in tasks:
-        agreement, prompt_hits, examples = [], [], []
+        agreement, examples = [], []
         readings = []
         for part in _batches(n, batch_size):
             out = pipeline.generate(prompts[part], seed=seed + part.start, num_steps=num_steps, progress=progress,
