@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-
 from univigu.data.oracle import Oracle
 from univigu.data.world import World, accuracy, attribute_matches, parse_caption
 
