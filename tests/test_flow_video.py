@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from univigu.flow import VideoFlow, clean_estimate, euler_step, guide, shift_time, time_grid, video_timestep
+from univigu.flow import (
+    VideoFlow,
+    clean_estimate,
+    edm_coefficients,
+    euler_step,
+    guide,
+    shift_time,
+    time_grid,
+    video_timestep,
+)
 
 
 def test_network_timestep_ends():
@@ -116,3 +125,33 @@ def test_sample_loss_space_is_the_clean_video_error():
     assert torch.allclose(velocity_space[:2] * s[:2] ** 2, loss[:2], rtol=1e-4)
     with pytest.raises(ValueError, match="loss_space"):
         VideoFlow(loss_space="noise")
+
+
+def test_edm_preconditioning_copies_at_low_noise_and_predicts_at_high_noise():
+    s = torch.tensor([0.0, 0.5, 1.0])
+    c_skip, c_out = edm_coefficients(s, sigma_data=0.35)
+    assert torch.allclose(c_skip[[0, 2]], torch.tensor([1.0, 0.0])) and c_out[0] == 0
+    assert torch.isclose(c_out[2], torch.tensor(0.35))  # pure noise: F is x0 in units of the data std
+    # c_skip x_s is the best linear guess of x0: its error has exactly the variance c_out^2 that F has to explain
+    g = torch.Generator().manual_seed(2)
+    x0, e = 0.35 * torch.randn(200_000, generator=g), torch.randn(200_000, generator=g)
+    x_s = VideoFlow.add_noise(x0, torch.tensor(0.5), e)
+    assert abs((x0 - c_skip[1] * x_s).var() - c_out[1] ** 2) < 2e-3
+
+
+def test_edm_prediction_stands_for_the_velocity_and_its_loss_is_the_network_error():
+    g = torch.Generator().manual_seed(3)
+    x0, e, f = (torch.randn(4, 3, 2, 4, 4, generator=g) for _ in range(3))
+    s = torch.tensor([1.0, 0.7, 0.3, 0.05])
+    x_s = VideoFlow.add_noise(x0, s, e)
+    flow = VideoFlow(prediction="edm", loss_space="edm", sigma_data=0.5)
+    c_skip, c_out = (c.view(-1, 1, 1, 1, 1) for c in edm_coefficients(s, 0.5))
+    perfect = (x0 - c_skip * x_s) / c_out
+    target = VideoFlow.velocity_target(x0, e)
+    assert torch.allclose(flow.velocity(perfect, x_s, s), target, atol=1e-4)
+    loss = flow.training_loss(flow.velocity(f, x_s, s), target, s)
+    assert torch.allclose(loss, (f - perfect).pow(2).flatten(1).mean(1), rtol=1e-3)
+    sample_space = VideoFlow(prediction="edm", loss_space="sample", sigma_data=0.5)
+    x0_hat = c_skip * x_s + c_out * f
+    assert torch.allclose(sample_space.training_loss(flow.velocity(f, x_s, s), target, s),
+                          (x0_hat - x0).pow(2).flatten(1).mean(1), rtol=1e-3)  # fmt: skip

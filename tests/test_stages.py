@@ -44,6 +44,9 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     assert refine.unified and set(refine.config.extra) == {"base", "recall", "refine"}  # provenance
     base = UniViGUPipeline.from_pretrained(tmp_path / "base" / "final")
     assert not base.unified
+    # the toy base's video RoPE base and output parameterization carry through to the unified model
+    assert base.transformer.config.rope_theta == refine.transformer.config.rope_theta == 10.0
+    assert base.config.video_prediction == refine.config.video_prediction == "edm"
     rows = (tmp_path / "recall" / "losses.csv").read_text().splitlines()
     assert rows[0].startswith("step") and "text" in rows[0] and len(rows) == 3
     # resume: finished stages are kept, nothing is retrained

@@ -74,6 +74,32 @@ def test_from_wan_folder_and_key_names(wan, tmp_path):
     assert all(".ffn_t." in k for k in text if k.startswith("blocks."))
 
 
+def test_rope_theta_travels_from_the_base_through_save_load_into_the_unified_model(tmp_path):
+    from univigu.models.wan import load_wan_transformer, set_rope_theta
+
+    torch.manual_seed(0)
+    base = WanTransformer3DModel(**WAN_CONFIG).eval()
+    video, t, prompt = _inputs(2)
+    with torch.no_grad():
+        wan_theta = base(video, t, prompt, return_dict=False)[0]
+        set_rope_theta(base, 10.0)
+        small_theta = base(video, t, prompt, return_dict=False)[0]
+    assert (small_theta - wan_theta).abs().max() > 1e-3  # the base sees positions differently
+    base.save_pretrained(tmp_path / "base")
+    reloaded = load_wan_transformer(tmp_path / "base").eval()
+    assert reloaded.config.rope_theta == 10.0
+    for source in (base, reloaded, str(tmp_path / "base")):
+        model = UniViGUTransformer.from_wan(source, text_vocab_size=VOCAB).eval()
+        assert model.config.rope_theta == 10.0
+        with torch.no_grad():
+            assert (model(video, None, t, None, prompt)[0] - small_theta).abs().max() <= 1e-5
+    # a real Wan config has no rope_theta: Wan's 1e4, and loading leaves the model as diffusers builds it
+    wan = WanTransformer3DModel(**WAN_CONFIG)
+    wan.save_pretrained(tmp_path / "wan")
+    assert "rope_theta" not in load_wan_transformer(tmp_path / "wan").config
+    assert UniViGUTransformer.from_wan(wan, text_vocab_size=VOCAB).config.rope_theta == 10000.0
+
+
 def test_text_init_copies_wan_parts(model):
     for block in model.blocks:
         for (n, a), (_, b) in zip(block.ffn.named_parameters(), block.ffn_t.named_parameters()):

@@ -19,6 +19,7 @@ from univigu.flow.video import (
     NUM_TRAIN_TIMESTEPS,
     VideoFlow,
     clean_estimate,
+    edm_coefficients,
     euler_step,
     guide,
     shift_time,
@@ -29,7 +30,7 @@ from univigu.flow.video import (
 __all__ = [
     "JOINT", "NUM_TRAIN_TIMESTEPS", "REGIME_NAMES", "T2V", "V2T",
     "Guidance", "RegimeMix", "SampleOutput", "TextFlow", "TrainingBatch", "VideoFlow",
-    "clean_estimate", "cut_at_end", "euler_step", "guide", "make_generator", "make_training_batch",
+    "clean_estimate", "cut_at_end", "edm_coefficients", "euler_step", "guide", "make_generator", "make_training_batch",
     "pad_prompt", "sample_t2v", "sample_t2vt", "sample_v2t", "select_prompt", "shift_time",
     "text_timestep", "time_grid", "unified_loss", "video_timestep",
 ]  # fmt: skip

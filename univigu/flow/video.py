@@ -5,12 +5,16 @@ Noise level s in [0, 1]: s = 0 is the clean latent, s = 1 pure Gaussian noise.
 The network sees the timestep 1000 s. Sampling integrates dx/ds = v with Euler from s = 1 to 0
 on a grid warped by Wan's shift k: s' = k s / (1 + (k - 1) s) (k > 1 spends more steps at high noise).
 
-What the network outputs is the parameterization: "velocity" (Wan's, v directly) or "sample" (the
-clean video x0_hat, turned into v = (x_s - x0_hat) / s). The loss and the samplers always see v.
+What the network outputs is the parameterization: "velocity" (Wan's, v directly), "sample" (the
+clean video x0_hat, turned into v = (x_s - x0_hat) / s) or "edm" (Karras et al. 2022's preconditioning:
+x0_hat = c_skip(s) x_s + c_out(s) F, so the network F never has to copy its input). The loss and the
+samplers always see v.
 Sample prediction is for pixel-space models whose patches are as wide as the model (the toy
 world's 4x4x4x3 = 192 values per token): there a velocity network must carry the full-rank noise
 through every block and learns slowly, while the clean video is low-dimensional (Li & He 2025,
-"Back to Basics: Let Denoising Generative Models Denoise").
+"Back to Basics: Let Denoising Generative Models Denoise"). A sample network must copy its input at low
+noise instead, which a small Wan (LayerNorm before the output head) does badly; "edm" leaves both copies
+to the skip term and gives the network a unit-variance target at every noise level.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 from torch import Tensor
 
 NUM_TRAIN_TIMESTEPS = 1000  # the network's timestep scale, shared by both modalities
-PREDICTIONS = ("velocity", "sample")
+PREDICTIONS = ("velocity", "sample", "edm")
+LOSS_SPACES = ("velocity", "sample", "edm")
 MIN_SAMPLE_NOISE = 0.05  # sample prediction: 1 / s is capped at 20 near the clean end
 
 
@@ -53,14 +58,28 @@ def clean_estimate(x: Tensor, velocity: Tensor, s: float | Tensor) -> Tensor:
     return x - s * velocity.to(x.dtype)
 
 
-def velocity_from_output(output: Tensor, x_s: Tensor, s: Tensor, prediction: str = "velocity") -> Tensor:
-    """The velocity a network output stands for. output, x_s [B, ...]; s [B] noise levels."""
+def edm_coefficients(s: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) [B] of x0_hat = c_skip x_s + c_out F for x_s = (1 - s) x0 + s e: c_skip x_s is the best
+    linear guess of x0 (data of std sigma_data), c_out the std of what is left, so F's target has unit variance."""
+    s = s.double()
+    norm = ((1 - s) * sigma_data) ** 2 + s**2
+    return ((1 - s) * sigma_data**2 / norm).float(), (s * sigma_data / norm.sqrt()).float()
+
+
+def velocity_from_output(
+    output: Tensor, x_s: Tensor, s: Tensor, prediction: str = "velocity", sigma_data: float = 0.5
+) -> Tensor:
+    """The velocity a network output stands for. output, x_s [B, ...]; s [B] noise levels; sigma_data: the
+    data std of the "edm" parameterization."""
     if prediction == "velocity":
         return output
-    if prediction != "sample":
+    if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    s = _bcast(s.clamp_min(MIN_SAMPLE_NOISE), x_s)
-    return (x_s.to(output.dtype) - output) / s
+    x_s = x_s.to(output.dtype)
+    if prediction == "edm":
+        c_skip, c_out = edm_coefficients(s, sigma_data)
+        output = _bcast(c_skip, x_s) * x_s + _bcast(c_out, x_s) * output
+    return (x_s - output) / _bcast(s.clamp_min(MIN_SAMPLE_NOISE), x_s)
 
 
 def guide(v_cond: Tensor, v_null: Tensor, scale: float) -> Tensor:
@@ -85,14 +104,15 @@ class VideoFlow:
     time_sampling: Literal["uniform", "logit-normal"] = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    prediction: Literal["velocity", "sample"] = "velocity"
-    loss_space: Literal["velocity", "sample"] = "velocity"
+    prediction: Literal["velocity", "sample", "edm"] = "velocity"
+    loss_space: Literal["velocity", "sample", "edm"] = "velocity"
+    sigma_data: float = 0.5  # the "edm" parameterization's data std
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if self.loss_space not in PREDICTIONS:
-            raise ValueError(f"loss_space must be one of {PREDICTIONS}, got {self.loss_space!r}")
+        if self.loss_space not in LOSS_SPACES:
+            raise ValueError(f"loss_space must be one of {LOSS_SPACES}, got {self.loss_space!r}")
         if self.time_sampling not in ("uniform", "logit-normal"):
             raise ValueError(f"time_sampling must be 'uniform' or 'logit-normal', got {self.time_sampling!r}")
 
@@ -108,7 +128,7 @@ class VideoFlow:
 
     def velocity(self, output: Tensor, x_s: Tensor, s: Tensor) -> Tensor:
         """The velocity the network's output stands for (x_s the network's input at noise levels s [B])."""
-        return velocity_from_output(output, x_s, s, self.prediction)
+        return velocity_from_output(output, x_s, s, self.prediction, self.sigma_data)
 
     @staticmethod
     def add_noise(x0: Tensor, s: Tensor, noise: Tensor) -> Tensor:
@@ -124,11 +144,15 @@ class VideoFlow:
     def training_loss(self, velocity: Tensor, target: Tensor, s: Tensor) -> Tensor:
         """Per-sample loss [B] at noise levels s [B]: the velocity MSE, or with loss_space "sample" the
         clean-video MSE s^2 |v_hat - v|^2 = |x0_hat - x0|^2, which weighs high noise (where a video's
-        layout is decided) far more than the velocity MSE does."""
+        layout is decided) far more than the velocity MSE does; with "edm" the MSE of the network's own
+        output, |x0_hat - x0|^2 / c_out^2 (EDM's weighting: every noise level counts alike)."""
         mse = self.loss(velocity, target)
         if self.loss_space == "velocity":
             return mse
-        return mse * s.float().clamp_min(MIN_SAMPLE_NOISE).square()
+        s_min = s.float().clamp_min(MIN_SAMPLE_NOISE)
+        if self.loss_space == "sample":
+            return mse * s_min.square()
+        return mse * (s_min / edm_coefficients(s_min, self.sigma_data)[1]).square()
 
     @staticmethod
     def loss(velocity: Tensor, target: Tensor) -> Tensor:

@@ -50,6 +50,7 @@ WAN_CONFIG_KEYS = (
     "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps",
     "rope_max_seq_len",
 )  # fmt: skip
+WAN_ROPE_THETA = 10000.0  # Wan's video RoPE base; a Wan config may name another as `rope_theta` (see rope_theta_of)
 
 # "full": every token attends to every token. "video_prefix": where the video is clean (t_video == 0, the V2T
 # regime; per sample) video queries attend to video keys only, so the clean video's states do not depend on the
@@ -60,6 +61,11 @@ ATTENTION_LAYOUTS = ("full", "video_prefix")
 # ----------------------------------------------------------------------------------------------------
 # Small pieces (Wan's numerics, our names)
 # ----------------------------------------------------------------------------------------------------
+
+
+def rope_theta_of(wan: nn.Module) -> float:
+    """The video RoPE base a diffusers Wan transformer was built with (its config's `rope_theta`, else Wan's)."""
+    return float(wan.config.get("rope_theta", WAN_ROPE_THETA))
 
 
 def timestep_sinusoid(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -77,18 +83,20 @@ def _rope_angles(length: int, dim: int, theta: float, device: torch.device) -> T
     return torch.outer(torch.arange(length, dtype=dtype, device=device), inv_freq)
 
 
-def video_rope(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def video_rope(
+    grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = WAN_ROPE_THETA
+) -> tuple[Tensor, Tensor]:
     """cos, sin [F*H*W, head_dim/2] for patches in (f, h, w) raster order.
 
     The head dim is split as Wan splits it: h and w get 2*(head_dim//6) channels each, t the rest
-    (44/42/42 at head_dim 128); theta 1e4.
+    (44/42/42 at head_dim 128); theta 1e4 in Wan.
     """
     f, h, w = grid
     d_hw = 2 * (head_dim // 6)
     d_t = head_dim - 2 * d_hw
-    a_t = _rope_angles(f, d_t, 10000.0, device)[:, None, None].expand(f, h, w, -1)
-    a_h = _rope_angles(h, d_hw, 10000.0, device)[None, :, None].expand(f, h, w, -1)
-    a_w = _rope_angles(w, d_hw, 10000.0, device)[None, None, :].expand(f, h, w, -1)
+    a_t = _rope_angles(f, d_t, theta, device)[:, None, None].expand(f, h, w, -1)
+    a_h = _rope_angles(h, d_hw, theta, device)[None, :, None].expand(f, h, w, -1)
+    a_w = _rope_angles(w, d_hw, theta, device)[None, None, :].expand(f, h, w, -1)
     angles = torch.cat([a_t, a_h, a_w], dim=-1).reshape(f * h * w, head_dim // 2)
     return angles.cos().float(), angles.sin().float()
 
@@ -398,7 +406,8 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
     Args (shared, Wan's config names): patch_size, num_attention_heads, attention_head_dim, in_channels,
         out_channels (None: in_channels), text_dim (prompt-encoder width), freq_dim, ffn_dim, num_layers,
         cross_attn_norm, qk_norm (only "rms_norm_across_heads", the Wan2.1 one), eps, rope_max_seq_len (kept
-        for Wan config compatibility only: RoPE is computed for the actual grid, no table is stored).
+        for Wan config compatibility only: RoPE is computed for the actual grid, no table is stored), rope_theta
+        (the video RoPE base, Wan's 1e4; the toy world's 8-patch axes use a small one, see `rope_theta_of`).
     Args (text): text_vocab_size V; text_mask_row adds one row (id V) used as the mask/source token for
         tokenizers that have none, so V' = V + 1; text_rope_theta for the 1D text RoPE; text_ffn "expert"
         (the MoE: a text FFN per block) or "shared" (text tokens through the video FFN; an ablation).
@@ -429,6 +438,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         qk_norm: str | None = "rms_norm_across_heads",
         eps: float = 1e-6,
         rope_max_seq_len: int = 1024,
+        rope_theta: float = WAN_ROPE_THETA,
         text_vocab_size: int = 256384,
         text_mask_row: bool = False,
         text_rope_theta: float = 10000.0,
@@ -521,9 +531,9 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         text_rope_theta, text_ffn, attention_layout.
         """
         if isinstance(wan, (str, os.PathLike)):
-            from diffusers import WanTransformer3DModel
+            from univigu.models.wan import load_wan_transformer
 
-            wan = WanTransformer3DModel.from_pretrained(wan, local_files_only=True)
+            wan = load_wan_transformer(wan)
         unsupported = {k: wan.config.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")}
         if any(v is not None for v in unsupported.values()):
             raise ValueError(f"only text-to-video Wan models are supported, this one has {unsupported}")
@@ -535,7 +545,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         # Build on the meta device (no allocation, no random init of billions of weights), then take
         # cloned Wan tensors as the parameters and derive the text parts from them.
         with torch.device("meta"):
-            model = cls(**{k: wan.config[k] for k in WAN_CONFIG_KEYS}, **text_config)
+            model = cls(**{k: wan.config[k] for k in WAN_CONFIG_KEYS}, rope_theta=rope_theta_of(wan), **text_config)
         state = {k: v.detach().clone() for k, v in wan.state_dict().items()}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         not_text = [k for k in missing if not model.is_text_parameter(k)]
@@ -658,7 +668,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
             temb_t, mod_t = temb_v, mod_v  # unused by an empty stream
         context, cross_mask, cross_keep = self._prompt_condition(prompt_states, prompt_mask, x_v.dtype)
 
-        cos_v, sin_v = video_rope(grid, head_dim, video.device)
+        cos_v, sin_v = video_rope(grid, head_dim, video.device, self.config.rope_theta)
         cos_t, sin_t = text_rope(n_t, head_dim, self.config.text_rope_theta, video.device)
         rope = (torch.cat([cos_v, cos_t]), torch.cat([sin_v, sin_t]))
 
@@ -725,7 +735,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
             zeros, self.condition_embedder.time_embedder, self.condition_embedder.time_proj, prompt_states.dtype
         )
         context, cross_mask, cross_keep = self._prompt_condition(prompt_states, prompt_mask, x_v.dtype)
-        rope = video_rope(grid, self.config.attention_head_dim, video.device)
+        rope = video_rope(grid, self.config.attention_head_dim, video.device, self.config.rope_theta)
         kv = []
         for block in self.blocks:
             x_v, block_kv = block.encode_video(x_v, context, mod_v, rope, cross_mask, cross_keep)

@@ -26,9 +26,43 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WanVAECodec", "UMT5PromptEncoder", "WanComponents", "check_video_size", "is_wan_folder"]
+__all__ = ["WanVAECodec", "UMT5PromptEncoder", "WanComponents", "check_video_size", "is_wan_folder", "load_wan_transformer",
+           "set_rope_theta"]
 
 WAN_PROMPT_LENGTH = 512  # WanPipeline's max_sequence_length
+
+
+def set_rope_theta(wan: nn.Module, theta: float) -> nn.Module:
+    """Give a diffusers `WanTransformer3DModel` another video RoPE base (diffusers fixes it at 1e4) and record it
+    in its config as `rope_theta`, so `save_pretrained` keeps it and `from_pretrained` + this call restore it.
+
+    Why: with theta 1e4, an axis of 8 patches (the toy world's) turns only the first 3 of its 8 frequency pairs
+    by more than a radian, so attention hardly sees where a patch is; a small theta spreads all of them over it.
+    """
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    old = wan.rope
+    wan.rope = WanRotaryPosEmbed(old.attention_head_dim, old.patch_size, old.max_seq_len, theta=theta).to(
+        old.freqs_cos.device
+    )
+    wan.register_to_config(rope_theta=theta)
+    return wan
+
+
+def load_wan_transformer(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> nn.Module:
+    """diffusers' `WanTransformer3DModel.from_pretrained` (local files only), with the `rope_theta` its config
+    may carry (written by `set_rope_theta`; diffusers' own constructor has no such argument) put back."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # diffusers warns that `rope_theta` is not a constructor argument
+    try:
+        wan = WanTransformer3DModel.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
+    finally:
+        logging.set_verbosity(level)
+    theta = wan.config.get("rope_theta")
+    return set_rope_theta(wan, theta) if theta is not None else wan
 
 
 def is_wan_folder(path: str | os.PathLike) -> bool:

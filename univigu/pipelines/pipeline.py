@@ -26,7 +26,14 @@ from univigu.flow.text import TextFlow
 from univigu.flow.video import NUM_TRAIN_TIMESTEPS, velocity_from_output
 from univigu.models.prompt_encoder import PromptEncoder
 from univigu.models.transformer import UniViGUTransformer
-from univigu.models.wan import WAN_PROMPT_LENGTH, UMT5PromptEncoder, WanComponents, WanVAECodec, is_wan_folder
+from univigu.models.wan import (
+    WAN_PROMPT_LENGTH,
+    UMT5PromptEncoder,
+    WanComponents,
+    WanVAECodec,
+    is_wan_folder,
+    load_wan_transformer,
+)
 
 
 @dataclass
@@ -41,7 +48,8 @@ class PipelineConfig:
     text_source: str = "uniform"  # discrete-flow source: "uniform" or "mask"
     text_exponent: float = 1.0  # kappa(t) = t^n
     shift: float = 3.0  # video schedule shift k
-    video_prediction: str = "velocity"  # what the transformer outputs: "velocity" (Wan) or "sample" (x0)
+    video_prediction: str = "velocity"  # what the transformer outputs: "velocity" (Wan), "sample" (x0) or "edm"
+    video_sigma_data: float = 0.5  # the data std of the "edm" parameterization
     text_shift: float = 1.0  # grid shift for video-to-text
     num_steps: int = 50
     caption_steps: int | None = None  # video-to-text steps (None: num_steps); text keeps improving past video
@@ -79,17 +87,18 @@ class _WanAsUnified(nn.Module):
 
 
 class _AsVelocity(nn.Module):
-    """A sample-predicting transformer behind the velocity interface the samplers use."""
+    """A sample- or edm-predicting transformer behind the velocity interface the samplers use."""
 
-    def __init__(self, model: nn.Module, prediction: str) -> None:
+    def __init__(self, model: nn.Module, prediction: str, sigma_data: float) -> None:
         super().__init__()
-        self.model, self.prediction = model, prediction
+        self.model, self.prediction, self.sigma_data = model, prediction, sigma_data
 
     def forward(self, video, text, t_video, t_text, prompt_states, text_mask=None, prompt_mask=None):
         dtype = next(self.model.parameters()).dtype  # samplers keep the state in float32; a bf16 model runs in bf16
         output, logits = tuple(self.model(video.to(dtype), text, t_video, t_text, prompt_states.to(dtype), text_mask,
                                           prompt_mask))[:2]  # fmt: skip
-        return velocity_from_output(output.float(), video, t_video / NUM_TRAIN_TIMESTEPS, self.prediction), logits
+        return velocity_from_output(output.float(), video, t_video / NUM_TRAIN_TIMESTEPS, self.prediction,
+                                    self.sigma_data), logits
 
 
 class UniViGUPipeline:
@@ -114,7 +123,7 @@ class UniViGUPipeline:
                                   mask_id=self.text_canvas.mask_id, exponent=self.config.text_exponent)  # fmt: skip
         self.unified = isinstance(transformer, UniViGUTransformer)
         model = transformer if self.unified else _WanAsUnified(transformer, self.text_canvas.vocab_size)
-        self._model = _AsVelocity(model, self.config.video_prediction)
+        self._model = _AsVelocity(model, self.config.video_prediction, self.config.video_sigma_data)
 
     # ---- loading and saving ------------------------------------------------------------------------
 
@@ -134,10 +143,7 @@ class UniViGUPipeline:
         if index["transformer"][1] == "UniViGUTransformer":
             transformer = UniViGUTransformer.from_pretrained(path / "transformer", torch_dtype=torch_dtype)
         else:
-            from diffusers import WanTransformer3DModel
-
-            transformer = WanTransformer3DModel.from_pretrained(path / "transformer", local_files_only=True,
-                                                                torch_dtype=torch_dtype)  # fmt: skip
+            transformer = load_wan_transformer(path / "transformer", torch_dtype=torch_dtype)
         encoder_class = UMT5PromptEncoder if index["prompt_encoder"][1] == "UMT5PromptEncoder" else PromptEncoder
         prompt_encoder = encoder_class.from_pretrained(path / "prompt_encoder", torch_dtype=torch_dtype)
         tokenizer = load_tokenizer(path / "tokenizer")
@@ -154,11 +160,9 @@ class UniViGUPipeline:
         for the text stream, the Wan VAE as the codec (float32), umT5 as the prompt encoder (prompts padded to
         512). `config`: PipelineConfig fields; by default 81 frames at 480x832, 256 text tokens, the folder's
         flow_shift. Sizes are checked against the VAE (4k+1 frames, height/width multiples of VAE x patch)."""
-        from diffusers import WanTransformer3DModel
-
         path = Path(path)
         wan = WanComponents.from_folder(path, torch_dtype=torch_dtype)
-        base = WanTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=torch_dtype, local_files_only=True)
+        base = load_wan_transformer(path / "transformer", torch_dtype=torch_dtype)
         transformer = UniViGUTransformer.from_wan(base, text_vocab_size=len(wan.tokenizer),
                                                   text_mask_row=config.get("text_source") == "mask")  # fmt: skip
         del base

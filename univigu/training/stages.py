@@ -31,6 +31,7 @@ from univigu.flow.text import TextFlow
 from univigu.flow.video import VideoFlow
 from univigu.models.prompt_encoder import PromptEncoder
 from univigu.models.transformer import ATTENTION_LAYOUTS, UniViGUTransformer
+from univigu.models.wan import set_rope_theta
 from univigu.pipelines.pipeline import PipelineConfig, UniViGUPipeline
 from univigu.training.tasks import GeneratorTask, UnifiedTask
 from univigu.training.trainer import Trainer, TrainerConfig
@@ -154,7 +155,11 @@ def build_task(cfg: StageConfig):
         world = WorldConfig(**cfg.world)
         pipe_cfg = PipelineConfig(frames=world.frames, height=world.height, width=world.width, **cfg.pipeline)
         video_flow = _video_flow(cfg, pipe_cfg)
-        wan = WanTransformer3DModel(in_channels=3, out_channels=3, **cfg.model)
+        model_cfg = dict(cfg.model)
+        theta = model_cfg.pop("rope_theta", None)  # not a diffusers argument: set on the built model
+        wan = WanTransformer3DModel(in_channels=3, out_channels=3, **model_cfg)
+        if theta is not None:
+            set_rope_theta(wan, theta)
         prompt_encoder = PromptEncoder(vocab_size=len(tokenizer), max_length=pipe_cfg.prompt_length,
                                        **{"dim": wan.config.text_dim, **cfg.prompt_encoder})  # fmt: skip
         task = GeneratorTask(wan, prompt_encoder, TextCanvas(tokenizer, pipe_cfg.prompt_length), video_flow,
@@ -232,7 +237,7 @@ def _dataset(cfg: StageConfig):
 def _video_flow(cfg: StageConfig, pipe_cfg: PipelineConfig) -> VideoFlow:
     flow = cfg.flow
     return VideoFlow(shift=flow.train_shift, time_sampling=flow.time_sampling, prediction=pipe_cfg.video_prediction,
-                     loss_space=flow.video_loss)  # fmt: skip
+                     loss_space=flow.video_loss, sigma_data=pipe_cfg.video_sigma_data)  # fmt: skip
 
 
 def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
