@@ -79,6 +79,19 @@ def test_cached_v2t_equals_uncached_at_every_step():
     assert out_c.text.unique().numel() > 2  # the logits were not uniform: a real test of the text path
 
 
+def test_one_cache_serves_text_canvases_of_any_length():
+    model = _model()
+    video, prompt, prompt_mask, _ = _inputs()
+    t_clean, t_text = torch.zeros(B), torch.full((B,), 400.0)
+    with torch.no_grad():
+        cache = model.encode_video(video, prompt, prompt_mask)
+        for length in (L, 4, L):  # the key/value buffers are resized, the video part kept
+            tokens = torch.randint(0, 30, (B, length), generator=torch.Generator().manual_seed(length))
+            full = model(video, tokens, t_clean, t_text, prompt, None, prompt_mask).logits
+            assert (model.forward_text(tokens, t_text, cache) - full).abs().max() < 1e-5
+            assert cache.kv[0][0].shape[2] == cache.num_video + length
+
+
 def test_clean_video_rows_ignore_the_text_in_a_mixed_batch():
     model, (video, prompt, prompt_mask, text_mask) = _model(), _inputs()
     t_video = torch.tensor([0.0, 600.0, 0.0])  # rows 0 and 2: V2T (clean video); row 1: T2V / joint

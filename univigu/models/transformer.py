@@ -338,11 +338,14 @@ class UniViGUBlock(nn.Module):
         cross_keep: Tensor | None,
     ) -> Tensor:
         """The text stream alone, attending to the cached keys/values of the clean video and to itself.
-        x_t [B, L, D], video_kv from `encode_video`, rope cos/sin [L, head_dim/2], self_mask [B, 1, 1, N+L]."""
+        x_t [B, L, D], video_kv: buffers [B, heads, N + L, head_dim] holding the video's (`VideoCache`), whose last
+        L slots this step overwrites; rope cos/sin [L, head_dim/2], self_mask [B, 1, 1, N+L]."""
         shift, scale, gate, c_shift, c_scale, c_gate = self._modulation(mod_t)
         q, k, v = self.attn1.qkv(self._pre_attention(x_t, shift, scale), rope=rope)
-        k, v = torch.cat([video_kv[0], k], dim=2), torch.cat([video_kv[1], v], dim=2)
-        x_t = (x_t.float() + self.attn1.attend(q, k, v, self_mask) * gate).type_as(x_t)
+        keys, values = video_kv
+        n_v = keys.shape[2] - k.shape[2]
+        keys[:, :, n_v:], values[:, :, n_v:] = k, v  # the text's slots after the cached video
+        x_t = (x_t.float() + self.attn1.attend(q, keys, values, self_mask) * gate).type_as(x_t)
         x_t = self._cross_attention(x_t, context, cross_mask, cross_keep)
         return self._feed_forward(self.text_ffn, x_t, c_shift, c_scale, c_gate)
 
@@ -355,10 +358,24 @@ class UniViGUBlock(nn.Module):
 class VideoCache(NamedTuple):
     """What the text steps of V2T need from a clean video and its prompt condition (`encode_video`)."""
 
-    kv: list[tuple[Tensor, Tensor]]  # per block: self-attention keys, values [B, heads, N, head_dim]
+    # Per block: self-attention keys, values [B, heads, N + L, head_dim]: the clean video's N first, then room for
+    # the L text keys that `forward_text` writes in place at every step (no copy of the video's per step).
+    kv: list[tuple[Tensor, Tensor]]
     context: Tensor  # [B, S, D] projected prompt states
     cross_mask: Tensor | None  # [B, 1, 1, S]
     cross_keep: Tensor | None  # [B, 1, 1]
+    num_video: int  # N
+
+    def make_room(self, text_length: int) -> None:
+        """Size every block's key/value buffers for `text_length` text tokens (a copy only when it changes)."""
+        if self.kv[0][0].shape[2] == self.num_video + text_length:
+            return
+        n_v = self.num_video
+        for i, (k, v) in enumerate(self.kv):
+            room = (*k.shape[:2], n_v + text_length, k.shape[3])
+            k_new, v_new = k.new_empty(room), v.new_empty(room)
+            k_new[:, :, :n_v], v_new[:, :, :n_v] = k[:, :, :n_v], v[:, :, :n_v]
+            self.kv[i] = (k_new, v_new)
 
 
 class UniViGUOutput(NamedTuple):
@@ -740,7 +757,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         for block in self.blocks:
             x_v, block_kv = block.encode_video(x_v, context, mod_v, rope, cross_mask, cross_keep)
             kv.append(block_kv)
-        return VideoCache(kv, context, cross_mask, cross_keep)
+        return VideoCache(kv, context, cross_mask, cross_keep, x_v.shape[1])
 
     def forward_text(
         self, text_tokens: Tensor, t_text: Tensor, cache: VideoCache, text_mask: Tensor | None = None
@@ -748,7 +765,8 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         """One V2T step on the text tokens only: text_tokens [B, L] ids, t_text [B] (or a scalar) on [0, 1000],
         cache from `encode_video`, text_mask [B, L] bool (True = real token). Returns logits [B, L, V']."""
         b, n_t = text_tokens.shape
-        n_v = cache.kv[0][0].shape[2]
+        n_v = cache.num_video
+        cache.make_room(n_t)
         x_t = self.text_embedding(text_tokens).to(cache.context.dtype)
         t_text = torch.as_tensor(t_text, device=text_tokens.device).expand(b)
         temb_t, mod_t = self._embed_timestep(t_text, self.time_embedder_t, self.time_proj_t, cache.context.dtype)
