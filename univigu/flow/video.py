@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 NUM_TRAIN_TIMESTEPS = 1000  # the network's timestep scale, shared by both modalities
-PREDICTIONS = ("velocity", "sample", "edm")
-LOSS_SPACES = ("velocity", "sample", "edm")
+PREDICTIONS = ("velocity", "sample", "edm")  # also the loss spaces: the error of that parameterization
 MIN_SAMPLE_NOISE = 0.05  # sample prediction: 1 / s is capped at 20 near the clean end
 
 
@@ -111,8 +110,8 @@ class VideoFlow:
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if self.loss_space not in LOSS_SPACES:
-            raise ValueError(f"loss_space must be one of {LOSS_SPACES}, got {self.loss_space!r}")
+        if self.loss_space not in PREDICTIONS:
+            raise ValueError(f"loss_space must be one of {PREDICTIONS}, got {self.loss_space!r}")
         if self.time_sampling not in ("uniform", "logit-normal"):
             raise ValueError(f"time_sampling must be 'uniform' or 'logit-normal', got {self.time_sampling!r}")
 

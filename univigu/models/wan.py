@@ -26,8 +26,10 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WanVAECodec", "UMT5PromptEncoder", "WanComponents", "check_video_size", "is_wan_folder", "load_wan_transformer",
-           "set_rope_theta"]
+__all__ = [
+    "WanVAECodec", "UMT5PromptEncoder", "WanComponents", "check_video_size", "is_wan_folder", "load_wan_transformer",
+    "set_rope_theta",
+]  # fmt: skip
 
 WAN_PROMPT_LENGTH = 512  # WanPipeline's max_sequence_length
 
