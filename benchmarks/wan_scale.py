@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from univigu.cli.model import _interleaved_medians
 from univigu.models import build_model
-from univigu.models.transformer import WAN_CONFIG_KEYS
+from univigu.models.transformer import ATTENTION_BACKENDS, WAN_CONFIG_KEYS, keep_attention_checkpointing
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 
@@ -39,41 +39,11 @@ def _peak(device: torch.device) -> tuple[str, float | None]:
     return name, next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="wan2.1-t2v-1.3b")
-    parser.add_argument("--layers", type=int, default=None, help="override num_layers (smaller runs)")
-    parser.add_argument("--latent", type=int, nargs=3, default=(21, 60, 104), metavar=("T", "H", "W"))
-    parser.add_argument("--text-len", type=int, default=256)
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--train-steps", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--no-checkpointing", action="store_true")
-    parser.add_argument("--out", type=Path, default=None, help="directory for result.json and result.md")
-    args = parser.parse_args()
-
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    overrides = {} if args.layers is None else {"num_layers": args.layers}
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = build_model(args.preset, **overrides)
-    cfg = model.config
-    b, (t, h, w) = args.batch, args.latent
-    n_video = (t // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
-    g = torch.Generator(device).manual_seed(0)
-    video = torch.randn(b, cfg.in_channels, t, h, w, generator=g, device=device)
-    prompt = torch.randn(b, args.prompt_len, cfg.text_dim, generator=g, device=device)
-    tokens = torch.randint(0, cfg.text_vocab_size, (b, args.text_len), generator=g, device=device)
-    t_noisy, t_clean = torch.full((b,), 700.0, device=device), torch.zeros(b, device=device)
-
-    # ---- per-step latency, weights and activations in `dtype` ----
+def _latency(model, video, prompt, tokens, t_noisy, t_clean, args, dtype, sync) -> tuple[dict, float]:
+    """Median per-step forward seconds of Wan and the unified model's regimes, and the no-text parity."""
     from diffusers import WanTransformer3DModel
 
+    cfg, device = model.config, video.device
     with torch.device(device):
         wan = WanTransformer3DModel(**{k: cfg[k] for k in WAN_CONFIG_KEYS})
     wan.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_text_parameter(k)})
@@ -93,12 +63,59 @@ def main() -> None:
     del wan
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return latency, parity
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    parser.add_argument("--layers", type=int, default=None, help="override num_layers (smaller runs)")
+    parser.add_argument("--latent", type=int, nargs=3, default=(21, 60, 104), metavar=("T", "H", "W"))
+    parser.add_argument("--text-len", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--checkpointing", default="full", choices=["full", "keep_attention", "none"],
+                        help="training step: recompute every block, all but attention, or nothing")
+    parser.add_argument("--attention-backend", default="native", choices=sorted(ATTENTION_BACKENDS),
+                        help="SDPA kernel (diffusers' names); native lets torch choose")
+    parser.add_argument("--compile", action="store_true", help="training step: torch.compile each block "
+                        "(diffusers' compile_repeated_blocks), compile time excluded from the step time")
+    parser.add_argument("--memory-budget", type=float, default=None, help="with --compile: the fraction of the "
+                        "activations the compiled backward may keep (torch._functorch activation_memory_budget)")
+    parser.add_argument("--skip-latency", action="store_true", help="only the training step")
+    parser.add_argument("--out", type=Path, default=None, help="directory for result.json and result.md")
+    args = parser.parse_args()
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    overrides = {} if args.layers is None else {"num_layers": args.layers}
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(args.preset, **overrides)
+    model.set_attention_backend(args.attention_backend)
+    cfg = model.config
+    b, (t, h, w) = args.batch, args.latent
+    n_video = (t // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    g = torch.Generator(device).manual_seed(0)
+    video = torch.randn(b, cfg.in_channels, t, h, w, generator=g, device=device)
+    prompt = torch.randn(b, args.prompt_len, cfg.text_dim, generator=g, device=device)
+    tokens = torch.randint(0, cfg.text_vocab_size, (b, args.text_len), generator=g, device=device)
+    t_noisy, t_clean = torch.full((b,), 700.0, device=device), torch.zeros(b, device=device)
+
+    # ---- per-step latency, weights and activations in `dtype` ----
+    latency, parity = {}, None
+    if not args.skip_latency:
+        latency, parity = _latency(model, video, prompt, tokens, t_noisy, t_clean, args, dtype, sync)
 
     # ---- one training step: float32 weights, bf16 autocast, checkpointing, AdamW ----
     model.float().train()
-    model.gradient_checkpointing = not args.no_checkpointing
-    if not args.no_checkpointing:
-        model.enable_gradient_checkpointing()
+    if args.checkpointing != "none":
+        model.enable_gradient_checkpointing(keep_attention_checkpointing if args.checkpointing == "keep_attention" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
@@ -112,23 +129,31 @@ def main() -> None:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         loss_fn()
     forward_flops = counter.get_total_flops()
+    if args.compile:  # after counting: the counter sees eager operations
+        if args.memory_budget is not None:
+            torch._functorch.config.activation_memory_budget = args.memory_budget
+        model.compile_repeated_blocks()
 
     def train_step():
         loss_fn().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(1 if args.train_steps > 1 else 0):
-        train_step()  # warmup: optimizer state allocated
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(args.train_steps):
-        sync()
-        start = time.perf_counter()
-        train_step()
-        sync()
-        times.append(time.perf_counter() - start)
+    try:
+        for _ in range(1 if args.train_steps > 1 or args.compile else 0):
+            train_step()  # warmup: optimizer state allocated, blocks compiled
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.train_steps):
+            sync()
+            start = time.perf_counter()
+            train_step()
+            sync()
+            times.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"training step out of memory (checkpointing {args.checkpointing}, compile {args.compile}, "
+                         f"memory budget {args.memory_budget})") from None
     step_s = statistics.median(times)
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     machine, peak_tflops = _peak(device)
@@ -141,27 +166,33 @@ def main() -> None:
         "num_layers": cfg.num_layers, "latent": [t, h, w], "batch": b, "video_tokens": n_video,
         "text_tokens": args.text_len, "prompt_tokens": args.prompt_len,
         "latency_ms": {k: 1e3 * s for k, s in latency.items()},
-        "t2v_over_wan": latency["unified T2V step"] / latency["wan (diffusers)"],
-        "no_text_over_wan": latency["unified, no text"] / latency["wan (diffusers)"],
+        "t2v_over_wan": latency["unified T2V step"] / latency["wan (diffusers)"] if latency else None,
+        "no_text_over_wan": latency["unified, no text"] / latency["wan (diffusers)"] if latency else None,
         "parity_max_abs_diff": parity,
         "train_step_s": step_s, "train_forward_tflop": forward_flops / 1e12, "train_tflops_achieved": achieved,
         "peak_tflops": peak_tflops, "mfu": achieved / peak_tflops if peak_tflops else None,
-        "peak_memory_gib": peak_mem, "gradient_checkpointing": not args.no_checkpointing,
+        "peak_memory_gib": peak_mem, "gradient_checkpointing": args.checkpointing,
+        "attention_backend": args.attention_backend, "compile": args.compile, "memory_budget": args.memory_budget,
     }  # fmt: skip
     lines = [
         f"{machine}, {device} {args.dtype}, torch {torch.__version__}, {result['date']}; preset {args.preset}, "
         f"{cfg.num_layers} layers, latent {t}x{h}x{w} ({n_video} video tokens) + {args.text_len} text tokens, "
-        f"{args.prompt_len} prompt tokens, batch {b}",
+        f"{args.prompt_len} prompt tokens, batch {b}, attention backend {args.attention_backend}",
         "",
-        "| per-step forward | ms |",
-        "|---|---|",
-        *[f"| {k} | {1e3 * s:.1f} |" for k, s in latency.items()],
-        "",
-        f"unified T2V / Wan: {result['t2v_over_wan']:.3f}x; unified without text / Wan: "
-        f"{result['no_text_over_wan']:.3f}x; max |velocity diff| no-text vs Wan: {parity:.2e}",
-        "",
+    ]
+    if latency:
+        lines += [
+            "| per-step forward | ms |",
+            "|---|---|",
+            *[f"| {k} | {1e3 * s:.1f} |" for k, s in latency.items()],
+            "",
+            f"unified T2V / Wan: {result['t2v_over_wan']:.3f}x; unified without text / Wan: "
+            f"{result['no_text_over_wan']:.3f}x; max |velocity diff| no-text vs Wan: {parity:.2e}",
+            "",
+        ]
+    lines += [
         f"training step (fp32 weights, {'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'}, checkpointing "
-        f"{not args.no_checkpointing}, AdamW): {step_s:.3f} s, {achieved:.3g} TFLOP/s model FLOPs "
+        f"{args.checkpointing}, {'compiled blocks, ' if args.compile else ''}AdamW): {step_s:.3f} s, {achieved:.3g} TFLOP/s model FLOPs "
         f"({3 * forward_flops / 1e12:.3g} TFLOP per step)"
         + (f", MFU {100 * result['mfu']:.1f}% of {peak_tflops:.0f}" if peak_tflops else "")
         + (f", peak memory {peak_mem:.1f} GiB" if peak_mem is not None else ""),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from univigu.models import UniViGUTransformer, build_model
+from univigu.models.transformer import keep_attention_checkpointing
 
 WAN_CONFIG = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -179,16 +181,53 @@ def test_text_only_freeze(model):
         model.set_trainable("video")
 
 
-def test_gradient_checkpointing_gives_same_gradients(model):
+class _CountAttention(TorchDispatchMode):
+    """Counts the SDPA forward kernels run while active (the dispatcher sees recomputation too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        self.calls += name.startswith("aten::_scaled_dot_product") and not name.endswith("_backward")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("keep_attention", [False, True])
+def test_gradient_checkpointing_gives_same_gradients(model, keep_attention):
     _randomise_text_head(model)
     _loss(model).backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    model.enable_gradient_checkpointing()
+    model.enable_gradient_checkpointing(keep_attention_checkpointing if keep_attention else None)
     assert model.gradient_checkpointing
-    _loss(model).backward()
+    loss = _loss(model)
+    with _CountAttention() as counter:
+        loss.backward()
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, ref[n], atol=1e-6), n
+    # full checkpointing recomputes both attentions of both blocks; keep_attention none of them
+    assert counter.calls == (0 if keep_attention else 2 * WAN_CONFIG["num_layers"])
+
+
+def test_attention_backend_choice(model):
+    video, t, prompt = _inputs(2)
+    tokens = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        ref = model(video, tokens, t, t, prompt)
+        model.set_attention_backend("_native_math")
+        assert all(m.sdpa_backend is not None for m in model.modules() if hasattr(m, "sdpa_backend"))
+        math = model(video, tokens, t, t, prompt)
+        model.reset_attention_backend()
+        assert all(m.sdpa_backend is None for m in model.modules() if hasattr(m, "sdpa_backend"))
+    assert torch.allclose(math.velocity, ref.velocity, atol=1e-5)
+    assert torch.allclose(math.logits, ref.logits, atol=1e-5)
+    model.set_attention_backend("_native_cudnn")  # no cuDNN kernel on CPU: torch refuses, nothing silent
+    with pytest.raises(RuntimeError):
+        model(video, tokens, t, t, prompt)
+    with pytest.raises(ValueError, match="_native_cudnn"):
+        model.set_attention_backend("flash-3")
 
 
 def test_bf16_autocast(model):

@@ -181,7 +181,8 @@ def test_stage_config_carries_the_layout(tmp_path):
 def test_bench_v2t_cli(tmp_path):
     out = tmp_path / "bench.json"
     args = ["model", "bench-v2t", "--preset", "tiny", "--steps", "3", "--repeats", "1", "--frames", "2",
-            "--height", "16", "--width", "16", "--text-len", "8", "--batch", "2", "--json", str(out)]  # fmt: skip
+            "--height", "16", "--width", "16", "--text-len", "8", "--batch", "2", "--json", str(out),
+            "--attention-backend", "_native_math"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "cost of V2T in full forward passes" in result.output
@@ -189,5 +190,16 @@ def test_bench_v2t_cli(tmp_path):
     assert data["video_tokens"] == 2 * 4 * 4 and data["steps"] == 3
     assert data["max_abs_logit_diff_cached_vs_uncached"] <= 1e-5 and data["same_texts_cached_vs_uncached"]
     assert data["speedup_cached"] > 0 and data["v2t_cached_in_forward_passes"] > 0
+    assert data["attention_backend"] == "_native_math" and not data["cuda_graph"]  # no CUDA here
     bad = CliRunner().invoke(app, ["model", "bench-v2t", "--preset", "nope"])
     assert bad.exit_code == 2 and "neither a preset" in bad.output
+    bad = CliRunner().invoke(app, args[:-1] + ["flash3"])
+    assert bad.exit_code == 2 and "attention backend must be one of" in bad.output
+
+
+def test_cuda_graph_needs_the_cache_and_cuda():
+    model, (video, prompt, _, _) = _model(), _inputs()
+    flow = TextFlow(model.config.text_vocab_size)
+    for use_cache in (True, False):  # on CPU, and without the cache there is no text step to capture
+        with pytest.raises(ValueError, match="cuda_graph=True needs"):
+            sample_v2t(model, video, prompt, flow, 4, num_steps=2, use_cache=use_cache, cuda_graph=True)

@@ -206,6 +206,8 @@ def bench_v2t(
     prompt_len: int = typer.Option(16, min=1, help="Prompt states (the V2T condition: null or an instruction)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
     dtype: str = typer.Option("float32", help="Weights and activations: float32 or bfloat16."),
+    attention_backend: str = typer.Option("native", help="SDPA kernel: native (torch chooses), _native_flash, "
+                                          "_native_cudnn, _native_efficient or _native_math."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
     """Video to text with attention_layout video_prefix: the clean video cached (run once, then only the text
@@ -234,6 +236,10 @@ def bench_v2t(
         if torch_dtype != torch.float32:
             model.to(torch_dtype)
         model.text_proj_out.weight.data.normal_(std=0.02)  # non-uniform logits, as a trained head gives
+    try:
+        model.set_attention_backend(attention_backend)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--attention-backend") from None
     cfg = model.config
     vocab = cfg.text_vocab_size
 
@@ -248,9 +254,12 @@ def bench_v2t(
 
     texts = {}
 
-    def v2t(use_cache: bool, num_steps: int = steps) -> None:
-        texts[use_cache] = sample_v2t(model, video, prompt, text_flow, text_len, prompt_mask=prompt_mask,
-                                      num_steps=num_steps, generator=0, use_cache=use_cache).text  # fmt: skip
+    graphs = device.startswith("cuda")  # the cached text step replayed as a CUDA graph (sample_v2t's default there)
+
+    def v2t(use_cache: bool, num_steps: int = steps, cuda_graph: bool | None = None) -> None:
+        texts[use_cache, cuda_graph] = sample_v2t(model, video, prompt, text_flow, text_len, prompt_mask=prompt_mask,
+                                                  num_steps=num_steps, generator=0, use_cache=use_cache,
+                                                  cuda_graph=cuda_graph).text  # fmt: skip
 
     with torch.no_grad():
         t_text = torch.full((batch,), 500.0, device=device)
@@ -265,9 +274,12 @@ def bench_v2t(
             f"V2T {steps} steps, uncached": lambda: v2t(False),
             f"V2T {steps} steps, cached": lambda: v2t(True),
         }
+        if graphs:
+            v2t(True, 2, cuda_graph=False)
+            runs[f"V2T {steps} steps, cached, no CUDA graph"] = lambda: v2t(True, cuda_graph=False)
         times = _interleaved_medians(runs, repeats, 0, sync)
-    cached_texts_equal = bool(torch.equal(texts[True], texts[False]))
-    forward, no_text, uncached, cached = (times[name] for name in runs)
+    cached_texts_equal = bool(torch.equal(texts[True, None], texts[False, None]))
+    forward, no_text, uncached, cached = (times[name] for name in list(runs)[:4])
     n_video = math.prod(n // p for n, p in zip((frames, height, width), cfg.patch_size))
     result = {
         "preset": preset, "device": device, "dtype": dtype, "batch": batch, "steps": steps, "repeats": repeats,
@@ -279,7 +291,11 @@ def bench_v2t(
         "t2v_text_stream_share": 1 - no_text / forward,
         "max_abs_logit_diff_cached_vs_uncached": logit_diff,
         "same_texts_cached_vs_uncached": cached_texts_equal,
+        "cuda_graph": graphs, "attention_backend": attention_backend,
     }  # fmt: skip
+    if graphs:
+        result["speedup_cuda_graph"] = times[f"V2T {steps} steps, cached, no CUDA graph"] / cached
+        result["same_texts_cuda_graph_vs_eager"] = bool(torch.equal(texts[True, None], texts[True, False]))
     typer.echo(f"preset {preset}: batch {batch}, video {cfg.in_channels}x{frames}x{height}x{width} ({n_video} "
                f"tokens), text {text_len}, prompt {prompt_len}; {device} {dtype}, {torch.get_num_threads()} "
                f"threads; median of {repeats}")  # fmt: skip
@@ -292,6 +308,9 @@ def bench_v2t(
                f"{100 * result['t2v_text_stream_share']:.1f}%")  # fmt: skip
     typer.echo(f"max |logit difference| cached vs uncached, one step: {logit_diff:.2e}; "
                f"same texts after {steps} steps: {cached_texts_equal}")  # fmt: skip
+    if graphs:
+        typer.echo(f"CUDA graph replay of the cached text step: {result['speedup_cuda_graph']:.2f}x, same texts as "
+                   f"eager: {result['same_texts_cuda_graph_vs_eager']}")  # fmt: skip
     _write_json(json_path, result)
 
 

@@ -34,13 +34,17 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 __all__ = [
+    "ATTENTION_BACKENDS",
     "ATTENTION_LAYOUTS",
     "UniViGUOutput",
     "VideoCache",
     "UniViGUTransformer",
     "UniViGUBlock",
+    "keep_attention_checkpointing",
     "parameter_breakdown",
 ]
 
@@ -56,6 +60,16 @@ WAN_ROPE_THETA = 10000.0  # Wan's video RoPE base; a Wan config may name another
 # regime; per sample) video queries attend to video keys only, so the clean video's states do not depend on the
 # text and V2T runs the video once and then only the text tokens per step (`encode_video`, `forward_text`).
 ATTENTION_LAYOUTS = ("full", "video_prefix")
+
+# `set_attention_backend` names (diffusers' names for torch's SDPA kernels): "native" lets torch choose; the others
+# force one kernel, e.g. cuDNN's, which torch does not pick by itself but which is the fastest on H100-class GPUs.
+ATTENTION_BACKENDS = {
+    "native": None,
+    "_native_flash": SDPBackend.FLASH_ATTENTION,
+    "_native_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "_native_cudnn": SDPBackend.CUDNN_ATTENTION,
+    "_native_math": SDPBackend.MATH,
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,6 +149,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # a list only for Wan's key name `to_out.0`
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+        self.sdpa_backend: SDPBackend | None = None  # None: torch chooses (see ATTENTION_BACKENDS)
 
     def forward(
         self,
@@ -160,7 +175,11 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """SDPA and the output projection: q [B, heads, N, head_dim], k/v [B, heads, S, head_dim] -> [B, N, D]."""
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.sdpa_backend is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            with sdpa_kernel(self.sdpa_backend):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(q))
 
 
@@ -220,6 +239,28 @@ class ConditionEmbedder(nn.Module):
 
 def _modulate(x_normed: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x_normed * (1 + scale) + shift
+
+
+# SDPA's kernels as the dispatcher sees them (the math backend decomposes into matmuls and is not among them).
+_ATTENTION_OPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _keep_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def keep_attention_checkpointing(function, *args, **kwargs):
+    """Gradient checkpointing that keeps each attention kernel's output: backward recomputes a block's norms,
+    projections and FFNs but not its attention, which is most of a block's FLOPs at long sequences (at 32k video
+    tokens, about 70%). Costs one [B, heads, N, head_dim] output (+ softmax statistics) per attention per block.
+    Use as `model.enable_gradient_checkpointing(keep_attention_checkpointing)`."""
+    return checkpoint(function, *args, use_reentrant=False,
+                      context_fn=lambda: create_selective_checkpoint_contexts(_keep_attention_policy), **kwargs)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,6 +475,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["UniViGUBlock"]
+    _repeated_blocks = ["UniViGUBlock"]  # diffusers' compile_repeated_blocks() compiles these (regional compilation)
     # As Wan (plus the text copies): kept in float32 when loaded in half precision. Matched per name component.
     _keep_in_fp32_modules = [
         "time_embedder", "time_embedder_t", "scale_shift_table", "scale_shift_table_t", "norm1", "norm2", "norm3"
@@ -509,6 +551,21 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
     def caches_clean_video(self) -> bool:
         """True when V2T can run the clean video once and then only the text (attention_layout video_prefix)."""
         return self.config.attention_layout == "video_prefix"
+
+    # ---- attention kernels --------------------------------------------------------------------------
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Run every attention through one of torch's SDPA kernels (diffusers' method and names; see
+        ATTENTION_BACKENDS). "native" lets torch choose again. Not saved with the model."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend must be one of {sorted(ATTENTION_BACKENDS)}, got {backend!r}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.sdpa_backend = ATTENTION_BACKENDS[backend]
+
+    def reset_attention_backend(self) -> None:
+        """Let torch choose the SDPA kernel again."""
+        self.set_attention_backend("native")
 
     # ---- initialisation and loading ------------------------------------------------------------------
 

@@ -71,6 +71,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from univigu.models.transformer import keep_attention_checkpointing
 from univigu.training import checkpoint as ckpt
 from univigu.training.ema import EMA
 from univigu.training.sampler import ResumableBatchSampler
@@ -95,7 +96,9 @@ class TrainerConfig:
     ema_decay: float | None = None  # None: no EMA
     ema_start: int = 0  # before this step the EMA just copies the weights
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
-    gradient_checkpointing: bool = False
+    # False | True (recompute every block in backward) | "keep_attention" (recompute all but the attention kernels:
+    # faster at long sequences for a little memory; see univigu.models.transformer.keep_attention_checkpointing)
+    gradient_checkpointing: bool | str = False
     save_every: int = 1000
     keep_last: int = 3
     log_every: int = 10
@@ -106,6 +109,9 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives lists
+        if self.gradient_checkpointing not in (False, True, "keep_attention"):
+            raise ValueError("gradient_checkpointing must be false, true or 'keep_attention', "
+                             f"not {self.gradient_checkpointing!r}")  # fmt: skip
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
@@ -148,8 +154,9 @@ class Trainer:
                 if callable(getattr(m, "enable_gradient_checkpointing", None))
                 and getattr(m, "_supports_gradient_checkpointing", True)  # diffusers raises otherwise
             ]  # fmt: skip
+            keep = keep_attention_checkpointing if cfg.gradient_checkpointing == "keep_attention" else None
             for m in enabled:
-                m.enable_gradient_checkpointing()
+                m.enable_gradient_checkpointing(keep)
             if not enabled:
                 warnings.warn("gradient_checkpointing=True, but no submodule has enable_gradient_checkpointing()")
 
