@@ -253,3 +253,19 @@ def test_gradient_checkpointing_on_the_real_transformer(tmp_path: Path) -> None:
     assert runs[True][0] != runs[True][-1]  # it did train
     with pytest.raises(ValueError, match="keep_attention"):
         config(tmp_path / "bad", gradient_checkpointing="attention")
+
+
+def test_compiled_blocks_train_as_eager(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)  # restored after the test
+    runs = {}
+    for compile in (False, True):
+        task = TinyWanTask()
+        budget = 0.5 if compile else None
+        cfg = config(tmp_path / str(compile), max_steps=3, batch_size=2, compile=compile, activation_memory_budget=budget)
+        runs[compile] = [r["loss"] for r in Trainer(task, WanData(), cfg).train()]
+        block = task.model.blocks[0]
+        assert (block._compiled_call_impl is not None) is compile
+    assert torch._functorch.config.activation_memory_budget == 0.5
+    assert runs[True] == pytest.approx(runs[False], abs=1e-5)
+    with pytest.raises(ValueError, match="activation_memory_budget needs compile"):
+        config(tmp_path / "bad", activation_memory_budget=0.5)

@@ -78,7 +78,8 @@ from univigu.training.sampler import ResumableBatchSampler
 
 # Config keys that may differ on resume: they do not change what the run computes.
 _FREE_KEYS = {"output_dir", "max_steps", "save_every", "keep_last", "log_every", "max_bad_steps",
-              "num_workers", "gradient_checkpointing", "find_unused_parameters"}  # fmt: skip
+              "num_workers", "gradient_checkpointing", "find_unused_parameters", "compile",
+              "activation_memory_budget"}  # fmt: skip
 
 
 @dataclass
@@ -99,6 +100,10 @@ class TrainerConfig:
     # False | True (recompute every block in backward) | "keep_attention" (recompute all but the attention kernels:
     # faster at long sequences for a little memory; see univigu.models.transformer.keep_attention_checkpointing)
     gradient_checkpointing: bool | str = False
+    # torch.compile each repeated block (diffusers' compile_repeated_blocks); with it, activation_memory_budget (0-1)
+    # lets the compiled backward recompute cheap operations instead of keeping them (a process-wide torch setting)
+    compile: bool = False
+    activation_memory_budget: float | None = None
     save_every: int = 1000
     keep_last: int = 3
     log_every: int = 10
@@ -112,6 +117,9 @@ class TrainerConfig:
         if self.gradient_checkpointing not in (False, True, "keep_attention"):
             raise ValueError("gradient_checkpointing must be false, true or 'keep_attention', "
                              f"not {self.gradient_checkpointing!r}")  # fmt: skip
+        if self.activation_memory_budget is not None and not (self.compile and 0 < self.activation_memory_budget <= 1):
+            raise ValueError("activation_memory_budget needs compile: true and a value in (0, 1], "
+                             f"got {self.activation_memory_budget!r}")  # fmt: skip
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
@@ -159,6 +167,14 @@ class Trainer:
                 m.enable_gradient_checkpointing(keep)
             if not enabled:
                 warnings.warn("gradient_checkpointing=True, but no submodule has enable_gradient_checkpointing()")
+        if cfg.compile:
+            models = [m for m in task.modules() if getattr(m, "_repeated_blocks", None)]
+            if not models:
+                raise ValueError("compile: true, but no submodule lists _repeated_blocks to compile")
+            if cfg.activation_memory_budget is not None:
+                torch._functorch.config.activation_memory_budget = cfg.activation_memory_budget
+            for m in models:
+                m.compile_repeated_blocks()  # regional compilation: one compiled block serves all of them
 
         named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
         if not named:
