@@ -56,6 +56,7 @@ class PipelineConfig:
     text_update: str = "ctmc"  # joint generation's text rule: "ctmc" or the released "linear-resample"
     guidance_scale: float = 5.0
     fps: int = 8
+    pixel_downsample: int = 1  # the toy codec's d x d pixel averaging (PixelCodec); unused with a VAE
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: stage, steps, ...
 
     def steps_for(self, method: str, num_steps: int | None = None) -> int:
@@ -116,7 +117,7 @@ class UniViGUPipeline:
         self.transformer, self.prompt_encoder = transformer.eval(), prompt_encoder.eval()
         self.tokenizer = tokenizer
         self.config = config or PipelineConfig()
-        self.codec = codec or PixelCodec()
+        self.codec = codec or PixelCodec(self.config.pixel_downsample)
         self.prompt_canvas = TextCanvas(tokenizer, self.config.prompt_length)
         self.text_canvas = TextCanvas(tokenizer, self.config.text_length)
         self.text_flow = TextFlow(self.text_canvas.vocab_size, source=self.config.text_source,

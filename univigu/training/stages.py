@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 
+from univigu.data.codec import PixelCodec
 from univigu.data.dataset import WorldDataset, collate
 from univigu.data.latent_cache import LatentCacheDataset, LatentCodec, collate_latents
 from univigu.data.tokenizer import TextCanvas, build_world_tokenizer
@@ -163,7 +164,8 @@ def build_task(cfg: StageConfig):
         prompt_encoder = PromptEncoder(vocab_size=len(tokenizer), max_length=pipe_cfg.prompt_length,
                                        **{"dim": wan.config.text_dim, **cfg.prompt_encoder})  # fmt: skip
         task = GeneratorTask(wan, prompt_encoder, TextCanvas(tokenizer, pipe_cfg.prompt_length), video_flow,
-                             cond_dropout=RegimeMix(**cfg.mix).cond_dropout)  # fmt: skip
+                             cond_dropout=RegimeMix(**cfg.mix).cond_dropout,
+                             codec=PixelCodec(pipe_cfg.pixel_downsample))  # fmt: skip
         return task, tokenizer, pipe_cfg
 
     previous = UniViGUPipeline.from_pretrained(cfg.init_from)
@@ -186,7 +188,7 @@ def build_task(cfg: StageConfig):
     transformer.set_trainable(cfg.trainable)
     text_flow = TextFlow(len(tokenizer), source=flow.text_source, mask_id=text_canvas.mask_id,
                          exponent=flow.text_exponent)  # fmt: skip
-    task_cls, extra = UnifiedTask, {}
+    task_cls, extra = UnifiedTask, {"codec": previous.codec}  # the video space the previous stage learned
     if cfg.data.get("kind") == "latent_cache":
         cache = _dataset(cfg)[0]
         pipe_cfg.frames, pipe_cfg.height, pipe_cfg.width = cache.frame_size
