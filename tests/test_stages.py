@@ -47,6 +47,9 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     # the toy base's video RoPE base and output parameterization carry through to the unified model
     assert base.transformer.config.rope_theta == refine.transformer.config.rope_theta == 10.0
     assert base.config.video_prediction == refine.config.video_prediction == "edm"
+    # ... and so does the codec's pixel averaging: both denoise 16 x 16 frames and return 32 x 32 videos
+    assert base.config.pixel_downsample == refine.config.pixel_downsample == refine.codec.downsample == 2
+    assert refine.text_to_video(["a red circle moves up"], num_steps=2, progress=False).videos.shape == (1, 16, 32, 32, 3)
     rows = (tmp_path / "recall" / "losses.csv").read_text().splitlines()
     assert rows[0].startswith("step") and "text" in rows[0] and len(rows) == 3
     # resume: finished stages are kept, nothing is retrained
