@@ -324,8 +324,9 @@ def sample_v2t(
         raise ValueError("use_cache=True needs a UniViGUTransformer with attention_layout='video_prefix'")
     g = make_generator(generator, video.device)
     text = _init_text(text_flow, video.shape[0], text_length, text_mask, pad_id, g, video.device)
-    cuda_graph = use_cache and video.device.type == "cuda" if cuda_graph is None else cuda_graph
-    if cuda_graph and not (use_cache and video.device.type == "cuda"):
+    can_graph = use_cache and video.device.type == "cuda"
+    cuda_graph = can_graph if cuda_graph is None else cuda_graph
+    if cuda_graph and not can_graph:
         raise ValueError("cuda_graph=True needs the video cache (use_cache) and a CUDA device")
     if use_cache:
         model = _TextSteps(model, video, prompt_states, prompt_mask, cuda_graph)

@@ -62,7 +62,8 @@ WAN_ROPE_THETA = 10000.0  # Wan's video RoPE base; a Wan config may name another
 ATTENTION_LAYOUTS = ("full", "video_prefix")
 
 # `set_attention_backend` names (diffusers' names for torch's SDPA kernels): "native" lets torch choose; the others
-# force one kernel, e.g. cuDNN's, which torch does not pick by itself but which is the fastest on H100-class GPUs.
+# force one kernel (to compare kernels, or where torch's choice is not the fastest; torch 2.11 on an H100 already
+# picks cuDNN's).
 ATTENTION_BACKENDS = {
     "native": None,
     "_native_flash": SDPBackend.FLASH_ATTENTION,
