@@ -22,6 +22,8 @@ def test_shipped_configs_load_and_overrides_apply():
     cfg = load_config(CONFIG_DIR / "refine.yaml", ["train.lr=1e-3", "--mix.v2t=5", "flow.text_source=mask"])
     assert cfg.train.lr == 1e-3 and cfg.mix["v2t"] == 5 and cfg.flow.text_source == "mask"
     assert cfg.text_target == "caption"
+    # YAML reads a bare `no` as false; the trainer takes it as "no" (the value it means)
+    assert load_config(CONFIG_DIR / "base.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
 
 
 def test_config_errors_name_the_problem():

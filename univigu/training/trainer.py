@@ -120,6 +120,8 @@ class TrainerConfig:
         if self.activation_memory_budget is not None and not (self.compile and 0 < self.activation_memory_budget <= 1):
             raise ValueError("activation_memory_budget needs compile: true and a value in (0, 1], "
                              f"got {self.activation_memory_budget!r}")  # fmt: skip
+        if self.mixed_precision is False:  # YAML reads a bare `no` (also from `--train.mixed_precision=no`) as false
+            self.mixed_precision = "no"
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
