@@ -1,4 +1,4 @@
-"""`univigu model params`, `bench` and `position-probe`, run for real through typer's CliRunner."""
+"""`univigu model params`, `bench` and the probes, run for real through typer's CliRunner."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from univigu.cli import app
+from univigu.evaluation.ablation import SHIPPED_BASE
 
 runner = CliRunner()
 
@@ -77,3 +78,43 @@ def test_position_probe_on_the_shipped_model_reads_zero_without_rope(tmp_path, m
     assert without_rope < 1e-5 < with_rope
     bad = runner.invoke(app, ["model", "position-probe", "--noise", "1.5"])
     assert bad.exit_code != 0 and "[0, 1]" in bad.output
+
+
+def test_prompt_probe_reads_the_colour_and_exactly_zero_for_an_ignored_prompt(tmp_path):
+    import torch
+
+    import univigu
+    from univigu.evaluation.probes import prompt_sensitivity
+
+    out = tmp_path / "prompt.json"
+    result = runner.invoke(app, ["model", "prompt-probe", "--n", "4", "--noise", "0.7", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())["levels"]["0.7"]
+    assert set(row) == {"error", "colour", "shape", "motion", "empty"} and row["error"] > 0
+    assert row["colour"] > 0.01  # the shipped model paints the prompt's colour: a wrong one costs
+    # a generator whose prompt states are the same for every prompt (the plain base reads no text stream)
+    pipe = univigu.UniViGUPipeline.from_pretrained(SHIPPED_BASE)
+    pipe.encode_prompts = lambda texts: torch.zeros(len(texts), pipe.config.prompt_length, 128)
+    flat = prompt_sensitivity(pipe, n=2, noise_levels=(0.5,))["levels"]["0.5"]
+    assert flat["colour"] == flat["shape"] == flat["motion"] == flat["empty"] == 0.0
+    bad = runner.invoke(app, ["model", "prompt-probe", "--noise", "x"])
+    assert bad.exit_code != 0 and "must be numbers" in bad.output
+
+
+def test_caption_probe_and_word_roles(tmp_path):
+    from univigu.evaluation.probes import CAPTION_ROLES, caption_word_roles
+
+    words = "from the top left , a small red circle slides left slowly . the background is gray .".split()
+    roles = dict(zip(range(len(words)), caption_word_roles(words)))
+    assert [roles[i] for i in (2, 3, 6, 7, 8, 10, 11, 16)] == [
+        "position", "position", "size", "colour", "shape", "direction", "speed", "background"]  # fmt: skip
+    assert roles[0] is None and roles[9] is None
+    out = tmp_path / "caption.json"
+    result = runner.invoke(app, ["model", "caption-probe", "--n", "8", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert set(data["accuracy"]) <= set(CAPTION_ROLES) and data["words"]["background"] == 8
+    assert data["accuracy"]["background"] >= 0.75  # the shipped model names backgrounds (99% at n = 128)
+    assert all(0 <= a <= 1 for a in data["accuracy"].values())
+    base = runner.invoke(app, ["model", "caption-probe", str(SHIPPED_BASE), "--n", "2"])
+    assert base.exit_code == 2 and "needs a unified model" in base.output

@@ -327,14 +327,66 @@ def position_probe(
     import univigu
     from univigu.evaluation.probes import position_sensitivity
 
+    levels = _noise_levels(noise)
+    pipe = univigu.UniViGUPipeline.from_pretrained(checkpoint or univigu.DEFAULT_MODEL)
+    result = position_sensitivity(pipe, n=n, noise_levels=levels, seed=seed)
+    for level, error in result["relative_error"].items():
+        typer.echo(f"noise {level:>4}: |f(shuffled) - shuffled f| / |f| = {error:.2%}")
+    _write_json(json_path, result)
+
+
+@app.command("prompt-probe")
+def prompt_probe(
+    checkpoint: Path = typer.Argument(None, help="A pipeline folder (default: the shipped model)."),
+    n: int = typer.Option(64, "--n", min=1, help="Test-split world videos."),
+    noise: str = typer.Option("0.5,0.7,0.9", help="Comma-separated noise levels s in [0, 1]."),
+    seed: int = typer.Option(0),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
+) -> None:
+    """Does the video denoiser read each prompt word? Relative increase of its clean-video error when the
+    prompt's colour, shape or motion is swapped, or the prompt is empty (0: the word is unused)."""
+    import univigu
+    from univigu.evaluation.probes import PROMPT_ATTRIBUTES, prompt_sensitivity
+
+    levels = _noise_levels(noise)
+    pipe = univigu.UniViGUPipeline.from_pretrained(checkpoint or univigu.DEFAULT_MODEL)
+    result = prompt_sensitivity(pipe, n=n, noise_levels=levels, seed=seed)
+    names = (*PROMPT_ATTRIBUTES, "empty")
+    typer.echo("noise  error    " + "  ".join(f"{name:>8}" for name in names))
+    for level, row in result["levels"].items():
+        typer.echo(f"{level:>5}  {row['error']:.4f}  " + "  ".join(f"{row[name]:>+8.1%}" for name in names))
+    _write_json(json_path, result)
+
+
+@app.command("caption-probe")
+def caption_probe(
+    checkpoint: Path = typer.Argument(None, help="A pipeline folder (default: the shipped model)."),
+    n: int = typer.Option(128, "--n", min=1, help="Test-split world videos."),
+    text_time: float = typer.Option(0.9, min=0.0, max=1.0, help="Text flow time of the caption (1 = clean)."),
+    seed: int = typer.Option(0),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
+) -> None:
+    """Does the model see what a caption names? Teacher-forced V2T: the true caption with its attribute words
+    noised, all else given; accuracy of the most likely token at those places, per attribute."""
+    import univigu
+    from univigu.evaluation.probes import caption_word_accuracy
+
+    pipe = univigu.UniViGUPipeline.from_pretrained(checkpoint or univigu.DEFAULT_MODEL)
+    try:
+        result = caption_word_accuracy(pipe, n=n, text_time=text_time, seed=seed)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="checkpoint") from error
+    for role, accuracy in result["accuracy"].items():
+        typer.echo(f"{role:>10}: {accuracy:6.1%}  ({result['words'][role]} words)")
+    _write_json(json_path, result)
+
+
+def _noise_levels(noise: str) -> list[float]:
+    """--noise "0,0.5,0.9" -> [0.0, 0.5, 0.9], each in [0, 1]."""
     try:
         levels = [float(v) for v in noise.split(",") if v.strip()]
     except ValueError as error:
         raise typer.BadParameter(f"noise levels must be numbers, got {noise!r}", param_hint="--noise") from error
     if not levels or any(not 0 <= s <= 1 for s in levels):
         raise typer.BadParameter(f"noise levels must lie in [0, 1], got {noise!r}", param_hint="--noise")
-    pipe = univigu.UniViGUPipeline.from_pretrained(checkpoint or univigu.DEFAULT_MODEL)
-    result = position_sensitivity(pipe, n=n, noise_levels=levels, seed=seed)
-    for level, error in result["relative_error"].items():
-        typer.echo(f"noise {level:>4}: |f(shuffled) - shuffled f| / |f| = {error:.2%}")
-    _write_json(json_path, result)
+    return levels
