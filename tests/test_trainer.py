@@ -95,6 +95,16 @@ def test_trains_logs_rotates_and_exports_ema(tmp_path: Path) -> None:
     assert ckpt.find_latest(root) == root / "step_000060"
 
 
+def test_one_process_trains_in_one_precision_then_another(tmp_path: Path) -> None:
+    # train-all runs its stages in one process; accelerate alone would refuse a second precision
+    runs = {}
+    for precision in ("bf16", "no"):
+        trainer = Trainer(MLPTask(), Regression(), config(tmp_path / precision, max_steps=2, mixed_precision=precision))
+        runs[precision] = trainer.train()
+        assert trainer.accelerator.mixed_precision == precision
+    assert runs["bf16"][-1]["loss"] != runs["no"][-1]["loss"]  # the bf16 run did compute in bf16
+
+
 def test_kill9_resume_is_exact(tmp_path: Path) -> None:
     ref, out = tmp_path / "ref", tmp_path / "killed"
     common = ["--max-steps", "50", "--save-every", "10", "--ema", "0.9"]

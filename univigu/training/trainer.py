@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, send_to_device, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -149,6 +150,10 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
         ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
+        if AcceleratorState._shared_state:
+            # one process may train several stages (train-all) in different precisions, but accelerate keeps the
+            # first precision process-wide and refuses another: start its state afresh (the process group stays)
+            AcceleratorState._reset_state()
         self.accelerator = acc = Accelerator(
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[ddp]
         )
