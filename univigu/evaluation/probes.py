@@ -155,7 +155,7 @@ def caption_word_accuracy(pipeline: Any, n: int = 128, text_time: float = 0.9, s
     logits = pipeline.transformer(x0, noised.to(device), torch.zeros(n, device=device), t_text.to(device), states,
                                   mask.to(device))[1]  # fmt: skip
     correct = pipeline.text_flow.allowed_logits(logits).argmax(-1).cpu() == tokens
-    accuracy = {role: float(correct[role_ids == k].float().mean()) for k, role in enumerate(CAPTION_ROLES)
-                if (role_ids == k).any()}  # fmt: skip
+    places = {role: role_ids == k for k, role in enumerate(CAPTION_ROLES)}
+    accuracy = {role: float(correct[where].float().mean()) for role, where in places.items() if where.any()}
     return {"n": n, "seed": seed, "text_time": text_time, "accuracy": accuracy,
-            "words": {role: int((role_ids == k).sum()) for k, role in enumerate(CAPTION_ROLES)}}
+            "words": {role: int(where.sum()) for role, where in places.items()}}
