@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,6 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 
 from univigu.cli.train import CONFIG_DIR
 
@@ -83,3 +87,65 @@ def test_kill9_then_resume_continues_the_same_loss_curve(base, tmp_path):
     assert sorted(got) == list(range(1, 31))
     resumed = [s for s in range(11, 31)]
     assert max(abs(got[s] - want[s]) for s in resumed) < 1e-6
+
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def _fsdp(base: Path, out: Path, *args: str, **accelerate: object) -> None:
+    """A recall run under the shipped FSDP config on 2 CPU processes (tests/fsdp_on_cpu.py)."""
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp_1gpu.yaml").read_text())
+    cfg.update(num_processes=2, **accelerate)
+    config = out.parent / f"{out.name}_accelerate.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    launch = ["accelerate", "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
+              str(Path(__file__).parent / "fsdp_on_cpu.py")]  # fmt: skip
+    res = subprocess.run([*launch, *_recall(base, out, *args)], env={**ENV, "ACCELERATE_USE_CPU": "1"},
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_fsdp_two_processes_match_one_process_and_resume_from_shards(base, tmp_path):
+    """FSDP2 (the shipped config, one unit per UniViGUBlock) on 2 CPU processes x batch 2 trains as 1 process
+    x batch 4 does (losses, gradient norms over all shards, exported weights), saves sharded checkpoints, and
+    a run resumed from one of them continues exactly."""
+    common = ["--train.max_steps=4", "--train.save_every=2", "--train.mixed_precision=no"]  # float32: exact
+    _fsdp(base, tmp_path / "fsdp", *common, "--train.batch_size=2", mixed_precision="no")
+    step2 = tmp_path / "fsdp" / "checkpoints" / "step_000002"
+    assert {p.name for p in step2.iterdir()} >= {"pytorch_model_fsdp_0", "optimizer_0", "ema_0.pt", "ema_1.pt"}
+    univigu(*_recall(base, tmp_path / "one", *common, "--train.batch_size=4"))
+    with open(tmp_path / "fsdp" / "losses.csv") as f_sharded, open(tmp_path / "one" / "losses.csv") as f_one:
+        sharded, one = list(csv.DictReader(f_sharded)), list(csv.DictReader(f_one))
+    assert [r["step"] for r in sharded] == [r["step"] for r in one] == ["1", "2", "3", "4"]
+    for a, b in zip(sharded, one):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-5)
+        assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=1e-5)  # clipping uses it
+    got, want = _weights(tmp_path / "fsdp"), _weights(tmp_path / "one")  # whole, with the EMA
+    assert got.keys() == want.keys()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
+
+    # as if killed after the step-2 checkpoint: resume from the shards
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    shutil.rmtree(resumed / "final")
+    (resumed / "checkpoints" / "latest").write_text("step_000002\n")
+    _fsdp(base, resumed, *common, "--train.batch_size=2", "--resume", mixed_precision="no")
+    assert losses(resumed) == pytest.approx(losses(tmp_path / "fsdp"), abs=1e-6)
+    again = _weights(resumed)
+    assert max((again[k] - got[k]).abs().max().item() for k in got) < 1e-6
+
+
+def test_fsdp_bf16_with_checkpointing_trains(base, tmp_path):
+    """The shipped FSDP config as is (bf16 weights in compute) with the trainer's selective checkpointing: the
+    bf16 losses follow the float32 ones of one process."""
+    common = ["--train.max_steps=2", "--train.save_every=2"]
+    _fsdp(base, tmp_path / "bf16", *common, "--train.batch_size=2", "--train.gradient_checkpointing=keep_attention")
+    univigu(*_recall(base, tmp_path / "fp32", *common, "--train.batch_size=4", "--train.mixed_precision=no"))
+    got, want = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
+    assert list(got) == list(want) == [1, 2]
+    assert got[1] != want[1]  # really in bf16
+    assert got == pytest.approx(want, rel=1e-2)
+    assert _weights(tmp_path / "bf16")["patch_embedding.weight"].dtype == torch.float32  # exported whole, float32

@@ -85,8 +85,8 @@ def test_trains_logs_rotates_and_exports_ema(tmp_path: Path) -> None:
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000050", "step_000060"]
     assert (root / "latest").read_text().strip() == "step_000060"
     assert not list(root.glob(".tmp_*"))
-    ema = trainer.ema_state_dict()
-    assert ema.keys() == {n for n, _ in task.named_parameters()}
+    ema = trainer.final_state_dict()
+    assert ema.keys() == task.state_dict().keys()
     assert not torch.equal(ema["net.0.weight"], task.net[0].weight.detach())  # averaged, not a copy
     saved = torch.load(root / "step_000060" / "ema.pt")
     assert torch.allclose(saved["net.0.weight"], ema["net.0.weight"])

@@ -253,10 +253,12 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     (out / "stage_config.yaml").write_text(yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
     start = time.perf_counter()
     trainer.train(resume=resume)
-    if cfg.train.ema_decay is not None:
-        task.load_state_dict(trainer.ema_state_dict(), strict=False)
+    state = trainer.final_state_dict()  # EMA weights where on; FSDP shards gathered on the main process
     if not trainer.accelerator.is_main_process:
         return out / "final"
+    if trainer.fsdp:
+        task = build_task(cfg)[0]  # FSDP wrapped the task's blocks in place: a fresh copy takes the weights
+    task.load_state_dict(state)
     pipe_cfg.extra = {**pipe_cfg.extra, cfg.stage: {"steps": cfg.train.max_steps, "minutes": round(
         (time.perf_counter() - start) / 60, 1), "init_from": cfg.init_from}}  # fmt: skip
     transformer = task.transformer

@@ -25,6 +25,7 @@ Checkpoint layout (`output_dir/checkpoints/`)
     latest                      text file: name of the newest complete checkpoint
     step_000100/
         model.safetensors, optimizer.bin, random_states_<rank>.pkl, ...   accelerator.save_state
+                                (FSDP: pytorch_model_fsdp_0/, optimizer_0/, one shard per process)
         generator_<rank>.pt     the task generator of each process
         ema.pt                  {param name: fp32 tensor}, trainable params (ema_<rank>.pt under FSDP)
         trainer_state.json      step, data position, bad-step counters, elapsed time
@@ -46,10 +47,13 @@ Policies
 - Launch: `python script.py` (one process) or `accelerate launch [--multi_gpu | FSDP config]
   script.py`; several CPU processes (gloo): `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu
   --num_processes N script.py` (accelerate's own `--cpu` multi-process launcher needs MPI).
+  FSDP: the configs in `configs/accelerate/` (FSDP2); the tests run them on CPU processes through
+  `tests/fsdp_on_cpu.py`, since accelerate turns FSDP on only beside an accelerator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
@@ -186,7 +190,6 @@ class Trainer:
         named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the task has no trainable parameters")
-        self.trainable_names = {n for n, _ in named}
         # nanoGPT's rule: decay matrices/embeddings; not biases, norm gains or other 1-D params
         groups = [
             {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -260,14 +263,18 @@ class Trainer:
             tb.close()
         return rows
 
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights with their EMA values, on CPU, keyed like `task.state_dict()`
-        (load with `strict=False`). Collective under FSDP: call it on every process."""
-        if self.ema is None:
-            raise RuntimeError("EMA is off (config.ema_decay is None)")
-        with self.ema.swapped():
+    @property
+    def fsdp(self) -> bool:
+        """Whether the model is sharded by FSDP (its weights whole only on gathering)."""
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def final_state_dict(self) -> dict[str, torch.Tensor]:
+        """The task's whole state dict on CPU, the trainable weights at their EMA values when EMA is on,
+        keyed like `task.state_dict()`. Collective under FSDP (call it on every process): the shards are
+        gathered on the main process, and the others get an empty dict."""
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
             full = self.accelerator.get_state_dict(self.model)  # gathers FSDP shards
-            return {k: v.detach().cpu().clone() for k, v in full.items() if k in self.trainable_names}
+            return {k: v.detach().cpu().clone() for k, v in full.items()}
 
     def save_checkpoint(self) -> Path:
         """Write `checkpoints/step_XXXXXX` atomically (all processes must call it)."""
@@ -281,8 +288,8 @@ class Trainer:
         acc.save_state(str(tmp))  # model, optimizer, grad scaler, per-process RNG states
         rank = acc.process_index
         torch.save(self.generator.get_state(), tmp / f"generator_{rank}.pt")
-        if self.ema is not None and (self._fsdp or acc.is_main_process):
-            torch.save(self.ema.state_dict(), tmp / (f"ema_{rank}.pt" if self._fsdp else "ema.pt"))
+        if self.ema is not None and (self.fsdp or acc.is_main_process):
+            torch.save(self.ema.state_dict(), tmp / (f"ema_{rank}.pt" if self.fsdp else "ema.pt"))
         if acc.is_main_process:
             epoch, index = self._sampler_position()
             state = {"step": self.step, "micro_batches": self.micro_batches, "epoch": epoch,
@@ -299,10 +306,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ internals
 
-    @property
-    def _fsdp(self) -> bool:
-        return self.accelerator.distributed_type == DistributedType.FSDP
-
     def _train_step(self, data) -> tuple[dict[str, float], float, float, bool]:
         """One optimizer step over grad_accum micro-batches: (logs, grad norm, lr, skipped)."""
         cfg, acc = self.config, self.accelerator
@@ -316,7 +319,10 @@ class Trainer:
             extra = {"sample_seeds": self._sample_seeds()} if self._wants_seeds else {}
             self.micro_batches += 1
             with acc.accumulate(self.model):
-                out = self.model(batch, generator=self.generator, **extra)
+                # accelerate autocasts the forward of a DDP model, but prepares FSDP2 without that wrapper: its
+                # policy casts the weights to bf16, not the float32 tensors the task makes (noise, embeddings)
+                with acc.autocast():
+                    out = self.model(batch, generator=self.generator, **extra)
                 loss = out["loss"]
                 # backward even on NaN: under DDP every process must join the all-reduce
                 acc.backward(loss)
@@ -334,7 +340,7 @@ class Trainer:
         skip = bool(packed[0] > 0)
         if not skip:
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-            grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+            grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))  # FSDP2: over all shards (DTensors)
             # under fp16 an inf norm is the grad scaler's business (it skips and rescales)
             skip = not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16"
         if skip:
@@ -416,7 +422,7 @@ class Trainer:
         acc.load_state(str(path))
         self.generator.set_state(torch.load(path / f"generator_{acc.process_index}.pt"))
         if self.ema is not None:
-            name = f"ema_{acc.process_index}.pt" if self._fsdp else "ema.pt"
+            name = f"ema_{acc.process_index}.pt" if self.fsdp else "ema.pt"
             self.ema.load_state_dict(torch.load(path / name, map_location="cpu"))
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.micro_batches = state["step"], state["micro_batches"]
