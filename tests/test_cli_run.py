@@ -43,6 +43,20 @@ def test_caption_reads_files_and_reports_bad_ones(checkpoints, tmp_path):
     assert bad.exit_code != 0 and "cannot decode" in bad.output
 
 
+def test_a_prompt_too_long_is_a_usage_error(checkpoints, tmp_path):
+    model = ["--model", str(checkpoints / "unified"), "--out", str(tmp_path)]
+    long = " ".join(["red"] * 40)
+    for command in (["generate", "a red circle", long], ["joint", long]):
+        result = runner.invoke(app, [*command, *model])
+        assert result.exit_code == 2 and "40 tokens long" in result.output, result.output
+        assert "PROMPTS" in result.output and "Traceback" not in result.output
+    video = World().render(World().scenes("test", [0]))[0]
+    path = write_video(tmp_path / "clip.mp4", np.ascontiguousarray(video))
+    result = runner.invoke(app, ["caption", str(path), "--instruction", long, *model])
+    assert result.exit_code == 2 and "--instruction" in result.output and "40 tokens long" in result.output
+    assert not list(tmp_path.glob("*.gif")) and not list(tmp_path.glob("*.json"))  # nothing half-written
+
+
 def test_joint_writes_video_and_caption(checkpoints, tmp_path):
     result = runner.invoke(app, ["joint", "a blue square grows", "--model", str(checkpoints / "unified"),
                                  "--out", str(tmp_path)])  # fmt: skip

@@ -1,8 +1,10 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from univigu import PipelineConfig, UniViGUPipeline, World
+from univigu import PipelineConfig, PromptError, UniViGUPipeline, World
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +89,16 @@ def test_base_generator_pipeline_is_text_to_video_only(tiny_parts, tmp_path, vid
 def test_bad_inputs_are_clear_errors(pipe, videos, tmp_path):
     with pytest.raises(ValueError, match=r"expected uint8 videos \[B, 16, 32, 32, 3\]"):
         pipe.video_to_text(videos[:, :8], progress=False)
-    with pytest.raises(ValueError, match="canvas holds"):
-        pipe.text_to_video(" ".join(["red"] * 40), progress=False)
+    limit = pipe.config.prompt_length - 1
+    with pytest.raises(PromptError, match=f"prompt 1 is 40 tokens long; this model reads at most {limit}"):
+        pipe.text_to_video(["a red circle", " ".join(["red"] * 40)], progress=False)
+    with pytest.raises(PromptError, match="prompt 0 is"):
+        pipe.video_to_text(videos, instruction=" ".join(["what"] * 40), progress=False)
+    with pytest.warns(UserWarning, match=r"does not know \(read as \[UNK\]\): 'dog', 'beach'"):
+        pipe.check_prompts(["a dog on a beach", "a dog moves"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.check_prompts(["a red circle moves right", ""])  # the world's words: no warning
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         UniViGUPipeline.from_pretrained(tmp_path / "nothing")
 

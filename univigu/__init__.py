@@ -34,6 +34,7 @@ _EXPORTS = {
     "UniViGUPipeline": "univigu.pipelines.pipeline",
     "UniViGUPipelineOutput": "univigu.pipelines.pipeline",
     "PipelineConfig": "univigu.pipelines.pipeline",
+    "PromptError": "univigu.pipelines.pipeline",
     "PixelCodec": "univigu.data.codec",
     "VideoFlow": "univigu.flow",
     "TextFlow": "univigu.flow",

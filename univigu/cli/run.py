@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -26,6 +28,17 @@ def _pipeline(model: Path | None, device: str | None = None):
         return UniViGUPipeline.from_pretrained(path, device=device), path
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint="--model") from error
+
+
+@contextmanager
+def _prompt_errors(param_hint: str) -> Iterator[None]:
+    """A prompt longer than the model reads is a usage error (exit 2, the reason, no traceback)."""
+    from univigu.pipelines import PromptError
+
+    try:
+        yield
+    except PromptError as error:
+        raise typer.BadParameter(str(error), param_hint=param_hint) from error
 
 
 def _trajectory_path(base: Path | None, i: int, n: int) -> Path | None:
@@ -51,8 +64,9 @@ def generate(
     load = time.perf_counter()
     pipe, path = _pipeline(model, device)
     load = time.perf_counter() - load
-    result, seconds, times = timed_sample(pipe, "text_to_video", prompts, seed=seed, num_steps=steps,
-                                  guidance_scale=guidance, trajectory=trajectory is not None)  # fmt: skip
+    with _prompt_errors("PROMPTS"):
+        result, seconds, times = timed_sample(pipe, "text_to_video", prompts, seed=seed, num_steps=steps,
+                                              guidance_scale=guidance, trajectory=trajectory is not None)  # fmt: skip
     for i, (prompt, video) in enumerate(zip(prompts, result.videos)):
         record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": pipe._scale(guidance),
                   **run_record(pipe, path, seed, len(times), load, seconds, len(prompts))}  # fmt: skip
@@ -84,8 +98,9 @@ def caption(
         frames = np.stack([read_video(v, num_frames=c.frames, size=(c.height, c.width)).numpy() for v in videos])
     except VideoReadError as error:
         raise typer.BadParameter(str(error), param_hint="VIDEOS") from error
-    result, seconds, times = timed_sample(pipe, "video_to_text", frames, seed=seed, num_steps=steps,
-                                          instruction=instruction, trajectory=trajectory is not None)  # fmt: skip
+    with _prompt_errors("--instruction"):
+        result, seconds, times = timed_sample(pipe, "video_to_text", frames, seed=seed, num_steps=steps,
+                                              instruction=instruction, trajectory=trajectory is not None)  # fmt: skip
     for i, (video, text) in enumerate(zip(videos, result.texts)):
         record = {"task": "video_to_text", "video": str(video), "caption": text, "instruction": instruction,
                   **run_record(pipe, path, seed, len(times), load, seconds, len(videos))}  # fmt: skip
@@ -109,9 +124,10 @@ def joint(
     load = time.perf_counter()
     pipe, path = _pipeline(model, device)
     load = time.perf_counter() - load
-    result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps,
-                                          guidance_scale=guidance, text_update=text_update,
-                                          trajectory=trajectory is not None)  # fmt: skip
+    with _prompt_errors("PROMPTS"):
+        result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps,
+                                              guidance_scale=guidance, text_update=text_update,
+                                              trajectory=trajectory is not None)  # fmt: skip
     for i, (prompt, video, text) in enumerate(zip(prompts, result.videos, result.texts)):
         record = {"task": "joint", "prompt": prompt, "caption": text, "guidance_scale": pipe._scale(guidance),
                   "text_update": text_update or pipe.config.text_update,

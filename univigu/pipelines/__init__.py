@@ -1,5 +1,5 @@
 """Pipelines: a trained model, its prompt encoder, tokenizer and samplers behind three calls."""
 
-from univigu.pipelines.pipeline import PipelineConfig, UniViGUPipeline, UniViGUPipelineOutput
+from univigu.pipelines.pipeline import PipelineConfig, PromptError, UniViGUPipeline, UniViGUPipelineOutput
 
-__all__ = ["PipelineConfig", "UniViGUPipeline", "UniViGUPipelineOutput"]
+__all__ = ["PipelineConfig", "PromptError", "UniViGUPipeline", "UniViGUPipelineOutput"]

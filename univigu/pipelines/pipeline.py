@@ -10,6 +10,7 @@ umT5 prompt encoder and tokenizer, see `univigu.models.wan`); `from_pretrained` 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -63,6 +64,10 @@ class PipelineConfig:
         """The sampling steps a pipeline method ("text_to_video", "video_to_text", "generate") runs: `num_steps`
         when given, else caption_steps for video to text, else num_steps."""
         return num_steps or (self.caption_steps if method == "video_to_text" else None) or self.num_steps
+
+
+class PromptError(ValueError):
+    """A prompt (or V2T instruction) longer than the model reads."""
 
 
 @dataclass
@@ -226,9 +231,27 @@ class UniViGUPipeline:
 
     # ---- the three tasks ---------------------------------------------------------------------------
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise `PromptError` for a prompt longer than the model reads (`config.prompt_length` tokens, the end
+        token included); warn about words the tokenizer does not know (they reach the model as one unknown
+        token: the toy model knows only its world's words)."""
+        tokenizer, limit = self.prompt_canvas.tokenizer, self.prompt_canvas.length - 1
+        encoded = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
+        unknown: list[str] = []
+        for i, (prompt, ids, spans) in enumerate(zip(prompts, encoded["input_ids"], encoded["offset_mapping"])):
+            if len(ids) > limit:
+                raise PromptError(f"prompt {i} is {len(ids)} tokens long; this model reads at most {limit}: "
+                                  f"{prompt[:80]!r}{'...' if len(prompt) > 80 else ''}")  # fmt: skip
+            unknown += [prompt[a:b] for t, (a, b) in zip(ids, spans) if t == tokenizer.unk_token_id]
+        if unknown:
+            words = ", ".join(repr(w) for w in dict.fromkeys(unknown))
+            warnings.warn(f"words this model's tokenizer does not know (read as {tokenizer.unk_token}): {words}",
+                          stacklevel=2)  # fmt: skip
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Prompt states `[B, S, D]`. Raises ValueError for a prompt longer than the prompt canvas."""
+        """Prompt states `[B, S, D]`. Raises `PromptError` for a prompt longer than the model reads."""
+        self.check_prompts(prompts)
         ids, mask = self.prompt_canvas.encode(prompts)
         return self.prompt_encoder(ids.to(self.device), mask.to(self.device))
 
