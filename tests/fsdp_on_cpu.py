@@ -1,30 +1,60 @@
 """`python -m univigu ...` with accelerate's FSDP on CPU processes (gloo), so CI (no GPU) runs the FSDP path.
 
-    accelerate launch --config_file FSDP.yaml tests/fsdp_on_cpu.py train STAGE.yaml ...   (ACCELERATE_USE_CPU=1)
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file FSDP.yaml tests/fsdp_on_cpu.py train STAGE.yaml ...
 
-accelerate enables FSDP only beside an accelerator and falls back to plain multi-CPU data parallel;
-torch's FSDP2 itself runs on CPU. This turns the fallback back into FSDP, as accelerate would on GPUs.
+or `launch(...)` below from a test. accelerate enables FSDP only beside an accelerator and falls back to plain
+multi-CPU data parallel; torch's FSDP2 itself runs on CPU. Run as a script, this turns the fallback back into
+FSDP, as accelerate would on GPUs.
 """
 
-import torch
-from accelerate.state import AcceleratorState, DistributedType, PartialState
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
-_init = AcceleratorState.__init__
+import yaml
 
-
-def _init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs) -> None:
-    _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-    if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
-        PartialState._shared_state["distributed_type"] = self.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["device"] = self.device = torch.device("cpu")  # FSDP wants no index on CPU
-        if self._mixed_precision != "no":
-            fsdp_plugin.set_mixed_precision(self._mixed_precision)
-        self.fsdp_plugin = fsdp_plugin
+CONFIG = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp_1gpu.yaml"
 
 
-AcceleratorState.__init__ = _init_fsdp_on_cpu
+def launch(args: list[str], workdir: Path, processes: int = 2, **accelerate: object) -> None:
+    """`univigu ARGS` under the shipped 1-GPU FSDP config on `processes` CPU processes; `accelerate` overrides
+    config keys (e.g. mixed_precision="no"). Asserts that the run succeeded."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg.update(num_processes=processes, **accelerate)
+    config = workdir / f"accelerate_{os.getpid()}_{len(list(workdir.glob('accelerate_*')))}.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = ["accelerate", "launch", "--config_file", str(config), "--main_process_port", str(port), __file__, *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    res = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _fsdp_on_cpu() -> None:
+    import torch
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    init = AcceleratorState.__init__
+
+    def init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs) -> None:
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            PartialState._shared_state["distributed_type"] = self.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["device"] = self.device = torch.device("cpu")  # FSDP wants no index on CPU
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init_fsdp_on_cpu
+
 
 if __name__ == "__main__":
+    _fsdp_on_cpu()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's univigu, as the tests import
     from univigu.cli import app
 
     app(prog_name="univigu")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from fsdp_on_cpu import launch
 from safetensors.torch import load_file
 
 from univigu.cli.train import CONFIG_DIR
@@ -95,16 +95,8 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _fsdp(base: Path, out: Path, *args: str, **accelerate: object) -> None:
-    """A recall run under the shipped FSDP config on 2 CPU processes (tests/fsdp_on_cpu.py)."""
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp_1gpu.yaml").read_text())
-    cfg.update(num_processes=2, **accelerate)
-    config = out.parent / f"{out.name}_accelerate.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    launch = ["accelerate", "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
-              str(Path(__file__).parent / "fsdp_on_cpu.py")]  # fmt: skip
-    res = subprocess.run([*launch, *_recall(base, out, *args)], env={**ENV, "ACCELERATE_USE_CPU": "1"},
-                         capture_output=True, text=True)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    """A recall run under the shipped FSDP config on 2 CPU processes."""
+    launch(_recall(base, out, *args), out.parent, **accelerate)
 
 
 def test_fsdp_two_processes_match_one_process_and_resume_from_shards(base, tmp_path):

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from univigu.cli import app
 from univigu.data.video_folder import VideoReadError, load_clip, read_captions
 from univigu.data.video_io import write_video
+from fsdp_on_cpu import launch
 from wan_fixture import FRAMES, HEIGHT, WIDTH, build_wan_folder
 
 runner = CliRunner()
@@ -131,14 +132,27 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, tmp_path):
     from univigu import UniViGUPipeline
     from univigu.training.stages import load_config, run_stage
 
-    cfg = load_config(None, [
+    stage = [
         "stage=recall", f"init_from={wan}", f"data={{kind: latent_cache, path: '{out}', bucket: 16x16}}",
-        "pipeline={text_length: 8}", "text_target=caption", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=3",
-        "train.batch_size=2", "train.log_every=1", "train.save_every=3", "train.gradient_checkpointing=true",
-    ])  # fmt: skip
-    final = run_stage(cfg)
+        "pipeline={text_length: 8}", "text_target=caption", "train.max_steps=3", "train.batch_size=2",
+        "train.log_every=1", "train.save_every=3", "train.gradient_checkpointing=true",
+    ]  # fmt: skip
+    final = run_stage(load_config(None, [*stage, f"train.output_dir={tmp_path / 'run'}"]))
     losses = (tmp_path / "run" / "losses.csv").read_text().splitlines()
     assert len(losses) == 4 and all(np.isfinite(float(v)) for v in losses[-1].split(",")[1:3])
     pipe = UniViGUPipeline.from_pretrained(final)
     assert (pipe.config.frames, pipe.config.height, pipe.config.width) == (FRAMES, HEIGHT, WIDTH)
     assert pipe.text_to_video(["a bar"], num_steps=1, progress=False).videos.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
+
+    # the Wan-scale multi-GPU path: FSDP (the shipped config) on 2 processes x batch 1 trains as above
+    from safetensors.torch import load_file
+
+    (tmp_path / "stage.yaml").write_text("\n".join(a.replace("=", ": ", 1) for a in stage if "." not in a.split("=")[0]))
+    overrides = [f"--{a}" for a in stage if "." in a.split("=")[0]]
+    launch(["train", str(tmp_path / "stage.yaml"), *overrides, "--train.batch_size=1",
+            f"--train.output_dir={tmp_path / 'fsdp'}"], tmp_path, mixed_precision="no")  # fmt: skip
+    assert (tmp_path / "fsdp" / "checkpoints" / "step_000003" / "pytorch_model_fsdp_0").is_dir()
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    got, want = load_file(tmp_path / "fsdp" / "final" / weights), load_file(final / weights)
+    assert got.keys() == want.keys()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5

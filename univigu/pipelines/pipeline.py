@@ -242,7 +242,7 @@ class UniViGUPipeline:
             if len(ids) > limit:
                 raise PromptError(f"prompt {i} is {len(ids)} tokens long; this model reads at most {limit}: "
                                   f"{prompt[:80]!r}{'...' if len(prompt) > 80 else ''}")  # fmt: skip
-            unknown += [prompt[a:b] for t, (a, b) in zip(ids, spans) if t == tokenizer.unk_token_id]
+            unknown += [prompt[a:b].strip() for t, (a, b) in zip(ids, spans) if t == tokenizer.unk_token_id]
         if unknown:
             words = ", ".join(repr(w) for w in dict.fromkeys(unknown))
             warnings.warn(f"words this model's tokenizer does not know (read as {tokenizer.unk_token}): {words}",
