@@ -15,23 +15,31 @@ from pathlib import Path
 
 import yaml
 
-CONFIG = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp_1gpu.yaml"
+CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
 
 
-def launch(args: list[str], workdir: Path, processes: int = 2, **accelerate: object) -> None:
-    """`univigu ARGS` under the shipped 1-GPU FSDP config on `processes` CPU processes; `accelerate` overrides
-    config keys (e.g. mixed_precision="no"). Asserts that the run succeeded."""
-    cfg = yaml.safe_load(CONFIG.read_text())
-    cfg.update(num_processes=processes, **accelerate)
-    config = workdir / f"accelerate_{os.getpid()}_{len(list(workdir.glob('accelerate_*')))}.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+def launch(args: list[str], workdir: Path, config: str = "fsdp_1gpu", processes: int = 2, **accelerate: object) -> None:
+    """`univigu ARGS` under a shipped FSDP config (`configs/accelerate/CONFIG.yaml`) on `processes` CPU processes
+    in all; `accelerate` overrides config keys (e.g. mixed_precision="no"). A several-machine config runs as that
+    many launchers on this machine (one per machine rank). Asserts that every launcher succeeded."""
+    cfg = yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = ["accelerate", "launch", "--config_file", str(config), "--main_process_port", str(port), __file__, *args]
+    cfg.update(num_processes=processes, main_process_port=port, **accelerate)
+    if cfg["num_machines"] > 1:
+        cfg["main_process_ip"] = "127.0.0.1"
+    path = workdir / f"accelerate_{config}_{port}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    launchers = [
+        subprocess.Popen(["accelerate", "launch", "--config_file", str(path), "--machine_rank", str(rank), __file__,
+                          *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for rank in range(cfg["num_machines"])
+    ]
+    for rank, launcher in enumerate(launchers):
+        _, err = launcher.communicate(timeout=600)
+        assert launcher.returncode == 0, f"machine {rank}: {err[-3000:]}"
 
 
 def _fsdp_on_cpu() -> None:

@@ -141,3 +141,12 @@ def test_fsdp_bf16_with_checkpointing_trains(base, tmp_path):
     assert got[1] != want[1]  # really in bf16
     assert got == pytest.approx(want, rel=1e-2)
     assert _weights(tmp_path / "bf16")["patch_embedding.weight"].dtype == torch.float32  # exported whole, float32
+
+
+def test_fsdp_multinode_config_runs_as_two_machines(base, tmp_path):
+    """The several-node FSDP config, as two machines of one process each (two launchers on this machine)."""
+    launch(_recall(base, tmp_path / "nodes", "--train.max_steps=2", "--train.batch_size=2"), tmp_path,
+           config="fsdp_multinode", mixed_precision="no")  # fmt: skip
+    assert {p.name for p in (tmp_path / "nodes" / "checkpoints" / "step_000002").iterdir()} >= {
+        "pytorch_model_fsdp_0", "generator_0.pt", "generator_1.pt"}  # fmt: skip
+    assert list(losses(tmp_path / "nodes")) == [1, 2]
