@@ -37,6 +37,24 @@ def test_config_errors_name_the_problem():
         load_config(CONFIG_DIR / "recall.yaml", ["mix.t2v=-1"])
 
 
+
+def _flat(output: str) -> str:
+    """The text of a rich error panel, unwrapped."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def test_missing_inputs_are_usage_errors(tmp_path):
+    cfg = load_config(CONFIG_DIR / "refine.yaml", [f"init_from={tmp_path}"])  # loads: the folder may come later
+    with pytest.raises(FileNotFoundError, match=f"init_from {tmp_path}: no model_index.json"):
+        cfg.check_inputs()
+    result = runner.invoke(app, ["train", str(CONFIG_DIR / "refine.yaml"), f"--init_from={tmp_path}",
+                                 f"--train.output_dir={tmp_path / 'run'}"])  # fmt: skip
+    assert result.exit_code == 2 and "no model_index.json" in _flat(result.output) and not (tmp_path / "run").exists()
+    cache = [*(f"--base.{o}" for o in SMALL), "--refine.data={kind: latent_cache, path: nowhere}"]
+    result = runner.invoke(app, ["train-all", "--out", str(tmp_path / "all"), *cache])
+    assert result.exit_code == 2 and "data.path nowhere: no index.json" in _flat(result.output)
+
+
 def test_train_all_chains_the_stages_and_resumes(tmp_path):
     args = ["train-all", "--out", str(tmp_path), "--stages", "base,recall,refine"]
     args += [f"--{s}.{o}" for s in ("base", "recall", "refine") for o in SMALL]

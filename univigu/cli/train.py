@@ -20,7 +20,8 @@ def train(
 
     try:
         cfg = load_config(config, ctx.args)
-    except (ValueError, TypeError) as error:
+        cfg.check_inputs()
+    except (ValueError, TypeError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error), param_hint="CONFIG / overrides") from error
     final = run_stage(cfg, resume=resume)
     typer.echo(f"stage {cfg.stage} done: {final}")
@@ -57,7 +58,8 @@ def train_all(
         else:
             try:
                 cfg = load_config(configs / f"{stage}.yaml", overrides)
-            except (ValueError, TypeError) as error:
+                cfg.check_inputs()
+            except (ValueError, TypeError, FileNotFoundError) as error:
                 raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
             final = run_stage(cfg, resume=resume)
             typer.echo(f"stage {stage} done: {final}")

@@ -97,6 +97,16 @@ class StageConfig:
             raise ValueError("data.kind latent_cache needs data.path and a recall/refine stage (init_from: a Wan2.1 "
                              "diffusers folder or a unified pipeline)")  # fmt: skip
 
+    def check_inputs(self) -> None:
+        """Raise FileNotFoundError when what the stage reads is not on disk: `init_from` (a pipeline folder or a
+        Wan2.1 diffusers folder, each with a model_index.json) and a latent cache (its index.json). Separate from
+        validation, so that a config can be loaded before the stage it starts from has run (train-all)."""
+        if self.init_from is not None and not (Path(self.init_from) / "model_index.json").is_file():
+            raise FileNotFoundError(f"init_from {self.init_from}: no model_index.json there (the previous stage's "
+                                    "`final` folder, or a Wan2.1 diffusers folder)")  # fmt: skip
+        if self.data.get("kind") == "latent_cache" and not (Path(self.data["path"]) / "index.json").is_file():
+            raise FileNotFoundError(f"data.path {self.data['path']}: no index.json there (see univigu cache-latents)")
+
 
 def _build(cls, data: dict[str, Any], where: str):
     """A dataclass from a dict, with nested dataclasses, rejecting unknown keys by name."""
@@ -244,6 +254,7 @@ def _video_flow(cfg: StageConfig, pipe_cfg: PipelineConfig) -> VideoFlow:
 
 def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     """Train one stage and export its pipeline folder (`output_dir/final`); returns that folder."""
+    cfg.check_inputs()
     torch.manual_seed(cfg.train.seed)  # new weights (base, MoE text layers) start the same on every process and run
     task, tokenizer, pipe_cfg = build_task(cfg)
     dataset, collate_fn = _dataset(cfg)
