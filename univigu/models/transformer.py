@@ -78,6 +78,20 @@ ATTENTION_BACKENDS = {
 # ----------------------------------------------------------------------------------------------------
 
 
+def _key_summary(keys: list[str], limit: int = 8) -> str:
+    """Weight names, a few in full, else grouped by their module (`blocks.4.*: 31`): a checkpoint of another size
+    would list thousands."""
+    if len(keys) <= limit:
+        return ", ".join(keys)
+    groups: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        cut = next((i + 1 for i, part in enumerate(parts[:-1]) if part.isdigit()), 1)  # up to the block index
+        groups[".".join(parts[:cut]) + ".*"] = groups.get(".".join(parts[:cut]) + ".*", 0) + 1
+    shown = [f"{g}: {n}" for g, n in list(groups.items())[:limit]]
+    return ", ".join(shown) + (f", ... ({len(groups) - limit} more groups)" if len(groups) > limit else "")
+
+
 def rope_theta_of(wan: nn.Module) -> float:
     """The video RoPE base a diffusers Wan transformer was built with (its config's `rope_theta`, else Wan's)."""
     return float(wan.config.get("rope_theta", WAN_ROPE_THETA))
@@ -672,9 +686,11 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
                   k in found and found[k] != expected[k]]  # fmt: skip
         if missing or unexpected or shapes:
             lines = [f"checkpoint {folder} does not match the {cls.__name__} its config describes:"]
-            lines += [f"  missing keys: {missing}"] if missing else []
-            lines += [f"  unexpected keys: {unexpected}"] if unexpected else []
-            lines += ["  mismatched shapes:"] + [f"    {s}" for s in shapes] if shapes else []
+            lines += [f"  missing keys ({len(missing)}): {_key_summary(missing)}"] if missing else []
+            lines += [f"  unexpected keys ({len(unexpected)}): {_key_summary(unexpected)}"] if unexpected else []
+            if shapes:
+                more = [f"    ... and {len(shapes) - 8} more"] if len(shapes) > 8 else []
+                lines += [f"  mismatched shapes ({len(shapes)}):"] + [f"    {s}" for s in shapes[:8]] + more
             raise ValueError("\n".join(lines))
 
     # ---- which parameters train --------------------------------------------------------------------
