@@ -86,7 +86,7 @@ def test_base_generator_pipeline_is_text_to_video_only(tiny_parts, tmp_path, vid
         loaded.video_to_text(videos, progress=False)
 
 
-def test_bad_inputs_are_clear_errors(pipe, videos, tmp_path):
+def test_bad_inputs_are_clear_errors(pipe, tiny_parts, videos, tmp_path):
     with pytest.raises(ValueError, match=r"expected uint8 videos \[B, 16, 32, 32, 3\]"):
         pipe.video_to_text(videos[:, :8], progress=False)
     limit = pipe.config.prompt_length - 1
@@ -94,6 +94,12 @@ def test_bad_inputs_are_clear_errors(pipe, videos, tmp_path):
         pipe.text_to_video(["a red circle", " ".join(["red"] * 40)], progress=False)
     with pytest.raises(PromptError, match="prompt 0 is"):
         pipe.video_to_text(videos, instruction=" ".join(["what"] * 40), progress=False)
+    p = tiny_parts  # T2V's prompt is also its text stream: the shorter canvas is the limit
+    short_text = UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"],
+                                 PipelineConfig(num_steps=1, prompt_length=16, text_length=6))  # fmt: skip
+    with pytest.raises(PromptError, match="is 7 tokens long; this model reads at most 5"):
+        short_text.text_to_video("a large red circle quickly moves right", progress=False)
+    assert short_text.generate("a large red circle quickly moves right", progress=False).videos.shape[0] == 1
     with pytest.warns(UserWarning, match=r"does not know \(read as \[UNK\]\): 'dog', 'beach'"):
         pipe.check_prompts(["a dog on a beach", "a dog moves"])
     with warnings.catch_warnings():

@@ -87,7 +87,8 @@ def _key_summary(keys: list[str], limit: int = 8) -> str:
     for key in keys:
         parts = key.split(".")
         cut = next((i + 1 for i, part in enumerate(parts[:-1]) if part.isdigit()), 1)  # up to the block index
-        groups[".".join(parts[:cut]) + ".*"] = groups.get(".".join(parts[:cut]) + ".*", 0) + 1
+        group = ".".join(parts[:cut]) + ".*"
+        groups[group] = groups.get(group, 0) + 1
     shown = [f"{g}: {n}" for g, n in list(groups.items())[:limit]]
     return ", ".join(shown) + (f", ... ({len(groups) - limit} more groups)" if len(groups) > limit else "")
 

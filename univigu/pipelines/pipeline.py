@@ -231,11 +231,14 @@ class UniViGUPipeline:
 
     # ---- the three tasks ---------------------------------------------------------------------------
 
-    def check_prompts(self, prompts: list[str]) -> None:
+    def check_prompts(self, prompts: list[str], text_stream: bool = False) -> None:
         """Raise `PromptError` for a prompt longer than the model reads (`config.prompt_length` tokens, the end
-        token included); warn about words the tokenizer does not know (they reach the model as one unknown
-        token: the toy model knows only its world's words)."""
+        token included; with `text_stream`, T2V's, also `config.text_length`: the prompt is the text stream there);
+        warn about words the tokenizer does not know (they reach the model as one unknown token: the toy model knows
+        only its world's words)."""
         tokenizer, limit = self.prompt_canvas.tokenizer, self.prompt_canvas.length - 1
+        if text_stream:
+            limit = min(limit, self.text_canvas.length - 1)
         encoded = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
         unknown: list[str] = []
         for i, (prompt, ids, spans) in enumerate(zip(prompts, encoded["input_ids"], encoded["offset_mapping"])):
@@ -248,10 +251,13 @@ class UniViGUPipeline:
             warnings.warn(f"words this model's tokenizer does not know (read as {tokenizer.unk_token}): {words}",
                           stacklevel=2)  # fmt: skip
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Tensor:
         """Prompt states `[B, S, D]`. Raises `PromptError` for a prompt longer than the model reads."""
         self.check_prompts(prompts)
+        return self._prompt_states(prompts)
+
+    @torch.no_grad()
+    def _prompt_states(self, prompts: list[str]) -> Tensor:
         ids, mask = self.prompt_canvas.encode(prompts)
         return self.prompt_encoder(ids.to(self.device), mask.to(self.device))
 
@@ -260,7 +266,7 @@ class UniViGUPipeline:
         if scale == 1.0:
             return None
         tokens, mask = self.text_canvas.encode([""]) if null_text else (None, None)
-        return Guidance(null_states=self.encode_prompts([""]), scale=scale,
+        return Guidance(null_states=self._prompt_states([""]), scale=scale,
                         null_text=None if tokens is None else tokens.to(self.device),
                         null_text_mask=None if mask is None else mask.to(self.device))  # fmt: skip
 
@@ -297,7 +303,8 @@ class UniViGUPipeline:
                       return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
         """Videos for prompts: uint8 `[B, T, H, W, 3]` in `.videos`."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        states = self.encode_prompts(prompts)
+        self.check_prompts(prompts, text_stream=True)
+        states = self._prompt_states(prompts)
         tokens, mask = self.text_canvas.encode(prompts)
         step, frames, toks = self._recorder(return_trajectory, callback)
         out = sample_t2v(
