@@ -92,3 +92,9 @@ def test_train_one_stage_then_resume_further(tmp_path):
     assert steps == [1, 2, 3]
     bad = runner.invoke(app, ["train", str(CONFIG_DIR / "base.yaml"), "--train.nope=1"])
     assert bad.exit_code != 0 and "train.nope" in bad.output
+    # the same folder again without --resume, or resumed with a config that changes the math: usage errors
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "already holds checkpoints" in _flat(again.output), again.output
+    changed = runner.invoke(app, args + ["--train.max_steps=3", "--train.lr=0.5", "--resume"])
+    assert changed.exit_code == 2 and "lr: checkpoint" in _flat(changed.output), changed.output
+    assert steps == [int(line.split(",")[0]) for line in (out / "losses.csv").read_text().splitlines()[1:]]

@@ -10,20 +10,32 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "toy"
 DEFAULT_STAGES = "base,refine"
 
 
+def _run(cfg, resume: bool) -> Path:
+    """Train a stage; an output folder that already holds a run, or a checkpoint the config cannot continue, is a
+    usage error (it is found before any step runs)."""
+    from univigu.training import ResumeError
+    from univigu.training.stages import run_stage
+
+    try:
+        return run_stage(cfg, resume=resume)
+    except (FileExistsError, ResumeError) as error:
+        raise typer.BadParameter(str(error), param_hint="--resume / train.output_dir") from error
+
+
 def train(
     ctx: typer.Context,
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="A stage YAML (see univigu/configs/toy/)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
 ) -> None:
     """Train one stage. Extra arguments override the YAML: `--train.max_steps=100 --mix.v2t=2`."""
-    from univigu.training.stages import load_config, run_stage
+    from univigu.training.stages import load_config
 
     try:
         cfg = load_config(config, ctx.args)
         cfg.check_inputs()
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error), param_hint="CONFIG / overrides") from error
-    final = run_stage(cfg, resume=resume)
+    final = _run(cfg, resume)
     typer.echo(f"stage {cfg.stage} done: {final}")
 
 
@@ -38,7 +50,7 @@ def train_all(
     """Train the stages in order, each starting from the previous one's export (the toy default skips
     Knowledge Recall: at the same budget, refine alone captions better in the toy world).
     Extra `stage.key=value` arguments override one stage: `--base.train.max_steps=10`."""
-    from univigu.training.stages import STAGES, load_config, run_stage
+    from univigu.training.stages import STAGES, load_config
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     if not chosen or any(s not in STAGES for s in chosen) or chosen != sorted(chosen, key=STAGES.index) \
@@ -61,6 +73,6 @@ def train_all(
                 cfg.check_inputs()
             except (ValueError, TypeError, FileNotFoundError) as error:
                 raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
-            final = run_stage(cfg, resume=resume)
+            final = _run(cfg, resume)
             typer.echo(f"stage {stage} done: {final}")
         previous = final

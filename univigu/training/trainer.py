@@ -87,6 +87,10 @@ _FREE_KEYS = {"output_dir", "max_steps", "save_every", "keep_last", "log_every",
               "activation_memory_budget"}  # fmt: skip
 
 
+class ResumeError(ValueError):
+    """A checkpoint this run cannot continue: its config differs in what changes the training math."""
+
+
 @dataclass
 class TrainerConfig:
     output_dir: str = "runs/train"
@@ -415,7 +419,7 @@ class Trainer:
         diff = {k: d for k, d in diff.items() if not (isinstance(d[0], list) and tuple(d[0]) == tuple(d[1]))}
         if diff:
             lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"cannot resume from {path}: the config changes the training math:\n{lines}")
+            raise ResumeError(f"cannot resume from {path}: the config changes the training math:\n{lines}")
         if saved["max_steps"] != now["max_steps"]:
             warnings.warn(f"max_steps changed {saved['max_steps']} -> {now['max_steps']}: "
                           "the cosine schedule is stretched from here on")  # fmt: skip
