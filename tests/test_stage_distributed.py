@@ -89,7 +89,6 @@ def test_kill9_then_resume_continues_the_same_loss_curve(base, tmp_path):
     assert max(abs(got[s] - want[s]) for s in resumed) < 1e-6
 
 
-
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
 

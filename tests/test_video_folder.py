@@ -147,9 +147,8 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, tmp_path):
     # the Wan-scale multi-GPU path: FSDP (the shipped config) on 2 processes x batch 1 trains as above
     from safetensors.torch import load_file
 
-    (tmp_path / "stage.yaml").write_text("\n".join(a.replace("=", ": ", 1) for a in stage if "." not in a.split("=")[0]))
-    overrides = [f"--{a}" for a in stage if "." in a.split("=")[0]]
-    launch(["train", str(tmp_path / "stage.yaml"), *overrides, "--train.batch_size=1",
+    (tmp_path / "stage.yaml").write_text("stage: recall\n")  # the rest as command-line overrides
+    launch(["train", str(tmp_path / "stage.yaml"), *(f"--{a}" for a in stage), "--train.batch_size=1",
             f"--train.output_dir={tmp_path / 'fsdp'}"], tmp_path, mixed_precision="no")  # fmt: skip
     assert (tmp_path / "fsdp" / "checkpoints" / "step_000003" / "pytorch_model_fsdp_0").is_dir()
     weights = "transformer/diffusion_pytorch_model.safetensors"
