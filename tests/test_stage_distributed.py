@@ -142,6 +142,15 @@ def test_fsdp_bf16_with_checkpointing_trains(base, tmp_path):
     assert _weights(tmp_path / "bf16")["patch_embedding.weight"].dtype == torch.float32  # exported whole, float32
 
 
+def test_fsdp_with_compiled_blocks_trains_as_eager(base, tmp_path):
+    """FSDP with the trainer's regional compilation (the fastest single-GPU setting, benchmarks/README.md):
+    the compiled sharded blocks give the eager losses."""
+    common = ["--train.max_steps=2", "--train.batch_size=2", "--train.mixed_precision=no"]
+    _fsdp(base, tmp_path / "compiled", *common, "--train.compile=true", mixed_precision="no")
+    _fsdp(base, tmp_path / "eager", *common, mixed_precision="no")
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-4)
+
+
 def test_fsdp_multinode_config_runs_as_two_machines(base, tmp_path):
     """The several-node FSDP config, as two machines of one process each (two launchers on this machine)."""
     launch(_recall(base, tmp_path / "nodes", "--train.max_steps=2", "--train.batch_size=2"), tmp_path,
