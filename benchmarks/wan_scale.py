@@ -39,6 +39,41 @@ def _peak(device: torch.device) -> tuple[str, float | None]:
     return name, next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+# kernel / operator name fragments -> where a training step's time goes (first match wins; lower case)
+_CATEGORIES = {
+    "attention": ("flash", "fmha", "attention", "sdpa", "scaled_dot_product"),
+    "matmul": ("gemm", "nvjet", "xmma", "cutlass", "triton_tem", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
+               "mkldnn"),
+    "optimizer": ("adam", "multi_tensor"),
+}
+
+
+def _profile(step, device: torch.device, sync) -> dict:
+    """One call of `step` under torch.profiler: seconds per category (device kernels on CUDA, operators' self
+    time on CPU) and the ten costliest kernels, to see where a step's time goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    # leaves only, or time is counted twice: the kernels on CUDA (operators also report their kernels' time),
+    # the aten operators' self time on CPU
+    leaf = (lambda e: e.device_type == DeviceType.CUDA) if cuda else (lambda e: e.key.startswith("aten::"))
+    events = [e for e in prof.key_averages() if leaf(e)]
+    events = [e for e in events if (e.self_device_time_total if cuda else e.self_cpu_time_total) > 0]
+    seconds = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6 for e in events}
+    by_category = dict.fromkeys([*_CATEGORIES, "other"], 0.0)
+    for name, sec in seconds.items():
+        low = name.lower()
+        by_category[next((c for c, keys in _CATEGORIES.items() if any(k in low for k in keys)), "other")] += sec
+    top = sorted(seconds.items(), key=lambda kv: -kv[1])[:10]
+    return {"seconds": by_category, "total_s": sum(seconds.values()), "top": [[k[:120], v] for k, v in top]}
+
+
 def _latency(model, video, prompt, tokens, t_noisy, t_clean, args, dtype, sync) -> tuple[dict, float]:
     """Median per-step forward seconds of Wan and the unified model's regimes, and the no-text parity."""
     from diffusers import WanTransformer3DModel
@@ -88,6 +123,8 @@ def main() -> None:
     parser.add_argument("--memory-budget", type=float, default=None, help="with --compile: the fraction of the "
                         "activations the compiled backward may keep (torch._functorch activation_memory_budget)")
     parser.add_argument("--skip-latency", action="store_true", help="only the training step")
+    parser.add_argument("--profile", action="store_true", help="profile one more training step: time per kernel "
+                        "category (attention, matmul, optimizer, other) and the costliest kernels")
     parser.add_argument("--out", type=Path, default=None, help="directory for result.json and result.md")
     args = parser.parse_args()
 
@@ -116,7 +153,7 @@ def main() -> None:
     model.float().train()
     if args.checkpointing != "none":
         model.enable_gradient_checkpointing(keep_attention_checkpointing if args.checkpointing == "keep_attention" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def loss_fn():
@@ -155,6 +192,7 @@ def main() -> None:
         raise SystemExit(f"training step out of memory (checkpointing {args.checkpointing}, compile {args.compile}, "
                          f"memory budget {args.memory_budget})") from None
     step_s = statistics.median(times)
+    profiled = _profile(train_step, device, sync) if args.profile else None
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     machine, peak_tflops = _peak(device)
     train_flops = 3 * forward_flops
@@ -173,6 +211,7 @@ def main() -> None:
         "peak_tflops": peak_tflops, "mfu": achieved / peak_tflops if peak_tflops else None,
         "peak_memory_gib": peak_mem, "gradient_checkpointing": args.checkpointing,
         "attention_backend": args.attention_backend, "compile": args.compile, "memory_budget": args.memory_budget,
+        "profile": profiled,
     }  # fmt: skip
     lines = [
         f"{machine}, {device} {args.dtype}, torch {torch.__version__}, {result['date']}; preset {args.preset}, "
@@ -197,6 +236,12 @@ def main() -> None:
         + (f", MFU {100 * result['mfu']:.1f}% of {peak_tflops:.0f}" if peak_tflops else "")
         + (f", peak memory {peak_mem:.1f} GiB" if peak_mem is not None else ""),
     ]  # fmt: skip
+    if profiled is not None:
+        total = profiled["total_s"]
+        lines += ["", f"one profiled training step, {'kernel' if device.type == 'cuda' else 'operator'} time "
+                  f"{total:.3f} s:", "", "| category | s | share |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {c} | {sec:.3f} | {100 * sec / total:.1f}% |" for c, sec in profiled["seconds"].items()]
+        lines += ["", "| costliest | s |", "|---|---|", *[f"| `{k}` | {v:.3f} |" for k, v in profiled["top"]]]
     print("\n".join(lines))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

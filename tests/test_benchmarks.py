@@ -1,0 +1,30 @@
+"""benchmarks/wan_scale.py runs at a CPU size: latency table, Wan parity, training-step figures, the profile."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_wan_scale_benchmark_runs_and_profiles(tmp_path):
+    args = ["--preset", "tiny", "--layers", "2", "--latent", "4", "16", "16", "--text-len", "16", "--prompt-len", "8",
+            "--steps", "1", "--warmup", "1", "--train-steps", "1", "--device", "cpu", "--dtype", "float32",
+            "--profile", "--out", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "wan_scale.py"), *args], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["parity_max_abs_diff"] == 0.0  # float32: the unified model without text is Wan
+    assert set(result["latency_ms"]) == {"wan (diffusers)", "unified, no text", "unified T2V step",
+                                         "unified V2T step", "unified joint step"}  # fmt: skip
+    assert result["train_step_s"] > 0 and result["train_forward_tflop"] > 0 and result["mfu"] is None  # no GPU peak
+    profile = result["profile"]
+    assert set(profile["seconds"]) == {"attention", "matmul", "optimizer", "other"}
+    assert abs(sum(profile["seconds"].values()) - profile["total_s"]) < 1e-6
+    assert profile["seconds"]["matmul"] > 0 and profile["seconds"]["attention"] > 0
+    assert profile["seconds"]["optimizer"] > 0  # fused AdamW is one named kernel
+    assert "| matmul |" in (tmp_path / "result.md").read_text()
