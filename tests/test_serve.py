@@ -94,3 +94,5 @@ def test_serve_errors_before_starting(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if the app extra were not installed
     result = CliRunner().invoke(app, ["serve"])
     assert result.exit_code == 1 and "pip install 'univigu[app]'" in result.output
+    helped = CliRunner().invoke(app, ["serve", "--help"])  # rich markup would eat a bare [app]
+    assert "univigu[app]" in " ".join(re.sub(r"[│╭╮╰╯─]", " ", helped.output).split())

@@ -235,8 +235,8 @@ def serve(
     port: int = typer.Option(7860, min=1, max=65535),
     out: Path = typer.Option(Path("outputs/serve"), help="Output folder."),
 ) -> None:
-    """The local demo app (Gradio; install with `pip install 'univigu[app]'`): text to video, video to text
-    and joint generation in three tabs."""
+    """The local demo app (Gradio; install with `pip install 'univigu\\[app]'`): text to video, video to text
+    and joint generation in three tabs."""  # \\[: rich would read [app] as markup and drop it
     from univigu import app
 
     try:
