@@ -22,6 +22,15 @@ def _run(cfg, resume: bool) -> Path:
         raise typer.BadParameter(str(error), param_hint="--resume / train.output_dir") from error
 
 
+def _leave_process_group() -> None:
+    """End a distributed run together: a process that exits with its process group open can abort in the
+    group's teardown (gloo: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def train(
     ctx: typer.Context,
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="A stage YAML (see univigu/configs/toy/)."),
@@ -36,6 +45,7 @@ def train(
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error), param_hint="CONFIG / overrides") from error
     final = _run(cfg, resume)
+    _leave_process_group()
     typer.echo(f"stage {cfg.stage} done: {final}")
 
 
@@ -76,3 +86,4 @@ def train_all(
             final = _run(cfg, resume)
             typer.echo(f"stage {stage} done: {final}")
         previous = final
+    _leave_process_group()

@@ -265,18 +265,17 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     start = time.perf_counter()
     trainer.train(resume=resume)
     state = trainer.final_state_dict()  # EMA weights where on; FSDP shards gathered on the main process
-    if not trainer.accelerator.is_main_process:
-        return out / "final"
-    if trainer.fsdp:
-        task = build_task(cfg)[0]  # FSDP wrapped the task's blocks in place: a fresh copy takes the weights
-    task.load_state_dict(state)
-    pipe_cfg.extra = {**pipe_cfg.extra, cfg.stage: {"steps": cfg.train.max_steps, "minutes": round(
-        (time.perf_counter() - start) / 60, 1), "init_from": cfg.init_from}}  # fmt: skip
-    transformer = task.transformer
-    prompt_encoder, codec = getattr(task, "export_parts", (task.prompt_encoder, None))
-    pipeline = UniViGUPipeline(transformer, prompt_encoder, tokenizer, pipe_cfg, codec=codec)
-    return pipeline.save_pretrained(out / "final")
-
+    final = out / "final"
+    if trainer.accelerator.is_main_process:
+        if trainer.fsdp:
+            task = build_task(cfg)[0]  # FSDP wrapped the task's blocks in place: a fresh copy takes the weights
+        task.load_state_dict(state)
+        pipe_cfg.extra = {**pipe_cfg.extra, cfg.stage: {"steps": cfg.train.max_steps, "minutes": round(
+            (time.perf_counter() - start) / 60, 1), "init_from": cfg.init_from}}  # fmt: skip
+        prompt_encoder, codec = getattr(task, "export_parts", (task.prompt_encoder, None))
+        UniViGUPipeline(task.transformer, prompt_encoder, tokenizer, pipe_cfg, codec=codec).save_pretrained(final)
+    trainer.accelerator.wait_for_everyone()  # no process leaves (and tears down the process group) mid-export
+    return final
 
 def _plain(value: Any) -> Any:
     """Tuples to lists, for YAML."""
