@@ -13,6 +13,12 @@ import typer
 
 app = typer.Typer(help="Inspect and benchmark the unified transformer.", no_args_is_help=True)
 
+# the probes' shared arguments
+PROBE_CHECKPOINT_HELP = "A pipeline folder (default: the shipped model)."
+PROBE_N_HELP = "Test-split world videos."
+NOISE_HELP = "Comma-separated noise levels s in [0, 1]."
+JSON_HELP = "Also write the result as JSON here."
+
 
 def _human(n: float) -> str:
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -316,19 +322,18 @@ def bench_v2t(
 
 @app.command("position-probe")
 def position_probe(
-    checkpoint: Path = typer.Argument(None, help="A pipeline folder (default: the shipped model)."),
-    n: int = typer.Option(16, "--n", min=1, help="Test-split world videos."),
-    noise: str = typer.Option("0,0.5,0.9", help="Comma-separated noise levels s in [0, 1]."),
+    checkpoint: Path = typer.Argument(None, help=PROBE_CHECKPOINT_HELP),
+    n: int = typer.Option(16, "--n", min=1, help=PROBE_N_HELP),
+    noise: str = typer.Option("0,0.5,0.9", help=NOISE_HELP),
     seed: int = typer.Option(0),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    json_path: Path | None = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Does the transformer use where patches are? Relative change of its video output when the input's
     patch columns are shuffled, against the shuffled output (0: positions unused)."""
-    import univigu
     from univigu.evaluation.probes import position_sensitivity
 
     levels = _noise_levels(noise)
-    pipe = univigu.UniViGUPipeline.from_pretrained(checkpoint or univigu.DEFAULT_MODEL)
+    pipe = _probed(checkpoint)
     result = position_sensitivity(pipe, n=n, noise_levels=levels, seed=seed)
     for level, error in result["relative_error"].items():
         typer.echo(f"noise {level:>4}: |f(shuffled) - shuffled f| / |f| = {error:.2%}")
@@ -337,19 +342,18 @@ def position_probe(
 
 @app.command("prompt-probe")
 def prompt_probe(
-    checkpoint: Path = typer.Argument(None, help="A pipeline folder (default: the shipped model)."),
-    n: int = typer.Option(64, "--n", min=1, help="Test-split world videos."),
-    noise: str = typer.Option("0.5,0.7,0.9", help="Comma-separated noise levels s in [0, 1]."),
+    checkpoint: Path = typer.Argument(None, help=PROBE_CHECKPOINT_HELP),
+    n: int = typer.Option(64, "--n", min=1, help=PROBE_N_HELP),
+    noise: str = typer.Option("0.5,0.7,0.9", help=NOISE_HELP),
     seed: int = typer.Option(0),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    json_path: Path | None = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Does the video denoiser read each prompt word? Relative increase of its clean-video error when the
     prompt's colour, shape or motion is swapped, or the prompt is empty (0: the word is unused)."""
-    import univigu
     from univigu.evaluation.probes import PROMPT_ATTRIBUTES, prompt_sensitivity
 
     levels = _noise_levels(noise)
-    pipe = univigu.UniViGUPipeline.from_pretrained(checkpoint or univigu.DEFAULT_MODEL)
+    pipe = _probed(checkpoint)
     result = prompt_sensitivity(pipe, n=n, noise_levels=levels, seed=seed)
     names = (*PROMPT_ATTRIBUTES, "empty")
     typer.echo("noise  error    " + "  ".join(f"{name:>8}" for name in names))
@@ -360,18 +364,17 @@ def prompt_probe(
 
 @app.command("caption-probe")
 def caption_probe(
-    checkpoint: Path = typer.Argument(None, help="A pipeline folder (default: the shipped model)."),
-    n: int = typer.Option(128, "--n", min=1, help="Test-split world videos."),
+    checkpoint: Path = typer.Argument(None, help=PROBE_CHECKPOINT_HELP),
+    n: int = typer.Option(128, "--n", min=1, help=PROBE_N_HELP),
     text_time: float = typer.Option(0.9, min=0.0, max=1.0, help="Text flow time of the caption (1 = clean)."),
     seed: int = typer.Option(0),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the result as JSON here."),
+    json_path: Path | None = typer.Option(None, "--json", help=JSON_HELP),
 ) -> None:
     """Does the model see what a caption names? Teacher-forced V2T: the true caption with its attribute words
     noised, all else given; accuracy of the most likely token at those places, per attribute."""
-    import univigu
     from univigu.evaluation.probes import caption_word_accuracy
 
-    pipe = univigu.UniViGUPipeline.from_pretrained(checkpoint or univigu.DEFAULT_MODEL)
+    pipe = _probed(checkpoint)
     try:
         result = caption_word_accuracy(pipe, n=n, text_time=text_time, seed=seed)
     except ValueError as error:
@@ -379,6 +382,13 @@ def caption_probe(
     for role, accuracy in result["accuracy"].items():
         typer.echo(f"{role:>10}: {accuracy:6.1%}  ({result['words'][role]} words)")
     _write_json(json_path, result)
+
+
+def _probed(checkpoint: Path | None):
+    """The pipeline a probe looks at: `checkpoint`, else the shipped model."""
+    import univigu
+
+    return univigu.UniViGUPipeline.from_pretrained(checkpoint or univigu.DEFAULT_MODEL)
 
 
 def _noise_levels(noise: str) -> list[float]:

@@ -277,6 +277,7 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     trainer.accelerator.wait_for_everyone()  # no process leaves (and tears down the process group) mid-export
     return final
 
+
 def _plain(value: Any) -> Any:
     """Tuples to lists, for YAML."""
     if isinstance(value, dict):
