@@ -30,3 +30,19 @@ def test_demo_on_the_shipped_model(tmp_path):
         assert (tmp_path / f"{stem}.gif").stat().st_size > 0 and (tmp_path / f"{stem}.mp4").stat().st_size > 0
     caption = json.loads((tmp_path / "video_to_text.json").read_text())["caption"]
     assert caption and caption in result.output
+
+
+def test_shipped_model_samples_in_bfloat16():
+    """A bf16 pipeline keeps diffusers' float32 modules (time embedders, norms) in float32, so the dtype the
+    transformer computes in is not its first parameter's; the three tasks run and T2V follows float32."""
+    prompts = ["a red circle moves right", "a blue square grows"]
+    pipe = univigu.UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL, torch_dtype=torch.bfloat16)
+    dtypes = {p.dtype for p in pipe.transformer.parameters()}
+    assert dtypes == {torch.float32, torch.bfloat16}
+    videos = pipe.text_to_video(prompts, seed=0, num_steps=4, progress=False).videos
+    reference = univigu.UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL)
+    reference = reference.text_to_video(prompts, seed=0, num_steps=4, progress=False).videos
+    assert abs(videos.astype(float) - reference).mean() < 4  # of 255
+    assert len(pipe.video_to_text(videos, seed=0, num_steps=4, progress=False).texts) == 2
+    out = pipe.generate(prompts, seed=0, num_steps=4, progress=False)
+    assert out.videos.shape == videos.shape and len(out.texts) == 2

@@ -85,6 +85,23 @@ def test_from_wan_runs_the_three_tasks(pipe, wan_dir, tmp_path):
     assert isinstance(UniViGUPipeline.from_pretrained(wan_dir).transformer, UniViGUTransformer)
 
 
+def test_from_wan_is_reproducible_and_runs_in_bfloat16(pipe, wan_dir):
+    from univigu import UniViGUPipeline
+
+    sizes = dict(frames=FRAMES, height=HEIGHT, width=WIDTH, text_length=8, num_steps=2)
+    again = UniViGUPipeline.from_wan(wan_dir, **sizes)  # the new token embedding is seeded: the same model twice
+    torch.testing.assert_close(again.transformer.text_embedding.weight, pipe.transformer.text_embedding.weight)
+    other = UniViGUPipeline.from_wan(wan_dir, seed=1, **sizes).transformer.text_embedding.weight
+    assert not torch.equal(other, pipe.transformer.text_embedding.weight)
+
+    half = UniViGUPipeline.from_wan(wan_dir, torch_dtype=torch.bfloat16, **sizes)
+    assert half.transformer.patch_embedding.weight.dtype == torch.bfloat16
+    videos = half.text_to_video(["a red circle moves left"], seed=0, progress=False).videos
+    assert videos.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
+    assert len(half.video_to_text(videos, seed=0, progress=False).texts) == 1
+    assert len(half.generate(["a dog runs"], seed=0, progress=False).texts) == 1
+
+
 def test_cpu_offload_moves_components_only_while_they_run(wan_dir):
     from univigu.models.wan import WanComponents
 

@@ -142,7 +142,7 @@ def caption_word_accuracy(pipeline: Any, n: int = 128, text_time: float = 0.9, s
     world = World.sized_like(pipeline.config)
     scenes = world.scenes("test", range(n), seed)
     device = pipeline.device
-    dtype = next(pipeline.transformer.parameters()).dtype
+    dtype = pipeline.transformer.dtype
     x0 = pipeline.codec.encode(torch.as_tensor(world.render(scenes)).to(device)).to(dtype)
     tokens, mask = pipeline.text_canvas.encode([s.caption for s in scenes])
     roles = [caption_word_roles(pipeline.tokenizer.convert_ids_to_tokens(row)) for row in tokens.tolist()]

@@ -586,11 +586,11 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
     # ---- initialisation and loading ------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_text_parts(self, embedding_std: float = 1.0) -> None:
+    def init_text_parts(self, embedding_std: float = 1.0, generator: torch.Generator | None = None) -> None:
         """(Re-)initialise the text parts as METHOD.md section 3 says: ffn_t, the text timestep embedder and the
         text output table become copies of their video counterparts; the token embedding is drawn fresh
-        (N(0, embedding_std^2); every block LayerNorms it anyway); the logit head is zero, so the first
-        logits are exactly uniform.
+        (N(0, embedding_std^2), from `generator` or else torch's global generator; every block LayerNorms it
+        anyway); the logit head is zero, so the first logits are exactly uniform.
 
         Parameters are replaced (not written in place), so this also works on a meta-device model whose
         shared part was just loaded; build optimizers after calling it.
@@ -607,18 +607,20 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         self.scale_shift_table_t = nn.Parameter(self.scale_shift_table.detach().clone())
         like = self.proj_out.weight  # device/dtype of the ordinary (not fp32-kept) weights
         v, d = self.text_vocab_out, like.shape[1]
+        draw_on = generator.device if generator is not None else like.device
         self.text_embedding.weight = nn.Parameter(
-            torch.randn(v, d, device=like.device, dtype=like.dtype) * embedding_std
+            torch.randn(v, d, generator=generator, device=draw_on, dtype=like.dtype).to(like.device) * embedding_std
         )
         self.text_proj_out.weight = nn.Parameter(torch.zeros(v, d, device=like.device, dtype=like.dtype))
         self.text_proj_out.bias = nn.Parameter(torch.zeros(v, device=like.device, dtype=like.dtype))
 
     @classmethod
-    def from_wan(cls, wan: nn.Module | str | os.PathLike, **text_config) -> "UniViGUTransformer":
+    def from_wan(cls, wan: nn.Module | str | os.PathLike, generator: torch.Generator | None = None,
+                 **text_config) -> "UniViGUTransformer":  # fmt: skip
         """Build the unified model from a diffusers `WanTransformer3DModel` (in memory, or a local folder loaded
         with diffusers' `from_pretrained`, no network). All Wan weights are copied (dtypes kept); the text
-        parts are initialised from them (`init_text_parts`). `text_config`: text_vocab_size, text_mask_row,
-        text_rope_theta, text_ffn, attention_layout.
+        parts are initialised from them (`init_text_parts`; its token embedding is drawn from `generator`).
+        `text_config`: text_vocab_size, text_mask_row, text_rope_theta, text_ffn, attention_layout.
         """
         if isinstance(wan, (str, os.PathLike)):
             from univigu.models.wan import load_wan_transformer
@@ -641,7 +643,7 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
         not_text = [k for k in missing if not model.is_text_parameter(k)]
         if not_text or unexpected:
             raise ValueError(f"Wan state dict does not match: missing {not_text}, unexpected {unexpected}")
-        model.init_text_parts()
+        model.init_text_parts(generator=generator)
         return model
 
     @classmethod

@@ -91,6 +91,10 @@ class _WanAsUnified(nn.Module):
                             return_dict=False)[0]  # fmt: skip
         return velocity, video.new_zeros(video.shape[0], text.shape[1], self.vocab_out)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wan.dtype
+
 
 class _AsVelocity(nn.Module):
     """A sample- or edm-predicting transformer behind the velocity interface the samplers use."""
@@ -100,7 +104,9 @@ class _AsVelocity(nn.Module):
         self.model, self.prediction, self.sigma_data = model, prediction, sigma_data
 
     def forward(self, video, text, t_video, t_text, prompt_states, text_mask=None, prompt_mask=None):
-        dtype = next(self.model.parameters()).dtype  # samplers keep the state in float32; a bf16 model runs in bf16
+        # samplers keep the state in float32; a bf16 model runs in bf16. Not the first parameter's dtype: diffusers
+        # keeps some modules in float32 (`_keep_in_fp32_modules`), and ModelMixin.dtype skips them
+        dtype = self.model.dtype
         output, logits = tuple(self.model(video.to(dtype), text, t_video, t_text, prompt_states.to(dtype), text_mask,
                                           prompt_mask))[:2]  # fmt: skip
         return velocity_from_output(output.float(), video, t_video / NUM_TRAIN_TIMESTEPS, self.prediction,
@@ -160,16 +166,18 @@ class UniViGUPipeline:
 
     @classmethod
     def from_wan(cls, path: str | Path, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
-                 **config: Any) -> "UniViGUPipeline":  # fmt: skip
+                 seed: int = 0, **config: Any) -> "UniViGUPipeline":  # fmt: skip
         """The unified model built from a local Wan2.1 diffusers folder (transformer/, vae/, text_encoder/,
         tokenizer/; nothing is downloaded): `UniViGUTransformer.from_wan` on transformer/ with the umT5 vocabulary
         for the text stream, the Wan VAE as the codec (float32), umT5 as the prompt encoder (prompts padded to
         512). `config`: PipelineConfig fields; by default 81 frames at 480x832, 256 text tokens, the folder's
-        flow_shift. Sizes are checked against the VAE (4k+1 frames, height/width multiples of VAE x patch)."""
+        flow_shift. Sizes are checked against the VAE (4k+1 frames, height/width multiples of VAE x patch).
+        `seed` draws the new token embedding, so two loads of one folder sample alike."""
         path = Path(path)
         wan = WanComponents.from_folder(path, torch_dtype=torch_dtype)
         base = load_wan_transformer(path / "transformer", torch_dtype=torch_dtype)
-        transformer = UniViGUTransformer.from_wan(base, text_vocab_size=len(wan.tokenizer),
+        transformer = UniViGUTransformer.from_wan(base, torch.Generator().manual_seed(seed),
+                                                  text_vocab_size=len(wan.tokenizer),
                                                   text_mask_row=config.get("text_source") == "mask")  # fmt: skip
         del base
         wan.codec.patch_size = tuple(transformer.config.patch_size)
