@@ -99,14 +99,17 @@ def test_unified_loss_uses_only_the_regime_terms(kind):
     logits = torch.randn(600, L, flow.num_logits, generator=g, requires_grad=True)
     loss, parts = unified_loss(velocity, logits, batch, flow, 2.0, 0.5, kind)
     assert torch.isfinite(loss)
-    # a per-sample mean: each term's conditional mean weighted by the share of samples carrying it
-    share_v, share_t = batch.video_weight.mean().item(), batch.text_weight.mean().item()
-    expected = 2.0 * share_v * parts["video"].item() + 0.5 * share_t * parts["text"].item()
+    # a per-sample mean: the logged (sum, weight) of each term over the samples carrying it
+    assert parts["video"][1] == batch.video_weight.sum() and parts["text"][1] == batch.text_weight.sum()
+    expected = (2.0 * parts["video"][0].item() + 0.5 * parts["text"][0].item()) / 600
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    # the same rows split in two halves (as two processes would) average to the same loss
-    halves = [unified_loss(velocity[rows], logits[rows], _rows(batch, rows), flow, 2.0, 0.5, kind)[0]
+    # the same rows split in two halves (as two processes would) average to the same loss; the logs add up
+    halves = [unified_loss(velocity[rows], logits[rows], _rows(batch, rows), flow, 2.0, 0.5, kind)
               for rows in (slice(0, 300), slice(300, 600))]  # fmt: skip
-    assert (halves[0] + halves[1]).item() / 2 == pytest.approx(loss.item(), rel=1e-5)
+    assert (halves[0][0] + halves[1][0]).item() / 2 == pytest.approx(loss.item(), rel=1e-5)
+    for term in ("video", "text"):
+        total = halves[0][1][term][0] + halves[1][1][term][0]
+        assert total.item() == pytest.approx(parts[term][0].item(), rel=1e-5)
     loss.backward()
     v2t, t2v = batch.regime == V2T, batch.regime == T2V
     assert (velocity.grad[v2t] == 0).all() and (velocity.grad[~v2t].abs().sum() > 0)
@@ -123,7 +126,7 @@ def test_unified_loss_uses_only_the_regime_terms(kind):
     # the exact targets give a zero video term and a ~zero cross-entropy
     perfect = torch.nn.functional.one_hot(batch.text_target, flow.num_logits).float() * 50
     _, parts = unified_loss(batch.velocity_target, perfect, batch, flow, text_loss=kind)
-    assert parts["video"] == 0 and abs(parts["text"].item()) < 1e-4
+    assert parts["video"][0] == 0 and abs(parts["text"][0].item()) / parts["text"][1].item() < 1e-4
 
 
 def _rows(batch, rows):

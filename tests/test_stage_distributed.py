@@ -28,9 +28,9 @@ def univigu(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return res
 
 
-def losses(path: Path) -> dict[int, float]:
+def losses(path: Path, column: str = "loss") -> dict[int, float]:
     with open(path / "losses.csv") as f:
-        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
+        return {int(row["step"]): float(row[column]) for row in csv.DictReader(f)}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def free_port() -> int:
 
 def test_two_process_ddp_matches_one_process(base, tmp_path):
     """Knowledge Recall (unified model, regime mix, noise) on 2 gloo processes x batch 2 equals
-    1 process x batch 4: noise is keyed by each sample's global position, not by process."""
+    1 process x batch 4: noise is keyed by each sample's global position, not by process. The logged loss
+    terms too (each over the samples that carry it, whichever process holds them)."""
     common = ["--train.max_steps=3", "--train.save_every=3"]
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
@@ -64,10 +65,11 @@ def test_two_process_ddp_matches_one_process(base, tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert (tmp_path / "ddp" / "checkpoints" / "step_000003" / "generator_1.pt").exists()  # really 2 processes
     univigu(*_recall(base, tmp_path / "one", *common, "--train.batch_size=4"))
-    got, want = losses(tmp_path / "ddp"), losses(tmp_path / "one")
-    assert list(got) == list(want) == [1, 2, 3]
-    for step in want:
-        assert got[step] == pytest.approx(want[step], abs=1e-4), step
+    for column in ("loss", "text", "video"):
+        got, want = losses(tmp_path / "ddp", column), losses(tmp_path / "one", column)
+        assert list(got) == list(want) == [1, 2, 3]
+        for step in want:
+            assert got[step] == pytest.approx(want[step], abs=1e-4), (column, step)
 
 
 def test_kill9_then_resume_continues_the_same_loss_curve(base, tmp_path):

@@ -187,8 +187,9 @@ def unified_loss(
 
     velocity [B, ...], logits [B, L, V'] from the model on `batch`. A plain per-sample mean makes the
     loss (and its gradient) the same however a global batch is split over processes or micro-batches.
-    Returns (loss, logs): "video" and "text" are the mean of each term over the samples that carry it
-    (detached, for logging; 0 when no sample carried the term).
+    Returns (loss, logs): "video" and "text" are (sum, weight) of each term over the samples that carry it
+    (detached, for logging): their ratio is the term's mean, and sums and weights add up across processes and
+    micro-batches where means of means would not (a process whose samples carry no text term).
     """
     per_video = (video_flow or VideoFlow()).training_loss(velocity, batch.velocity_target, batch.video_time)
     per_text = text_flow.loss(logits, batch.text_target, batch.text, batch.text_time, batch.text_loss_mask, text_loss)
@@ -196,6 +197,5 @@ def unified_loss(
     video_terms = torch.where(batch.video_weight > 0, per_video * batch.video_weight, 0.0)
     text_terms = torch.where(batch.text_weight > 0, per_text * batch.text_weight, 0.0)
     loss = (video_weight * video_terms + text_weight * text_terms).mean()
-    l_video = video_terms.detach().sum() / batch.video_weight.sum().clamp_min(1.0)
-    l_text = text_terms.detach().sum() / batch.text_weight.sum().clamp_min(1.0)
-    return loss, {"video": l_video.detach(), "text": l_text.detach()}
+    return loss, {"video": (video_terms.detach().sum(), batch.video_weight.sum()),
+                  "text": (text_terms.detach().sum(), batch.text_weight.sum())}  # fmt: skip

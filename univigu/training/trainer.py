@@ -16,7 +16,8 @@ A task is an `nn.Module` whose forward is `task(batch, generator=g) -> dict`:
   batch 4 compute what 1 process with batch 8 computes) and resumes exactly;
 - the dict holds `"loss"` (a scalar tensor to minimise) and any other scalar logs (tensors or
   floats, the same keys on every call and process); logs are averaged over micro-batches and
-  processes.
+  processes. A log given as a pair `(sum, count)` (a term only some samples carry) is logged as
+  its total sum over its total count across micro-batches and processes.
 
 Trainable parameters are those with `requires_grad=True` when the Trainer is built.
 
@@ -317,6 +318,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, torch.Tensor] = {}
         bad = torch.zeros((), device=acc.device)
         for _ in range(cfg.grad_accum):
             batch = send_to_device(next(data), acc.device)
@@ -332,14 +334,15 @@ class Trainer:
                 acc.backward(loss)
             bad += (~torch.isfinite(loss.detach())).float()
             for k, v in out.items():
-                v = torch.as_tensor(v, device=acc.device).detach().float().reshape(())
-                sums[k] = sums.get(k, 0.0) + v
+                total, count = v if isinstance(v, tuple) else (v, 1.0)
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(total, device=acc.device).detach().float().reshape(())
+                counts[k] = counts.get(k, 0.0) + torch.as_tensor(count, device=acc.device).float().reshape(())
         assert acc.sync_gradients, "grad_accum micro-batches must end on a sync step"
         keys = sorted(sums)
         # one all-reduce for the logs and the NaN flag, so every process takes the same branch
-        packed = acc.reduce(torch.stack([bad, *(sums[k] for k in keys)]), reduction="sum")
-        n = cfg.grad_accum * acc.num_processes
-        stats = {k: float(v) / n for k, v in zip(keys, packed[1:])}
+        packed = acc.reduce(torch.stack([bad, *(sums[k] for k in keys), *(counts[k] for k in keys)]), reduction="sum")
+        totals, weights = packed[1 : 1 + len(keys)], packed[1 + len(keys) :]
+        stats = {k: float(s / w) if w > 0 else 0.0 for k, s, w in zip(keys, totals, weights)}
         grad_norm = float("nan")
         skip = bool(packed[0] > 0)
         if not skip:
