@@ -1,6 +1,7 @@
 """Video folders: captions, decoding to clips, and the latent cache over broken files (all skipped, listed)."""
 
 import json
+import shutil
 
 import av
 import numpy as np
@@ -89,8 +90,12 @@ def test_bad_captions_file(tmp_path):
         read_captions(tmp_path)
 
 
-def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, tmp_path):
-    wan = build_wan_folder(tmp_path / "wan")
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    return build_wan_folder(tmp_path_factory.mktemp("wan") / "Wan2.1-tiny")
+
+
+def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, wan, tmp_path):
     out = tmp_path / "cache"
     args = ["cache-latents", str(wan), str(video_dir), str(out), "--frames", str(FRAMES), "--fps", "4",
             "--size", f"{HEIGHT}x{WIDTH}", "--size", "24x16", "--shard-size", "3", "--dtype", "float32"]  # fmt: skip
@@ -108,7 +113,7 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, tmp_path):
     from univigu.data.latent_cache import LatentCacheDataset
     from univigu.models.wan import WanComponents
 
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(ValueError, match="holds several buckets: name one"):
         LatentCacheDataset(out)
     data = LatentCacheDataset(out, "16x16")
     item = data[0]
@@ -155,3 +160,59 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, tmp_path):
     got, want = load_file(tmp_path / "fsdp" / "final" / weights), load_file(final / weights)
     assert got.keys() == want.keys()
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
+
+
+def _said(result) -> str:
+    """A command's output as one line, out of rich's error box."""
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def _captions(folder, rows) -> None:
+    (folder / "captions.jsonl").write_text("".join(json.dumps({"video": v, "prompt": p, "caption": c}) + "\n"
+                                                   for v, p, c in rows))  # fmt: skip
+
+
+def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_path):
+    """A rerun with other settings is refused (the shards would mix them); an edited captions file redoes only
+    its chunk; a text longer than the text stream is skipped at cache time, and a stage with a shorter text
+    stream than the cache was made for, or a bucket the cache lacks, is a usage error before any step."""
+    videos, out = tmp_path / "videos", tmp_path / "cache"
+    videos.mkdir()
+    for name in ("good0.mp4", "good1.mp4", "tall.mp4"):
+        shutil.copy(video_dir / name, videos / name)
+    rows = [("good0.mp4", "a bar moves right", "a bar"), ("good1.mp4", "a bar", "a bar " * 6),
+            ("tall.mp4", "a bar", "a bar")]  # fmt: skip
+    _captions(videos, rows)
+    args = ["cache-latents", str(wan), str(videos), str(out), "--frames", str(FRAMES), "--fps", "4", "--size",
+            f"{HEIGHT}x{WIDTH}", "--shard-size", "1", "--dtype", "float32", "--text-length", "8"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_videos"] == 2 and "good1.mp4: caption is 12 tokens long; the text stream holds 7" in _said(result)
+
+    settings = (out / "settings.json").read_text()
+    other = runner.invoke(app, [*args[:-8], "--fps", "2", *args[-6:]])
+    assert other.exit_code == 2 and "fps 4.0 -> 2.0" in _said(other) and "Use a new folder" in _said(other)
+    assert (out / "settings.json").read_text() == settings and json.loads((out / "index.json").read_text()) == index
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
+    _captions(videos, [("good0.mp4", "a bar moves left", "a bar"), *rows[1:]])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "chunk 0: its records changed" in result.output
+    again = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
+    assert [n for n in stamps if again[n] != stamps[n]] == ["chunk_00000_16x16.safetensors"]
+    from univigu.data.latent_cache import LatentCacheDataset
+
+    assert LatentCacheDataset(out)[0]["prompt"] == "a bar moves left"
+
+    (tmp_path / "stage.yaml").write_text(f"stage: recall\ninit_from: {wan}\ntext_target: caption\n"
+                                         f"data: {{kind: latent_cache, path: '{out}'}}\n")  # fmt: skip
+    train = ["train", str(tmp_path / "stage.yaml"), "--train.max_steps=1", f"--train.output_dir={tmp_path / 'run'}"]
+    result = runner.invoke(app, [*train, "--pipeline.text_length=4"])
+    assert result.exit_code == 2 and "Raise pipeline.text_length" in _said(result), result.output
+    result = runner.invoke(app, [*train, "--data.bucket=32x32"])
+    assert result.exit_code == 2 and "has no bucket '32x32'" in _said(result), result.output
+    assert not (tmp_path / "run").exists()  # nothing written
+
+    nothing = runner.invoke(app, [*args[:3], str(tmp_path / "empty"), *args[4:-1], "2"])
+    assert nothing.exit_code == 1 and "no video could be cached" in _said(nothing)

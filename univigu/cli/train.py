@@ -11,8 +11,9 @@ DEFAULT_STAGES = "base,refine"
 
 
 def _run(cfg, resume: bool) -> Path:
-    """Train a stage; an output folder that already holds a run, or a checkpoint the config cannot continue, is a
-    usage error (it is found before any step runs)."""
+    """Train a stage; an output folder that already holds a run, a checkpoint the config cannot continue, or a
+    latent cache the stage cannot use, is a usage error (each is found before any step runs)."""
+    from univigu.data.latent_cache import CacheError
     from univigu.training import ResumeError
     from univigu.training.stages import run_stage
 
@@ -20,6 +21,8 @@ def _run(cfg, resume: bool) -> Path:
         return run_stage(cfg, resume=resume)
     except (FileExistsError, ResumeError) as error:
         raise typer.BadParameter(str(error), param_hint="--resume / train.output_dir") from error
+    except CacheError as error:
+        raise typer.BadParameter(str(error), param_hint="data / pipeline") from error
 
 
 def _leave_process_group() -> None:

@@ -18,6 +18,8 @@ def cache_latents(
     shard_size: int = typer.Option(64, min=1, help="Videos per shard."),
     batch_size: int = typer.Option(4, min=1, help="Videos per VAE call."),
     dtype: str = typer.Option("bfloat16", help="Stored dtype: bfloat16, float16 or float32."),
+    text_length: int = typer.Option(256, min=2, help="The text stream's length (the stages' pipeline.text_length): "
+                                    "videos whose prompt or caption is longer are skipped."),  # fmt: skip
     device: str = typer.Option("cpu", help="Where the VAE and umT5 run, e.g. cuda."),
 ) -> None:
     """Encode a video folder to Wan VAE latents and umT5 prompt states, sharded on disk for training."""
@@ -35,17 +37,28 @@ def cache_latents(
             raise ValueError
     except ValueError:
         raise typer.BadParameter(f"sizes must look like 480x832, got {size}", param_hint="--size") from None
+    try:
+        device = str(torch.device(device))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"{device!r} is not a device this machine has (cpu; cuda needs a GPU)",
+                                 param_hint="--device") from None  # fmt: skip
     settings = CacheSettings(frames=frames, fps=fps or None, buckets=buckets, shard_size=shard_size,
-                             batch_size=batch_size, dtype=dtype)  # fmt: skip
+                             batch_size=batch_size, dtype=dtype, text_length=text_length)  # fmt: skip
     try:
         records = read_captions(videos, captions)
         components = WanComponents.from_folder(wan, torch_dtype=torch.bfloat16 if device != "cpu" else torch.float32)
         components.codec.vae.to(device)
         components.prompt_encoder.to(device)
-        index = build_latent_cache(records, out, components, settings, log=typer.echo)
+        index = build_latent_cache(records, out, components, settings)
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None
     typer.echo(f"wrote {out / 'index.json'} ({index['num_videos']} videos, {index['num_skipped']} skipped)")
+    if index["num_videos"] == 0:
+        typer.echo(f"error: no video could be cached; the reasons are in {out / 'skipped.jsonl'} (too short: lower "
+                   "--frames or --fps; too long a text: raise --text-length)", err=True)  # fmt: skip
+        raise typer.Exit(1)
 
 
 def convert_official(

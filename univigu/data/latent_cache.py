@@ -2,23 +2,28 @@
 
 Layout of a cache folder (`build_latent_cache`, the `univigu cache-latents` command):
 
+    settings.json                      the settings the shards are made with (a rerun must use the same)
     index.json                         settings, buckets, shards (written last; rebuilt on every run)
     null_prompt.safetensors            the empty prompt's states (the guidance / dropped-condition input)
     shards/chunk_00012_480x832.safetensors   latents [N, C, T', H', W'], prompt_states [N, S, D] cut at the
                                        longest prompt of the shard, prompt_lengths [N]; metadata: the
                                        records (video path, prompt, caption) as JSON
-    shards/chunk_00012.done.json       what chunk 12 (records 12*S .. 13*S-1) wrote and skipped
+    shards/chunk_00012.done.json       what chunk 12 (records 12*S .. 13*S-1) wrote and skipped, and a digest
+                                       of its records
     skipped.jsonl                      every video skipped and why (also printed)
 
 Records are processed in chunks of `shard_size` in the caption file's order; a chunk whose `.done.json`
-exists is skipped on a rerun, so an interrupted run resumes where it stopped. Each video goes to the
-size bucket (height x width) nearest its aspect ratio; a chunk writes one shard per bucket it touches.
-A video that cannot be read (missing, corrupt, truncated, too short, too small) is skipped and listed,
-never fatal.
+exists (with the same records: an edited or extended captions file redoes only the chunks it changed) is
+skipped on a rerun, so an interrupted run resumes where it stopped. A rerun with other settings (frames,
+fps, sizes, ...) is refused: its shards would not match the finished ones. Each video goes to the size
+bucket (height x width) nearest its aspect ratio; a chunk writes one shard per bucket it touches. A video
+that cannot be read (missing, corrupt, truncated, too short, too small), or whose prompt or caption does not
+fit the text stream, is skipped and listed, never fatal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -37,7 +42,13 @@ from tqdm.auto import tqdm
 from univigu.data.video_folder import VideoRecord, load_clip
 from univigu.data.video_io import VideoReadError, open_video
 
-__all__ = ["CacheSettings", "build_latent_cache", "LatentCacheDataset", "LatentCodec", "collate_latents"]
+__all__ = ["CacheError", "CacheSettings", "build_latent_cache", "LatentCacheDataset", "LatentCodec",
+           "collate_latents"]
+
+
+class CacheError(ValueError):
+    """A latent cache that cannot serve the request: other settings than asked, no such bucket, texts longer
+    than the text stream."""
 
 
 @dataclass
@@ -49,6 +60,7 @@ class CacheSettings:
     batch_size: int = 4  # videos per VAE call
     dtype: str = "bfloat16"  # stored dtype of latents and prompt states
     min_side: int = 16  # videos smaller than this (pixels) are skipped
+    text_length: int = 256  # the text stream's canvas (from_wan's): longer prompts / captions (end token too) skip
 
 
 def bucket_name(size: tuple[int, int]) -> str:
@@ -79,31 +91,88 @@ def _atomic_json(data: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _content_settings(settings: CacheSettings) -> dict:
+    """The settings that decide what the shards hold (as JSON would give them back)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "batch_size"}))
+
+
+def _check_settings(out: Path, settings: CacheSettings) -> None:
+    """Refuse a rerun whose settings differ from those the folder's shards were made with; record them."""
+    wanted = _content_settings(settings)
+    made = None
+    if (out / "settings.json").exists():
+        made = json.loads((out / "settings.json").read_text())
+    elif (out / "index.json").exists():  # a cache written before settings.json
+        made = json.loads((out / "index.json").read_text())["settings"]
+    if made is not None:
+        changed = [f"{k} {made[k]} -> {v}" for k, v in wanted.items() if k in made and made[k] != v]
+        if changed:
+            raise CacheError(f"{out} holds a cache made with other settings ({'; '.join(changed)}): its shards "
+                             "would not match the new ones. Use a new folder, or the same settings to resume.")
+    _atomic_json(wanted, out / "settings.json")
+
+
+def _digest(records: list[VideoRecord]) -> str:
+    text = json.dumps([[str(r.path), r.prompt, r.caption] for r in records])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _too_long(records: list[VideoRecord], tokenizer: Any, text_length: int) -> dict[int, str]:
+    """{position in records: why} for records whose prompt or caption the text stream cannot hold."""
+    limit = text_length - 1  # the end token
+    counts = {kind: [len(ids) for ids in tokenizer([getattr(r, kind) for r in records],
+                                                    add_special_tokens=False)["input_ids"]]
+              for kind in ("prompt", "caption")}  # fmt: skip
+    reasons = {}
+    for i, record in enumerate(records):
+        long = [f"{kind} is {counts[kind][i]} tokens" for kind in counts if counts[kind][i] > limit]
+        if long:
+            reasons[i] = (f"{record.path}: {' and '.join(long)} long; the text stream holds {limit} (text length "
+                          f"{text_length}, end token included)")  # fmt: skip
+    return reasons
+
+
 def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, wan: Any, settings: CacheSettings,
-                       log: Callable[[str], None] = print) -> dict:  # fmt: skip
+                       log: Callable[[str], None] = tqdm.write) -> dict:  # fmt: skip
     """Encode `records` with `wan` (a `WanComponents`) into a cache folder; returns the index.
 
-    Each bucket size is checked against the VAE first (ValueError naming the nearest valid size)."""
+    Each bucket size is checked against the VAE first (ValueError naming the nearest valid size); a folder
+    holding a cache made with other settings is refused (`CacheError`)."""
     out = Path(out_dir)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, settings.dtype)
     buckets = tuple(tuple(b) for b in settings.buckets)
     for h, w in buckets:
         wan.codec.check_size(settings.frames, h, w)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    _check_settings(out, settings)
     null_file = out / "null_prompt.safetensors"
     if not null_file.exists():
         states, mask = wan.encode_prompts([""])
         _atomic_save({"prompt_states": states.to(dtype)[:, : int(mask.sum())]}, null_file, {})
 
     chunks = range(0, len(records), settings.shard_size)
-    for start in tqdm(chunks, desc="cache-latents", unit="chunk"):
+    bar = tqdm(total=len(records), desc="cache-latents", unit="video")
+    for start in chunks:
         chunk = start // settings.shard_size
+        chunk_records = records[start : start + settings.shard_size]
+        bar.update(len(chunk_records))
         done = out / "shards" / f"chunk_{chunk:05d}.done.json"
+        digest = _digest(chunk_records)
         if done.exists():
-            continue
+            previous = json.loads(done.read_text())
+            if previous.get("records", digest) == digest:
+                continue
+            log(f"chunk {chunk}: its records changed since it was cached; encoding it again")
+            for name in previous["shards"]:
+                (out / "shards" / name).unlink(missing_ok=True)
         groups: dict[tuple[int, int], list[tuple[VideoRecord, Tensor]]] = defaultdict(list)
         skipped, notes = [], []
-        for record in records[start : start + settings.shard_size]:
+        too_long = _too_long(chunk_records, wan.tokenizer, settings.text_length)
+        for i, record in enumerate(chunk_records):
+            if i in too_long:
+                skipped.append({"video": str(record.path), "reason": too_long[i]})
+                log(f"skipped: {too_long[i]}")
+                continue
             try:
                 h, w, pix_fmt = _probe(record.path)
                 bucket = nearest_bucket(h, w, buckets)
@@ -128,8 +197,8 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                           .to(dtype), "prompt_lengths": lengths}, out / "shards" / name,
                          {"records": json.dumps(meta)})  # fmt: skip
             shards[name] = {"bucket": bucket_name(bucket), "count": len(items)}
-        _atomic_json({"shards": shards, "skipped": skipped, "notes": notes}, done)
-
+        _atomic_json({"shards": shards, "skipped": skipped, "notes": notes, "records": digest}, done)
+    bar.close()
     return _write_index(out, settings, len(chunks), log)
 
 
@@ -180,7 +249,9 @@ class LatentCacheDataset(Dataset):
             bucket = next(iter(buckets))
         if bucket not in buckets:
             counts = {b: sum(v["counts"]) for b, v in buckets.items()}
-            raise ValueError(f"bucket {bucket!r} is not in the cache; choose one of {counts} (videos per bucket)")
+            what = "holds several buckets: name one" if bucket is None else f"has no bucket {bucket!r}"
+            raise CacheError(f"{self.path} {what} (data.bucket; one per stage, batches share a size): {counts} "
+                             "(videos per bucket)")  # fmt: skip
         self.bucket, self.prompt_length = bucket, prompt_length
         entry = buckets[bucket]
         self.latent_shape = tuple(entry["latent_shape"])
@@ -196,6 +267,28 @@ class LatentCacheDataset(Dataset):
         h, w = map(int, self.bucket.split("x"))
         return self.index["settings"]["frames"], h, w
 
+    def check_texts(self, canvas: Any) -> None:
+        """Raise `CacheError` naming the cached prompts / captions longer than `canvas` (a `TextCanvas`) holds, so a
+        stage fails before its first step, not at the batch that holds one. Free when the cache was made for a
+        text stream no longer than this one (longer texts were skipped then)."""
+        made = self.index["settings"].get("text_length")
+        if made is not None and made <= canvas.length:
+            return
+        shards = dict.fromkeys(shard for shard, _ in self.rows)
+        records = [VideoRecord(Path(r["video"]), r["prompt"], r["caption"]) for s in shards for r in self._records_of(s)]
+        reasons = list(_too_long(records, canvas.tokenizer, canvas.length).values())
+        if reasons:
+            raise CacheError(f"{len(reasons)} of the {len(records)} cached videos have a text the stage's text stream "
+                             f"cannot hold, e.g. {reasons[0]}. Raise pipeline.text_length (--pipeline.text_length=N), "
+                             f"or cache again with --text-length {canvas.length} (skips them)")  # fmt: skip
+
+    def _records_of(self, shard: str) -> list[dict]:
+        """The records (video, prompt, caption) of a shard, read once from its metadata."""
+        if shard not in self._records:
+            with safe_open(self.path / shard, "pt") as f:
+                self._records[shard] = json.loads(f.metadata()["records"])
+        return self._records[shard]
+
     def null_prompt_states(self) -> Tensor:
         """[1, prompt_length, D] float32: the empty prompt's states, zero-padded."""
         with safe_open(self.path / "null_prompt.safetensors", "pt") as f:
@@ -209,12 +302,10 @@ class LatentCacheDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard, row = self.rows[index]
         with safe_open(self.path / shard, "pt") as f:  # memory-mapped: reads only this row
-            if shard not in self._records:
-                self._records[shard] = json.loads(f.metadata()["records"])
             length = int(f.get_slice("prompt_lengths")[row : row + 1][0])
             states = f.get_slice("prompt_states")[row : row + 1][0, :length]
             latents = f.get_slice("latents")[row : row + 1][0].float()
-        record = self._records[shard][row]
+        record = self._records_of(shard)[row]
         return {"video": latents, "prompt_states": self._pad(states), "prompt": record["prompt"],
                 "caption": record["caption"]}  # fmt: skip
 

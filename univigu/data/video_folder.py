@@ -41,7 +41,7 @@ def read_captions(folder: str | os.PathLike, captions: str | os.PathLike | None 
         found = sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.csv"))
         if len(found) != 1:
             raise FileNotFoundError(f"{folder}: expected one captions file (*.jsonl or *.csv), found "
-                                    f"{[p.name for p in found]}; pass it explicitly")  # fmt: skip
+                                    f"{[p.name for p in found]}; name it (--captions FILE on the command line)")  # fmt: skip
         captions = found[0]
     captions = Path(captions)
     if captions.suffix == ".jsonl":

@@ -57,7 +57,8 @@ class StageConfig:
     dataset_size: int = 1_000_000  # world samples the sampler cycles through
     data_seed: int = 0
     # training data: {} or {kind: world} (the toy world, rendered on the fly), or {kind: latent_cache,
-    # path: DIR, bucket: "HxW" (optional)}: a `univigu cache-latents` folder (recall / refine stages)
+    # path: DIR, bucket: "HxW" (needed when the cache has several)}: a `univigu cache-latents` folder (recall /
+    # refine stages)
     data: dict[str, Any] = field(default_factory=dict)
     world: dict[str, Any] = field(default_factory=dict)  # WorldConfig fields
     model: dict[str, Any] = field(default_factory=dict)  # base: WanTransformer3DModel config
@@ -104,8 +105,11 @@ class StageConfig:
         if self.init_from is not None and not (Path(self.init_from) / "model_index.json").is_file():
             raise FileNotFoundError(f"init_from {self.init_from}: no model_index.json there (the previous stage's "
                                     "`final` folder, or a Wan2.1 diffusers folder)")  # fmt: skip
-        if self.data.get("kind") == "latent_cache" and not (Path(self.data["path"]) / "index.json").is_file():
-            raise FileNotFoundError(f"data.path {self.data['path']}: no index.json there (see univigu cache-latents)")
+        if self.data.get("kind") == "latent_cache":
+            if not (Path(self.data["path"]) / "index.json").is_file():
+                raise FileNotFoundError(f"data.path {self.data['path']}: no index.json there (see univigu "
+                                        "cache-latents)")  # fmt: skip
+            _dataset(self)  # the bucket: CacheError naming the cache's buckets
 
 
 def _build(cls, data: dict[str, Any], where: str):
@@ -201,6 +205,7 @@ def build_task(cfg: StageConfig):
     task_cls, extra = UnifiedTask, {"codec": previous.codec}  # the video space the previous stage learned
     if cfg.data.get("kind") == "latent_cache":
         cache = _dataset(cfg)[0]
+        cache.check_texts(text_canvas)
         pipe_cfg.frames, pipe_cfg.height, pipe_cfg.width = cache.frame_size
         task_cls, extra = CachedLatentTask, {"null_states": cache.null_prompt_states()}
     task = task_cls(
