@@ -29,6 +29,7 @@ Model = Callable[..., tuple[Tensor, Tensor]]
 # callback(step, s, video_estimate [B, ...], text_tokens [B, L]): s is the noise level the step
 # started from (1 = noise; network timestep 1000 s); both tensors are the state after the step.
 Callback = Callable[[int, float, Tensor, Tensor], None]
+TEXT_UPDATES = ("ctmc", "linear-resample")  # the joint sampler's text rules (see `sample_joint`)
 
 
 @dataclass
@@ -127,8 +128,8 @@ def _sample(
     return_trajectory: bool,
 ) -> SampleOutput:
     """The one loop behind the three samplers."""
-    if text_update not in ("ctmc", "linear-resample"):
-        raise ValueError(f"text_update must be 'ctmc' or 'linear-resample', got {text_update!r}")
+    if text_update not in TEXT_UPDATES:
+        raise ValueError(f"text_update must be one of {TEXT_UPDATES}, got {text_update!r}")
     b, device = video.shape[0], video.device
     grid = time_grid(num_steps, shift).tolist()  # python floats: s_0 = 1 > ... > s_N = 0
     zeros = torch.zeros(b, device=device)
