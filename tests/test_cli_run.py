@@ -91,7 +91,7 @@ def test_demo_writes_the_three_tasks(checkpoints, tmp_path):
     sidecar = json.loads((tmp_path / "video_to_text.json").read_text())
     assert sidecar["true_caption"] in result.output and sidecar["caption"] in result.output
     base = runner.invoke(app, ["demo", "--model", str(checkpoints / "base"), "--out", str(tmp_path / "b")])
-    assert base.exit_code == 2 and "needs a unified model" in base.output
+    assert base.exit_code == 2 and "needs a unified model" in _said(base)
 
 
 def test_export_half_precision(checkpoints, tmp_path):
@@ -103,3 +103,64 @@ def test_export_half_precision(checkpoints, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-2, rtol=1e-3) for k in a)
     bad = runner.invoke(app, ["export", str(checkpoints / "unified"), str(tmp_path / "x"), "--dtype", "int8"])
     assert bad.exit_code == 2 and "dtype must be" in bad.output
+
+
+def test_export_never_clobbers_a_folder_unasked(checkpoints, tmp_path):
+    source, other = tmp_path / "source", tmp_path / "other"
+    assert runner.invoke(app, ["export", str(checkpoints / "unified"), str(source), "--dtype", "float32"]).exit_code == 0
+    weights = source / "transformer" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    itself = runner.invoke(app, ["export", str(source), str(source), "--overwrite"])
+    assert itself.exit_code == 2 and "SOURCE itself" in _said(itself) and weights.read_bytes() == before
+    other.mkdir()
+    (other / "README.md").write_text("another model's card")
+    taken = runner.invoke(app, ["export", str(source), str(other)])
+    assert taken.exit_code == 2 and "pass --overwrite" in _said(taken) and (other / "README.md").exists()
+    assert runner.invoke(app, ["export", str(source), str(other), "--overwrite"]).exit_code == 0
+    assert not (other / "README.md").exists()  # replaced whole: no stale card beside the new weights
+    assert (other / "model_index.json").exists() and not list(tmp_path.glob(".*export-tmp"))
+
+
+def _said(result) -> str:
+    """A command's output as one line, out of rich's error box."""
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def test_bad_options_fail_before_any_work(checkpoints, tmp_path):
+    """Each is a usage error (exit 2) found before the model is loaded or a sample drawn; nothing is written."""
+    model = ["--model", str(checkpoints / "unified")]
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["generate", "a red circle", *model, "--out", str(tmp_path / "a_file")], "cannot make the folder"),
+        (["generate", "a red circle", *model, "--trajectory", str(tmp_path)], "is a folder; give a file name"),
+        (["generate", "a red circle", *model, "--steps", "0"], "greater than or equal to 1"),
+        (["generate", "a red circle", *model, "--guidance", "nan"], "must be a finite number"),
+        (["generate", "a red circle", *model, "--device", "banana"], "'banana' is not a device"),
+        (["joint", "a red circle", *model, "--text-update", "bogus"], "must be one of ['ctmc', 'linear-resample']"),
+        (["joint", "a red circle", "--model", str(checkpoints / "base")], "joint generation needs a unified model"),
+        (["caption", "x.mp4", "--model", str(checkpoints / "base")], "captioning needs a unified model"),
+        (["demo", *model, "--prompt", " ".join(["red"] * 40)], "40 tokens long"),
+        (["eval", str(checkpoints / "unified"), "--tasks", "bogus"], "subset of t2v, v2t, joint"),
+        (["eval", str(checkpoints / "unified"), "--split", "bogus"], "one of ['train', 'val', 'test', 'heldout']"),
+        (["eval", str(checkpoints / "base"), "--tasks", "v2t"], "it has only t2v"),
+        (["eval", str(tmp_path / "none")], "Invalid value for CHECKPOINT"),
+        (["eval", str(checkpoints / "unified"), "--json", str(tmp_path / "a_file" / "x.json")], "cannot make"),
+        (["model", "prompt-probe", str(tmp_path / "none")], "Invalid value for CHECKPOINT"),
+        (["model", "bench", "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "is not a device"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in _said(result), (args, result.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_caption_keeps_every_sidecar_of_same_named_files(checkpoints, tmp_path):
+    video = np.ascontiguousarray(World().render(World().scenes("test", [0]))[0])
+    paths = [write_video(tmp_path / d / "clip.mp4", video) for d in ("d1", "d2") if (tmp_path / d).mkdir() is None]
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["caption", *map(str, paths), "--model", str(checkpoints / "unified"),
+                                 "--out", str(out), "--steps", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecars = sorted(out.glob("*.json"))
+    assert [p.name for p in sidecars] == ["clip_caption_seed0_0.json", "clip_caption_seed0_1.json"]
+    assert [json.loads(p.read_text())["video"] for p in sidecars] == [str(p) for p in paths]

@@ -11,6 +11,8 @@ from typing import Callable
 
 import typer
 
+from univigu.cli.run import _pipeline, out_file, resolve_device
+
 app = typer.Typer(help="Inspect and benchmark the unified transformer.", no_args_is_help=True)
 
 # the probes' shared arguments
@@ -37,7 +39,8 @@ def _write_json(path: Path | None, data: dict) -> None:
 @app.command()
 def params(
     preset: str = typer.Option("tiny", help="Preset name: tiny, wan2.1-t2v-1.3b."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the counts as JSON here."),
+    json_path: Path | None = typer.Option(None, "--json", callback=out_file,
+                                          help="Also write the counts as JSON here."),
 ) -> None:
     """Parameter count per part: shared with Wan (base), added for text, total. Built on the meta device."""
     import torch
@@ -107,9 +110,10 @@ def bench(
     size: int = typer.Option(32, min=1, help="Video height and width."),
     text_len: int = typer.Option(64, min=1, help="Text tokens in the text stream (T2V: the clean prompt)."),
     prompt_len: int = typer.Option(16, min=1, help="Prompt states the cross-attention sees."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+    device: str = typer.Option("cpu", callback=resolve_device, help="torch device, e.g. cuda."),
     dtype: str = typer.Option("float32", help="Weights and activations: float32 or bfloat16."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    json_path: Path | None = typer.Option(None, "--json", callback=out_file,
+                                          help="Also write the results as JSON here."),
 ) -> None:
     """Forward and forward+backward time of the unified model, and its overhead over plain Wan.
 
@@ -210,11 +214,12 @@ def bench_v2t(
     width: int = typer.Option(32, min=1, help="Transformer input width (latent for Wan: 104 at 832)."),
     text_len: int = typer.Option(64, min=1, help="Text canvas length."),
     prompt_len: int = typer.Option(16, min=1, help="Prompt states (the V2T condition: null or an instruction)."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+    device: str = typer.Option("cpu", callback=resolve_device, help="torch device, e.g. cuda."),
     dtype: str = typer.Option("float32", help="Weights and activations: float32 or bfloat16."),
     attention_backend: str = typer.Option("native", help="SDPA kernel: native (torch chooses), _native_flash, "
                                           "_native_cudnn, _native_efficient or _native_math."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    json_path: Path | None = typer.Option(None, "--json", callback=out_file,
+                                          help="Also write the results as JSON here."),
 ) -> None:
     """Video to text with attention_layout video_prefix: the clean video cached (run once, then only the text
     per step) vs uncached (the whole network every step), and both in units of one full forward pass (T2V:
@@ -326,7 +331,7 @@ def position_probe(
     n: int = typer.Option(16, "--n", min=1, help=PROBE_N_HELP),
     noise: str = typer.Option("0,0.5,0.9", help=NOISE_HELP),
     seed: int = typer.Option(0),
-    json_path: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+    json_path: Path | None = typer.Option(None, "--json", callback=out_file, help=JSON_HELP),
 ) -> None:
     """Does the transformer use where patches are? Relative change of its video output when the input's
     patch columns are shuffled, against the shuffled output (0: positions unused)."""
@@ -346,7 +351,7 @@ def prompt_probe(
     n: int = typer.Option(64, "--n", min=1, help=PROBE_N_HELP),
     noise: str = typer.Option("0.5,0.7,0.9", help=NOISE_HELP),
     seed: int = typer.Option(0),
-    json_path: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+    json_path: Path | None = typer.Option(None, "--json", callback=out_file, help=JSON_HELP),
 ) -> None:
     """Does the video denoiser read each prompt word? Relative increase of its clean-video error when the
     prompt's colour, shape or motion is swapped, or the prompt is empty (0: the word is unused)."""
@@ -368,7 +373,7 @@ def caption_probe(
     n: int = typer.Option(128, "--n", min=1, help=PROBE_N_HELP),
     text_time: float = typer.Option(0.9, min=0.0, max=1.0, help="Text flow time of the caption (1 = clean)."),
     seed: int = typer.Option(0),
-    json_path: Path | None = typer.Option(None, "--json", help=JSON_HELP),
+    json_path: Path | None = typer.Option(None, "--json", callback=out_file, help=JSON_HELP),
 ) -> None:
     """Does the model see what a caption names? Teacher-forced V2T: the true caption with its attribute words
     noised, all else given; accuracy of the most likely token at those places, per attribute."""
@@ -386,9 +391,7 @@ def caption_probe(
 
 def _probed(checkpoint: Path | None):
     """The pipeline a probe looks at: `checkpoint`, else the shipped model."""
-    import univigu
-
-    return univigu.UniViGUPipeline.from_pretrained(checkpoint or univigu.DEFAULT_MODEL)
+    return _pipeline(checkpoint, "cpu", param_hint="CHECKPOINT")[0]
 
 
 def _noise_levels(noise: str) -> list[float]:

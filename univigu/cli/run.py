@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,20 +16,69 @@ from univigu.outputs import run_record, save_sample, save_trajectory, slug, time
 
 MODEL_HELP = "Pipeline folder (default: the shipped toy-world model, univigu.DEFAULT_MODEL)."
 DEVICE_HELP = "torch device (default: cuda when available, else cpu)."
+STEPS_HELP = "Sampling steps (default: the model's)."
 
 
-def _pipeline(model: Path | None, device: str | None = None):
+def resolve_device(device: str | None) -> str:
+    """`--device` checked against this machine (default: cuda when available, else cpu)."""
     import torch
 
+    available = ["cpu", *(["cuda"] if torch.cuda.is_available() else []),
+                 *(["mps"] if torch.backends.mps.is_available() else [])]  # fmt: skip
+    if device is None:
+        return "cuda" if "cuda" in available else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in available:
+        raise typer.BadParameter(f"{device!r} is not a device this machine has ({', '.join(available)})",
+                                 param_hint="--device")  # fmt: skip
+    return device
+
+
+def _pipeline(model: Path | None, device: str | None = None, param_hint: str = "--model", unified: str | None = None):
+    """Load a pipeline folder (default: the shipped model); `unified`: what needs a unified model, for the usage
+    error a base generator gets."""
     from univigu import DEFAULT_MODEL
     from univigu.pipelines import UniViGUPipeline
 
     path = Path(model) if model else Path(DEFAULT_MODEL)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     try:
-        return UniViGUPipeline.from_pretrained(path, device=device), path
+        pipe = UniViGUPipeline.from_pretrained(path, device=device)
     except (FileNotFoundError, ValueError) as error:
-        raise typer.BadParameter(str(error), param_hint="--model") from error
+        raise typer.BadParameter(str(error), param_hint=param_hint) from error
+    if unified and not pipe.unified:
+        raise typer.BadParameter(f"{unified} needs a unified model; {path} is a base generator (text to video only)",
+                                 param_hint=param_hint)  # fmt: skip
+    return pipe, path
+
+
+def out_dir(out: Path) -> Path:
+    """Make an output folder when the command line is read (a typer callback), so that a path that cannot be
+    one fails before any model is loaded."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise typer.BadParameter(f"cannot make the folder {out}: {error.strerror}") from error
+    return out
+
+
+def out_file(path: Path | None) -> Path | None:
+    """An output file checked when the command line is read (a typer callback): not a folder, and its folder
+    can be made."""
+    if path is not None:
+        if path.is_dir():
+            raise typer.BadParameter(f"{path} is a folder; give a file name")
+        out_dir(path.parent)
+    return path
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 @contextmanager
@@ -55,10 +106,11 @@ def generate(
     prompts: list[str] = typer.Argument(..., help="One or more prompts."),
     model: Path = typer.Option(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
-    seed: int = typer.Option(0), steps: int = typer.Option(None, help="Sampling steps (default: the model's)."),
-    guidance: float = typer.Option(None, help="Classifier-free guidance scale (default: the model's)."),
-    out: Path = typer.Option(Path("outputs/generate"), help="Output folder."),
-    trajectory: Path = typer.Option(None, help=TRAJECTORY_HELP),
+    seed: int = typer.Option(0), steps: int = typer.Option(None, min=1, help=STEPS_HELP),
+    guidance: float = typer.Option(None, callback=_finite, help="Classifier-free guidance scale (default: the "
+                                   "model's)."),  # fmt: skip
+    out: Path = typer.Option(Path("outputs/generate"), callback=out_dir, help="Output folder."),
+    trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
 ) -> None:
     """Text to video."""
     load = time.perf_counter()
@@ -80,10 +132,10 @@ def caption(
     videos: list[Path] = typer.Argument(..., help="Video files (mp4, gif, webm)."),
     model: Path = typer.Option(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
-    seed: int = typer.Option(0), steps: int = typer.Option(None),
+    seed: int = typer.Option(0), steps: int = typer.Option(None, min=1, help=STEPS_HELP),
     instruction: str = typer.Option(None, help="A question or instruction as the prompt condition."),
-    out: Path = typer.Option(Path("outputs/caption"), help="Where the sidecar JSON files go."),
-    trajectory: Path = typer.Option(None, help=TRAJECTORY_HELP),
+    out: Path = typer.Option(Path("outputs/caption"), callback=out_dir, help="Where the sidecar JSON files go."),
+    trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
 ) -> None:
     """Video to text: a detailed caption per video file."""
     import numpy as np
@@ -91,13 +143,15 @@ def caption(
     from univigu.data.video_io import VideoReadError, read_video
 
     load = time.perf_counter()
-    pipe, path = _pipeline(model, device)
+    pipe, path = _pipeline(model, device, unified="captioning")
     load = time.perf_counter() - load
     c = pipe.config
     try:
         frames = np.stack([read_video(v, num_frames=c.frames, size=(c.height, c.width)).numpy() for v in videos])
     except VideoReadError as error:
         raise typer.BadParameter(str(error), param_hint="VIDEOS") from error
+    names = [Path(v).stem for v in videos]  # two clip.mp4 from two folders must not share a sidecar
+    stems = [f"{name}_caption_seed{seed}" + (f"_{i}" if names.count(name) > 1 else "") for i, name in enumerate(names)]
     with _prompt_errors("--instruction"):
         result, seconds, times = timed_sample(pipe, "video_to_text", frames, seed=seed, num_steps=steps,
                                               instruction=instruction, trajectory=trajectory is not None)  # fmt: skip
@@ -107,7 +161,7 @@ def caption(
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(videos)), pipe, result, i,
                                             f"video to text: {Path(video).name}", record, times,
                                             video=frames[i])  # fmt: skip
-        save_sample(out, f"{Path(video).stem}_caption_seed{seed}", None, record)
+        save_sample(out, stems[i], None, record)
         typer.echo(f"{video}: {text}")
 
 
@@ -115,14 +169,20 @@ def joint(
     prompts: list[str] = typer.Argument(..., help="One or more prompts."),
     model: Path = typer.Option(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
-    seed: int = typer.Option(0), steps: int = typer.Option(None), guidance: float = typer.Option(None),
+    seed: int = typer.Option(0), steps: int = typer.Option(None, min=1, help=STEPS_HELP),
+    guidance: float = typer.Option(None, callback=_finite),
     text_update: str = typer.Option(None, help="'ctmc' or the released 'linear-resample' (default: the model's)."),
-    out: Path = typer.Option(Path("outputs/joint"), help="Output folder."),
-    trajectory: Path = typer.Option(None, help=TRAJECTORY_HELP),
+    out: Path = typer.Option(Path("outputs/joint"), callback=out_dir, help="Output folder."),
+    trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
 ) -> None:
     """Joint generation: a video and its caption per prompt, denoised together."""
+    from univigu.flow.samplers import TEXT_UPDATES
+
+    if text_update is not None and text_update not in TEXT_UPDATES:
+        raise typer.BadParameter(f"must be one of {list(TEXT_UPDATES)}, got {text_update!r}",
+                                 param_hint="--text-update")  # fmt: skip
     load = time.perf_counter()
-    pipe, path = _pipeline(model, device)
+    pipe, path = _pipeline(model, device, unified="joint generation")
     load = time.perf_counter() - load
     with _prompt_errors("PROMPTS"):
         result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps,
@@ -143,21 +203,30 @@ def evaluate(
     device: str = typer.Option(None, help=DEVICE_HELP),
     split: str = typer.Option("test", help="test or heldout (or val)."),
     n: int = typer.Option(256, "--n", min=1), seed: int = typer.Option(0),
-    steps: int = typer.Option(None, help="Sampling steps (default: the model's)."),
-    batch_size: int = typer.Option(64),
+    steps: int = typer.Option(None, min=1, help=STEPS_HELP),
+    batch_size: int = typer.Option(64, min=1),
     base: Path = typer.Option(None, help="Base generator folder, to compare T2V accuracy before recall."),
     tasks: str = typer.Option("t2v,v2t,joint", help="Comma-separated subset of t2v, v2t, joint."),
-    json_out: Path = typer.Option(None, "--json", help="Write the results here."),
+    json_out: Path = typer.Option(None, "--json", callback=out_file, help="Write the results here."),
 ) -> None:
     """Attribute accuracies (oracle + parser), BLEU-4, CIDEr and joint consistency."""
+    from univigu.data.world import SPLITS
     from univigu.evaluation.evaluate import evaluate as run_eval
     from univigu.evaluation.evaluate import summary_table
 
-    pipe, path = _pipeline(checkpoint, device)
-    base_pipe = _pipeline(base, device)[0] if base else None
-    chosen = tuple(t for t in tasks.split(",") if t)
-    if not pipe.unified:
-        chosen = tuple(t for t in chosen if t == "t2v")
+    chosen = tuple(dict.fromkeys(t.strip() for t in tasks.split(",") if t.strip()))
+    if not chosen or set(chosen) - {"t2v", "v2t", "joint"}:
+        raise typer.BadParameter(f"a comma-separated subset of t2v, v2t, joint, got {tasks!r}", param_hint="--tasks")
+    if split not in SPLITS:
+        raise typer.BadParameter(f"one of {list(SPLITS)}, got {split!r}", param_hint="--split")
+    pipe, path = _pipeline(checkpoint, device, param_hint="CHECKPOINT")
+    base_pipe = _pipeline(base, device, param_hint="--base")[0] if base else None
+    dropped = [t for t in chosen if t != "t2v"]
+    if not pipe.unified and dropped:
+        if "t2v" not in chosen:
+            raise typer.BadParameter(f"{path} is a base generator: it has only t2v", param_hint="--tasks")
+        typer.echo(f"{path} is a base generator: {', '.join(dropped)} left out (text to video only)", err=True)
+        chosen = ("t2v",)
     results = run_eval(pipe, split=split, n=n, seed=seed, num_steps=steps, batch_size=batch_size,
                        base_pipeline=base_pipe, tasks=chosen)  # fmt: skip
     results["checkpoint"] = str(path)
@@ -172,20 +241,19 @@ def demo(
     model: Path = typer.Option(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
     seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("outputs/demo"), help="Output folder."),
+    out: Path = typer.Option(Path("outputs/demo"), callback=out_dir, help="Output folder."),
 ) -> None:
     """The main job on the shipped toy-world model: a generated video, a caption for a freshly rendered
     world video, and a joint video + caption."""
     from univigu.data.world import World
 
     load = time.perf_counter()
-    pipe, path = _pipeline(model, device)
+    pipe, path = _pipeline(model, device, unified="the demo (text to video and video to text)")
     load = time.perf_counter() - load
     c = pipe.config
-    if not pipe.unified:
-        raise typer.BadParameter("the demo needs a unified model (text to video and video to text)",
-                                 param_hint="--model")  # fmt: skip
     start = time.perf_counter()
+    with _prompt_errors("--prompt"):
+        pipe.check_prompts([prompt], text_stream=True)
     result, seconds, times = timed_sample(pipe, "text_to_video", [prompt], seed=seed, progress=False)
     record = {"task": "text_to_video", "prompt": prompt, **run_record(pipe, path, seed, len(times), load, seconds)}
     t2v = save_sample(out, "text_to_video", result.videos[0], record)
@@ -214,16 +282,32 @@ def demo(
 
 def export(
     source: Path = typer.Argument(..., help="Pipeline folder to copy."),
-    target: Path = typer.Argument(..., help="New pipeline folder."),
+    target: Path = typer.Argument(..., help="New pipeline folder (must not exist, unless --overwrite)."),
     dtype: str = typer.Option("float16", help="Stored weight dtype: float16, bfloat16 or float32."),
+    overwrite: bool = typer.Option(False, help="Replace TARGET if it exists (it is replaced whole, only once the "
+                                   "copy is written)."),  # fmt: skip
 ) -> None:
     """Copy a pipeline folder with its weights stored in another dtype (loading casts back to float32)."""
     import torch
 
     if dtype not in ("float16", "bfloat16", "float32"):
         raise typer.BadParameter(f"dtype must be float16, bfloat16 or float32, got {dtype!r}", param_hint="--dtype")
-    pipe, _ = _pipeline(source, "cpu")
-    pipe.save_pretrained(target, dtype=getattr(torch, dtype))
+    if target.exists() and target.resolve() == source.resolve():
+        raise typer.BadParameter("is SOURCE itself: its weights would be rewritten in place", param_hint="TARGET")
+    if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
+        raise typer.BadParameter(f"{target} exists; pass --overwrite to replace it, or name a new folder",
+                                 param_hint="TARGET")  # fmt: skip
+    pipe, _ = _pipeline(source, "cpu", param_hint="SOURCE")
+    # written beside the target and swapped in whole: a failed write leaves the target as it was, and nothing
+    # of an older folder (its card, evaluations) stays beside the new weights
+    staging = out_dir(target.parent) / f".{target.name}.export-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, dtype=getattr(torch, dtype))
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    staging.rename(target)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     typer.echo(f"wrote {target} ({size / 2**20:.1f} MiB, {dtype} weights)")
 
@@ -233,7 +317,7 @@ def serve(
     device: str = typer.Option(None, help=DEVICE_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 opens the app to the network)."),
     port: int = typer.Option(7860, min=1, max=65535),
-    out: Path = typer.Option(Path("outputs/serve"), help="Output folder."),
+    out: Path = typer.Option(Path("outputs/serve"), callback=out_dir, help="Output folder."),
 ) -> None:
     """The local demo app (Gradio; install with `pip install 'univigu\\[app]'`): text to video, video to text
     and joint generation in three tabs."""  # \\[: rich would read [app] as markup and drop it

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from univigu.cli.run import resolve_device
+
 
 def cache_latents(
     wan: Path = typer.Argument(..., help="Wan2.1 diffusers folder (transformer/, vae/, text_encoder/, tokenizer/)."),
@@ -20,7 +22,7 @@ def cache_latents(
     dtype: str = typer.Option("bfloat16", help="Stored dtype: bfloat16, float16 or float32."),
     text_length: int = typer.Option(256, min=2, help="The text stream's length (the stages' pipeline.text_length): "
                                     "videos whose prompt or caption is longer are skipped."),  # fmt: skip
-    device: str = typer.Option("cpu", help="Where the VAE and umT5 run, e.g. cuda."),
+    device: str = typer.Option("cpu", callback=resolve_device, help="Where the VAE and umT5 run, e.g. cuda."),
 ) -> None:
     """Encode a video folder to Wan VAE latents and umT5 prompt states, sharded on disk for training."""
     import torch
@@ -37,13 +39,6 @@ def cache_latents(
             raise ValueError
     except ValueError:
         raise typer.BadParameter(f"sizes must look like 480x832, got {size}", param_hint="--size") from None
-    try:
-        device = str(torch.device(device))
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError
-    except (RuntimeError, ValueError):
-        raise typer.BadParameter(f"{device!r} is not a device this machine has (cpu; cuda needs a GPU)",
-                                 param_hint="--device") from None  # fmt: skip
     settings = CacheSettings(frames=frames, fps=fps or None, buckets=buckets, shard_size=shard_size,
                              batch_size=batch_size, dtype=dtype, text_length=text_length)  # fmt: skip
     try:
