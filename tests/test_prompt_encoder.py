@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -25,3 +27,12 @@ def test_over_long_prompt_is_a_clear_error():
     enc = PromptEncoder(vocab_size=10, dim=16, num_layers=1, num_heads=2, max_length=4)
     with pytest.raises(ValueError, match="at most 4"):
         enc(torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.bool))
+
+
+def test_config_that_does_not_match_the_weights_names_the_keys(tmp_path):
+    PromptEncoder(vocab_size=10, dim=16, num_layers=1, num_heads=2, max_length=4).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dim": 8}))
+    with pytest.raises(ValueError, match=r"PromptEncoder its config describes:\n  mismatched shapes .*\n    "
+                                         r"encoder\.layers\.0\.linear1\.bias: checkpoint \(64,\) vs model \(32,\)"):
+        PromptEncoder.from_pretrained(tmp_path)  # was diffusers' advice to pass ignore_mismatched_sizes=True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -313,3 +315,27 @@ def test_half_precision_loading_keeps_wan_dtypes(model, wan, tmp_path):
         velocity0, _ = from_wan(video.bfloat16(), None, t, None, prompt.bfloat16())
     assert velocity.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     assert (velocity0.float() - ref.float()).abs().max().item() <= 1e-5
+
+
+def test_unreadable_or_missing_weights_name_the_file(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    for broken in (data[: len(data) // 2], b"\x00" * 64, b""):  # truncated, random, empty
+        weights.write_bytes(broken)
+        with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file \(truncated or corrupt"):
+            UniViGUTransformer.from_pretrained(tmp_path / "m")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=f"no diffusion_pytorch_model.safetensors in {tmp_path / 'm'}$"):
+        UniViGUTransformer.from_pretrained(tmp_path / "m")
+
+
+def test_wan_loading_is_strict(wan, tmp_path):
+    from univigu.models.wan import load_wan_transformer
+
+    wan.save_pretrained(tmp_path / "wan")
+    config = json.loads((tmp_path / "wan" / "config.json").read_text())
+    (tmp_path / "wan" / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    mismatch = r"the WanTransformer3DModel its config describes:\n  missing keys \(\d+\): blocks\.2"
+    with pytest.raises(ValueError, match=mismatch):  # was diffusers' "Cannot copy out of meta tensor"
+        load_wan_transformer(tmp_path / "wan")

@@ -12,9 +12,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from univigu.models.transformer import StrictLoading
 
-class PromptEncoder(ModelMixin, ConfigMixin):
-    """Token embedding + learned positions + a pre-norm transformer encoder.
+
+class PromptEncoder(StrictLoading, ModelMixin, ConfigMixin):
+    """Token embedding + learned positions + a pre-norm transformer encoder. `from_pretrained` is strict (a config
+    that does not match the weights is an error naming the keys), as the transformer's.
 
     forward(ids [B, S], mask [B, S] bool) -> states [B, S, dim], zero where mask is False.
     """

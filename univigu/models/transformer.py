@@ -93,6 +93,70 @@ def _key_summary(keys: list[str], limit: int = 8) -> str:
     return ", ".join(shown) + (f", ... ({len(groups) - limit} more groups)" if len(groups) > limit else "")
 
 
+def check_checkpoint(cls: type[ModelMixin], folder: Path, kwargs: dict | None = None) -> None:
+    """Compare the safetensors headers in `folder` with the parameters of the `cls` its config (plus any constructor
+    arguments in `kwargs`) describes, before any weight is read: FileNotFoundError without weights, ValueError for
+    an unreadable file or for keys / shapes that differ, naming each. (diffusers only warns about missing/unexpected
+    keys and leaves those weights random, and fails on other shapes with advice to ignore them.)"""
+    from safetensors import SafetensorError, safe_open
+
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    single = folder / "diffusion_pytorch_model.safetensors"
+    if index.exists():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif single.exists():
+        files = [single]
+    elif any(folder.glob("diffusion_pytorch_model*")):
+        return  # another format (.bin, variant): diffusers' loader decides
+    else:
+        raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors in {folder}")
+    found: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"{f} (listed in {index.name}) does not exist")
+        try:
+            with safe_open(f, framework="pt") as reader:
+                found.update({k: tuple(reader.get_slice(k).get_shape()) for k in reader.keys()})
+        except SafetensorError as error:
+            raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+
+    config = cls.load_config(folder)
+    overrides = {k: v for k, v in (kwargs or {}).items() if k in cls._get_init_keys(cls)}
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls.from_config(config, **overrides).state_dict().items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in sorted(expected) if
+              k in found and found[k] != expected[k]]  # fmt: skip
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {folder} does not match the {cls.__name__} its config describes:"]
+        lines += [f"  missing keys ({len(missing)}): {_key_summary(missing)}"] if missing else []
+        lines += [f"  unexpected keys ({len(unexpected)}): {_key_summary(unexpected)}"] if unexpected else []
+        if shapes:
+            more = [f"    ... and {len(shapes) - 8} more"] if len(shapes) > 8 else []
+            lines += [f"  mismatched shapes ({len(shapes)}):"] + [f"    {s}" for s in shapes[:8]] + more
+        raise ValueError("\n".join(lines))
+
+
+class StrictLoading:
+    """Mixed in before diffusers' ModelMixin: `from_pretrained` made strict, a checkpoint whose keys or shapes
+    differ from the model the config (plus any config overrides in kwargs) describes is an error naming every
+    such key (`check_checkpoint`)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
+                        **kwargs) -> ModelMixin | tuple[ModelMixin, dict]:  # fmt: skip
+        folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if folder.is_dir():
+            check_checkpoint(cls, folder, kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
+        if problems:
+            raise ValueError(f"checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {problems}")
+        return (model, info) if want_info else model
+
+
 def rope_theta_of(wan: nn.Module) -> float:
     """The video RoPE base a diffusers Wan transformer was built with (its config's `rope_theta`, else Wan's)."""
     return float(wan.config.get("rope_theta", WAN_ROPE_THETA))
@@ -474,7 +538,7 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
     return {**dict(sorted(parts.items())), "base": base, "text": text, "total": base + text}
 
 
-class UniViGUTransformer(ModelMixin, ConfigMixin):
+class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
     """Wan2.1 DiT + text stream (modality-driven MoE). Defaults are Wan2.1-T2V-1.3B with the umT5 vocabulary.
 
     Args (shared, Wan's config names): patch_size, num_attention_heads, attention_head_dim, in_channels,
@@ -645,56 +709,6 @@ class UniViGUTransformer(ModelMixin, ConfigMixin):
             raise ValueError(f"Wan state dict does not match: missing {not_text}, unexpected {unexpected}")
         model.init_text_parts(generator=generator)
         return model
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "UniViGUTransformer":
-        """diffusers' `from_pretrained`, made strict: a checkpoint whose keys or shapes differ from the model
-        the config (plus any config overrides in kwargs) describes is an error naming every such key.
-        (diffusers only warns about missing/unexpected keys and leaves those weights random.)"""
-        folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
-        if folder.is_dir():
-            cls._check_checkpoint(folder, kwargs)
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
-        if problems:
-            raise ValueError(f"checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {problems}")
-        return (model, info) if want_info else model
-
-    @classmethod
-    def _check_checkpoint(cls, folder: Path, kwargs: dict) -> None:
-        """Compare the safetensors headers in `folder` with the parameters the config describes."""
-        from safetensors import safe_open
-
-        index = folder / "diffusion_pytorch_model.safetensors.index.json"
-        single = folder / "diffusion_pytorch_model.safetensors"
-        if index.exists():
-            files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-        elif single.exists():
-            files = [single]
-        else:
-            return  # another format (.bin, variant): diffusers' loader and the check after it decide
-        found: dict[str, tuple[int, ...]] = {}
-        for f in files:
-            with safe_open(f, framework="pt") as reader:
-                found.update({k: tuple(reader.get_slice(k).get_shape()) for k in reader.keys()})
-
-        config = cls.load_config(folder)
-        overrides = {k: v for k, v in kwargs.items() if k in cls._get_init_keys(cls)}
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in cls.from_config(config, **overrides).state_dict().items()}
-        missing = sorted(set(expected) - set(found))
-        unexpected = sorted(set(found) - set(expected))
-        shapes = [f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in sorted(expected) if
-                  k in found and found[k] != expected[k]]  # fmt: skip
-        if missing or unexpected or shapes:
-            lines = [f"checkpoint {folder} does not match the {cls.__name__} its config describes:"]
-            lines += [f"  missing keys ({len(missing)}): {_key_summary(missing)}"] if missing else []
-            lines += [f"  unexpected keys ({len(unexpected)}): {_key_summary(unexpected)}"] if unexpected else []
-            if shapes:
-                more = [f"    ... and {len(shapes) - 8} more"] if len(shapes) > 8 else []
-                lines += [f"  mismatched shapes ({len(shapes)}):"] + [f"    {s}" for s in shapes[:8]] + more
-            raise ValueError("\n".join(lines))
 
     # ---- which parameters train --------------------------------------------------------------------
 

@@ -53,13 +53,17 @@ def set_rope_theta(wan: nn.Module, theta: float) -> nn.Module:
 
 def load_wan_transformer(path: str | os.PathLike, torch_dtype: torch.dtype | None = None) -> nn.Module:
     """diffusers' `WanTransformer3DModel.from_pretrained` (local files only), with the `rope_theta` its config
-    may carry (written by `set_rope_theta`; diffusers' own constructor has no such argument) put back."""
+    may carry (written by `set_rope_theta`; diffusers' own constructor has no such argument) put back. Strict, as
+    `UniViGUTransformer.from_pretrained`: weights that do not match the config are an error naming the keys."""
     from diffusers import WanTransformer3DModel
     from diffusers.utils import logging
+
+    from univigu.models.transformer import check_checkpoint
 
     level = logging.get_verbosity()
     logging.set_verbosity_error()  # diffusers warns that `rope_theta` is not a constructor argument
     try:
+        check_checkpoint(WanTransformer3DModel, Path(path))
         wan = WanTransformer3DModel.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
     finally:
         logging.set_verbosity(level)
