@@ -30,6 +30,15 @@ def test_generate_writes_video_and_sidecar(checkpoints, tmp_path):
     assert {"gif", "mp4"} <= set(sidecar["files"])
 
 
+def test_generate_in_bfloat16(checkpoints, tmp_path):
+    model = ["--model", str(checkpoints / "unified"), "--out", str(tmp_path)]
+    result = runner.invoke(app, ["generate", "a red circle moves right", *model, "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["dtype"] == "bfloat16"
+    offload = runner.invoke(app, ["joint", "a red circle", *model, "--offload", "--device", "cpu"])
+    assert offload.exit_code == 2 and "CPU offload is for pipelines built from Wan" in _said(offload)
+
+
 def test_caption_reads_files_and_reports_bad_ones(checkpoints, tmp_path):
     world = World()
     video = np.ascontiguousarray(world.render(world.scenes("test", [0]))[0])

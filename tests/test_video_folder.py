@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import av
 import numpy as np
@@ -16,6 +17,7 @@ from fsdp_on_cpu import launch
 from wan_fixture import FRAMES, HEIGHT, WIDTH, build_wan_folder
 
 runner = CliRunner()
+WAN_CONFIGS = Path(__file__).resolve().parents[1] / "univigu" / "configs" / "wan"
 
 
 def _moving(frames: int, height: int, width: int) -> np.ndarray:
@@ -213,6 +215,17 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
     result = runner.invoke(app, [*train, "--data.bucket=32x32"])
     assert result.exit_code == 2 and "has no bucket '32x32'" in _said(result), result.output
     assert not (tmp_path / "run").exists()  # nothing written
+
+    # the shipped Wan-scale stage configs, pointed at this cache and tiny folder: recall, then refine
+    from univigu import UniViGUPipeline
+
+    for stage, init in (("recall", wan), ("refine", tmp_path / "recall" / "final")):
+        result = runner.invoke(app, ["train", str(WAN_CONFIGS / f"{stage}.yaml"), f"--init_from={init}",
+                                     f"--data.path={out}", "--data.bucket=16x16", "--pipeline.text_length=8",
+                                     "--train.max_steps=1", "--train.grad_accum=1",
+                                     f"--train.output_dir={tmp_path / stage}"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert UniViGUPipeline.from_pretrained(tmp_path / "refine" / "final").config.caption_steps == 50
 
     nothing = runner.invoke(app, [*args[:3], str(tmp_path / "empty"), *args[4:-1], "2"])
     assert nothing.exit_code == 1 and "no video could be cached" in _said(nothing)

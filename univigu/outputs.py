@@ -36,8 +36,9 @@ def save_sample(out: str | Path, stem: str, video: np.ndarray | None, record: di
 
 def run_record(pipe: Any, model: str | Path, seed: int, steps: int, load_s: float, sample_s: float,
                n: int = 1) -> dict[str, Any]:  # fmt: skip
-    """Sidecar fields of every run: seed, the steps it ran, model and timings (loading; sampling per sample)."""
-    return {"seed": seed, "steps": steps, "model": str(model),
+    """Sidecar fields of every run: seed, the steps it ran, model, its dtype and timings (loading; sampling per
+    sample)."""
+    return {"seed": seed, "steps": steps, "model": str(model), "dtype": str(pipe.transformer.dtype).split(".")[-1],
             "load_seconds": round(load_s, 2), "seconds": round(sample_s / n, 2), "fps": pipe.config.fps}  # fmt: skip
 
 

@@ -17,6 +17,9 @@ from univigu.outputs import run_record, save_sample, save_trajectory, slug, time
 MODEL_HELP = "Pipeline folder (default: the shipped toy-world model, univigu.DEFAULT_MODEL)."
 DEVICE_HELP = "torch device (default: cuda when available, else cpu)."
 STEPS_HELP = "Sampling steps (default: the model's)."
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_HELP = "Weights and compute dtype: float32, bfloat16 or float16 (half precision: on a GPU)."
+OFFLOAD_HELP = "Wan pipelines: keep the VAE and umT5 on the CPU, on --device only while they run."
 
 
 def resolve_device(device: str | None) -> str:
@@ -37,18 +40,29 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def _pipeline(model: Path | None, device: str | None = None, param_hint: str = "--model", unified: str | None = None):
-    """Load a pipeline folder (default: the shipped model); `unified`: what needs a unified model, for the usage
-    error a base generator gets."""
+def _pipeline(model: Path | None, device: str | None = None, param_hint: str = "--model", unified: str | None = None,
+              dtype: str = "float32", offload: bool = False):  # fmt: skip
+    """Load a pipeline folder (default: the shipped model) in `dtype`, with the VAE and umT5 offloaded to the CPU
+    when `offload`; `unified`: what needs a unified model, for the usage error a base generator gets."""
+    import torch
+
     from univigu import DEFAULT_MODEL
     from univigu.pipelines import UniViGUPipeline
 
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"one of {list(DTYPES)}, got {dtype!r}", param_hint="--dtype")
     path = Path(model) if model else Path(DEFAULT_MODEL)
     device = resolve_device(device)
     try:
-        pipe = UniViGUPipeline.from_pretrained(path, device=device)
+        pipe = UniViGUPipeline.from_pretrained(path, device="cpu" if offload else device,
+                                               torch_dtype=getattr(torch, dtype))  # fmt: skip
     except (FileNotFoundError, ValueError) as error:
         raise typer.BadParameter(str(error), param_hint=param_hint) from error
+    if offload:
+        try:
+            pipe.enable_model_cpu_offload(device)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--offload") from error
     if unified and not pipe.unified:
         raise typer.BadParameter(f"{unified} needs a unified model; {path} is a base generator (text to video only)",
                                  param_hint=param_hint)  # fmt: skip
@@ -111,10 +125,11 @@ def generate(
                                    "model's)."),  # fmt: skip
     out: Path = typer.Option(Path("outputs/generate"), callback=out_dir, help="Output folder."),
     trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP), offload: bool = typer.Option(False, help=OFFLOAD_HELP),
 ) -> None:
     """Text to video."""
     load = time.perf_counter()
-    pipe, path = _pipeline(model, device)
+    pipe, path = _pipeline(model, device, dtype=dtype, offload=offload)
     load = time.perf_counter() - load
     with _prompt_errors("PROMPTS"):
         result, seconds, times = timed_sample(pipe, "text_to_video", prompts, seed=seed, num_steps=steps,
@@ -136,6 +151,7 @@ def caption(
     instruction: str = typer.Option(None, help="A question or instruction as the prompt condition."),
     out: Path = typer.Option(Path("outputs/caption"), callback=out_dir, help="Where the sidecar JSON files go."),
     trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP), offload: bool = typer.Option(False, help=OFFLOAD_HELP),
 ) -> None:
     """Video to text: a detailed caption per video file."""
     import numpy as np
@@ -143,7 +159,7 @@ def caption(
     from univigu.data.video_io import VideoReadError, read_video
 
     load = time.perf_counter()
-    pipe, path = _pipeline(model, device, unified="captioning")
+    pipe, path = _pipeline(model, device, unified="captioning", dtype=dtype, offload=offload)
     load = time.perf_counter() - load
     c = pipe.config
     try:
@@ -174,6 +190,7 @@ def joint(
     text_update: str = typer.Option(None, help="'ctmc' or the released 'linear-resample' (default: the model's)."),
     out: Path = typer.Option(Path("outputs/joint"), callback=out_dir, help="Output folder."),
     trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP), offload: bool = typer.Option(False, help=OFFLOAD_HELP),
 ) -> None:
     """Joint generation: a video and its caption per prompt, denoised together."""
     from univigu.flow.samplers import TEXT_UPDATES
@@ -182,7 +199,7 @@ def joint(
         raise typer.BadParameter(f"must be one of {list(TEXT_UPDATES)}, got {text_update!r}",
                                  param_hint="--text-update")  # fmt: skip
     load = time.perf_counter()
-    pipe, path = _pipeline(model, device, unified="joint generation")
+    pipe, path = _pipeline(model, device, unified="joint generation", dtype=dtype, offload=offload)
     load = time.perf_counter() - load
     with _prompt_errors("PROMPTS"):
         result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps,
