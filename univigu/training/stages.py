@@ -13,7 +13,9 @@ that the next stage's `init_from` names.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
+import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from univigu.data.codec import PixelCodec
 from univigu.data.dataset import WorldDataset, collate
 from univigu.data.latent_cache import LatentCacheDataset, LatentCodec, collate_latents
 from univigu.data.tokenizer import TextCanvas, build_world_tokenizer
-from univigu.data.world import WorldConfig
+from univigu.data.world import OBJECT_COLOURS, MOTIONS, SHAPES, Scene, WorldConfig, WorldObject
 from univigu.flow.regimes import RegimeMix
 from univigu.flow.text import TextFlow
 from univigu.flow.video import VideoFlow
@@ -89,7 +91,12 @@ class StageConfig:
             raise ValueError(f"init must be 'generator' or 'scratch', got {self.init!r}")
         if self.attention_layout not in (None, *ATTENTION_LAYOUTS):
             raise ValueError(f"attention_layout must be one of {ATTENTION_LAYOUTS}, got {self.attention_layout!r}")
-        WorldConfig(**self.world)  # validates the world fields early
+        world = _build(WorldConfig, self.world, "world.")
+        self.model = _model_config(self.model)
+        pipeline = _build(PipelineConfig, self.pipeline, "pipeline.")
+        self.pipeline = {key: getattr(pipeline, key) for key in self.pipeline}  # "1e-3" read as a number
+        if self.stage == "base":  # later stages take their sizes from init_from's pipeline
+            _check_base_sizes(world, self.model, pipeline)
         RegimeMix(**self.mix).probs()  # validates the probabilities
         kind = self.data.get("kind", "world")
         if kind not in ("world", "latent_cache"):
@@ -113,51 +120,155 @@ class StageConfig:
 
 
 def _build(cls, data: dict[str, Any], where: str):
-    """A dataclass from a dict, with nested dataclasses, rejecting unknown keys by name."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown config keys {[f'{where}{k}' for k in unknown]}; valid: {sorted(fields)}")
+    """A dataclass from a dict, its values checked against the field types, rejecting unknown keys by name."""
+    _reject_unknown(data, [f.name for f in dataclasses.fields(cls)], where)
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        value = _coerce(value, hints[key], f"{where}{key}")
-        default = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
-        nested = default() if default is not None else None
-        if dataclasses.is_dataclass(nested) and isinstance(value, dict):
-            value = _build(type(nested), value, f"{where}{key}.")
-        kwargs[key] = value
-    return cls(**kwargs)
+    kwargs = {key: _coerce(value, hints[key], f"{where}{key}") for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as error:  # a section's own checks name the field, not the section
+        if not where:
+            raise
+        raise ValueError(f"{where}{error}") from None
+
+
+def _reject_unknown(data: dict[str, Any], valid: list[str], where: str) -> None:
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown config keys {[f'{where}{k}' for k in unknown]}; valid: {sorted(valid)}")
+
+
+_NO = object()  # `_as`: the value is not of that type
+_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), type(None): ("null", "nulls")}  # fmt: skip
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Numbers YAML 1.1 leaves as strings ("1e-3") become the field's numeric type."""
-    kinds = typing.get_args(hint) or (hint,)
-    if isinstance(value, str):
-        for kind in (int, float):
-            if kind in kinds:
-                try:
-                    return kind(value)
-                except ValueError:
-                    if kind is float:
-                        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    return value
+    """`value` as the field type `hint`, else a ValueError naming the field and what it takes. Strict: a bool is
+    not an int (`batch_size: true`), a float not an int; YAML 1.1 leaves numbers like "1e-3" strings, so a
+    numeric string is read as the number."""
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for kind in kinds:
+        result = _as(value, kind, name)
+        if result is not _NO:
+            return result
+    raise ValueError(f"{name} must be {' or '.join(_describe(k) for k in kinds)}, got {value!r}")
+
+
+def _as(value: Any, kind: Any, name: str) -> Any:
+    """`value` as the type `kind`, or `_NO`."""
+    origin = typing.get_origin(kind)
+    if kind in (bool, str, type(None)):
+        return value if type(value) is kind else _NO
+    if kind in (int, float):
+        if isinstance(value, str):
+            try:
+                return kind(value)
+            except ValueError:
+                return _NO
+        numeric = type(value) is int or (kind is float and type(value) is float)
+        return kind(value) if numeric else _NO
+    if origin is tuple:
+        args = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)):
+            return _NO
+        item_kinds = [args[0]] * len(value) if args[-1] is Ellipsis else args
+        items = [_as(v, k, name) for v, k in zip(value, item_kinds)]
+        return _NO if len(item_kinds) != len(value) or any(i is _NO for i in items) else tuple(items)
+    if kind is dict or origin is dict:
+        return value if isinstance(value, dict) else _NO
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, f"{name}.") if isinstance(value, dict) else _NO
+    return value  # Any
+
+
+def _describe(kind: Any) -> str:
+    if kind in _NAMES:
+        return _NAMES[kind][0]
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        count = "" if args[-1] is Ellipsis else f"{len(args)} "
+        return f"a list of {count}{_NAMES.get(args[0], ('', 'values'))[1]}"
+    return "a mapping"
+
+
+def _model_config(model: dict[str, Any]) -> dict[str, Any]:
+    """The `model` section checked against WanTransformer3DModel's arguments (the stage sets in/out channels)
+    and rope_theta; every number in it is a size, count or scale, so > 0."""
+    from diffusers import WanTransformer3DModel
+
+    hints = typing.get_type_hints(WanTransformer3DModel.__init__)
+    hints = {k: v for k, v in hints.items() if k not in ("return", "in_channels", "out_channels")}
+    hints["rope_theta"] = float
+    _reject_unknown(model, list(hints), "model.")
+    checked = {key: _coerce(value, hints[key], f"model.{key}") for key, value in model.items()}
+    if len(checked.get("patch_size", (1, 1, 1))) != 3:
+        raise ValueError(f"model.patch_size must be 3 integers (frames, height, width), got {model['patch_size']!r}")
+    for key, value in checked.items():
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(type(n) in (int, float) and n <= 0 for n in numbers):
+            raise ValueError(f"model.{key} must be > 0, got {value!r}")
+    return checked
+
+
+def _check_base_sizes(world: WorldConfig, model: dict[str, Any], pipeline: PipelineConfig) -> None:
+    """The base model's video patches tile the world's (downsampled) videos, and the prompt canvas holds the
+    world's longest prompt (both otherwise fail mid-run)."""
+    from diffusers import WanTransformer3DModel
+
+    patch = model.get("patch_size", inspect.signature(WanTransformer3DModel.__init__).parameters["patch_size"].default)
+    d = pipeline.pixel_downsample
+    sizes = (("world.frames", world.frames, 1), ("world.height", world.height, d), ("world.width", world.width, d))
+    for (name, size, down), p in zip(sizes, patch):
+        if size % (down * p):
+            by = f" x pipeline.pixel_downsample {down}" if down > 1 else ""
+            raise ValueError(f"{name} {size} must be a multiple of {down * p} (the model's patch: model.patch_size "
+                             f"{list(patch)}{by})")  # fmt: skip
+    tokenizer = build_world_tokenizer()
+    prompts = [Scene("black", (WorldObject(c, s, "small", m, None, "center", 0.0, 0.0),)).prompt
+               for c in OBJECT_COLOURS for s in SHAPES for m in MOTIONS]  # fmt: skip
+    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    if pipeline.prompt_length <= longest:
+        raise ValueError(f"pipeline.prompt_length {pipeline.prompt_length} is too short for the world's prompts: "
+                         f"the longest has {longest} tokens, so it must be >= {longest + 1} (an end token)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> StageConfig:
-    """A stage config from YAML, with `key.sub=value` overrides (values parsed as YAML)."""
-    data = yaml.safe_load(Path(path).read_text()) if path else {}
-    data = data or {}
+    """A stage config from YAML, with `key.sub=value` overrides (values parsed as YAML). `stage` must be given:
+    the defaults alone would train a full-size Wan model."""
+    data = _read_yaml(Path(path)) if path else {}
     for item in overrides:
         key, sep, raw = item.lstrip("-").partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not of the form key=value")
         node = data
         *parents, leaf = key.replace("-", "_").split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parents[: depth + 1])} is {node!r}, not a section")
+        node[leaf] = _parse_yaml(raw, f"override {item!r}")
+    if "stage" not in data:
+        raise ValueError(f"{'CONFIG ' + str(path) if path else 'the config'} gives no stage ({', '.join(STAGES)}); "
+                         f"start from univigu/configs/toy/{'base' if not data else '<stage>'}.yaml")  # fmt: skip
     return _build(StageConfig, data, "")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    with open(path) as stream:  # a stream, so that YAML's error marks name the file
+        data = _parse_yaml(stream, f"CONFIG {path}")
+    if data is None:
+        raise ValueError(f"CONFIG {path} is empty; start from univigu/configs/toy/base.yaml")
+    if not isinstance(data, dict):
+        raise ValueError(f"CONFIG {path} must be a mapping of config keys, got a {type(data).__name__}")
+    return data
+
+
+def _parse_yaml(text: str | typing.TextIO, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:  # a ValueError: the CLI's usage error
+        raise ValueError(f"{source} is not valid YAML: {error}") from None
 
 
 def build_task(cfg: StageConfig):

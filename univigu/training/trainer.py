@@ -106,7 +106,7 @@ class TrainerConfig:
     max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
     ema_decay: float | None = None  # None: no EMA
     ema_start: int = 0  # before this step the EMA just copies the weights
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    mixed_precision: str | bool = "no"  # "no" | "bf16" | "fp16"; false is "no" (YAML reads a bare `no` as false)
     # False | True (recompute every block in backward) | "keep_attention" (recompute all but the attention kernels:
     # faster at long sequences for a little memory; see univigu.models.transformer.keep_attention_checkpointing)
     gradient_checkpointing: bool | str = False
@@ -137,6 +137,8 @@ class TrainerConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:  # torch's "Invalid learning rate" would come only once the model is built
+            raise ValueError(f"lr must be > 0, got {self.lr}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the optimizer step `step` (0-based): a pure function, so no state."""

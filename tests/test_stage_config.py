@@ -1,0 +1,71 @@
+"""Bad stage configs are refused at load time, naming the key, the value and what is valid (the CLI turns these
+ValueErrors into usage errors before the run's folder is made)."""
+
+import pytest
+from typer.testing import CliRunner
+
+from univigu.cli import app
+from univigu.cli.train import CONFIG_DIR
+from univigu.training.stages import load_config
+
+BASE = CONFIG_DIR / "base.yaml"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=lots", "train.max_steps must be an integer, got 'lots'"),
+    ("train.batch_size=2.5", "train.batch_size must be an integer, got 2.5"),
+    ("train.batch_size=true", "train.batch_size must be an integer, got True"),  # a bool is not an int
+    ("train.lr=-1", "train.lr must be > 0, got -1.0"),
+    ("train.betas=3", "train.betas must be a list of 2 numbers, got 3"),
+    ("train=3", "train must be a mapping, got 3"),
+    ("train.max_steps.x=1", "train.max_steps is 1000, not a section"),
+    ("model=3", "model must be a mapping, got 3"),
+    ("model.num_layers=0", "model.num_layers must be > 0, got 0"),
+    ("model.num_layers=abc", "model.num_layers must be an integer, got 'abc'"),
+    ("model.patch_size=[4, 2]", r"model.patch_size must be 3 integers"),
+    ("model.bogus=3", r"unknown config keys \['model.bogus'\]; valid: \['added_kv_proj_dim'"),
+    ("pipeline.bogus=3", r"unknown config keys \['pipeline.bogus'\]"),
+    ("world.frames=abc", "world.frames must be an integer, got 'abc'"),
+])  # fmt: skip
+def test_wrong_types_name_the_key_and_what_is_valid(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(BASE, [override])
+
+
+def test_numbers_yaml_leaves_as_strings_are_read():
+    cfg = load_config(BASE, ["train.lr=1e-3", "model.rope_theta=1e4", "pipeline.guidance_scale=5"])
+    assert cfg.train.lr == 1e-3 and cfg.model["rope_theta"] == 1e4 and cfg.pipeline["guidance_scale"] == 5.0
+    assert cfg.model["patch_size"] == (4, 2, 2)
+
+
+def test_impossible_sizes_are_refused_at_load_time():
+    with pytest.raises(ValueError, match="pipeline.prompt_length 2 is too short .* longest has 5 tokens.* >= 6"):
+        load_config(BASE, ["pipeline.prompt_length=2"])
+    with pytest.raises(ValueError, match=r"world.frames 17 must be a multiple of 4 .*model.patch_size \[4, 2, 2\]"):
+        load_config(BASE, ["world.frames=17"])
+    with pytest.raises(ValueError, match=r"world.height 34 must be a multiple of 4 .*pixel_downsample 2"):
+        load_config(BASE, ["world.height=34"])
+
+
+def test_bad_yaml_files_name_the_file(tmp_path):
+    broken, listed, empty, no_stage = (tmp_path / f"{n}.yaml" for n in ("broken", "listed", "empty", "no_stage"))
+    broken.write_text("stage: base\ntrain: {max_steps: 1\n")
+    listed.write_text("- stage\n")
+    empty.write_text("")
+    no_stage.write_text("train: {max_steps: 1}\n")
+    with pytest.raises(ValueError, match=f'CONFIG {broken} is not valid YAML(.|\n)*in "{broken}", line 2'):
+        load_config(broken)
+    with pytest.raises(ValueError, match=f"CONFIG {listed} must be a mapping of config keys, got a list"):
+        load_config(listed)
+    with pytest.raises(ValueError, match=f"CONFIG {empty} is empty; start from univigu/configs/toy/base.yaml"):
+        load_config(empty)
+    with pytest.raises(ValueError, match=f"CONFIG {no_stage} gives no stage"):
+        load_config(no_stage)
+    with pytest.raises(ValueError, match=r"override 'train=\{a: 1' is not valid YAML"):
+        load_config(BASE, ["train={a: 1"])
+
+
+def test_the_cli_refuses_them_before_making_the_run_folder(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(BASE), "--train.batch_size=2.5", f"--train.output_dir={out}"])
+    assert result.exit_code == 2 and "train.batch_size must be an integer" in result.output and not out.exists()
