@@ -63,6 +63,7 @@ def test_two_process_ddp_matches_one_process(base, tmp_path):
     ddp = subprocess.run([*launch, *_recall(base, tmp_path / "ddp", *common, "--train.batch_size=2")],
                          env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("stage recall done") == 1  # said once, not once per process
     assert (tmp_path / "ddp" / "checkpoints" / "step_000003" / "generator_1.pt").exists()  # really 2 processes
     univigu(*_recall(base, tmp_path / "one", *common, "--train.batch_size=4"))
     for column in ("loss", "text", "video"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -25,6 +26,12 @@ def _run(cfg, resume: bool) -> Path:
         raise typer.BadParameter(str(error), param_hint="data / pipeline") from error
 
 
+def _say(text: str) -> None:
+    """Print once per run, not once per process (accelerate / torchrun set RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(text)
+
+
 def _leave_process_group() -> None:
     """End a distributed run together: a process that exits with its process group open can abort in the
     group's teardown (gloo: "terminate called without an active exception")."""
@@ -36,7 +43,8 @@ def _leave_process_group() -> None:
 
 def train(
     ctx: typer.Context,
-    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="A stage YAML (see univigu/configs/toy/)."),
+    config: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                  help="A stage YAML (univigu/configs/toy/, univigu/configs/wan/)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
 ) -> None:
     """Train one stage. Extra arguments override the YAML: `--train.max_steps=100 --mix.v2t=2`."""
@@ -49,7 +57,8 @@ def train(
         raise typer.BadParameter(str(error), param_hint="CONFIG / overrides") from error
     final = _run(cfg, resume)
     _leave_process_group()
-    typer.echo(f"stage {cfg.stage} done: {final}")
+    _say(f"stage {cfg.stage} done: {final}\n  use it: univigu generate \"PROMPT\" --model {final}"
+         f"  (or start a stage from it: --init_from={final})")  # fmt: skip
 
 
 def train_all(
@@ -79,7 +88,7 @@ def train_all(
             overrides.append(f"init_from={previous}")
         final = out / stage / "final"
         if resume and (final / "model_index.json").exists():
-            typer.echo(f"stage {stage}: already done ({final})")
+            _say(f"stage {stage}: already done ({final})")
         else:
             try:
                 cfg = load_config(configs / f"{stage}.yaml", overrides)
@@ -87,6 +96,6 @@ def train_all(
             except (ValueError, TypeError, FileNotFoundError) as error:
                 raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
             final = _run(cfg, resume)
-            typer.echo(f"stage {stage} done: {final}")
+            _say(f"stage {stage} done: {final}")
         previous = final
     _leave_process_group()
