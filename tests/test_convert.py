@@ -101,3 +101,5 @@ def test_missing_and_untranslatable_weights_are_errors(model):
     official["_fsdp_wrapped_module._orig_mod.text_head.norm_final.weight"] *= 1.5
     with pytest.raises(ConversionError, match="norm_final.weight is not all ones"):
         convert_official_state_dict(official, attention_head_dim=16)
+    with pytest.raises(ConversionError, match="not a multiple of attention_head_dim 128: .*--attention-head-dim"):
+        convert_official_state_dict(official_state_dict(model))  # the default head size, Wan's, does not fit 24

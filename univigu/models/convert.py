@@ -99,7 +99,9 @@ def _infer_config(state: dict[str, Tensor], head_dim: int, vocab_size: int | Non
     patch = state["patch_embedding.weight"]
     dim = patch.shape[0]
     if dim % head_dim:
-        raise ConversionError(f"hidden size {dim} is not a multiple of attention_head_dim {head_dim}")
+        raise ConversionError(f"hidden size {dim} is not a multiple of attention_head_dim {head_dim}: give the "
+                              "checkpoint's head size (not readable from its weights; Wan2.1's is 128), "
+                              "`--attention-head-dim` on the command line")  # fmt: skip
     rows = state["vocab_embed.weight"].shape[0]
     vocab_size = rows if vocab_size is None else vocab_size
     if rows - vocab_size not in (0, 1):
