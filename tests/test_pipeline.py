@@ -116,6 +116,10 @@ class _FixedClean(torch.nn.Module):
         super().__init__()
         self.clean = torch.nn.Parameter(clean, requires_grad=False)
 
+    @property
+    def dtype(self) -> torch.dtype:  # the compute dtype, as a diffusers model has it
+        return self.clean.dtype
+
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
         return (self.clean.expand_as(hidden_states).clone(),)
 
