@@ -1,9 +1,12 @@
+import json
+import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
+import univigu
 from univigu import PipelineConfig, PromptError, UniViGUPipeline, World
 
 
@@ -107,6 +110,87 @@ def test_bad_inputs_are_clear_errors(pipe, tiny_parts, videos, tmp_path):
         pipe.check_prompts(["a red circle moves right", ""])  # the world's words: no warning
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         UniViGUPipeline.from_pretrained(tmp_path / "nothing")
+
+
+def test_empty_batches_and_bad_call_arguments_are_clear_errors(pipe, videos):
+    prompt = "a red circle moves right"
+    for method in (pipe.text_to_video, pipe.generate):  # were IndexErrors inside transformers
+        with pytest.raises(PromptError, match="no prompts: the batch is empty"):
+            method([], progress=False)
+        for bad, name in ((None, "NoneType"), (3, "int")):  # were transformers' "pretokenized" message
+            with pytest.raises(TypeError, match=f"^prompt 1 is {name}, expected str$"):
+                method([prompt, bad], progress=False)
+    with pytest.raises(ValueError, match=r"no videos: the batch is empty \(0, 16, 32, 32, 3\)"):
+        pipe.video_to_text(videos[:0], progress=False)
+    with pytest.raises(ValueError, match="num_steps must be an int >= 1, got 0"):  # 0 ran the config's steps
+        pipe.text_to_video(prompt, num_steps=0, progress=False)
+    with pytest.raises(TypeError, match="num_steps must be an int >= 1, got float 2.5"):
+        pipe.generate(prompt, num_steps=2.5, progress=False)
+    for scale in (float("nan"), float("inf")):  # NaN sampled an all-black video and an empty caption
+        with pytest.raises(ValueError, match=f"guidance_scale must be a finite number, got {scale}"):
+            pipe.generate(prompt, guidance_scale=scale, progress=False)
+    for seed in ("1", 1.5):  # were AttributeErrors in the samplers
+        with pytest.raises(TypeError, match=f"seed must be an int or a torch.Generator, got {type(seed).__name__}"):
+            pipe.text_to_video(prompt, seed=seed, progress=False)
+    by_generator = pipe.text_to_video(prompt, seed=torch.Generator().manual_seed(4), num_steps=1, progress=False)
+    assert np.array_equal(by_generator.videos, pipe.text_to_video(prompt, seed=4, num_steps=1, progress=False).videos)
+
+
+def test_videos_that_are_not_one_uint8_array_are_clear_errors(pipe, videos):
+    with pytest.raises(TypeError, match=r"pass frames, not a path \('clip.mp4'\); read files with univigu.read_video"):
+        pipe.video_to_text("clip.mp4", progress=False)
+    with pytest.raises(ValueError, match=r"\[B, 16, 32, 32, 3\], got a list whose items do not stack"):
+        pipe.video_to_text([videos[0], videos[1, :8]], progress=False)
+    with pytest.raises(ValueError, match=r"\[B, 16, 32, 32, 3\], got NoneType; read files"):
+        pipe.video_to_text(None, progress=False)
+
+
+def test_config_values_are_checked_with_the_field_and_the_valid_values():
+    with pytest.raises(ValueError, match="caption_steps must be an int >= 1, got 0"):  # 0 ran num_steps
+        PipelineConfig(caption_steps=0)
+    with pytest.raises(TypeError, match="frames must be an int >= 1, got str '16'"):
+        PipelineConfig(frames="16")
+    with pytest.raises(ValueError, match=r"video_prediction must be one of \('velocity', 'sample', 'edm'\), got 'x'"):
+        PipelineConfig(video_prediction="x")
+    with pytest.raises(ValueError, match="shift must be > 0, got 0"):
+        PipelineConfig(shift=0)
+    with pytest.raises(ValueError, match="num_steps must be an int >= 1, got 0"):
+        PipelineConfig().steps_for("generate", 0)
+
+
+@pytest.fixture()
+def model_copy(tmp_path):
+    """A copy of the shipped model and a function that rewrites its model_index.json."""
+    folder = shutil.copytree(univigu.DEFAULT_MODEL, tmp_path / "model")
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+
+    def write(text: str | None = None, drop: str | None = None, **config) -> None:
+        changed = {**index, "config": {**index["config"], **config}}
+        changed.pop(drop, None)
+        index_file.write_text(text if text is not None else json.dumps(changed))
+
+    return folder, write
+
+
+def test_a_broken_model_index_names_the_file_and_the_problem(model_copy):
+    folder, write = model_copy
+    index_file = str(folder / "model_index.json")
+    cases = [
+        (dict(text="{"), "is not valid JSON"),  # was a bare JSONDecodeError
+        (dict(drop="config"), r"lacks \['config'\]"),  # was KeyError 'config'
+        (dict(frame=16), r": unknown config keys \['frame'\]; valid keys: frames, height, width, "),
+        (dict(frames="16"), ": frames must be an int >= 1, got str '16'"),
+        (dict(video_prediction="bogus"), ": video_prediction must be one of"),
+        # the rest loaded and failed on first use, deep inside (or with a misleading message)
+        (dict(prompt_length=20), r": prompt_length 20 is longer than the prompt encoder reads \(max_length 8\)"),
+        (dict(frames=15), r": frames must be a multiple of 4 for this model .* got 15 \(nearest valid: 16\)"),
+        (dict(height=30), r": height must be a multiple of 4 for this model .* got 30 \(nearest valid: 32\)"),
+    ]
+    for change, message in cases:
+        write(**change)
+        with pytest.raises(ValueError, match=f"^{index_file}.*{message}"):
+            UniViGUPipeline.from_pretrained(folder)
 
 
 class _FixedClean(torch.nn.Module):

@@ -10,10 +10,13 @@ umT5 prompt encoder and tokenizer, see `univigu.models.wan`); `from_pretrained` 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -22,9 +25,9 @@ from torch import Tensor, nn
 
 from univigu.data.codec import PixelCodec
 from univigu.data.tokenizer import TextCanvas, load_tokenizer
-from univigu.flow.samplers import Guidance, sample_t2v, sample_t2vt, sample_v2t
+from univigu.flow.samplers import TEXT_UPDATES, Guidance, sample_t2v, sample_t2vt, sample_v2t
 from univigu.flow.text import TextFlow
-from univigu.flow.video import NUM_TRAIN_TIMESTEPS, velocity_from_output
+from univigu.flow.video import NUM_TRAIN_TIMESTEPS, PREDICTIONS, velocity_from_output
 from univigu.models.prompt_encoder import PromptEncoder
 from univigu.models.transformer import UniViGUTransformer
 from univigu.models.wan import (
@@ -60,14 +63,93 @@ class PipelineConfig:
     pixel_downsample: int = 1  # the toy codec's d x d pixel averaging (PixelCodec); unused with a VAE
     extra: dict[str, Any] = field(default_factory=dict)  # provenance: stage, steps, ...
 
+    def __post_init__(self) -> None:
+        # a bad value would otherwise load fine and fail deep inside the first sampling call (or sample garbage)
+        for name in ("frames", "height", "width", "prompt_length", "text_length", "num_steps", "fps",
+                     "pixel_downsample"):  # fmt: skip
+            _positive_int(name, getattr(self, name))
+        if self.caption_steps is not None:
+            _positive_int("caption_steps", self.caption_steps)
+        for name in ("text_exponent", "shift", "video_sigma_data", "text_shift"):
+            if _finite(name, getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        _finite("guidance_scale", self.guidance_scale)
+        for name, valid in (("text_source", ("uniform", "mask")), ("video_prediction", PREDICTIONS),
+                            ("text_update", TEXT_UPDATES)):  # fmt: skip
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str) -> "PipelineConfig":
+        """The config from `values` (a model_index.json's "config"); ValueError naming `source` for an unknown
+        key (listing the known ones) or a bad value."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{source}: unknown config keys {unknown}; valid keys: {', '.join(known)}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from error
+
     def steps_for(self, method: str, num_steps: int | None = None) -> int:
         """The sampling steps a pipeline method ("text_to_video", "video_to_text", "generate") runs: `num_steps`
-        when given, else caption_steps for video to text, else num_steps."""
-        return num_steps or (self.caption_steps if method == "video_to_text" else None) or self.num_steps
+        when given (an int >= 1), else caption_steps for video to text, else num_steps."""
+        if num_steps is not None:
+            return _positive_int("num_steps", num_steps)
+        if method == "video_to_text" and self.caption_steps is not None:
+            return self.caption_steps
+        return self.num_steps
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """`value` when it is an int >= 1; else TypeError / ValueError naming `name`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return int(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    """`value` when it is a finite number; else TypeError / ValueError naming `name` (NaN sampled black videos)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _seed(seed: Any) -> int | torch.Generator:
+    """An int seed, or a torch.Generator (the samplers take either); TypeError for anything else."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__} {seed!r}")
+    return int(seed)
+
+
+def _prompt_list(prompts: Any) -> list[Any]:
+    """A str as a batch of one; any other iterable as a list (its items are checked by `check_prompts`)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Iterable):
+        raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+    return list(prompts)
 
 
 class PromptError(ValueError):
-    """A prompt (or V2T instruction) longer than the model reads."""
+    """A prompt (or V2T instruction) longer than the model reads, or no prompts at all."""
+
+
+def _read_index(index_file: Path) -> dict[str, Any]:
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{index_file} is not valid JSON: {error}") from error
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_file} holds a {type(index).__name__}, not a JSON object")
+    return index
 
 
 @dataclass
@@ -136,6 +218,7 @@ class UniViGUPipeline:
         self.unified = isinstance(transformer, UniViGUTransformer)
         model = transformer if self.unified else _WanAsUnified(transformer, self.text_canvas.vocab_size)
         self._model = _AsVelocity(model, self.config.video_prediction, self.config.video_sigma_data)
+        self._check_fit(transformer)
 
     # ---- loading and saving ------------------------------------------------------------------------
 
@@ -149,9 +232,13 @@ class UniViGUPipeline:
         wan_folder = is_wan_folder(path)
         if not index_file.exists() and not wan_folder:
             raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json)")
-        index = json.loads(index_file.read_text()) if index_file.exists() else {}
+        index = _read_index(index_file) if index_file.exists() else {}
         if wan_folder and index.get("_class_name") != cls.__name__:
             return cls.from_wan(path, device=device, torch_dtype=torch_dtype)
+        missing = [key for key in ("transformer", "prompt_encoder", "config") if key not in index]
+        if missing:
+            raise ValueError(f"{index_file} lacks {missing} (write pipeline folders with save_pretrained)")
+        config = PipelineConfig.from_dict(index["config"], str(index_file))  # before the weights: fails fast
         if index["transformer"][1] == "UniViGUTransformer":
             transformer = UniViGUTransformer.from_pretrained(path / "transformer", torch_dtype=torch_dtype)
         else:
@@ -159,10 +246,13 @@ class UniViGUPipeline:
         encoder_class = UMT5PromptEncoder if index["prompt_encoder"][1] == "UMT5PromptEncoder" else PromptEncoder
         prompt_encoder = encoder_class.from_pretrained(path / "prompt_encoder", torch_dtype=torch_dtype)
         tokenizer = load_tokenizer(path / "tokenizer")
-        config = PipelineConfig(**index["config"])
         codec = WanVAECodec.from_pretrained(path / "vae", patch_size=transformer.config.patch_size) if "vae" in index \
             else None  # fmt: skip
-        return cls(transformer, prompt_encoder, tokenizer, config, codec=codec).to(device)
+        try:
+            pipe = cls(transformer, prompt_encoder, tokenizer, config, codec=codec)
+        except ValueError as error:  # the config does not fit the weights
+            raise ValueError(f"{index_file}: {error}") from error
+        return pipe.to(device)
 
     @classmethod
     def from_wan(cls, path: str | Path, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
@@ -174,18 +264,17 @@ class UniViGUPipeline:
         flow_shift. Sizes are checked against the VAE (4k+1 frames, height/width multiples of VAE x patch).
         `seed` draws the new token embedding, so two loads of one folder sample alike."""
         path = Path(path)
+        defaults = dict(frames=81, height=480, width=832, prompt_length=WAN_PROMPT_LENGTH, text_length=256, fps=16)
+        pipe_config = PipelineConfig.from_dict({**defaults, **config}, "from_wan")  # before the weights: fails fast
         wan = WanComponents.from_folder(path, torch_dtype=torch_dtype)
+        if wan.flow_shift is not None and "shift" not in config:
+            pipe_config = replace(pipe_config, shift=wan.flow_shift)
         base = load_wan_transformer(path / "transformer", torch_dtype=torch_dtype)
         transformer = UniViGUTransformer.from_wan(base, torch.Generator().manual_seed(seed),
                                                   text_vocab_size=len(wan.tokenizer),
-                                                  text_mask_row=config.get("text_source") == "mask")  # fmt: skip
+                                                  text_mask_row=pipe_config.text_source == "mask")  # fmt: skip
         del base
         wan.codec.patch_size = tuple(transformer.config.patch_size)
-        defaults = dict(frames=81, height=480, width=832, prompt_length=WAN_PROMPT_LENGTH, text_length=256, fps=16)
-        if wan.flow_shift is not None:
-            defaults["shift"] = wan.flow_shift
-        pipe_config = PipelineConfig(**{**defaults, **config})
-        wan.codec.check_size(pipe_config.frames, pipe_config.height, pipe_config.width)
         return cls(transformer, wan.prompt_encoder, wan.tokenizer, pipe_config, codec=wan.codec).to(device)
 
     def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> "UniViGUPipeline":
@@ -240,10 +329,15 @@ class UniViGUPipeline:
     # ---- the three tasks ---------------------------------------------------------------------------
 
     def check_prompts(self, prompts: list[str], text_stream: bool = False) -> None:
-        """Raise `PromptError` for a prompt longer than the model reads (`config.prompt_length` tokens, the end
-        token included; with `text_stream`, T2V's, also `config.text_length`: the prompt is the text stream there);
-        warn about words the tokenizer does not know (they reach the model as one unknown token: the toy model knows
-        only its world's words)."""
+        """Raise `PromptError` for no prompts or a prompt longer than the model reads (`config.prompt_length`
+        tokens, the end token included; with `text_stream`, T2V's, also `config.text_length`: the prompt is the text
+        stream there), TypeError for one that is not a str; warn about words the tokenizer does not know (they reach
+        the model as one unknown token: the toy model knows only its world's words)."""
+        if not prompts:
+            raise PromptError("no prompts: the batch is empty; pass at least one prompt")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {i} is {type(prompt).__name__}, expected str")
         tokenizer, limit = self.prompt_canvas.tokenizer, self.prompt_canvas.length - 1
         if text_stream:
             limit = min(limit, self.text_canvas.length - 1)
@@ -306,58 +400,62 @@ class UniViGUPipeline:
         return (b, *self.codec.latent_shape(c.frames, c.height, c.width))
 
     @torch.no_grad()
-    def text_to_video(self, prompts: list[str] | str, seed: int = 0, num_steps: int | None = None,
+    def text_to_video(self, prompts: list[str] | str, seed: int | torch.Generator = 0, num_steps: int | None = None,
                       guidance_scale: float | None = None, progress: bool = True,
                       return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
         """Videos for prompts: uint8 `[B, T, H, W, 3]` in `.videos`."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = _prompt_list(prompts)
         self.check_prompts(prompts, text_stream=True)
+        seed, steps, scale = _seed(seed), self.config.steps_for("text_to_video", num_steps), self._scale(guidance_scale)
         states = self._prompt_states(prompts)
         tokens, mask = self.text_canvas.encode(prompts)
         step, frames, toks = self._recorder(return_trajectory, callback)
         out = sample_t2v(
             self._model, tokens.to(self.device), states, self._video_shape(len(prompts)),
-            text_mask=mask.to(self.device), guidance=self._guidance(self._scale(guidance_scale), null_text=self.unified),
-            num_steps=self.config.steps_for("text_to_video", num_steps), shift=self.config.shift, generator=seed,
+            text_mask=mask.to(self.device), guidance=self._guidance(scale, null_text=self.unified),
+            num_steps=steps, shift=self.config.shift, generator=seed,
             callback=step, progress=progress,
         )  # fmt: skip
         return self._output(out.video, None, frames, [])
 
     @torch.no_grad()
-    def video_to_text(self, videos: np.ndarray | Tensor, seed: int = 0, num_steps: int | None = None,
+    def video_to_text(self, videos: np.ndarray | Tensor, seed: int | torch.Generator = 0, num_steps: int | None = None,
                       instruction: str | None = None, progress: bool = True,
                       return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
         """Captions for uint8 videos `[B, T, H, W, 3]` in `.texts`. `instruction` (a question or an
         instruction) becomes the prompt condition; without it the condition is the empty prompt."""
         self._require_unified("video_to_text")
-        videos = torch.as_tensor(np.asarray(videos))
-        self._check_videos(videos)
+        videos = self._video_tensor(videos)
+        seed, steps = _seed(seed), self.config.steps_for("video_to_text", num_steps)
+        self.check_prompts([instruction or ""])
         x = self.codec.encode(videos.to(self.device))
-        states = self.encode_prompts([instruction or ""] * len(x))
+        states = self._prompt_states([instruction or ""] * len(x))
         step, frames, toks = self._recorder(return_trajectory, callback)
         # a video_prefix model runs the clean video once, then only the text per step (exact)
         model = self.transformer if self.transformer.caches_clean_video else self._model
         out = sample_v2t(
             model, x, states, self.text_flow, self.config.text_length, pad_id=self.text_canvas.pad_id,
-            num_steps=self.config.steps_for("video_to_text", num_steps), shift=self.config.text_shift,
+            num_steps=steps, shift=self.config.text_shift,
             generator=seed, callback=step, progress=progress,
         )  # fmt: skip
         return self._output(None, out.text, [], toks)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str] | str, seed: int = 0, num_steps: int | None = None,
+    def generate(self, prompts: list[str] | str, seed: int | torch.Generator = 0, num_steps: int | None = None,
                  guidance_scale: float | None = None, text_update: str | None = None, progress: bool = True,
                  return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
         """Joint generation: a video and its caption per prompt (`.videos` and `.texts`). `text_update`:
         "ctmc" or "linear-resample" (None: the pipeline config's)."""
         self._require_unified("generate")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        states = self.encode_prompts(prompts)
+        prompts = _prompt_list(prompts)
+        self.check_prompts(prompts)
+        seed, steps, scale = _seed(seed), self.config.steps_for("generate", num_steps), self._scale(guidance_scale)
+        states = self._prompt_states(prompts)
         step, frames, toks = self._recorder(return_trajectory, callback)
         out = sample_t2vt(
             self._model, states, self.text_flow, self._video_shape(len(prompts)), self.config.text_length,
-            pad_id=self.text_canvas.pad_id, guidance=self._guidance(self._scale(guidance_scale)),
-            text_update=text_update or self.config.text_update, num_steps=self.config.steps_for("generate", num_steps),
+            pad_id=self.text_canvas.pad_id, guidance=self._guidance(scale),
+            text_update=text_update or self.config.text_update, num_steps=steps,
             shift=self.config.shift, generator=seed, callback=step, progress=progress,
         )  # fmt: skip
         return self._output(out.video, out.text, frames, toks)
@@ -365,16 +463,47 @@ class UniViGUPipeline:
     # ---- checks ------------------------------------------------------------------------------------
 
     def _scale(self, guidance_scale: float | None) -> float:
-        return self.config.guidance_scale if guidance_scale is None else guidance_scale
+        """The guidance scale a call runs with: any finite number (0: unconditional, 1: no guidance, < 0 pushes
+        away from the prompt), else the config's."""
+        return self.config.guidance_scale if guidance_scale is None else _finite("guidance_scale", guidance_scale)
 
     def _require_unified(self, what: str) -> None:
         if not self.unified:
             raise ValueError(f"{what} needs a unified model; this checkpoint is a plain Wan generator (text to video only)")
 
-    def _check_videos(self, videos: Tensor) -> None:
+    def _video_tensor(self, videos: Any) -> Tensor:
+        """`videos` as a uint8 tensor `[B, T, H, W, 3]` of the config's size, B >= 1; else an error saying what
+        came instead (a path, a ragged list, another shape)."""
         c = self.config
+        hint = f"read files with univigu.read_video(path, num_frames={c.frames}, size=({c.height}, {c.width}))"
+        if isinstance(videos, (str, os.PathLike)):
+            raise TypeError(f"pass frames, not a path ({str(videos)!r}); {hint}")
         want = (c.frames, c.height, c.width, 3)
-        if videos.dtype != torch.uint8 or videos.ndim != 5 or tuple(videos.shape[1:]) != want:
-            raise ValueError(f"expected uint8 videos [B, {', '.join(map(str, want))}], got "
-                             f"{videos.dtype} {tuple(videos.shape)}; read files with univigu.read_video(path, "
-                             f"num_frames={c.frames}, size=({c.height}, {c.width}))")  # fmt: skip
+        expected = f"expected uint8 videos [B, {', '.join(map(str, want))}]"
+        try:
+            tensor = videos if isinstance(videos, Tensor) else torch.as_tensor(np.asarray(videos))
+        except (TypeError, ValueError):  # numpy / torch cannot make one array of it
+            got = f"a {type(videos).__name__} whose items do not stack into one array (videos of different sizes?)" \
+                if isinstance(videos, (list, tuple)) else type(videos).__name__  # fmt: skip
+            raise ValueError(f"{expected}, got {got}; {hint}") from None
+        if tensor.dtype != torch.uint8 or tensor.ndim != 5 or tuple(tensor.shape[1:]) != want:
+            raise ValueError(f"{expected}, got {tensor.dtype} {tuple(tensor.shape)}; {hint}")
+        if len(tensor) == 0:
+            raise ValueError(f"no videos: the batch is empty {tuple(tensor.shape)}; pass at least one")
+        return tensor
+
+    def _check_fit(self, transformer: nn.Module) -> None:
+        """ValueError, naming the config field, for a config the models cannot run: a prompt canvas longer than
+        the prompt encoder's positions, a video size the codec or the transformer's patches do not divide."""
+        c = self.config
+        if isinstance(self.prompt_encoder, PromptEncoder) and c.prompt_length > self.prompt_encoder.config.max_length:
+            raise ValueError(f"prompt_length {c.prompt_length} is longer than the prompt encoder reads "
+                             f"(max_length {self.prompt_encoder.config.max_length}); use at most that")  # fmt: skip
+        latent = self.codec.latent_shape(c.frames, c.height, c.width)[1:]  # the codec's own size check
+        patch = getattr(getattr(transformer, "config", None), "patch_size", None)  # None: a bare nn.Module
+        for name, value, cells, p in zip(("frames", "height", "width"), (c.frames, c.height, c.width), latent,
+                                         patch or ()):  # fmt: skip
+            if cells % p:
+                step = value // cells * p  # pixels (frames) per latent cell x cells per patch
+                raise ValueError(f"{name} must be a multiple of {step} for this model (patch_size {tuple(patch)}), "
+                                 f"got {value} (nearest valid: {max(step, round(value / step) * step)})")
