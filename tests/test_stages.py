@@ -97,4 +97,8 @@ def test_train_one_stage_then_resume_further(tmp_path):
     assert again.exit_code == 2 and "already holds checkpoints" in _flat(again.output), again.output
     changed = runner.invoke(app, args + ["--train.max_steps=3", "--train.lr=0.5", "--resume"])
     assert changed.exit_code == 2 and "lr: checkpoint" in _flat(changed.output), changed.output
+    # a checkpoint of another model shape: named weights, before any step
+    reshaped = runner.invoke(app, args + ["--train.max_steps=3", "--model.num_layers=2", "--resume"])
+    assert reshaped.exit_code == 2 and "blocks.1." in _flat(reshaped.output), reshaped.output
+    assert "its model differs from this config's" in _flat(reshaped.output)
     assert steps == [int(line.split(",")[0]) for line in (out / "losses.csv").read_text().splitlines()[1:]]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from univigu.training import Trainer, TrainerConfig
+from univigu.training import ResumeError, Trainer, TrainerConfig
 from univigu.training import checkpoint as ckpt
 from univigu.training.sampler import ResumableBatchSampler
 
@@ -279,3 +279,28 @@ def test_compiled_blocks_train_as_eager(tmp_path: Path, monkeypatch) -> None:
     assert runs[True] == pytest.approx(runs[False], abs=1e-5)
     with pytest.raises(ValueError, match="activation_memory_budget needs compile"):
         config(tmp_path / "bad", activation_memory_budget=0.5)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=20)).train()
+    root = tmp_path / "checkpoints"
+    latest = root / "step_000020"
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(ResumeError, match=r"step_000020: the checkpoint is damaged .*resume from .*step_000010"):
+        Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=20)).train(resume=latest)
+    with pytest.warns(UserWarning, match=r"step_000020 is damaged \(model.safetensors is unreadable.*step_000010"):
+        rows = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=20)).train(resume=True)
+    assert [r["step"] for r in rows] == list(range(11, 21))
+    (root / "step_000010" / "trainer_state.json").unlink()  # now the only earlier one is damaged too
+    (latest / "trainer_state.json").unlink()
+    with pytest.raises(ResumeError, match=r"step_000020: .*\(no trainer_state.json\); start in a new output_dir"):
+        Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=20)).train(resume=True)
+
+
+def test_resume_refuses_a_model_of_another_shape_before_any_step(tmp_path: Path) -> None:
+    Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=10)).train()
+    task = MLPTask(dim=4)
+    with pytest.raises(ResumeError, match=r"differs .* in 1 weights:\n  net.0.weight: checkpoint \[32, 8\] -> now \[32, 4\]"):
+        Trainer(task, Regression(dim=4), config(tmp_path, max_steps=10)).train(resume=True)
+    assert task.calls == 0

@@ -6,10 +6,13 @@ A checkpoint directory is either absent or complete: a kill at any moment leaves
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
+
+from safetensors import safe_open
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
@@ -77,3 +80,30 @@ def rotate(root: Path, keep_last: int) -> None:
         shutil.rmtree(p)
     for p in root.glob(".tmp_*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """{name: shape} of the model weights in checkpoint `path`, from the file header (nothing is loaded); None
+    without a `model.safetensors` (FSDP shards)."""
+    file = path / "model.safetensors"
+    if not file.is_file():
+        return None
+    with safe_open(file, "pt") as fh:
+        return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+
+
+def damage(path: Path) -> str | None:
+    """What makes checkpoint `path` unloadable (a missing or truncated file), or None. A kill cannot cause it
+    (see `publish`), a full disk or a copy gone wrong can."""
+    for name in ("trainer_state.json", "config.json"):
+        try:
+            json.loads((path / name).read_text())
+        except FileNotFoundError:
+            return f"no {name}"
+        except ValueError:
+            return f"{name} is not valid JSON"
+    try:
+        weight_shapes(path)
+    except Exception as error:  # safetensors' SafetensorError (a truncated file) has no importable base class
+        return f"model.safetensors is unreadable: {error}"
+    return None

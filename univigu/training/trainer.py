@@ -33,7 +33,9 @@ Checkpoint layout (`output_dir/checkpoints/`)
         config.json             TrainerConfig + num_processes, checked on resume
 
 A checkpoint is written to `.tmp_step_XXXXXX`, fsynced, renamed, and only then named by
-`latest`: a kill at any point leaves the previous checkpoint usable (see `checkpoint.py`).
+`latest`: a kill at any point leaves the previous checkpoint usable (see `checkpoint.py`). Resuming
+checks a checkpoint before loading it: a damaged latest one (a missing or truncated file) is passed
+over for the one before it, with a warning; weights of another shape than the model's are a ResumeError.
 `output_dir` must be on a filesystem all processes share.
 
 Policies
@@ -405,15 +407,38 @@ class Trainer:
                     "that run, or use a fresh output_dir"
                 )
             return None
-        if resume is True:
-            path = ckpt.find_latest(self.ckpt_root)
-            if path is None and self.accelerator.is_main_process:
+        path = ckpt.find_latest(self.ckpt_root) if resume is True else Path(resume)
+        if path is None:
+            if self.accelerator.is_main_process:
                 tqdm.write(f"no checkpoint in {self.ckpt_root}: starting from scratch")
+            return None
+        problem = ckpt.damage(path)
+        if problem is None:
             return path
-        path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
-        return path
+        previous = _previous_checkpoint(path)
+        if resume is True and previous is not None:  # the steps after it are simply trained again
+            warnings.warn(f"checkpoint {path} is damaged ({problem}): resuming from {previous}")
+            return previous
+        hint = f"resume from the one before it, {previous}" if previous is not None else "start in a new output_dir"
+        raise ResumeError(f"cannot resume from {path}: the checkpoint is damaged or incomplete ({problem}); {hint}")
+
+    def _check_weights(self, path: Path) -> None:
+        """The checkpoint's weights have this model's names and shapes (a changed model or pipeline size would
+        otherwise fail inside load_state_dict, listing every key)."""
+        saved = ckpt.weight_shapes(path)
+        if saved is None:  # FSDP shards: no header to read
+            return
+        now = self.model.state_dict()
+        kept = {v.data_ptr() for k, v in now.items() if k in saved}  # tied weights are saved once
+        changed = [f"{k}: checkpoint {list(saved[k])} -> now {list(v.shape)}"
+                   for k, v in now.items() if k in saved and tuple(v.shape) != saved[k]]  # fmt: skip
+        changed += [f"{k}: not in the checkpoint" for k, v in now.items() if k not in saved and v.data_ptr() not in kept]
+        changed += [f"{k}: not in this model" for k in saved if k not in now]
+        if changed:
+            shown = "\n".join(f"  {line}" for line in changed[:8])
+            more = f"\n  ... and {len(changed) - 8} more" if len(changed) > 8 else ""
+            raise ResumeError(f"cannot resume from {path}: its model differs from this config's (model or pipeline "
+                              f"sizes changed?) in {len(changed)} weights:\n{shown}{more}")  # fmt: skip
 
     def _load(self, path: Path) -> None:
         acc = self.accelerator
@@ -428,6 +453,7 @@ class Trainer:
         if saved["max_steps"] != now["max_steps"]:
             warnings.warn(f"max_steps changed {saved['max_steps']} -> {now['max_steps']}: "
                           "the cosine schedule is stretched from here on")  # fmt: skip
+        self._check_weights(path)
         acc.load_state(str(path))
         self.generator.set_state(torch.load(path / f"generator_{acc.process_index}.pt"))
         if self.ema is not None:
@@ -445,6 +471,12 @@ class Trainer:
 
         # purge_step hides events a killed run wrote past the checkpoint we resumed from
         return SummaryWriter(str(self.output_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+
+
+def _previous_checkpoint(path: Path) -> Path | None:
+    """The newest undamaged checkpoint of an earlier step than `path`, beside it."""
+    earlier = [p for p in ckpt.list_checkpoints(path.parent) if p.name < path.name]
+    return next((p for p in reversed(earlier) if ckpt.damage(p) is None), None)
 
 
 class _CsvLog:
