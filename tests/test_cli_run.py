@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from univigu import PipelineConfig, UniViGUPipeline, World, write_video
 from univigu.cli import app
+from cli_text import said
 
 runner = CliRunner()
 
@@ -36,7 +37,7 @@ def test_generate_in_bfloat16(checkpoints, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(next(tmp_path.glob("*.json")).read_text())["dtype"] == "bfloat16"
     offload = runner.invoke(app, ["joint", "a red circle", *model, "--offload", "--device", "cpu"])
-    assert offload.exit_code == 2 and "CPU offload is for pipelines built from Wan" in _said(offload)
+    assert offload.exit_code == 2 and "CPU offload is for pipelines built from Wan" in said(offload)
 
 
 def test_caption_reads_files_and_reports_bad_ones(checkpoints, tmp_path):
@@ -100,7 +101,7 @@ def test_demo_writes_the_three_tasks(checkpoints, tmp_path):
     sidecar = json.loads((tmp_path / "video_to_text.json").read_text())
     assert sidecar["true_caption"] in result.output and sidecar["caption"] in result.output
     base = runner.invoke(app, ["demo", "--model", str(checkpoints / "base"), "--out", str(tmp_path / "b")])
-    assert base.exit_code == 2 and "needs a unified model" in _said(base)
+    assert base.exit_code == 2 and "needs a unified model" in said(base)
 
 
 def test_export_half_precision(checkpoints, tmp_path):
@@ -120,19 +121,15 @@ def test_export_never_clobbers_a_folder_unasked(checkpoints, tmp_path):
     weights = source / "transformer" / "diffusion_pytorch_model.safetensors"
     before = weights.read_bytes()
     itself = runner.invoke(app, ["export", str(source), str(source), "--overwrite"])
-    assert itself.exit_code == 2 and "SOURCE itself" in _said(itself) and weights.read_bytes() == before
+    assert itself.exit_code == 2 and "SOURCE itself" in said(itself) and weights.read_bytes() == before
     other.mkdir()
     (other / "README.md").write_text("another model's card")
     taken = runner.invoke(app, ["export", str(source), str(other)])
-    assert taken.exit_code == 2 and "pass --overwrite" in _said(taken) and (other / "README.md").exists()
+    assert taken.exit_code == 2 and "pass --overwrite" in said(taken) and (other / "README.md").exists()
     assert runner.invoke(app, ["export", str(source), str(other), "--overwrite"]).exit_code == 0
     assert not (other / "README.md").exists()  # replaced whole: no stale card beside the new weights
     assert (other / "model_index.json").exists() and not list(tmp_path.glob(".*export-tmp"))
 
-
-def _said(result) -> str:
-    """A command's output as one line, out of rich's error box."""
-    return " ".join(result.output.replace("│", " ").split())
 
 
 def test_bad_options_fail_before_any_work(checkpoints, tmp_path):
@@ -159,7 +156,7 @@ def test_bad_options_fail_before_any_work(checkpoints, tmp_path):
     ]
     for args, message in cases:
         result = runner.invoke(app, args)
-        assert result.exit_code == 2 and message in _said(result), (args, result.output)
+        assert result.exit_code == 2 and message in said(result), (args, result.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 

@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from univigu import UniViGUTransformer
 from univigu.cli import app
+from cli_text import said
 from univigu.models.convert import ConversionError, convert_official_state_dict
 
 runner = CliRunner()
@@ -103,3 +104,25 @@ def test_missing_and_untranslatable_weights_are_errors(model):
         convert_official_state_dict(official, attention_head_dim=16)
     with pytest.raises(ConversionError, match="not a multiple of attention_head_dim 128: .*--attention-head-dim"):
         convert_official_state_dict(official_state_dict(model))  # the default head size, Wan's, does not fit 24
+
+
+def test_with_a_wan_folder_the_output_is_a_pipeline(tmp_path):
+    """`--wan`: the converted transformer with the folder's VAE, umT5 and tokenizer, as a pipeline folder the CLI and
+    `init_from` take; the checkpoint's extra vocabulary row (a mask token) sets the mask text source."""
+    from univigu import UniViGUPipeline
+    from univigu.data.tokenizer import load_tokenizer
+    from wan_fixture import build_wan_folder
+
+    wan = build_wan_folder(tmp_path / "wan")
+    vocab = len(load_tokenizer(wan / "tokenizer"))
+    model = UniViGUTransformer.from_wan(wan / "transformer", text_vocab_size=vocab, text_mask_row=True)
+    torch.save(official_state_dict(model), tmp_path / "unified.pth")
+    args = ["convert-official", str(tmp_path / "unified.pth"), str(tmp_path / "pipe"), "--attention-head-dim", "12"]
+    result = runner.invoke(app, [*args, "--wan", str(wan)])
+    assert result.exit_code == 0, result.output
+    pipe = UniViGUPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.unified and pipe.config.text_source == "mask" and (tmp_path / "pipe" / "vae").is_dir()
+    got = pipe.transformer.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    not_wan = runner.invoke(app, [*args, "--wan", str(tmp_path)])
+    assert not_wan.exit_code == 2 and "not a Wan2.1 diffusers folder" in said(not_wan)

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from univigu.cli import app
+from cli_text import said
 from univigu.data.video_folder import VideoReadError, load_clip, read_captions
 from univigu.data.video_io import write_video
 from fsdp_on_cpu import launch
@@ -164,10 +165,6 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, wan, tmp_p
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
 
 
-def _said(result) -> str:
-    """A command's output as one line, out of rich's error box."""
-    return " ".join(result.output.replace("│", " ").split())
-
 
 def _captions(folder, rows) -> None:
     (folder / "captions.jsonl").write_text("".join(json.dumps({"video": v, "prompt": p, "caption": c}) + "\n"
@@ -190,11 +187,11 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     index = json.loads((out / "index.json").read_text())
-    assert index["num_videos"] == 2 and "good1.mp4: caption is 12 tokens long; the text stream holds 7" in _said(result)
+    assert index["num_videos"] == 2 and "good1.mp4: caption is 12 tokens long; the text stream holds 7" in said(result)
 
     settings = (out / "settings.json").read_text()
     other = runner.invoke(app, [*args[:-8], "--fps", "2", *args[-6:]])
-    assert other.exit_code == 2 and "fps 4.0 -> 2.0" in _said(other) and "Use a new folder" in _said(other)
+    assert other.exit_code == 2 and "fps 4.0 -> 2.0" in said(other) and "Use a new folder" in said(other)
     assert (out / "settings.json").read_text() == settings and json.loads((out / "index.json").read_text()) == index
 
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
@@ -211,9 +208,9 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
                                          f"data: {{kind: latent_cache, path: '{out}'}}\n")  # fmt: skip
     train = ["train", str(tmp_path / "stage.yaml"), "--train.max_steps=1", f"--train.output_dir={tmp_path / 'run'}"]
     result = runner.invoke(app, [*train, "--pipeline.text_length=4"])
-    assert result.exit_code == 2 and "Raise pipeline.text_length" in _said(result), result.output
+    assert result.exit_code == 2 and "Raise pipeline.text_length" in said(result), result.output
     result = runner.invoke(app, [*train, "--data.bucket=32x32"])
-    assert result.exit_code == 2 and "has no bucket '32x32'" in _said(result), result.output
+    assert result.exit_code == 2 and "has no bucket '32x32'" in said(result), result.output
     assert not (tmp_path / "run").exists()  # nothing written
 
     # the shipped Wan-scale stage configs, pointed at this cache and tiny folder: recall, then refine
@@ -228,4 +225,4 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
     assert UniViGUPipeline.from_pretrained(tmp_path / "refine" / "final").config.caption_steps == 50
 
     nothing = runner.invoke(app, [*args[:3], str(tmp_path / "empty"), *args[4:-1], "2"])
-    assert nothing.exit_code == 1 and "no video could be cached" in _said(nothing)
+    assert nothing.exit_code == 1 and "no video could be cached" in said(nothing)

@@ -58,22 +58,40 @@ def cache_latents(
 
 def convert_official(
     checkpoint: Path = typer.Argument(..., help="Released Uni-ViGU checkpoint (.pth / .pt / .safetensors)."),
-    out_dir: Path = typer.Argument(..., help="Where to write our transformer folder (config.json + safetensors)."),
+    out_dir: Path = typer.Argument(..., help="Where to write our transformer folder (config.json + safetensors), "
+                                   "or with --wan a whole pipeline folder."),  # fmt: skip
     attention_head_dim: int = typer.Option(128, min=6, help="Head size (not readable from the shapes); Wan's is 128."),
-    vocab_size: int | None = typer.Option(None, help="Text vocabulary size (default: vocab_embed rows; one more row "
-                                          "means a mask token)."),  # fmt: skip
+    vocab_size: int | None = typer.Option(None, help="Text vocabulary size (default: the --wan tokenizer's, else "
+                                          "vocab_embed rows; one more row means a mask token)."),  # fmt: skip
+    wan: Path | None = typer.Option(None, help="Wan2.1 diffusers folder: write a pipeline folder with its VAE, umT5 "
+                                    "and tokenizer, ready for `univigu generate --model OUT_DIR` and init_from."),  # fmt: skip
 ) -> None:
     """Map an official Uni-ViGU state dict to UniViGUTransformer; any unmapped key is an error."""
-    from univigu.models.convert import ConversionError, convert_official_checkpoint
+    from univigu.models.convert import ConversionError, convert_official_state_dict, load_official_state_dict
+    from univigu.models.wan import is_wan_folder
 
     if not checkpoint.is_file():
         raise typer.BadParameter(f"no such file: {checkpoint}", param_hint="CHECKPOINT")
+    if wan is not None and not is_wan_folder(wan):
+        raise typer.BadParameter(f"{wan} is not a Wan2.1 diffusers folder (transformer/, vae/, text_encoder/, "
+                                 "tokenizer/)", param_hint="--wan")  # fmt: skip
+    if wan is not None and vocab_size is None:
+        from univigu.data.tokenizer import load_tokenizer
+
+        vocab_size = len(load_tokenizer(wan / "tokenizer"))
     try:
-        report = convert_official_checkpoint(checkpoint, out_dir, attention_head_dim, vocab_size)
+        model, report = convert_official_state_dict(load_official_state_dict(checkpoint), attention_head_dim,
+                                                    vocab_size)  # fmt: skip
     except ConversionError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"mapped {len(report.mapped)} tensors; dropped {len(report.dropped)} (recomputed or identity): "
                f"{report.dropped}")  # fmt: skip
     typer.echo(f"config: {report.config}")
+    if wan is None:
+        model.save_pretrained(out_dir)
+    else:
+        from univigu.pipelines import UniViGUPipeline
+
+        UniViGUPipeline.from_wan(wan, transformer=model).save_pretrained(out_dir)
     typer.echo(f"wrote {out_dir}")

@@ -41,8 +41,7 @@ from torch import Tensor
 
 from univigu.models.transformer import UniViGUTransformer
 
-__all__ = ["ConversionError", "ConversionReport", "convert_official_state_dict", "convert_official_checkpoint",
-           "load_official_state_dict"]  # fmt: skip
+__all__ = ["ConversionError", "ConversionReport", "convert_official_state_dict", "load_official_state_dict"]
 
 _WRAPPERS = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.", "module.")
 
@@ -182,14 +181,3 @@ def load_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConversionError(f"{path} does not hold a state dict of tensors (or one under 'model')")
     return state
-
-
-def convert_official_checkpoint(
-    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, attention_head_dim: int = 128,
-    text_vocab_size: int | None = None,
-) -> ConversionReport:  # fmt: skip
-    """Convert a released checkpoint file and save our transformer folder (config.json + safetensors)."""
-    model, report = convert_official_state_dict(load_official_state_dict(checkpoint), attention_head_dim,
-                                                text_vocab_size)  # fmt: skip
-    model.save_pretrained(out_dir)
-    return report

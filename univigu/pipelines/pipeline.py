@@ -256,24 +256,33 @@ class UniViGUPipeline:
 
     @classmethod
     def from_wan(cls, path: str | Path, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
-                 seed: int = 0, **config: Any) -> "UniViGUPipeline":  # fmt: skip
+                 seed: int = 0, transformer: UniViGUTransformer | None = None,
+                 **config: Any) -> "UniViGUPipeline":  # fmt: skip
         """The unified model built from a local Wan2.1 diffusers folder (transformer/, vae/, text_encoder/,
         tokenizer/; nothing is downloaded): `UniViGUTransformer.from_wan` on transformer/ with the umT5 vocabulary
         for the text stream, the Wan VAE as the codec (float32), umT5 as the prompt encoder (prompts padded to
         512). `config`: PipelineConfig fields; by default 81 frames at 480x832, 256 text tokens, the folder's
         flow_shift. Sizes are checked against the VAE (4k+1 frames, height/width multiples of VAE x patch).
-        `seed` draws the new token embedding, so two loads of one folder sample alike."""
+        `seed` draws the new token embedding, so two loads of one folder sample alike. `transformer`: a unified
+        model to use instead (e.g. a converted official checkpoint) with this folder's VAE, umT5 and tokenizer."""
         path = Path(path)
         defaults = dict(frames=81, height=480, width=832, prompt_length=WAN_PROMPT_LENGTH, text_length=256, fps=16)
         pipe_config = PipelineConfig.from_dict({**defaults, **config}, "from_wan")  # before the weights: fails fast
         wan = WanComponents.from_folder(path, torch_dtype=torch_dtype)
         if wan.flow_shift is not None and "shift" not in config:
             pipe_config = replace(pipe_config, shift=wan.flow_shift)
-        base = load_wan_transformer(path / "transformer", torch_dtype=torch_dtype)
-        transformer = UniViGUTransformer.from_wan(base, torch.Generator().manual_seed(seed),
-                                                  text_vocab_size=len(wan.tokenizer),
-                                                  text_mask_row=pipe_config.text_source == "mask")  # fmt: skip
-        del base
+        if transformer is None:
+            base = load_wan_transformer(path / "transformer", torch_dtype=torch_dtype)
+            transformer = UniViGUTransformer.from_wan(base, torch.Generator().manual_seed(seed),
+                                                      text_vocab_size=len(wan.tokenizer),
+                                                      text_mask_row=pipe_config.text_source == "mask")  # fmt: skip
+            del base
+        else:
+            if transformer.config.text_vocab_size != len(wan.tokenizer):
+                raise ValueError(f"the transformer reads {transformer.config.text_vocab_size} text tokens, {path}'s "
+                                 f"tokenizer has {len(wan.tokenizer)}")  # fmt: skip
+            if transformer.config.text_mask_row and "text_source" not in config:  # its extra row: the mask source
+                pipe_config = replace(pipe_config, text_source="mask")
         wan.codec.patch_size = tuple(transformer.config.patch_size)
         return cls(transformer, wan.prompt_encoder, wan.tokenizer, pipe_config, codec=wan.codec).to(device)
 
