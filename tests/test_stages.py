@@ -92,7 +92,9 @@ def test_train_one_stage_then_resume_further(tmp_path):
     assert steps == [1, 2, 3]
     bad = runner.invoke(app, ["train", str(CONFIG_DIR / "base.yaml"), "--train.nope=1"])
     assert bad.exit_code != 0 and "train.nope" in bad.output
-    # the same folder again without --resume, or resumed with a config that changes the math: usage errors
+    # the same folder again without --resume, or resumed with a config that changes the math: usage errors that
+    # leave the run's record as it was
+    record = (out / "stage_config.yaml").read_text()
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "already holds checkpoints" in _flat(again.output), again.output
     changed = runner.invoke(app, args + ["--train.max_steps=3", "--train.lr=0.5", "--resume"])
@@ -102,3 +104,4 @@ def test_train_one_stage_then_resume_further(tmp_path):
     assert reshaped.exit_code == 2 and "blocks.1." in _flat(reshaped.output), reshaped.output
     assert "its model differs from this config's" in _flat(reshaped.output)
     assert steps == [int(line.split(",")[0]) for line in (out / "losses.csv").read_text().splitlines()[1:]]
+    assert (out / "stage_config.yaml").read_text() == record

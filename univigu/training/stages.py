@@ -376,10 +376,14 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     dataset, collate_fn = _dataset(cfg)
     trainer = Trainer(task, dataset, cfg.train, collate_fn=collate_fn)
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stage_config.yaml").write_text(yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
+
+    def record() -> None:  # once the run is checked: a refused one leaves the folder's record as it was
+        if trainer.accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "stage_config.yaml").write_text(yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
+
     start = time.perf_counter()
-    trainer.train(resume=resume)
+    trainer.train(resume=resume, on_start=record)
     state = trainer.final_state_dict()  # EMA weights where on; FSDP shards gathered on the main process
     final = out / "final"
     if trainer.accelerator.is_main_process:

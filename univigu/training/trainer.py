@@ -222,11 +222,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ public API
 
-    def train(self, resume: bool | str | os.PathLike = False) -> list[dict[str, float]]:
+    def train(self, resume: bool | str | os.PathLike = False,
+              on_start: Callable[[], None] | None = None) -> list[dict[str, float]]:  # fmt: skip
         """Train to `max_steps`; return the logged rows of this call.
 
         resume=False starts fresh (and refuses an output_dir that already has checkpoints);
         True resumes from the latest checkpoint if there is one; a path resumes from that one.
+        `on_start` runs once the run is checked (resume point, config, weights) and before its first step: what
+        the caller records of the run there is not written by a refused one.
         """
         cfg, acc = self.config, self.accelerator
         set_seed(cfg.seed, device_specific=True)  # per-process global RNGs (dropout)
@@ -234,6 +237,8 @@ class Trainer:
         path = self._resolve_resume(resume)
         if path is not None:
             self._load(path)
+        if on_start is not None:
+            on_start()
         self.model.train()
         data = iter(self._dataloader())
         csv_log = _CsvLog(self.output_dir / "losses.csv", self.step) if acc.is_main_process else None
