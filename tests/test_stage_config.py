@@ -69,3 +69,20 @@ def test_the_cli_refuses_them_before_making_the_run_folder(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", str(BASE), "--train.batch_size=2.5", f"--train.output_dir={out}"])
     assert result.exit_code == 2 and "train.batch_size must be an integer" in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("world.frames=8", r"world's videos are not the size of .*toy-base's pipeline \(world.frames 8 vs 16\)"),
+    ("pipeline.text_length=3", "pipeline.text_length 3 is too short for the world's prompts"),
+    ("pipeline.prompt_length=4", "pipeline.prompt_length 4 is too short"),
+])  # fmt: skip
+def test_a_stage_from_a_pipeline_checks_the_world_against_it(override, message):
+    """Found before the model loads: the first trained on another video size than it exports, the others failed
+    mid-run."""
+    from univigu import DEFAULT_MODEL
+
+    base = str(DEFAULT_MODEL).replace("toy-model", "toy-base")
+    cfg = load_config(CONFIG_DIR / "refine.yaml", [f"init_from={base}", override])
+    with pytest.raises(ValueError, match=message):
+        cfg.check_inputs()
+    load_config(CONFIG_DIR / "refine.yaml", [f"init_from={base}"]).check_inputs()  # the shipped config fits

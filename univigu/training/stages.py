@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import time
 import types
 import typing
@@ -117,6 +118,27 @@ class StageConfig:
                 raise FileNotFoundError(f"data.path {self.data['path']}: no index.json there (see univigu "
                                         "cache-latents)")  # fmt: skip
             _dataset(self)  # the bucket: CacheError naming the cache's buckets
+        elif self.stage != "base" and self.init_from is not None:
+            self._check_world_fits(Path(self.init_from) / "model_index.json")
+
+    def _check_world_fits(self, index_file: Path) -> None:
+        """Toy-world data for a stage that starts from a pipeline: the world's videos have the pipeline's size (the
+        model would train on one size and export another), and its prompts fit the prompt and text canvases (both
+        otherwise fail mid-run)."""
+        made = json.loads(index_file.read_text()).get("config")
+        if made is None:  # a Wan2.1 folder: its sizes are from_wan's, checked when the pipeline is built
+            return
+        merged, world = {**made, **self.pipeline}, WorldConfig(**self.world)
+        differ = [f"world.{k} {getattr(world, k)} vs {merged[k]}" for k in ("frames", "height", "width")
+                  if k in merged and merged[k] != getattr(world, k)]  # fmt: skip
+        if differ:
+            raise ValueError(f"the world's videos are not the size of {self.init_from}'s pipeline "
+                             f"({'; '.join(differ)}): set world.frames / height / width to the pipeline's")  # fmt: skip
+        longest = _longest_world_prompt()
+        for key in ("prompt_length", "text_length"):
+            if key in merged and merged[key] <= longest:
+                raise ValueError(f"pipeline.{key} {merged[key]} is too short for the world's prompts: the longest has "
+                                 f"{longest} tokens, so it must be >= {longest + 1} (an end token)")  # fmt: skip
 
 
 def _build(cls, data: dict[str, Any], where: str):
@@ -211,6 +233,13 @@ def _model_config(model: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
+def _longest_world_prompt() -> int:
+    """Tokens in the world's longest short prompt (every colour, shape and motion)."""
+    prompts = [Scene("black", (WorldObject(c, s, "small", m, None, "center", 0.0, 0.0),)).prompt
+               for c in OBJECT_COLOURS for s in SHAPES for m in MOTIONS]  # fmt: skip
+    return max(len(ids) for ids in build_world_tokenizer()(prompts, add_special_tokens=False)["input_ids"])
+
+
 def _check_base_sizes(world: WorldConfig, model: dict[str, Any], pipeline: PipelineConfig) -> None:
     """The base model's video patches tile the world's (downsampled) videos, and the prompt canvas holds the
     world's longest prompt (both otherwise fail mid-run)."""
@@ -224,10 +253,7 @@ def _check_base_sizes(world: WorldConfig, model: dict[str, Any], pipeline: Pipel
             by = f" x pipeline.pixel_downsample {down}" if down > 1 else ""
             raise ValueError(f"{name} {size} must be a multiple of {down * p} (the model's patch: model.patch_size "
                              f"{list(patch)}{by})")  # fmt: skip
-    tokenizer = build_world_tokenizer()
-    prompts = [Scene("black", (WorldObject(c, s, "small", m, None, "center", 0.0, 0.0),)).prompt
-               for c in OBJECT_COLOURS for s in SHAPES for m in MOTIONS]  # fmt: skip
-    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+    longest = _longest_world_prompt()
     if pipeline.prompt_length <= longest:
         raise ValueError(f"pipeline.prompt_length {pipeline.prompt_length} is too short for the world's prompts: "
                          f"the longest has {longest} tokens, so it must be >= {longest + 1} (an end token)")
