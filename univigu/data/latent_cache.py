@@ -155,12 +155,12 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
     for start in chunks:
         chunk = start // settings.shard_size
         chunk_records = records[start : start + settings.shard_size]
-        bar.update(len(chunk_records))
         done = out / "shards" / f"chunk_{chunk:05d}.done.json"
         digest = _digest(chunk_records)
         if done.exists():
             previous = json.loads(done.read_text())
             if previous.get("records", digest) == digest:
+                bar.update(len(chunk_records))
                 continue
             log(f"chunk {chunk}: its records changed since it was cached; encoding it again")
             for name in previous["shards"]:
@@ -198,6 +198,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                          {"records": json.dumps(meta)})  # fmt: skip
             shards[name] = {"bucket": bucket_name(bucket), "count": len(items)}
         _atomic_json({"shards": shards, "skipped": skipped, "notes": notes, "records": digest}, done)
+        bar.update(len(chunk_records))
     bar.close()
     return _write_index(out, settings, len(chunks), log)
 
