@@ -226,3 +226,6 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
 
     nothing = runner.invoke(app, [*args[:3], str(tmp_path / "empty"), *args[4:-1], "2"])
     assert nothing.exit_code == 1 and "no video could be cached" in said(nothing)
+    # a folder with no finished chunk (a run stopped before its first) takes other settings
+    shutil.rmtree(tmp_path / "empty" / "shards")
+    assert runner.invoke(app, [*args[:3], str(tmp_path / "empty"), *args[4:]]).exit_code == 0

@@ -97,14 +97,14 @@ def _content_settings(settings: CacheSettings) -> dict:
 
 
 def _check_settings(out: Path, settings: CacheSettings) -> None:
-    """Refuse a rerun whose settings differ from those the folder's shards were made with; record them."""
+    """Refuse a rerun whose settings differ from those the folder's finished shards were made with; record them."""
     wanted = _content_settings(settings)
     made = None
     if (out / "settings.json").exists():
         made = json.loads((out / "settings.json").read_text())
     elif (out / "index.json").exists():  # a cache written before settings.json
         made = json.loads((out / "index.json").read_text())["settings"]
-    if made is not None:
+    if made is not None and any((out / "shards").glob("*.done.json")):  # without a finished chunk: start afresh
         changed = [f"{k} {made[k]} -> {v}" for k, v in wanted.items() if k in made and made[k] != v]
         if changed:
             raise CacheError(f"{out} holds a cache made with other settings ({'; '.join(changed)}): its shards "
