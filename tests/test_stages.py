@@ -105,3 +105,29 @@ def test_train_one_stage_then_resume_further(tmp_path):
     assert "its model differs from this config's" in _flat(reshaped.output)
     assert steps == [int(line.split(",")[0]) for line in (out / "losses.csv").read_text().splitlines()[1:]]
     assert (out / "stage_config.yaml").read_text() == record
+
+
+def test_a_killed_export_leaves_the_old_final_whole(tmp_path, monkeypatch):
+    """The exported pipeline is written aside and swapped in: an export that dies half-way (here: after its
+    transformer) leaves the previous final/ as it was, not a mix that reads as done."""
+    from univigu.training.stages import run_stage
+
+    out = tmp_path / "base"
+    args = [f"--{o}" for o in SMALL] + [f"--train.output_dir={out}", "--train.save_every=2"]
+    run_stage(load_config(CONFIG_DIR / "base.yaml", args))
+    before = {p.relative_to(out): p.read_bytes() for p in (out / "final").rglob("*") if p.is_file()}
+    save = UniViGUPipeline.save_pretrained
+
+    def dies_after_the_transformer(self, path, dtype=None):
+        self.transformer.save_pretrained(path / "transformer")
+        raise KeyboardInterrupt("killed mid-export")
+
+    monkeypatch.setattr(UniViGUPipeline, "save_pretrained", dies_after_the_transformer)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(load_config(CONFIG_DIR / "base.yaml", [*args, "--train.max_steps=3"]), resume=True)
+    after = {p.relative_to(out): p.read_bytes() for p in (out / "final").rglob("*") if p.is_file()}
+    assert after == before
+    monkeypatch.setattr(UniViGUPipeline, "save_pretrained", save)
+    run_stage(load_config(CONFIG_DIR / "base.yaml", [*args, "--train.max_steps=3"]), resume=True)
+    assert UniViGUPipeline.from_pretrained(out / "final").config.extra["base"]["steps"] == 3
+    assert not (out / ".final.tmp").exists()

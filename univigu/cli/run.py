@@ -317,14 +317,14 @@ def export(
     pipe, _ = _pipeline(source, "cpu", param_hint="SOURCE")
     # written beside the target and swapped in whole: a failed write leaves the target as it was, and nothing
     # of an older folder (its card, evaluations) stays beside the new weights
+    from univigu.training.checkpoint import replace_dir
+
     staging = out_dir(target.parent) / f".{target.name}.export-tmp"
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, dtype=getattr(torch, dtype))
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
+    if target.is_file():
         target.unlink()
-    staging.rename(target)
+    replace_dir(staging, target)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     typer.echo(f"wrote {target} ({size / 2**20:.1f} MiB, {dtype} weights)")
 

@@ -39,13 +39,19 @@ def fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Atomically turn the complete temp dir `tmp` into `final`, then point `latest` at it."""
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Turn the complete temp dir `tmp` into `final`, replacing any old `final` whole: a kill at any point leaves
+    either the old folder, no folder, or the new one, never a mix of the two."""
     fsync_tree(tmp)
-    if final.exists():  # re-saving a step (e.g. after a resume that failed to log): replace it
+    if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Atomically turn the complete temp dir `tmp` into `final`, then point `latest` at it."""
+    replace_dir(tmp, final)  # re-saving a step (e.g. after a resume that failed to log) replaces it
     pointer = final.parent / (LATEST + ".tmp")
     with open(pointer, "w") as fh:
         fh.write(final.name + "\n")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import shutil
 import time
 import types
 import typing
@@ -37,6 +38,7 @@ from univigu.models.prompt_encoder import PromptEncoder
 from univigu.models.transformer import ATTENTION_LAYOUTS, UniViGUTransformer
 from univigu.models.wan import set_rope_theta
 from univigu.pipelines.pipeline import PipelineConfig, UniViGUPipeline
+from univigu.training import checkpoint as ckpt
 from univigu.training.tasks import GeneratorTask, UnifiedTask
 from univigu.training.trainer import Trainer, TrainerConfig
 
@@ -419,7 +421,11 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
         pipe_cfg.extra = {**pipe_cfg.extra, cfg.stage: {"steps": cfg.train.max_steps, "minutes": round(
             (time.perf_counter() - start) / 60, 1), "init_from": cfg.init_from}}  # fmt: skip
         prompt_encoder, codec = getattr(task, "export_parts", (task.prompt_encoder, None))
-        UniViGUPipeline(task.transformer, prompt_encoder, tokenizer, pipe_cfg, codec=codec).save_pretrained(final)
+        # written aside and swapped in whole: a kill mid-export must not leave a mixed folder that reads as done
+        staging = out / ".final.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        UniViGUPipeline(task.transformer, prompt_encoder, tokenizer, pipe_cfg, codec=codec).save_pretrained(staging)
+        ckpt.replace_dir(staging, final)
     trainer.accelerator.wait_for_everyone()  # no process leaves (and tears down the process group) mid-export
     return final
 
