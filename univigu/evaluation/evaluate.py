@@ -16,13 +16,33 @@ import time
 from typing import Any, Sequence
 
 from univigu.data.oracle import Oracle
-from univigu.data.world import World, accuracy, attribute_matches, parse_caption
+from univigu.data.world import SPLITS, World, accuracy, attribute_matches, parse_caption
 
 PROMPT_ATTRIBUTES = ("colour", "shape", "motion")
+TASKS = ("t2v", "v2t", "joint")
+
+
+def _check_pairs(wanted: Sequence[Any], got: Sequence[Any], what: str) -> None:
+    """Scores need one item of each list per sample: zip would silently drop the extras of the longer."""
+    if len(wanted) != len(got):
+        raise ValueError(f"{what}: {len(wanted)} vs {len(got)} items; they must pair up one to one")
+    if not wanted:
+        raise ValueError(f"{what}: nothing to score (both lists are empty)")
+
+
+def _check_samples(split: str, n: int, batch_size: int) -> None:
+    """Refuse what would score nothing (n < 1) or fail deep inside the samplers, before any work."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    if n < 1:
+        raise ValueError(f"n (the number of samples) must be at least 1, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
 
 
 def prompt_accuracy(prompt_attributes: Sequence[dict[str, Any]], readings: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Accuracy of the main-object attributes a prompt names, per attribute, overall and per sample (all three)."""
+    _check_pairs(prompt_attributes, readings, "prompt_accuracy(prompt_attributes, readings)")
     right = {k: 0 for k in PROMPT_ATTRIBUTES}
     whole = 0
     for want, got in zip(prompt_attributes, readings):
@@ -31,7 +51,7 @@ def prompt_accuracy(prompt_attributes: Sequence[dict[str, Any]], readings: Seque
         for k, hit in hits.items():
             right[k] += int(hit)
         whole += int(all(hits.values()))
-    n = max(1, len(prompt_attributes))
+    n = len(prompt_attributes)
     out = {k: v / n for k, v in right.items()}
     out["all"] = sum(right.values()) / (n * len(PROMPT_ATTRIBUTES))
     out["exact"] = whole / n
@@ -40,6 +60,7 @@ def prompt_accuracy(prompt_attributes: Sequence[dict[str, Any]], readings: Seque
 
 def caption_scores(references: Sequence[str], candidates: Sequence[str]) -> dict[str, float]:
     """Corpus BLEU-4 and CIDEr-D (pycocoevalcap) of candidates against one reference each."""
+    _check_pairs(references, candidates, "caption_scores(references, candidates)")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
@@ -72,6 +93,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a pipeline on `n` world samples of `split`; returns a JSON-able dict. `text_update`: the
     joint sampler's text rule ("ctmc" or the released "linear-resample"; None: the pipeline's)."""
+    if not tasks or set(tasks) - set(TASKS):
+        raise ValueError(f"tasks must be a non-empty collection of {TASKS}, got {tasks!r}")
+    _check_samples(split, n, batch_size)
     cfg = pipeline.config
     world = World.sized_like(cfg)
     oracle = Oracle(world.config)
@@ -137,6 +161,7 @@ def coevolution(
     `shuffled` is the final consistency of mismatched pairs (video i, caption i+1): the chance level.
     Returns those per-step lists (length num_steps) and the chance level.
     """
+    _check_samples(split, n, batch_size)
     cfg = pipeline.config
     text_update = text_update or cfg.text_update
     world = World.sized_like(cfg)
