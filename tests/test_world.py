@@ -129,3 +129,9 @@ def test_render_videos_matches_world_render():
     world = World()
     scenes = world.scenes("train", range(4))
     assert np.array_equal(render_videos(scenes), world.render(scenes))
+
+
+@pytest.mark.parametrize("caption", [None, 3, ["a red circle."]])
+def test_parse_caption_rejects_non_str(caption):
+    with pytest.raises(TypeError, match="caption must be a str"):
+        parse_caption(caption)

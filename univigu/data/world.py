@@ -442,6 +442,8 @@ def parse_caption(text: str) -> dict[str, Any]:
     so counts as wrong). Objects are anchored on shape words; colour and size are read before
     the shape, motion, speed and position in the rest of the clause.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"caption must be a str, got {type(text).__name__} {text!r:.80}")
     words = _tokenize(text)
     background = None
     for i, word in enumerate(words):
