@@ -229,3 +229,8 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
     # a folder with no finished chunk (a run stopped before its first) takes other settings
     shutil.rmtree(tmp_path / "empty" / "shards")
     assert runner.invoke(app, [*args[:3], str(tmp_path / "empty"), *args[4:]]).exit_code == 0
+
+
+def test_read_captions_of_a_missing_folder_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="video folder does not exist.*nowhere"):
+        read_captions(tmp_path / "nowhere")

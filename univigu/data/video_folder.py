@@ -37,6 +37,8 @@ class VideoRecord:
 def read_captions(folder: str | os.PathLike, captions: str | os.PathLike | None = None) -> list[VideoRecord]:
     """Records of a captions file (default: the only *.jsonl or *.csv in `folder`); paths resolved in `folder`."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"video folder does not exist (or is not a folder): {folder}")
     if captions is None:
         found = sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.csv"))
         if len(found) != 1:
