@@ -76,10 +76,22 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     again = runner.invoke(app, args + ["--resume"])
     assert again.exit_code == 0 and again.output.count("already done") == 3
     # the toy default skips recall: base then refine
-    default = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--resume"])
+    small = [f"--{s}.{o}" for s in ("base", "refine") for o in SMALL]
+    default = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--resume", *small])
     assert default.exit_code == 0 and default.output.count("already done") == 2 and "recall" not in default.output
     wrong = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--stages", "refine,base"])
     assert wrong.exit_code != 0 and "in the order of" in wrong.output
+    # more steps for a finished stage: it continues from its checkpoint (as train --resume does)
+    longer = runner.invoke(app, [*args, "--resume", "--refine.train.max_steps=3"])
+    assert longer.exit_code == 0 and "refine: 2 steps done, continuing to 3" in longer.output, longer.output
+    assert UniViGUPipeline.from_pretrained(tmp_path / "refine" / "final").config.extra["refine"]["steps"] == 3
+    # overrides are all checked before any stage trains: one naming no stage, or a typo in the last stage's
+    fresh = tmp_path / "fresh"
+    for extra, message in ((["--train.max_steps=2"], "an override names its stage"),
+                           (["--refine.train.max_stepz=3"], "refine overrides: unknown config keys")):  # fmt: skip
+        bad = runner.invoke(app, ["train-all", "--out", str(fresh), *small, *extra])
+        assert bad.exit_code == 2 and message in _flat(bad.output), bad.output
+    assert not fresh.exists()  # the base stage did not train first
 
 
 def test_train_one_stage_then_resume_further(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def _say(text: str) -> None:
     """Print once per run, not once per process (accelerate / torchrun set RANK)."""
     if os.environ.get("RANK", "0") == "0":
         typer.echo(text)
+
+
+def _steps_done(final: Path, stage: str) -> int | None:
+    """The steps a stage's exported pipeline was trained for (its provenance); None when there is none."""
+    index = final / "model_index.json"
+    if not index.is_file():
+        return None
+    return json.loads(index.read_text()).get("config", {}).get("extra", {}).get(stage, {}).get("steps")
 
 
 def _leave_process_group() -> None:
@@ -79,23 +88,35 @@ def train_all(
             or len(set(chosen)) != len(chosen):
         raise typer.BadParameter(f"stages must be distinct and in the order of {STAGES}, got {stages!r}",
                                  param_hint="--stages")  # fmt: skip
-    previous = None
+    stray = [a for a in ctx.args if not any(a.lstrip("-").startswith(f"{stage}.") for stage in chosen)]
+    if stray:
+        raise typer.BadParameter(f"{stray}: an override names its stage, one of {chosen} "
+                                 f"(--{chosen[-1]}.train.max_steps=10)", param_hint="overrides")  # fmt: skip
+    # every stage's config is checked before any trains: a typo in the last must not wait for the first to finish
+    stage_configs, previous = {}, None
     for stage in chosen:
         prefix = f"{stage}."
         overrides = [a.lstrip("-")[len(prefix):] for a in ctx.args if a.lstrip("-").startswith(prefix)]
         overrides.append(f"train.output_dir={out / stage}")
         if previous is not None:
             overrides.append(f"init_from={previous}")
+        try:
+            stage_configs[stage] = load_config(configs / f"{stage}.yaml", overrides)
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
+        previous = out / stage / "final"
+    for stage, cfg in stage_configs.items():
         final = out / stage / "final"
-        if resume and (final / "model_index.json").exists():
+        done = _steps_done(final, stage)
+        if resume and done is not None and done >= cfg.train.max_steps:
             _say(f"stage {stage}: already done ({final})")
-        else:
-            try:
-                cfg = load_config(configs / f"{stage}.yaml", overrides)
-                cfg.check_inputs()
-            except (ValueError, TypeError, FileNotFoundError) as error:
-                raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
-            final = _run(cfg, resume)
-            _say(f"stage {stage} done: {final}")
-        previous = final
+            continue
+        if resume and done is not None:
+            _say(f"stage {stage}: {done} steps done, continuing to {cfg.train.max_steps}")
+        try:
+            cfg.check_inputs()  # its init_from is the previous stage's final/, there only now
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
+        final = _run(cfg, resume)
+        _say(f"stage {stage} done: {final}")
     _leave_process_group()
