@@ -135,3 +135,32 @@ def test_render_videos_matches_world_render():
 def test_parse_caption_rejects_non_str(caption):
     with pytest.raises(TypeError, match="caption must be a str"):
         parse_caption(caption)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(height=32.5), TypeError, r"WorldConfig.height must be an int >= 16, got float 32.5"),
+    (dict(height="32"), TypeError, r"WorldConfig.height must be an int"),
+    (dict(frames=1), ValueError, r"WorldConfig.frames must be an int >= 2, got 1"),
+    (dict(height=2**20, width=2**20, frames=2**20), ValueError, r"pixels per video, too many to render"),
+    (dict(two_object_prob=2), ValueError, r"two_object_prob must be a probability in \[0, 1\], got 2"),
+    (dict(two_object_prob=-1), ValueError, r"two_object_prob .* got -1"),
+    (dict(two_object_prob=float("nan")), ValueError, r"two_object_prob .* got nan"),
+    (dict(heldout="abc"), TypeError, r"heldout must be a sequence of non-empty dicts .* got 'abc'"),
+    (dict(heldout=({},)), TypeError, r"heldout must be a sequence of non-empty dicts"),
+])  # fmt: skip
+def test_config_rejects_bad_values(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        WorldConfig(**kwargs)
+
+
+def test_world_rejects_bad_config_index_and_seed():
+    with pytest.raises(TypeError, match="World takes a WorldConfig.*'x'"):
+        World("x")
+    world = World()
+    with pytest.raises(TypeError, match="index must be an int >= 0, got float 1.7"):
+        world.scenes("train", [1.7])  # was silently scene 1
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
+        world.scene("train", 0, seed=-1)
+    with pytest.raises(ValueError, match="heldout split needs held-out combinations"):
+        World(WorldConfig(heldout=())).scene("heldout", 0)
+    assert world.scenes("train", np.arange(2), seed=np.int64(1)) == world.scenes("train", [0, 1], seed=1)

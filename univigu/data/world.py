@@ -12,9 +12,10 @@ grid). Objects never touch, so the oracle can always recover them from pixels.
 from __future__ import annotations
 
 import functools
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -53,6 +54,9 @@ TRAVEL = {"slow": 0.25, "fast": 0.5}  # displacement over the clip, fraction of 
 GROWTH = {"slow": 1.4, "fast": 1.8}  # radius at the last frame over the first
 _DIRECTION = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 _GAP = 3.0  # pixels between objects, so blur never merges them
+# Rendering holds several bytes per pixel of each video (masks, float intermediates): a video of more
+# pixels than this (3 GiB as uint8 RGB) cannot be rendered in memory, so it is refused at configuration.
+MAX_VIDEO_PIXELS = 2**30
 
 DEFAULT_HELDOUT: tuple[dict[str, str], ...] = (
     {"colour": "red", "shape": "triangle"},
@@ -72,11 +76,17 @@ class WorldConfig:
     heldout: tuple[dict[str, str], ...] = DEFAULT_HELDOUT
 
     def __post_init__(self) -> None:
-        if min(self.height, self.width) < 16 or self.frames < 2:
-            raise ValueError(
-                f"world videos need at least 16x16 pixels and 2 frames, got "
-                f"{self.height}x{self.width}x{self.frames}"
-            )
+        for name, minimum in (("height", 16), ("width", 16), ("frames", 2)):  # stored as int: numpy ints overflow
+            object.__setattr__(self, name, check_int(f"WorldConfig.{name}", getattr(self, name), minimum))
+        if self.frames * self.height * self.width > MAX_VIDEO_PIXELS:
+            raise ValueError(f"WorldConfig {self.frames}x{self.height}x{self.width} (frames x height x width) has more "
+                             f"than {MAX_VIDEO_PIXELS} pixels per video, too many to render in memory")  # fmt: skip
+        p = self.two_object_prob
+        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 <= p <= 1:  # NaN fails the range too
+            raise ValueError(f"WorldConfig.two_object_prob must be a probability in [0, 1], got {p!r}")
+        if not isinstance(self.heldout, (tuple, list)) or not all(isinstance(c, Mapping) and c for c in self.heldout):
+            raise TypeError(f"WorldConfig.heldout must be a sequence of non-empty dicts like "
+                            f"{DEFAULT_HELDOUT[0]}, got {self.heldout!r:.200}")  # fmt: skip
         for combo in self.heldout:
             for key, value in combo.items():
                 if key not in ATTRIBUTES or value not in _VALUES[key]:
@@ -197,6 +207,16 @@ def vocabulary() -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """`value` as an int when it is an int (not a bool, not a float) >= `minimum`; else TypeError / ValueError
+    naming `name`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r:.80}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
 class World:
     """Samples scenes deterministically and renders them in batches.
 
@@ -206,6 +226,9 @@ class World:
     """
 
     def __init__(self, config: WorldConfig | None = None) -> None:
+        if config is not None and not isinstance(config, WorldConfig):
+            raise TypeError(f"World takes a WorldConfig (or None for the default), got {type(config).__name__} "
+                            f"{config!r:.80}")  # fmt: skip
         self.config = config or WorldConfig()
 
     @classmethod
@@ -218,16 +241,16 @@ class World:
         return any(all(attrs.get(k) == v for k, v in c.items()) for c in self.config.heldout)
 
     def scene(self, split: str, index: int, seed: int = 0) -> Scene:
-        if split not in SPLITS:
+        if not isinstance(split, str) or split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
-        if index < 0:
-            raise ValueError(f"sample index must be >= 0, got {index}")
+        if split == "heldout" and not self.config.heldout:
+            raise ValueError("the heldout split needs held-out combinations; this world's config has none")
         # One independent stream per (seed, split, index): splits never share randomness.
-        rng = np.random.default_rng([seed, SPLITS[split], index])
+        rng = np.random.default_rng([check_int("seed", seed, 0), SPLITS[split], check_int("index", index, 0)])
         return self._sample_scene(rng, heldout=split == "heldout")
 
     def scenes(self, split: str, indices: Iterable[int], seed: int = 0) -> list[Scene]:
-        return [self.scene(split, int(i), seed) for i in indices]
+        return [self.scene(split, i, seed) for i in indices]
 
     def render(self, scenes: Sequence[Scene]) -> np.ndarray:
         """Render scenes to uint8 videos `[N, T, H, W, 3]`."""
