@@ -328,6 +328,10 @@ def test_unreadable_or_missing_weights_name_the_file(model, tmp_path):
     weights.unlink()
     with pytest.raises(FileNotFoundError, match=f"no diffusion_pytorch_model.safetensors in {tmp_path / 'm'}$"):
         UniViGUTransformer.from_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("")  # emptied by a kill (diffusers: an OSError from deep inside)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'm' / 'config.json'} is not readable"):
+        UniViGUTransformer.from_pretrained(tmp_path / "m")
 
 
 def test_wan_loading_is_strict(wan, tmp_path):

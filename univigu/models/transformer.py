@@ -120,7 +120,10 @@ def check_checkpoint(cls: type[ModelMixin], folder: Path, kwargs: dict | None = 
         except SafetensorError as error:
             raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {error}") from error
 
-    config = cls.load_config(folder)
+    try:
+        config = cls.load_config(folder)
+    except OSError as error:  # diffusers' "not a valid JSON file", from deep in its loader
+        raise ValueError(f"{folder / 'config.json'} is not readable: {error}") from error
     overrides = {k: v for k, v in (kwargs or {}).items() if k in cls._get_init_keys(cls)}
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in cls.from_config(config, **overrides).state_dict().items()}
