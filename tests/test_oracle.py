@@ -46,3 +46,17 @@ def test_oracle_detects_wrong_attributes():
     pred = Oracle()(world.render([b]))[0]
     scores = attribute_matches(a.attributes(), pred)
     assert accuracy([scores])["all"] < 0.9
+
+
+def test_oracle_rejects_videos_it_would_misread(rendered):
+    video = rendered[1][:1]
+    oracle = Oracle()
+    for wrong in (video / 255.0, video > 0):  # read as black with no objects before
+        with pytest.raises(TypeError, match=r"videos must be uint8 \(0..255\), got (float64|bool)"):
+            oracle(wrong)
+    for wrong in (video[:, :, :24], video[:, :1], video[:, :0]):  # another frame size, T = 1, T = 0
+        with pytest.raises(ValueError, match=r"H x W = 32x32 .* T >= 2, got shape"):
+            oracle(wrong)
+    with pytest.raises(ValueError, match="got shape"):
+        oracle.read(video)  # read takes one video
+    assert oracle.read(video[0]) == oracle(video)[0]

@@ -55,15 +55,26 @@ class Oracle:
         self._world = World(self.config)
 
     def __call__(self, videos: np.ndarray) -> list[dict[str, Any]]:
+        """Attributes of uint8 videos `[N, T, H, W, 3]` (or one `[T, H, W, 3]`) of the config's frame size."""
         videos = np.asarray(videos)
         if videos.ndim == 4:
             videos = videos[None]
-        if videos.ndim != 5 or videos.shape[-1] != 3:
-            raise ValueError(f"expected uint8 videos [N, T, H, W, 3], got shape {videos.shape}")
-        return [self.read(video) for video in videos]
+        # Other inputs would read silently wrong: float or bool pixels as black, another frame size with the
+        # config's size thresholds and regions, a single frame as no objects (motion needs two).
+        if videos.dtype != np.uint8:
+            raise TypeError(f"videos must be uint8 (0..255), got {videos.dtype}; convert float [0, 1] videos "
+                            f"with (videos * 255).round().astype(np.uint8)")  # fmt: skip
+        H, W = self.config.height, self.config.width
+        if videos.ndim != 5 or videos.shape[2:] != (H, W, 3) or videos.shape[1] < 2:
+            raise ValueError(f"expected uint8 videos [N, T, H, W, 3] with H x W = {H}x{W} (the oracle's "
+                             f"WorldConfig) and T >= 2, got shape {videos.shape}")  # fmt: skip
+        return [self._read(video) for video in videos]
 
     def read(self, video: np.ndarray) -> dict[str, Any]:
         """Attributes of one video `[T, H, W, 3]` (uint8). Objects come largest first."""
+        return self(np.asarray(video)[None])[0]
+
+    def _read(self, video: np.ndarray) -> dict[str, Any]:
         x = video.astype(np.float32) / 255.0
         n_bg = len(_BG_NAMES)
         nearest = ((x[..., None, :] - _PALETTE) ** 2).sum(-1).argmin(-1)  # [T, H, W]
