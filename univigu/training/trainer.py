@@ -408,7 +408,7 @@ class Trainer:
         if resume is False:
             if ckpt.list_checkpoints(self.ckpt_root):
                 raise FileExistsError(
-                    f"{self.ckpt_root} already holds checkpoints: pass resume=True to continue "
+                    f"{self.ckpt_root} already holds checkpoints: pass resume=True (--resume) to continue "
                     "that run, or use a fresh output_dir"
                 )
             return None
@@ -496,9 +496,11 @@ class _CsvLog:
                 keep = [r for r in reader if header and len(r) == len(header) and int(r[0]) <= resumed_step]
             if header and keep:
                 self.fields = header
-            with open(path, "w", newline="") as fh:
+            tmp = path.with_suffix(".tmp")  # rewritten aside: a kill here must not lose the rows kept
+            with open(tmp, "w", newline="") as fh:
                 if self.fields:
                     csv.writer(fh).writerows([header, *keep])
+            os.replace(tmp, path)
 
     def write(self, row: dict[str, float]) -> None:
         if self.fields is None:
