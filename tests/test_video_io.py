@@ -1,5 +1,9 @@
+from fractions import Fraction
+
+import av
 import numpy as np
 import pytest
+from PIL import Image
 
 from univigu.data.video_io import VideoReadError, read_video, write_video
 from univigu.data.world import World
@@ -58,3 +62,57 @@ def test_write_rejects_bad_frames(tmp_path, video):
         write_video(tmp_path / "a.mp4", video[:, :31])
     with pytest.raises(ValueError, match="unsupported"):
         write_video(tmp_path / "a.avi", video)
+
+
+@pytest.mark.parametrize("ext,fps", [(e, f) for e in ("gif", "mp4", "webm") for f in (10**9, 0, -5, float("nan"), "8")]
+                         + [("gif", 101), ("mp4", 1001)])  # fmt: skip
+def test_write_rejects_bad_fps_and_keeps_the_existing_file(tmp_path, video, ext, fps):
+    path = write_video(tmp_path / f"clip.{ext}", video)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=rf"fps must be a number from 0.01 to \d+ for .{ext}, got"):
+        write_video(path, video, fps=fps)
+    assert path.read_bytes() == before
+
+
+def test_write_rejects_bad_scale(tmp_path, video):
+    with pytest.raises(ValueError, match="scale must be an int >= 1, got 0"):
+        write_video(tmp_path / "a.gif", video, scale=0)
+    with pytest.raises(TypeError, match="scale must be an int >= 1, got float 1.5"):
+        write_video(tmp_path / "a.gif", video, scale=1.5)
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_takes_fractional_fps(tmp_path, video):
+    with av.open(str(write_video(tmp_path / "a.mp4", video, fps=2.5))) as container:
+        assert container.streams.video[0].average_rate == Fraction(5, 2)
+    with Image.open(write_video(tmp_path / "a.gif", video, fps=2.5)) as gif:
+        assert gif.info["duration"] == 400
+
+
+def test_failed_write_keeps_the_existing_file(tmp_path, video, monkeypatch):
+    path = write_video(tmp_path / "clip.gif", video)
+    before = path.read_bytes()
+
+    def broken(image, fp, filename):  # Pillow has opened (emptied) the file: fail halfway through
+        fp.write(b"GIF89a")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(Image.SAVE_ALL, "GIF", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_video(path, video)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.gif"]  # no partial file left
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(num_frames=0), ValueError, "num_frames must be an int >= 1, got 0"),
+    (dict(num_frames=2.5), TypeError, "num_frames must be an int >= 1, got float 2.5"),
+    (dict(size=(0, 0)), ValueError, "size height must be an int >= 1, got 0"),
+    (dict(size=(8,)), TypeError, r"size must be \(height, width\), got \(8,\)"),
+    (dict(size=16), TypeError, r"size must be \(height, width\), got 16"),
+    (dict(size=2.5), TypeError, r"size must be \(height, width\), got 2.5"),
+])  # fmt: skip
+def test_read_rejects_bad_num_frames_and_size(tmp_path, video, kwargs, error, message):
+    path = write_video(tmp_path / "clip.gif", video)
+    with pytest.raises(error, match=message):
+        read_video(path, **kwargs)

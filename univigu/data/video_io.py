@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
+import os
+import uuid
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
@@ -10,42 +14,65 @@ import av
 import numpy as np
 import torch
 
+from univigu.data.world import check_int
+
 _CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p")}
+# Frame rates each format stores: GIF frame delays are whole 1/100 s (a higher rate has no delay), WebM
+# timestamps are milliseconds (frames above 1000 fps share one). Below 0.01 fps a frame would show > 100 s.
+_FPS_RANGE = {".gif": (0.01, 100), ".mp4": (0.01, 1000), ".webm": (0.01, 1000)}
 
 
 class VideoReadError(ValueError):
     """A video file is missing, unreadable, empty or not a video."""
 
 
-def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: int = 8, scale: int = 1) -> Path:
+def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float = 8, scale: int = 1) -> Path:
     """Write uint8 frames `[T, H, W, 3]` to .mp4, .webm or .gif (chosen by the suffix).
 
+    `fps` may be fractional (29.97): mp4/webm store it as a fraction, GIF frame delays are whole 1/100 s.
     `scale` repeats pixels (nearest neighbour) so that tiny toy videos are watchable.
-    mp4/webm (yuv420p) need even sizes after scaling.
+    mp4/webm (yuv420p) need even sizes after scaling. The file is written beside `path` and then renamed
+    over it, so a failed write leaves an existing file as it was.
     """
     path = Path(path)
-    frames = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-        raise ValueError(f"expected uint8 frames [T, H, W, 3] with T > 0, got {frames.dtype} {frames.shape}")
-    if scale > 1:
-        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-    frames = np.ascontiguousarray(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
-    if suffix == ".gif":
-        from PIL import Image
-
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        return path
-    if suffix not in _CODECS:
+    if suffix not in _FPS_RANGE:
         raise ValueError(f"unsupported video format {suffix!r}; use .mp4, .webm or .gif")
-    T, H, W, _ = frames.shape
-    if H % 2 or W % 2:
-        raise ValueError(f"{suffix} needs an even frame size, got {H}x{W}; use scale=2 or .gif")
-    codec, pix_fmt = _CODECS[suffix]
+    low, high = _FPS_RANGE[suffix]
+    if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not low <= fps <= high:  # NaN fails too
+        raise ValueError(f"fps must be a number from {low} to {high} for {suffix}, got {fps!r:.80}")
+    check_int("scale", scale, 1)
+    frames = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.size == 0:
+        raise ValueError(f"expected uint8 frames [T, H, W, 3] with T > 0 and H, W > 0, got {frames.dtype} "
+                         f"{frames.shape}")  # fmt: skip
+    frames = np.ascontiguousarray(frames.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else frames)
+    if suffix in _CODECS and (frames.shape[1] % 2 or frames.shape[2] % 2):
+        raise ValueError(f"{suffix} needs an even frame size, got {frames.shape[1]}x{frames.shape[2]}; use "
+                         f"scale=2 or .gif")  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{suffix}")  # suffix picks the format
+    try:
+        (_write_gif if suffix == ".gif" else _write_av)(partial, frames, fps)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def _write_av(path: Path, frames: np.ndarray, fps: float) -> None:
+    H, W = frames.shape[1:3]
+    codec, pix_fmt = _CODECS[path.suffix]
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
+        # PyAV takes a rate as an int or Fraction; 1001 keeps NTSC rates (30000/1001) exact.
+        stream = container.add_stream(codec, rate=Fraction(float(fps)).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = W, H, pix_fmt
         if codec == "libx264":
             stream.options = {"crf": "12"}  # near-lossless: tiny videos, exact colours matter
@@ -54,7 +81,6 @@ def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: int = 
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return path
 
 
 @contextlib.contextmanager
@@ -96,6 +122,12 @@ def read_video(
     holds one frame, so pass `num_frames` to get a fixed length.
     Raises VideoReadError for a missing, corrupt or empty file.
     """
+    if num_frames is not None:
+        check_int("num_frames", num_frames, 1)
+    if size is not None:
+        if not isinstance(size, (tuple, list)) or len(size) != 2:
+            raise TypeError(f"size must be (height, width), got {size!r:.80}")
+        size = (check_int("size height", size[0], 1), check_int("size width", size[1], 1))
     with open_video(path) as container:
         decoded = [(f.to_ndarray(format="rgb24"), f.duration or 0) for f in container.decode(video=0)]
     if not decoded:
@@ -107,8 +139,6 @@ def read_video(
     repeats = [max(1, round(d / shortest)) if shortest else 1 for d in durations]
     video = torch.from_numpy(np.stack(frames)).repeat_interleave(torch.tensor(repeats), dim=0)
     if num_frames is not None:
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         index = torch.linspace(0, len(video) - 1, num_frames).round().long()
         video = video[index]
     return video if size is None else resize_video(video, size)
