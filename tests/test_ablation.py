@@ -2,15 +2,21 @@
 end to end on the committed configs (the command that makes reports/ablations.md)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from univigu import UniViGUTransformer
 from univigu.cli import app
-from univigu.evaluation.ablation import SHIPPED_BASE, plan, stage_budget
+from univigu.evaluation.ablation import SHIPPED_BASE, plan, run, stage_budget
 from univigu.evaluation.report import _stats, compare, verdict
 from univigu.models.transformer import parameter_breakdown
 from univigu.training.stages import build_task, load_config
@@ -108,3 +114,42 @@ def test_ablate_smoke_end_to_end_resumes_and_regenerates_the_report(tmp_path):
     rewritten = runner.invoke(app, ["ablate-report", str(out), "--report", str(tmp_path / "again")])
     assert rewritten.exit_code == 0, rewritten.output
     assert (tmp_path / "again" / "ablations.md").read_text() == md
+
+
+def test_killed_ablate_takes_its_workers_along_and_a_rerun_finishes_its_job(tmp_path):
+    configs, out = tmp_path / "configs", tmp_path / "run"
+    configs.mkdir()
+    (configs / "settings.yaml").write_text("seeds: [0]\neval: {n: 2, batch_size: 2, num_steps: 2}\n")  # one job: base
+    main = subprocess.Popen([sys.executable, "-m", "univigu", "ablate", str(configs), "--out", str(out), "--jobs", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    children = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "logs" / "base.log").exists():  # the worker has started the job
+            assert main.poll() is None and time.monotonic() < deadline, "the run ended before its job started"
+            time.sleep(0.05)
+        children = psutil.Process(main.pid).children(recursive=True)  # the worker, the resource tracker
+        os.kill(main.pid, signal.SIGKILL)
+        main.wait()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"orphaned: {[' '.join(c.cmdline()) for c in alive]}"
+    finally:
+        for child in children:
+            if child.is_running():
+                child.kill()
+
+    lock = out / "run.lock"
+    assert lock.read_text() == str(main.pid)  # the killed run's lock, left behind
+    lock.write_text(str(os.getpid()))  # a live owner's: refused
+    with pytest.raises(ValueError, match=f"in use by another univigu ablate \\(process {os.getpid()}\\)"):
+        run(configs, out, log=lambda _: None)
+    lock.write_text(str(main.pid))  # a dead owner's: taken over
+    assert run(configs, out, log=lambda _: None)["done"] == ["base"]
+    assert not lock.exists()
+    assert run(configs, tmp_path / "uninterrupted", log=lambda _: None)["done"] == ["base"]
+
+    def scores(folder: Path) -> dict:
+        result = json.loads((folder / "results" / "base.json").read_text())["eval"]
+        return {k: v for k, v in result.items() if k != "seconds"}
+
+    assert scores(out) == scores(tmp_path / "uninterrupted")

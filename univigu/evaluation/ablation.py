@@ -10,7 +10,7 @@ A folder of YAML files (`configs/ablations/`) describes them:
 
 `plan` turns the folder into jobs; `run` runs them as parallel subprocesses, a job as soon as
 the arms it needs are trained, skipping every job whose result file exists (a killed run resumes
-where it stopped). Each job writes one JSON under `OUT/results/`; `univigu.evaluation.report`
+where it stopped: its workers exit with it; OUT/run.lock refuses a second run while one lives). Each job writes one JSON under `OUT/results/`; `univigu.evaluation.report`
 turns them into the report.
 
 Arm names are global: the same name in two studies is the same trained model (its definition
@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_context, parent_process
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import psutil  # installed with accelerate
 import yaml
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -152,53 +156,84 @@ def run(folder: str | Path, out: str | Path, device: str = "cpu", jobs: int = 1,
         log=print, command: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Run every job of the plan not yet done, `jobs` at a time in subprocesses; returns the plan with
     `done` and `failed` job names (`command`, the command line, is kept in OUT/plan.json for the report).
-    A failed job's log is OUT/logs/<name>.log; jobs needing it are skipped."""
+    A failed job's log is OUT/logs/<name>.log; jobs needing it are skipped. A second run on the same OUT
+    is refused while the first lives."""
     out = Path(out)
     p, todo = plan(folder, smoke)
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    record = {**p, "command": command, "device": device, "jobs": [asdict(j) for j in todo]}
-    (out / "plan.json").write_text(json.dumps(record, indent=2))
-    done = {j.name for j in todo if (out / "results" / f"{j.name}.json").exists()}
-    failed: set[str] = set()
-    pending = [j for j in todo if j.name not in done]
-    if done:
-        log(f"{len(done)} of {len(todo)} jobs already done (results exist): skipped")
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    context = get_context("spawn")  # CUDA cannot be used in forked children
-    running: dict[Future, Job] = {}
-    start = time.perf_counter()
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(device, threads)) as pool:
-        while pending or running:
-            for job in [j for j in pending if all(n in done for n in j.needs)]:
-                pending.remove(job)
-                running[pool.submit(run_job, job, p, str(out), device)] = job
-            for job in [j for j in pending if any(n in failed for n in j.needs)]:
-                pending.remove(job)
-                failed.add(job.name)
-                log(f"skipped {job.name}: it needs a failed job")
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = running.pop(future)
-                try:
-                    seconds = future.result()
-                    done.add(job.name)
-                    log(f"[{len(done)}/{len(todo)}] {job.name} done in {seconds:.0f} s "
-                        f"({time.perf_counter() - start:.0f} s elapsed)")  # fmt: skip
-                except Exception as error:  # noqa: BLE001 -- one failed arm must not stop the others
+    with _sole_run(out):
+        record = {**p, "command": command, "device": device, "jobs": [asdict(j) for j in todo]}
+        (out / "plan.json").write_text(json.dumps(record, indent=2))
+        done = {j.name for j in todo if (out / "results" / f"{j.name}.json").exists()}
+        failed: set[str] = set()
+        pending = [j for j in todo if j.name not in done]
+        if done:
+            log(f"{len(done)} of {len(todo)} jobs already done (results exist): skipped")
+        threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+        context = get_context("spawn")  # CUDA cannot be used in forked children
+        running: dict[Future, Job] = {}
+        start = time.perf_counter()
+        pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(device, threads))
+        with pool:
+            while pending or running:
+                for job in [j for j in pending if all(n in done for n in j.needs)]:
+                    pending.remove(job)
+                    running[pool.submit(run_job, job, p, str(out), device)] = job
+                for job in [j for j in pending if any(n in failed for n in j.needs)]:
+                    pending.remove(job)
                     failed.add(job.name)
-                    log(f"FAILED {job.name}: {error!r} (log: {out / 'logs' / (job.name + '.log')})")
+                    log(f"skipped {job.name}: it needs a failed job")
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    try:
+                        seconds = future.result()
+                        done.add(job.name)
+                        log(f"[{len(done)}/{len(todo)}] {job.name} done in {seconds:.0f} s "
+                            f"({time.perf_counter() - start:.0f} s elapsed)")  # fmt: skip
+                    except Exception as error:  # noqa: BLE001 -- one failed arm must not stop the others
+                        failed.add(job.name)
+                        log(f"FAILED {job.name}: {error!r} (log: {out / 'logs' / (job.name + '.log')})")
     return {**p, "done": sorted(done), "failed": sorted(failed), "seconds": round(time.perf_counter() - start, 1)}
 
 
+@contextmanager
+def _sole_run(out: Path) -> Iterator[None]:
+    """Hold OUT/run.lock (this process's PID) while running: two runs would train the same arms into the
+    same folders. A lock whose process is gone (a killed run, its workers gone with it) is taken over."""
+    lock = out / "run.lock"
+    try:
+        with open(lock, "x") as f:
+            f.write(str(os.getpid()))
+    except FileExistsError:
+        owner = lock.read_text().strip()
+        if not owner.isdigit() or psutil.pid_exists(int(owner)):
+            raise ValueError(f"{out} is in use by another univigu ablate (process {owner or '?'}): wait for it "
+                             f"or stop it (if no such run is left, delete {lock})") from None
+        lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def _init_worker(device: str, threads: int) -> None:
+    # kill -9 of the parent runs no cleanup: without this the worker would finish its job (and write its
+    # result) alongside a rerun, then wait for more work forever
+    threading.Thread(target=_exit_with, args=(parent_process(),), daemon=True).start()
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # accelerate would otherwise train on a visible GPU
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _exit_with(parent: BaseProcess) -> None:
+    parent.join()  # returns once the parent's end of the spawn pipe closes: it has exited, however
+    os._exit(1)
 
 
 def run_job(job: Job, p: dict[str, Any], out: str, device: str) -> float:
