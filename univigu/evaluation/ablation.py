@@ -10,8 +10,8 @@ A folder of YAML files (`configs/ablations/`) describes them:
 
 `plan` turns the folder into jobs; `run` runs them as parallel subprocesses, a job as soon as
 the arms it needs are trained, skipping every job whose result file exists (a killed run resumes
-where it stopped: its workers exit with it; OUT/run.lock refuses a second run while one lives). Each job writes one JSON under `OUT/results/`; `univigu.evaluation.report`
-turns them into the report.
+where it stopped: its workers exit with it; OUT/run.lock refuses a second run while one lives).
+Each job writes one JSON under `OUT/results/`; `univigu.evaluation.report` turns them into the report.
 
 Arm names are global: the same name in two studies is the same trained model (its definition
 must agree), so the default recipe is trained once per seed and serves every study that has it.
