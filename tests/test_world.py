@@ -163,4 +163,5 @@ def test_world_rejects_bad_config_index_and_seed():
         world.scene("train", 0, seed=-1)
     with pytest.raises(ValueError, match="heldout split needs held-out combinations"):
         World(WorldConfig(heldout=())).scene("heldout", 0)
-    assert world.scenes("train", np.arange(2), seed=np.int64(1)) == world.scenes("train", [0, 1], seed=1)
+    # integers of any kind still index: numpy, 0-d torch tensors (as a DataLoader may pass)
+    assert world.scenes("train", [np.int64(0), torch.tensor(1)], seed=np.int64(1)) == world.scenes("train", [0, 1], 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import operator
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -208,13 +209,17 @@ def vocabulary() -> list[str]:
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int when it is an int (not a bool, not a float) >= `minimum`; else TypeError / ValueError
+    """`value` as an int when it is an integer (not a bool, not a float) >= `minimum`; else TypeError / ValueError
     naming `name`."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+    try:
+        number = operator.index(value)  # any integer type (numpy, a 0-d torch tensor), never a float
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool):
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r:.80}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
+    if number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {number}")
+    return number
 
 
 class World:
