@@ -143,6 +143,8 @@ def test_killed_ablate_takes_its_workers_along_and_a_rerun_finishes_its_job(tmp_
     lock.write_text(str(os.getpid()))  # a live owner's: refused
     with pytest.raises(ValueError, match=f"in use by another univigu ablate \\(process {os.getpid()}\\)"):
         run(configs, out, log=lambda _: None)
+    refused = CliRunner().invoke(app, ["ablate", str(configs), "--out", str(out)])
+    assert refused.exit_code == 2 and "Invalid value for --out" in refused.output
     lock.write_text(str(main.pid))  # a dead owner's: taken over
     assert run(configs, out, log=lambda _: None)["done"] == ["base"]
     assert not lock.exists()

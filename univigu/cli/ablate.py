@@ -17,7 +17,7 @@ def ablate(
     report: Path = typer.Option(None, help="Folder for ablations.md, ablations.json, plots (default: OUT/report)."),
 ) -> None:
     """Run the ablations of the paper's claims (jobs whose results exist are skipped), then write the report."""
-    from univigu.evaluation.ablation import run
+    from univigu.evaluation.ablation import RunFolderInUse, run
     from univigu.evaluation.report import write_report
 
     if device not in ("cpu", "cuda"):
@@ -26,6 +26,8 @@ def ablate(
                          + (["--smoke"] if smoke else []) + (["--report", str(report)] if report else []))  # fmt: skip
     try:
         done = run(configs, out, device=device, jobs=jobs, smoke=smoke, log=typer.echo, command=command)
+    except RunFolderInUse as error:
+        raise typer.BadParameter(str(error), param_hint="--out") from error
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error), param_hint="CONFIGS") from error
     path = write_report(out, report or out / "report")

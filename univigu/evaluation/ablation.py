@@ -200,6 +200,10 @@ def run(folder: str | Path, out: str | Path, device: str = "cpu", jobs: int = 1,
     return {**p, "done": sorted(done), "failed": sorted(failed), "seconds": round(time.perf_counter() - start, 1)}
 
 
+class RunFolderInUse(ValueError):
+    """OUT holds a live run's lock."""
+
+
 @contextmanager
 def _sole_run(out: Path) -> Iterator[None]:
     """Hold OUT/run.lock (this process's PID) while running: two runs would train the same arms into the
@@ -211,7 +215,7 @@ def _sole_run(out: Path) -> Iterator[None]:
     except FileExistsError:
         owner = lock.read_text().strip()
         if not owner.isdigit() or psutil.pid_exists(int(owner)):
-            raise ValueError(f"{out} is in use by another univigu ablate (process {owner or '?'}): wait for it "
+            raise RunFolderInUse(f"{out} is in use by another univigu ablate (process {owner or '?'}): wait for it "
                              f"or stop it (if no such run is left, delete {lock})") from None
         lock.write_text(str(os.getpid()))
     try:
