@@ -14,7 +14,7 @@ import av
 import numpy as np
 import torch
 
-from univigu.data.world import check_int
+from univigu.checks import check_int
 
 _CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p")}
 # Frame rates each format stores: GIF frame delays are whole 1/100 s (a higher rate has no delay), WebM

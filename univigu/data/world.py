@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 import numbers
-import operator
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from univigu.checks import check_int
 
 OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -206,20 +207,6 @@ def vocabulary() -> list[str]:
 # ---------------------------------------------------------------------------------------
 # Sampling scenes
 # ---------------------------------------------------------------------------------------
-
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """`value` as an int when it is an integer (not a bool, not a float) >= `minimum`; else TypeError / ValueError
-    naming `name`."""
-    try:
-        number = operator.index(value)  # any integer type (numpy, a 0-d torch tensor), never a float
-    except TypeError:
-        number = None
-    if number is None or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r:.80}")
-    if number < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {number}")
-    return number
 
 
 class World:

@@ -10,7 +10,6 @@ umT5 prompt encoder and tokenizer, see `univigu.models.wan`); `from_pretrained` 
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 import warnings
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from univigu.checks import check_finite, check_int
 from univigu.data.codec import PixelCodec
 from univigu.data.tokenizer import TextCanvas, load_tokenizer
 from univigu.flow.samplers import TEXT_UPDATES, Guidance, sample_t2v, sample_t2vt, sample_v2t
@@ -67,13 +67,13 @@ class PipelineConfig:
         # a bad value would otherwise load fine and fail deep inside the first sampling call (or sample garbage)
         for name in ("frames", "height", "width", "prompt_length", "text_length", "num_steps", "fps",
                      "pixel_downsample"):  # fmt: skip
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1)
         if self.caption_steps is not None:
-            _positive_int("caption_steps", self.caption_steps)
+            check_int("caption_steps", self.caption_steps, 1)
         for name in ("text_exponent", "shift", "video_sigma_data", "text_shift"):
-            if _finite(name, getattr(self, name)) <= 0:
+            if check_finite(name, getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        _finite("guidance_scale", self.guidance_scale)
+        check_finite("guidance_scale", self.guidance_scale)
         for name, valid in (("text_source", ("uniform", "mask")), ("video_prediction", PREDICTIONS),
                             ("text_update", TEXT_UPDATES)):  # fmt: skip
             if getattr(self, name) not in valid:
@@ -96,28 +96,10 @@ class PipelineConfig:
         """The sampling steps a pipeline method ("text_to_video", "video_to_text", "generate") runs: `num_steps`
         when given (an int >= 1), else caption_steps for video to text, else num_steps."""
         if num_steps is not None:
-            return _positive_int("num_steps", num_steps)
+            return check_int("num_steps", num_steps, 1)
         if method == "video_to_text" and self.caption_steps is not None:
             return self.caption_steps
         return self.num_steps
-
-
-def _positive_int(name: str, value: Any) -> int:
-    """`value` when it is an int >= 1; else TypeError / ValueError naming `name`."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value}")
-    return int(value)
-
-
-def _finite(name: str, value: Any) -> float:
-    """`value` when it is a finite number; else TypeError / ValueError naming `name` (NaN sampled black videos)."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return float(value)
 
 
 def _seed(seed: Any) -> int | torch.Generator:
@@ -474,7 +456,9 @@ class UniViGUPipeline:
     def _scale(self, guidance_scale: float | None) -> float:
         """The guidance scale a call runs with: any finite number (0: unconditional, 1: no guidance, < 0 pushes
         away from the prompt), else the config's."""
-        return self.config.guidance_scale if guidance_scale is None else _finite("guidance_scale", guidance_scale)
+        if guidance_scale is None:
+            return self.config.guidance_scale
+        return check_finite("guidance_scale", guidance_scale)
 
     def _require_unified(self, what: str) -> None:
         if not self.unified:
