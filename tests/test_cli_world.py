@@ -3,6 +3,7 @@ import json
 from typer.testing import CliRunner
 
 from univigu.cli import app
+from cli_text import said
 from univigu.data.video_io import read_video
 from univigu.data.world import parse_caption
 
@@ -29,6 +30,21 @@ def test_world_render_writes_videos_jsonl_and_sheet(tmp_path):
 def test_world_render_bad_split_is_clear(tmp_path):
     result = runner.invoke(app, ["world", "render", "--split", "nope", "--out", str(tmp_path)])
     assert result.exit_code != 0 and "split" in result.output
+
+
+def test_world_render_sizes_and_formats(tmp_path):
+    out = tmp_path / "ok"
+    args = ["world", "render", "--n", "2", "--out", str(out), "--scale", "1", "--height", "48", "--width", "40",
+            "--frames", "8", "--format", "webm"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    files = [json.loads(line)["files"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [list(f) for f in files] == [["webm"], ["webm"]]
+    assert read_video(files[0]["webm"]).shape == (8, 48, 40, 3)
+    for bad, message in ((["--format", "png"], "subset of gif, mp4, webm"), (["--height", "8"], "height must be")):
+        result = runner.invoke(app, ["world", "render", "--out", str(tmp_path / "bad"), *bad])
+        assert result.exit_code == 2 and message in said(result), result.output
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def test_check_oracle_prints_and_writes_json(tmp_path):

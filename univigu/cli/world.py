@@ -25,26 +25,30 @@ def render(
     out: Path = typer.Option(Path("outputs/world"), help="Output folder."),
     height: int = typer.Option(32), width: int = typer.Option(32), frames: int = typer.Option(16),
     fmt: str = typer.Option("mp4,gif", "--format", help="Comma-separated: mp4, gif, webm."),
-    scale: int = typer.Option(4, help="Pixel repeat factor for the written files."),
+    scale: int = typer.Option(4, min=1, help="Pixel repeat factor for the written files."),
 ) -> None:
     """Write videos, samples.jsonl (prompt, caption, attributes) and a contact sheet."""
-    from univigu.data.video_io import write_video
+    from univigu.data.video_io import VIDEO_FORMATS, write_video
     from univigu.data.world import World
 
-    world = World(_config(height, width, frames))
+    formats = [ext.strip().lstrip(".") for ext in fmt.split(",") if ext.strip()]
+    if not formats or set(formats) - set(VIDEO_FORMATS):
+        raise typer.BadParameter(f"a comma-separated subset of {', '.join(VIDEO_FORMATS)}, got {fmt!r}",
+                                 param_hint="--format")  # fmt: skip
     try:
+        world = World(_config(height, width, frames))
         scenes = world.scenes(split, range(n), seed)
-    except ValueError as error:
+    except (TypeError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
     videos = world.render(scenes)
     (out / "videos").mkdir(parents=True, exist_ok=True)
-    with open(out / "samples.jsonl", "w") as f:
-        for i, (scene, video) in enumerate(zip(scenes, videos)):
-            files = {ext: str(write_video(out / "videos" / f"{split}_{i:06d}.{ext}", video, scale=scale))
-                     for ext in fmt.split(",") if ext}  # fmt: skip
-            record = {"index": i, "split": split, "seed": seed, "files": files,
-                      "prompt": scene.prompt, "caption": scene.caption, "attributes": scene.attributes()}  # fmt: skip
-            f.write(json.dumps(record) + "\n")
+    records = []
+    for i, (scene, video) in enumerate(zip(scenes, videos)):
+        files = {ext: str(write_video(out / "videos" / f"{split}_{i:06d}.{ext}", video, scale=scale))
+                 for ext in formats}  # fmt: skip
+        records.append({"index": i, "split": split, "seed": seed, "files": files, "prompt": scene.prompt,
+                        "caption": scene.caption, "attributes": scene.attributes()})  # fmt: skip
+    (out / "samples.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     sheet = contact_sheet(videos, [s.prompt for s in scenes], out / "contact_sheet.png")
     typer.echo(f"wrote {n} {split} samples to {out} (samples.jsonl, videos/, {sheet.name})")
 

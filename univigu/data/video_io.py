@@ -20,6 +20,7 @@ _CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p")}
 # Frame rates each format stores: GIF frame delays are whole 1/100 s (a higher rate has no delay), WebM
 # timestamps are milliseconds (frames above 1000 fps share one). Below 0.01 fps a frame would show > 100 s.
 _FPS_RANGE = {".gif": (0.01, 100), ".mp4": (0.01, 1000), ".webm": (0.01, 1000)}
+VIDEO_FORMATS = tuple(suffix[1:] for suffix in _FPS_RANGE)  # what write_video writes
 
 
 class VideoReadError(ValueError):
