@@ -175,8 +175,10 @@ def test_text_only_freeze(model):
     _randomise_text_head(model)
     model.set_trainable("text")
     _loss(model).backward()
-    shared = [(n, p) for n, p in model.named_parameters() if not model.is_text_parameter(n)]
-    assert shared and all(p.grad is None for _, p in shared)
+    shared = list(model.shared_parameters())
+    assert shared and all(p.grad is None for p in shared)
+    both = {id(p) for p in shared} | {id(p) for p in model.text_parameters()}
+    assert both == {id(p) for p in model.parameters()} and len(both) == len(shared) + len(list(model.text_parameters()))
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_parameters())
     model.set_trainable("all")
     assert all(p.requires_grad for p in model.parameters())

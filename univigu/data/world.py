@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import numbers
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -539,8 +539,3 @@ def accuracy(scores: Iterable[dict[str, tuple[int, int]]]) -> dict[str, float]:
     out = {k: c / t for k, (c, t) in totals.items() if t}
     out["all"] = sum(c for c, _ in totals.values()) / max(1, sum(t for _, t in totals.values()))
     return out
-
-
-def scene_to_json(scene: Scene) -> dict[str, Any]:
-    return {"prompt": scene.prompt, "caption": scene.caption, "attributes": scene.attributes(),
-            "scene": asdict(scene)}  # fmt: skip

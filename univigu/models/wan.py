@@ -199,10 +199,6 @@ class UMT5PromptEncoder(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.encoder.save_pretrained(path)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.encoder.dtype
-
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         with _placed(self.encoder, self.offload_device):
             device = next(self.encoder.parameters()).device
