@@ -31,6 +31,25 @@ def test_generate_writes_video_and_sidecar(checkpoints, tmp_path):
     assert {"gif", "mp4"} <= set(sidecar["files"])
 
 
+def test_sampling_options_reach_the_sampler(checkpoints, tmp_path):
+    """--steps, --guidance, --text-update and --instruction as given (not the model's defaults) run, and the
+    sidecars say so."""
+    model = ["--model", str(checkpoints / "unified"), "--seed", "3"]
+    result = runner.invoke(app, ["joint", "a red circle", *model, "--out", str(tmp_path / "j"), "--steps", "3",
+                                 "--guidance", "2.5", "--text-update", "linear-resample"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(next((tmp_path / "j").glob("*.json")).read_text())
+    assert (sidecar["steps"], sidecar["guidance_scale"], sidecar["text_update"], sidecar["seed"]) == (
+        3, 2.5, "linear-resample", 3)
+    video = np.ascontiguousarray(World().render(World().scenes("test", [0]))[0])
+    path = write_video(tmp_path / "clip.mp4", video)
+    asked = runner.invoke(app, ["caption", str(path), *model, "--out", str(tmp_path / "c"), "--steps", "2",
+                                "--instruction", "what moves"])  # fmt: skip
+    assert asked.exit_code == 0, asked.output
+    sidecar = json.loads(next((tmp_path / "c").glob("*.json")).read_text())
+    assert sidecar["instruction"] == "what moves" and sidecar["steps"] == 2
+
+
 def test_generate_in_bfloat16(checkpoints, tmp_path):
     model = ["--model", str(checkpoints / "unified"), "--out", str(tmp_path)]
     result = runner.invoke(app, ["generate", "a red circle moves right", *model, "--dtype", "bfloat16"])
@@ -85,6 +104,16 @@ def test_eval_reports_every_number(checkpoints, tmp_path):
         assert key in data
     assert 0 <= data["v2t"]["all"] <= 1 and "bleu4" in data["v2t"] and "cider" in data["v2t"]
     assert "T2V prompt-attribute accuracy" in result.output
+
+
+def test_eval_of_a_base_generator_leaves_out_what_it_cannot_do(checkpoints, tmp_path):
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(checkpoints / "base"), "--n", "2", "--batch-size", "2", "--split",
+                                 "heldout", "--steps", "2", "--json", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "v2t, joint left out" in said(result)
+    data = json.loads(out.read_text())
+    assert "t2v" in data and "v2t" not in data and data["split"] == "heldout" and data["num_steps"] == 2
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

@@ -102,6 +102,17 @@ def test_from_wan_is_reproducible_and_runs_in_bfloat16(pipe, wan_dir):
     assert len(half.generate(["a dog runs"], seed=0, progress=False).texts) == 1
 
 
+def test_an_offloaded_pipeline_samples_as_the_plain_one(pipe, wan_dir):
+    from univigu import UniViGUPipeline
+
+    offloaded = UniViGUPipeline.from_wan(wan_dir, frames=FRAMES, height=HEIGHT, width=WIDTH, text_length=8,
+                                         num_steps=2).enable_model_cpu_offload("cpu")  # fmt: skip
+    want = pipe.generate(["a red circle moves left"], seed=0, progress=False)
+    got = offloaded.generate(["a red circle moves left"], seed=0, progress=False)
+    np.testing.assert_array_equal(got.videos, want.videos)
+    assert got.texts == want.texts
+
+
 def test_cpu_offload_moves_components_only_while_they_run(wan_dir):
     from univigu.models.wan import WanComponents
 
