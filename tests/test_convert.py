@@ -126,3 +126,21 @@ def test_with_a_wan_folder_the_output_is_a_pipeline(tmp_path):
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
     not_wan = runner.invoke(app, [*args, "--wan", str(tmp_path)])
     assert not_wan.exit_code == 2 and "not a Wan2.1 diffusers folder" in said(not_wan)
+
+
+def test_a_safetensors_checkpoint_and_unreadable_ones(model, tmp_path):
+    from safetensors.torch import save_file
+
+    official = official_state_dict(model)
+    save_file({k: v.contiguous() for k, v in official.items()}, tmp_path / "unified.safetensors")
+    args = ["--attention-head-dim", "16", "--vocab-size", "50"]
+    result = runner.invoke(app, ["convert-official", str(tmp_path / "unified.safetensors"), str(tmp_path / "ours"),
+                                 *args])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    converted = UniViGUTransformer.from_pretrained(tmp_path / "ours")
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in model.state_dict().items())
+    torch.save([1, 2], tmp_path / "list.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint" * 8)
+    for name, message in (("list.pth", "does not hold a state dict"), ("junk.pth", "cannot be read as a checkpoint")):
+        result = runner.invoke(app, ["convert-official", str(tmp_path / name), str(tmp_path / name[:4]), *args])
+        assert result.exit_code == 1 and message in said(result) and not (tmp_path / name[:4]).exists()

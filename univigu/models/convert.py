@@ -169,12 +169,15 @@ def convert_official_state_dict(
 def load_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """A released `.pth` / `.pt` (torch.load, weights only) or `.safetensors`; unwraps a `model` /
     `state_dict` entry."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch and safetensors raise many kinds (unpickling, header, zip errors)
+        raise ConversionError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: {error})"[:500]) from error
     for key in ("model", "state_dict", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
