@@ -177,7 +177,8 @@ def load_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch and safetensors raise many kinds (unpickling, header, zip errors)
-        raise ConversionError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: {error})"[:500]) from error
+        why = f"{type(error).__name__}: {error}"[:300]
+        raise ConversionError(f"{path} cannot be read as a checkpoint ({why})") from error
     for key in ("model", "state_dict", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
