@@ -143,3 +143,21 @@ def test_a_killed_export_leaves_the_old_final_whole(tmp_path, monkeypatch):
     run_stage(load_config(CONFIG_DIR / "base.yaml", [*args, "--train.max_steps=3"]), resume=True)
     assert UniViGUPipeline.from_pretrained(out / "final").config.extra["base"]["steps"] == 3
     assert not (out / ".final.tmp").exists()
+
+
+def test_train_all_reads_its_configs_folder(tmp_path):
+    """--configs: a folder of the user's own stage YAMLs (here the toy ones with base cut to 1 step)."""
+    import shutil
+
+    import yaml
+
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, configs)
+    base = yaml.safe_load((configs / "base.yaml").read_text())
+    base["train"]["max_steps"] = 1
+    (configs / "base.yaml").write_text(yaml.safe_dump(base))
+    small = [f"--base.{o}" for o in SMALL if not o.startswith("train.max_steps")]
+    result = runner.invoke(app, ["train-all", "--out", str(tmp_path / "runs"), "--configs", str(configs),
+                                 "--stages", "base", *small])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert UniViGUPipeline.from_pretrained(tmp_path / "runs" / "base" / "final").config.extra["base"]["steps"] == 1
