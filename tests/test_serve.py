@@ -96,3 +96,29 @@ def test_serve_errors_before_starting(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "pip install 'univigu[app]'" in result.output
     helped = CliRunner().invoke(app, ["serve", "--help"])  # rich markup would eat a bare [app]
     assert "univigu[app]" in " ".join(re.sub(r"[│╭╮╰╯─]", " ", helped.output).split())
+
+
+def test_messages_and_step_defaults_of_the_app():
+    """Errors and warnings of a task reach the page (gr.Error, gr.Warning), and each tab's steps slider starts at
+    what its task runs by default (captions: caption_steps, 50 for the shipped model, not num_steps)."""
+    import gradio as gr
+
+    from univigu import app as app_module
+
+    demo = app_module.Demo(None, "cpu", Path("unused"))
+    notices = []
+
+    class Fake:
+        Error = gr.Error
+        Warning = notices.append
+
+    out = app_module.shown(Fake, demo.pipe.check_prompts, ["a pink dog jumps"])
+    assert out is None and notices and "'pink', 'dog', 'jumps'" in notices[0]
+    with pytest.raises(gr.Error, match="1 tokens long|tokens long"):
+        app_module.shown(Fake, demo.pipe.check_prompts, [" ".join(["red"] * 40)])
+    with pytest.raises(gr.Error, match="seed must fit in 64 bits"):
+        app_module.shown(Fake, demo.pipe.text_to_video, ["a red circle"], seed=2**70)
+    blocks = app_module.build_app(demo)
+    steps = [b.value for b in blocks.blocks.values() if getattr(b, "label", None) == "sampling steps"]
+    c = demo.pipe.config
+    assert steps == [c.num_steps, c.caption_steps, c.num_steps] and c.caption_steps != c.num_steps

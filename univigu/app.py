@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 MISSING = "the demo app needs Gradio: pip install 'univigu[app]'"
 
@@ -123,17 +124,27 @@ def _prompt(prompt: str) -> str:
     return prompt.strip()
 
 
+def shown(gr: Any, task: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`task(*args, **kwargs)` for the app: bad input shows as a message (`gr.Error`) rather than a stack trace,
+    and warnings (words the model does not know) as notices (`gr.Warning`) rather than lines in the server's log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            result = task(*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            raise gr.Error(str(error)) from error
+    for warning in caught:
+        gr.Warning(str(warning.message))
+    return result
+
+
 def build_app(demo: Demo):
     """The Gradio Blocks of the app. API names: /text_to_video, /world_sample, /video_to_text, /joint."""
     gr = require_gradio()
     c = demo.pipe.config
 
     def run(task, *args, progress):
-        """Bad input shows as a message in the app rather than a stack trace."""
-        try:
-            return task(*args, progress=progress)
-        except ValueError as error:
-            raise gr.Error(str(error)) from error
+        return shown(gr, task, *args, progress=progress)
 
     # gradio finds its progress tracker by a parameter's default, so each task gets an explicit signature
     def text_to_video(prompt, seed, steps, guidance, progress=gr.Progress()):
@@ -145,10 +156,10 @@ def build_app(demo: Demo):
     def joint(prompt, seed, steps, guidance, progress=gr.Progress()):
         return run(demo.joint, prompt, seed, steps, guidance, progress=progress)
 
-    def controls(guidance: bool = True) -> list:
+    def controls(method: str, guidance: bool = True) -> list:
         with gr.Row():
-            seed = gr.Number(value=0, precision=0, label="seed", minimum=0)
-            steps = gr.Slider(1, 100, value=c.num_steps, step=1, label="sampling steps")
+            seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=2**63 - 1)
+            steps = gr.Slider(1, 100, value=c.steps_for(method), step=1, label="sampling steps")  # captions: 50
             scale = gr.Slider(1.0, 10.0, value=c.guidance_scale, step=0.5, label="guidance scale", visible=guidance)
         return [seed, steps, scale] if guidance else [seed, steps]
 
@@ -157,7 +168,7 @@ def build_app(demo: Demo):
                     f"Model: `{demo.model}` ({c.frames} frames of {c.height}x{c.width}).")  # fmt: skip
         with gr.Tab("Text to video"):
             prompt = gr.Textbox("a red circle moves right", label="prompt")
-            settings = controls()
+            settings = controls("text_to_video")
             go = gr.Button("Generate", variant="primary")
             video = gr.Video(label="video", height=320)
             sidecar, page = gr.File(label="sidecar JSON"), gr.File(label="trajectory")
@@ -169,7 +180,7 @@ def build_app(demo: Demo):
                     index = gr.Number(value=0, precision=0, minimum=0, label="world test sample")
                     render = gr.Button("Render a world sample")
             instruction = gr.Textbox("", label="instruction (optional)")
-            settings = controls(guidance=False)
+            settings = controls("video_to_text", guidance=False)
             go = gr.Button("Caption", variant="primary")
             text = gr.Textbox(label="caption")
             sidecar, page = gr.File(label="sidecar JSON"), gr.File(label="trajectory")
@@ -178,7 +189,7 @@ def build_app(demo: Demo):
                      api_name="video_to_text")
         with gr.Tab("Joint"):
             prompt = gr.Textbox("a blue square grows", label="prompt")
-            settings = controls()
+            settings = controls("generate")
             go = gr.Button("Generate both", variant="primary")
             with gr.Row():
                 video, text = gr.Video(label="video", height=320), gr.Textbox(label="caption")

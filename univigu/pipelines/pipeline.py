@@ -108,6 +108,8 @@ def _seed(seed: Any) -> int | torch.Generator:
         return seed
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__} {seed!r}")
+    if not -(2**63) <= seed < 2**64:  # what torch's generators take (else "Overflow when unpacking long long")
+        raise ValueError(f"seed must fit in 64 bits, got {seed}")
     return int(seed)
 
 
