@@ -13,6 +13,7 @@ from univigu import PipelineConfig, UniViGUPipeline, World
 from univigu.cli import app
 from univigu.flow import TextFlow, sample_v2t
 from univigu.models.transformer import UniViGUTransformer
+from cli_text import said
 
 CONFIG = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -193,6 +194,16 @@ def test_bench_v2t_cli(tmp_path):
     assert data["attention_backend"] == "_native_math" and not data["cuda_graph"]  # no CUDA here
     bad = CliRunner().invoke(app, ["model", "bench-v2t", "--preset", "nope"])
     assert bad.exit_code == 2 and "neither a preset" in bad.output
+    # a pipeline folder's architecture (the README's row on the shipped model), in bf16
+    from univigu import DEFAULT_MODEL
+
+    folder = ["--preset", str(DEFAULT_MODEL), *args[4:-2], "--dtype", "bfloat16"]
+    unpatched = CliRunner().invoke(app, ["model", "bench-v2t", *folder])  # 2 frames: its patch takes 4
+    assert unpatched.exit_code == 2 and "multiple of the model's patch [4, 2, 2]" in said(unpatched)
+    result = CliRunner().invoke(app, ["model", "bench-v2t", *folder, "--frames", "4"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["preset"] == str(DEFAULT_MODEL) and data["dtype"] == "bfloat16" and data["steps"] == 3
     bad = CliRunner().invoke(app, args[:-1] + ["flash3"])
     assert bad.exit_code == 2 and "attention backend must be one of" in bad.output
 

@@ -241,6 +241,10 @@ def bench_v2t(
         raise typer.BadParameter(f"{preset!r} is neither a preset {sorted(PRESETS)} nor a pipeline folder",
                                  param_hint="--preset")  # fmt: skip
     torch_dtype = _torch_dtype(dtype)
+    for name, size, patch in zip(("--frames", "--height", "--width"), (frames, height, width), config["patch_size"]):
+        if size % patch:
+            raise typer.BadParameter(f"must be a multiple of the model's patch {list(config['patch_size'])}, got "
+                                     f"{size}", param_hint=name)  # fmt: skip
     torch.manual_seed(0)
     with torch.device(device):  # weights initialised where they run (1.3B on the CPU is slow)
         model = UniViGUTransformer.from_config({**config, "attention_layout": "video_prefix"}).eval()
