@@ -29,6 +29,7 @@ def test_generate_writes_video_and_sidecar(checkpoints, tmp_path):
     sidecar = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert sidecar["prompt"] == "a red circle moves right" and sidecar["seed"] == 4 and sidecar["steps"] == 2
     assert {"gif", "mp4"} <= set(sidecar["files"])
+    assert all(path in result.output for path in sidecar["files"].values())  # says where everything went
 
 
 def test_sampling_options_reach_the_sampler(checkpoints, tmp_path):

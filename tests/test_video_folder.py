@@ -226,6 +226,13 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
 
     nothing = runner.invoke(app, [*args[:3], str(tmp_path / "empty"), *args[4:-1], "2"])
     assert nothing.exit_code == 1 and "no video could be cached" in said(nothing)
+    # a captions file elsewhere (--captions; CSV), its paths read in VIDEOS
+    (tmp_path / "captions.csv").write_text("video,prompt,caption\ngood0.mp4,a bar,a bar moves\n")
+    from_csv = runner.invoke(app, [*args[:3], str(tmp_path / "csv"), "--captions", str(tmp_path / "captions.csv"),
+                                   *args[4:], "--batch-size", "1"])  # fmt: skip
+    assert from_csv.exit_code == 0, from_csv.output
+    assert LatentCacheDataset(tmp_path / "csv")[0]["caption"] == "a bar moves"
+
     # a folder with no finished chunk (a run stopped before its first) takes other settings
     shutil.rmtree(tmp_path / "empty" / "shards")
     assert runner.invoke(app, [*args[:3], str(tmp_path / "empty"), *args[4:]]).exit_code == 0

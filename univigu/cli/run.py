@@ -140,7 +140,8 @@ def generate(
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"text to video: {prompt}", record, times)  # fmt: skip
         files = save_sample(out, f"{slug(prompt)}_seed{seed}_{i}", video, record)
-        typer.echo(f"{prompt!r} -> {files['gif']}" + (f" (trajectory: {files['trajectory']})" if trajectory else ""))
+        typer.echo(f"{prompt!r} -> {files['gif']}, {files['mp4']}, {files['json']}"
+                   + (f" (trajectory: {files['trajectory']})" if trajectory else ""))  # fmt: skip
 
 
 def caption(
@@ -212,7 +213,7 @@ def joint(
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"joint generation: {prompt}", record, times)  # fmt: skip
         files = save_sample(out, f"{slug(prompt)}_joint_seed{seed}_{i}", video, record)
-        typer.echo(f"{prompt!r} -> {files['gif']}\n  caption: {text}")
+        typer.echo(f"{prompt!r} -> {files['gif']}, {files['mp4']}, {files['json']}\n  caption: {text}")
 
 
 def evaluate(
