@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -89,10 +88,14 @@ def out_file(path: Path | None) -> Path | None:
     return path
 
 
-def _finite(value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"must be a finite number, got {value}")
-    return value
+def _finite(param: typer.CallbackParam, value: float | None) -> float | None:
+    """A typer callback: the option's number, finite (NaN guidance samples black videos)."""
+    from univigu.checks import check_finite
+
+    try:
+        return None if value is None else check_finite(param.name, value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
 
 
 @contextmanager
@@ -229,12 +232,13 @@ def evaluate(
 ) -> None:
     """Attribute accuracies (oracle + parser), BLEU-4, CIDEr and joint consistency."""
     from univigu.data.world import SPLITS
+    from univigu.evaluation.evaluate import TASKS, summary_table
     from univigu.evaluation.evaluate import evaluate as run_eval
-    from univigu.evaluation.evaluate import summary_table
 
     chosen = tuple(dict.fromkeys(t.strip() for t in tasks.split(",") if t.strip()))
-    if not chosen or set(chosen) - {"t2v", "v2t", "joint"}:
-        raise typer.BadParameter(f"a comma-separated subset of t2v, v2t, joint, got {tasks!r}", param_hint="--tasks")
+    if not chosen or set(chosen) - set(TASKS):
+        raise typer.BadParameter(f"a comma-separated subset of {', '.join(TASKS)}, got {tasks!r}",
+                                 param_hint="--tasks")  # fmt: skip
     if split not in SPLITS:
         raise typer.BadParameter(f"one of {list(SPLITS)}, got {split!r}", param_hint="--split")
     pipe, path = _pipeline(checkpoint, device, param_hint="CHECKPOINT")
@@ -308,8 +312,8 @@ def export(
     """Copy a pipeline folder with its weights stored in another dtype (loading casts back to float32)."""
     import torch
 
-    if dtype not in ("float16", "bfloat16", "float32"):
-        raise typer.BadParameter(f"dtype must be float16, bfloat16 or float32, got {dtype!r}", param_hint="--dtype")
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", param_hint="--dtype")
     if target.exists() and target.resolve() == source.resolve():
         raise typer.BadParameter("is SOURCE itself: its weights would be rewritten in place", param_hint="TARGET")
     if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:

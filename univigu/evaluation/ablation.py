@@ -215,8 +215,8 @@ def _sole_run(out: Path) -> Iterator[None]:
     except FileExistsError:
         owner = lock.read_text().strip()
         if not owner.isdigit() or psutil.pid_exists(int(owner)):
-            raise RunFolderInUse(f"{out} is in use by another univigu ablate (process {owner or '?'}): wait for it "
-                             f"or stop it (if no such run is left, delete {lock})") from None
+            raise RunFolderInUse(f"{out} is in use by another univigu ablate (process {owner or '?'}): wait for "
+                                 f"it or stop it (if no such run is left, delete {lock})") from None
         lock.write_text(str(os.getpid()))
     try:
         yield

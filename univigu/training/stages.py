@@ -13,6 +13,7 @@ that the next stage's `init_from` names.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import shutil
@@ -136,11 +137,9 @@ class StageConfig:
         if differ:
             raise ValueError(f"the world's videos are not the size of {self.init_from}'s pipeline "
                              f"({'; '.join(differ)}): set world.frames / height / width to the pipeline's")  # fmt: skip
-        longest = _longest_world_prompt()
         for key in ("prompt_length", "text_length"):
-            if key in merged and merged[key] <= longest:
-                raise ValueError(f"pipeline.{key} {merged[key]} is too short for the world's prompts: the longest has "
-                                 f"{longest} tokens, so it must be >= {longest + 1} (an end token)")  # fmt: skip
+            if key in merged:
+                _check_holds_world_prompts(f"pipeline.{key}", merged[key])
 
 
 def _build(cls, data: dict[str, Any], where: str):
@@ -235,11 +234,21 @@ def _model_config(model: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
+@functools.cache
 def _longest_world_prompt() -> int:
     """Tokens in the world's longest short prompt (every colour, shape and motion)."""
     prompts = [Scene("black", (WorldObject(c, s, "small", m, None, "center", 0.0, 0.0),)).prompt
                for c in OBJECT_COLOURS for s in SHAPES for m in MOTIONS]  # fmt: skip
     return max(len(ids) for ids in build_world_tokenizer()(prompts, add_special_tokens=False)["input_ids"])
+
+
+def _check_holds_world_prompts(name: str, length: int) -> None:
+    """A text canvas of `length` tokens holds the world's longest prompt and its end token: a shorter one fails
+    mid-run."""
+    longest = _longest_world_prompt()
+    if length <= longest:
+        raise ValueError(f"{name} {length} is too short for the world's prompts: the longest has {longest} tokens, "
+                         f"so it must be >= {longest + 1} (an end token)")  # fmt: skip
 
 
 def _check_base_sizes(world: WorldConfig, model: dict[str, Any], pipeline: PipelineConfig) -> None:
@@ -255,10 +264,7 @@ def _check_base_sizes(world: WorldConfig, model: dict[str, Any], pipeline: Pipel
             by = f" x pipeline.pixel_downsample {down}" if down > 1 else ""
             raise ValueError(f"{name} {size} must be a multiple of {down * p} (the model's patch: model.patch_size "
                              f"{list(patch)}{by})")  # fmt: skip
-    longest = _longest_world_prompt()
-    if pipeline.prompt_length <= longest:
-        raise ValueError(f"pipeline.prompt_length {pipeline.prompt_length} is too short for the world's prompts: "
-                         f"the longest has {longest} tokens, so it must be >= {longest + 1} (an end token)")
+    _check_holds_world_prompts("pipeline.prompt_length", pipeline.prompt_length)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> StageConfig:
