@@ -1,3 +1,4 @@
+import warnings
 from fractions import Fraction
 
 import av
@@ -51,6 +52,20 @@ def test_clear_errors_for_bad_files(tmp_path, video):
     (tmp_path / "truncated.mp4").write_bytes(good[: len(good) // 3])
     with pytest.raises(VideoReadError):
         read_video(tmp_path / "truncated.mp4")
+
+
+def test_a_cut_webm_reads_what_is_left_with_a_warning(tmp_path, video):
+    """A WebM cut short decodes without error up to the cut: the reader says so instead of passing part of a video
+    off as all of it (the caption command and the app caption what it returns)."""
+    good = write_video(tmp_path / "good.webm", video)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the whole file: no warning
+        assert read_video(good).shape[0] == len(video)
+    cut = tmp_path / "cut.webm"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size * 4 // 5])
+    with pytest.warns(UserWarning, match=r"cut.webm: decoded \d+ frames .* header says 2.00 s; the file looks truncated"):
+        left = read_video(cut)
+    assert 0 < len(left) < len(video)
 
 
 def test_write_rejects_bad_frames(tmp_path, video):

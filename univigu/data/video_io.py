@@ -6,6 +6,7 @@ import contextlib
 import numbers
 import os
 import uuid
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -111,6 +112,20 @@ def resize_video(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def _rate(stream: av.video.stream.VideoStream) -> float:
+    return float(stream.average_rate or stream.guessed_rate or 25)
+
+
+def _header_length(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    """Seconds the file's header says the video lasts (the video stream's own, else the container's when it holds
+    nothing else), or None."""
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    if container.duration and len(container.streams) == 1:
+        return container.duration / av.time_base
+    return None
+
+
 def read_video(
     path: str | Path, num_frames: int | None = None, size: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -121,7 +136,8 @@ def read_video(
     Frames play for their stored durations, so a GIF (whose writers merge identical
     consecutive frames) reads back frame for frame; a GIF whose frames are all identical
     holds one frame, so pass `num_frames` to get a fixed length.
-    Raises VideoReadError for a missing, corrupt or empty file.
+    Raises VideoReadError for a missing, corrupt or empty file; warns when fewer frames decode than the file's
+    header says (a truncated file).
     """
     if num_frames is not None:
         check_int("num_frames", num_frames, 1)
@@ -130,9 +146,21 @@ def read_video(
             raise TypeError(f"size must be (height, width), got {size!r:.80}")
         size = (check_int("size height", size[0], 1), check_int("size width", size[1], 1))
     with open_video(path) as container:
-        decoded = [(f.to_ndarray(format="rgb24"), f.duration or 0) for f in container.decode(video=0)]
+        stream = container.streams.video[0]
+        decoded, end = [], 0.0
+        for f in container.decode(stream):
+            decoded.append((f.to_ndarray(format="rgb24"), f.duration or 0))
+            if f.time is not None:
+                end = f.time + float((f.duration or 0) * stream.time_base)
+        length = _header_length(container, stream)
     if not decoded:
         raise VideoReadError(f"video has zero frames: {path}")
+    if stream.frames > len(decoded) or length and end and length - end > max(0.05 * length, 2 / _rate(stream)):
+        # Decoding stops quietly where some files were cut (a WebM, for one): the clip is read from what
+        # is left, so say so rather than caption part of a video as if it were all of it.
+        header = f"{stream.frames} frames" if stream.frames > len(decoded) else f"{length:.2f} s"
+        warnings.warn(f"{path}: decoded {len(decoded)} frames ({end:.2f} s) where its header says {header}; the "
+                      f"file looks truncated, and only what was decoded is used", stacklevel=2)  # fmt: skip
     frames, durations = zip(*decoded)
     # GIF writers merge identical consecutive frames into one longer frame: show each frame
     # for as many base periods as it lasts, as a viewer would.
