@@ -46,6 +46,8 @@ def test_oracle_detects_wrong_attributes():
     pred = Oracle()(world.render([b]))[0]
     scores = attribute_matches(a.attributes(), pred)
     assert accuracy([scores])["all"] < 0.9
+    with pytest.raises(ValueError, match="no scores"):  # was 0.0: a failure nothing was measured for
+        accuracy([])
 
 
 def test_oracle_rejects_videos_it_would_misread(rendered):

@@ -536,6 +536,8 @@ def accuracy(scores: Iterable[dict[str, tuple[int, int]]]) -> dict[str, float]:
             acc = totals.setdefault(key, [0, 0])
             acc[0] += correct
             acc[1] += total
+    if not totals:  # 0% of nothing would read as a measured failure
+        raise ValueError("accuracy() got no scores: pass at least one attribute_matches result")
     out = {k: c / t for k, (c, t) in totals.items() if t}
     out["all"] = sum(c for c, _ in totals.values()) / max(1, sum(t for _, t in totals.values()))
     return out
