@@ -224,6 +224,22 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
         assert result.exit_code == 0, result.output
     assert UniViGUPipeline.from_pretrained(tmp_path / "refine" / "final").config.caption_steps == 50
 
+    # Knowledge Recall from the Wan folder builds the unified model with the stage's options (they were ignored:
+    # the folder loaded as an already-unified pipeline, without the mask row its text source needs)
+    from univigu.data.tokenizer import load_tokenizer
+    from univigu.models.wan import load_wan_transformer
+    from univigu.training.stages import build_task, load_config
+
+    recall = ["stage=recall", f"init_from={wan}", f"data={{kind: latent_cache, path: '{out}'}}",
+              "pipeline={text_length: 8}"]  # fmt: skip
+    wan_q = load_wan_transformer(wan / "transformer").blocks[0].attn1.to_q.weight
+    model = build_task(load_config(None, [*recall, "text_ffn=shared", "flow.text_source=mask"]))[0].transformer
+    assert model.config.text_ffn == "shared" and model.blocks[0].ffn_t is None
+    assert model.config.text_mask_row and model.text_embedding.num_embeddings == len(load_tokenizer(wan / "tokenizer")) + 1
+    torch.testing.assert_close(model.blocks[0].attn1.to_q.weight, wan_q)
+    model = build_task(load_config(None, [*recall, "init=scratch"]))[0].transformer
+    assert model.blocks[0].ffn_t is not None and not torch.equal(model.blocks[0].attn1.to_q.weight, wan_q)
+
     nothing = runner.invoke(app, [*args[:3], str(tmp_path / "empty"), *args[4:-1], "2"])
     assert nothing.exit_code == 1 and "no video could be cached" in said(nothing)
     # a captions file elsewhere (--captions; CSV), its paths read in VIDEOS

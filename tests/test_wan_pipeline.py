@@ -85,6 +85,23 @@ def test_from_wan_runs_the_three_tasks(pipe, wan_dir, tmp_path):
     assert isinstance(UniViGUPipeline.from_pretrained(wan_dir).transformer, UniViGUTransformer)
 
 
+def test_from_wan_as_its_own_generator(pipe, wan_dir):
+    """unified=False: Wan2.1's generator with the folder's VAE and umT5, text to video only (what a recall stage
+    builds its unified model from)."""
+    from diffusers import WanTransformer3DModel
+
+    from univigu import UniViGUPipeline
+
+    base = UniViGUPipeline.from_wan(wan_dir, unified=False, frames=FRAMES, height=HEIGHT, width=WIDTH, num_steps=2)
+    assert type(base.transformer) is WanTransformer3DModel and not base.unified
+    videos = base.text_to_video(["a red circle moves left"], seed=0, progress=False).videos
+    assert videos.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
+    with pytest.raises(ValueError, match="unified"):
+        base.video_to_text(videos, progress=False)
+    with pytest.raises(ValueError, match="takes no transformer"):
+        UniViGUPipeline.from_wan(wan_dir, unified=False, transformer=pipe.transformer)
+
+
 def test_from_wan_is_reproducible_and_runs_in_bfloat16(pipe, wan_dir):
     from univigu import UniViGUPipeline
 

@@ -136,6 +136,16 @@ def _read_index(index_file: Path) -> dict[str, Any]:
     return index
 
 
+def is_wan_release(path: str | Path) -> bool:
+    """True for a Wan2.1 diffusers folder (transformer/, vae/, text_encoder/, tokenizer/) that is not a univigu
+    pipeline folder written into it."""
+    path = Path(path)
+    if not is_wan_folder(path):
+        return False
+    index_file = path / "model_index.json"
+    return not index_file.exists() or _read_index(index_file).get("_class_name") != UniViGUPipeline.__name__
+
+
 @dataclass
 class UniViGUPipelineOutput:
     videos: np.ndarray | None = None  # uint8 [B, T, H, W, 3]
@@ -213,12 +223,11 @@ class UniViGUPipeline:
         precision are cast to `torch_dtype`."""
         path = Path(path)
         index_file = path / "model_index.json"
-        wan_folder = is_wan_folder(path)
-        if not index_file.exists() and not wan_folder:
-            raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json)")
-        index = _read_index(index_file) if index_file.exists() else {}
-        if wan_folder and index.get("_class_name") != cls.__name__:
+        if is_wan_release(path):
             return cls.from_wan(path, device=device, torch_dtype=torch_dtype)
+        if not index_file.exists():
+            raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json)")
+        index = _read_index(index_file)
         missing = [key for key in ("transformer", "prompt_encoder", "config") if key not in index]
         if missing:
             raise ValueError(f"{index_file} lacks {missing} (write pipeline folders with save_pretrained)")
@@ -240,7 +249,7 @@ class UniViGUPipeline:
 
     @classmethod
     def from_wan(cls, path: str | Path, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
-                 seed: int = 0, transformer: UniViGUTransformer | None = None,
+                 seed: int = 0, transformer: UniViGUTransformer | None = None, unified: bool = True,
                  **config: Any) -> "UniViGUPipeline":  # fmt: skip
         """The unified model built from a local Wan2.1 diffusers folder (transformer/, vae/, text_encoder/,
         tokenizer/; nothing is downloaded): `UniViGUTransformer.from_wan` on transformer/ with the umT5 vocabulary
@@ -248,7 +257,9 @@ class UniViGUPipeline:
         512). `config`: PipelineConfig fields; by default 81 frames at 480x832, 256 text tokens, the folder's
         flow_shift. Sizes are checked against the VAE (4k+1 frames, height/width multiples of VAE x patch).
         `seed` draws the new token embedding, so two loads of one folder sample alike. `transformer`: a unified
-        model to use instead (e.g. a converted official checkpoint) with this folder's VAE, umT5 and tokenizer."""
+        model to use instead (e.g. a converted official checkpoint) with this folder's VAE, umT5 and tokenizer.
+        `unified=False`: Wan2.1's own generator in place of the unified model (text to video only), the
+        base-generator pipeline that a Knowledge Recall stage builds its unified model from."""
         path = Path(path)
         defaults = dict(frames=81, height=480, width=832, prompt_length=WAN_PROMPT_LENGTH, text_length=256, fps=16)
         pipe_config = PipelineConfig.from_dict({**defaults, **config}, "from_wan")  # before the weights: fails fast
@@ -256,11 +267,13 @@ class UniViGUPipeline:
         if wan.flow_shift is not None and "shift" not in config:
             pipe_config = replace(pipe_config, shift=wan.flow_shift)
         if transformer is None:
-            base = load_wan_transformer(path / "transformer", torch_dtype=torch_dtype)
-            transformer = UniViGUTransformer.from_wan(base, torch.Generator().manual_seed(seed),
-                                                      text_vocab_size=len(wan.tokenizer),
-                                                      text_mask_row=pipe_config.text_source == "mask")  # fmt: skip
-            del base
+            transformer = load_wan_transformer(path / "transformer", torch_dtype=torch_dtype)
+            if unified:
+                transformer = UniViGUTransformer.from_wan(transformer, torch.Generator().manual_seed(seed),
+                                                          text_vocab_size=len(wan.tokenizer),
+                                                          text_mask_row=pipe_config.text_source == "mask")  # fmt: skip
+        elif not unified:
+            raise ValueError("unified=False loads Wan2.1's own generator; it takes no transformer")
         else:
             if transformer.config.text_vocab_size != len(wan.tokenizer):
                 raise ValueError(f"the transformer reads {transformer.config.text_vocab_size} text tokens, {path}'s "

@@ -38,7 +38,7 @@ from univigu.flow.video import VideoFlow
 from univigu.models.prompt_encoder import PromptEncoder
 from univigu.models.transformer import ATTENTION_LAYOUTS, UniViGUTransformer
 from univigu.models.wan import set_rope_theta
-from univigu.pipelines.pipeline import PipelineConfig, UniViGUPipeline
+from univigu.pipelines.pipeline import PipelineConfig, UniViGUPipeline, is_wan_release
 from univigu.training import checkpoint as ckpt
 from univigu.training.tasks import GeneratorTask, UnifiedTask
 from univigu.training.trainer import Trainer, TrainerConfig
@@ -327,7 +327,10 @@ def build_task(cfg: StageConfig):
                              codec=PixelCodec(pipe_cfg.pixel_downsample))  # fmt: skip
         return task, tokenizer, pipe_cfg
 
-    previous = UniViGUPipeline.from_pretrained(cfg.init_from)
+    # A Wan2.1 folder loads as its own generator, so that Knowledge Recall builds the unified model from it
+    # below with this stage's options (text_ffn, init, the mask row), as from a toy base generator.
+    previous = (UniViGUPipeline.from_wan(cfg.init_from, unified=False) if is_wan_release(cfg.init_from)
+                else UniViGUPipeline.from_pretrained(cfg.init_from))  # fmt: skip
     tokenizer, pipe_cfg = previous.tokenizer, dataclasses.replace(previous.config, **cfg.pipeline)
     pipe_cfg.text_source, pipe_cfg.text_exponent = flow.text_source, flow.text_exponent
     text_canvas = TextCanvas(tokenizer, pipe_cfg.text_length)
