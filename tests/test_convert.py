@@ -24,6 +24,7 @@ TO_OFFICIAL = [
     ("scale_shift_table", "scale_shift_table_v"),
     ("proj_out.", "video_head.proj_out."),
     ("text_proj_out.", "text_head.linear."),
+    ("text_norm.", "text_head.norm_final."),
 ]
 
 
@@ -38,20 +39,46 @@ def official_state_dict(model: UniViGUTransformer) -> dict[str, torch.Tensor]:
             n, rest = key.split(".", 2)[1:]
             new = f"blocks.{n}._fsdp_wrapped_module.{rest}"
         out[f"_fsdp_wrapped_module._orig_mod.{new}"] = value.clone()
-    dim = model.config.num_attention_heads * model.config.attention_head_dim
-    out["_fsdp_wrapped_module._orig_mod.text_head.norm_final.weight"] = torch.ones(dim)
     out["_fsdp_wrapped_module._orig_mod.rotary_emb_text.inv_freq"] = torch.rand(8)  # a recomputed buffer
     return out
 
 
 @pytest.fixture(scope="module")
 def model():
+    """Ours with the released code's text layout (its text RoPE and text-head norm weight), as converted."""
     torch.manual_seed(0)
-    model = UniViGUTransformer(**CONFIG)
+    model = UniViGUTransformer(**CONFIG, text_rope_halves=True, text_norm_weight=True)
     with torch.no_grad():
         for p in model.text_parameters():  # not the copies init_text_parts makes: a mix-up must show
             p.normal_(std=0.1)
+        model.text_norm.weight.add_(1)
     return model.eval()
+
+
+def test_the_released_text_layout_is_the_released_code_s():
+    """text_rope_halves and text_norm_weight compute what the released code computes, written here independently:
+    RoPE as flash-attn's non-interleaved `x * [cos, cos] + rotate_half(x) * [sin, sin]` on the text rows (video
+    rows keep Wan's pairs), and the text head's `F.layer_norm(x) * weight` (eps 1e-5)."""
+    from univigu.models.transformer import apply_rope, text_rope, video_rope
+
+    g = torch.Generator().manual_seed(0)
+    n_v, n_t, head_dim = 12, 5, 16
+    x = torch.randn(2, n_v + n_t, 3, head_dim, generator=g)
+    cos_v, sin_v = video_rope((3, 2, 2), head_dim, x.device)
+    cos_t, sin_t = text_rope(n_t, head_dim, 1e4, x.device)
+    got = apply_rope(x, torch.cat([cos_v, cos_t]), torch.cat([sin_v, sin_t]), n_v)
+    torch.testing.assert_close(got[:, :n_v], apply_rope(x[:, :n_v], cos_v, sin_v))
+    xt = x[:, n_v:]
+    rotate_half = torch.cat([-xt[..., head_dim // 2:], xt[..., : head_dim // 2]], dim=-1)
+    cos, sin = torch.cat([cos_t, cos_t], -1)[:, None], torch.cat([sin_t, sin_t], -1)[:, None]
+    torch.testing.assert_close(got[:, n_v:], xt * cos + rotate_half * sin)
+    assert not torch.allclose(got[:, n_v:], apply_rope(xt, cos_t, sin_t))  # the two layouts do differ
+
+    model = UniViGUTransformer(**CONFIG, text_norm_weight=True).eval()
+    with torch.no_grad():
+        model.text_norm.weight.uniform_(0.5, 1.5, generator=g)
+    h = torch.randn(2, 5, 32, generator=g)
+    torch.testing.assert_close(model.text_norm(h), torch.nn.functional.layer_norm(h, (32,)) * model.text_norm.weight)
 
 
 def test_every_official_name_maps_and_the_forward_is_the_same(model, tmp_path):
@@ -68,7 +95,7 @@ def test_every_official_name_maps_and_the_forward_is_the_same(model, tmp_path):
     result = runner.invoke(app, ["convert-official", str(ckpt), str(tmp_path / "ours"), "--attention-head-dim", "16",
                                  "--vocab-size", "50"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert f"mapped {len(official) - 2} tensors" in result.output
+    assert f"mapped {len(official) - 1} tensors" in result.output
     converted = UniViGUTransformer.from_pretrained(tmp_path / "ours").eval()
     assert {k: v for k, v in converted.config.items() if k in CONFIG} == {**CONFIG, "patch_size": [1, 2, 2]}
 
@@ -99,8 +126,8 @@ def test_missing_and_untranslatable_weights_are_errors(model):
     with pytest.raises(ConversionError, match=r"not filled \['blocks.1.ffn_t.net.2.bias'\]"):
         convert_official_state_dict(official, attention_head_dim=16)
     official = official_state_dict(model)
-    official["_fsdp_wrapped_module._orig_mod.text_head.norm_final.weight"] *= 1.5
-    with pytest.raises(ConversionError, match="norm_final.weight is not all ones"):
+    del official["_fsdp_wrapped_module._orig_mod.text_head.norm_final.weight"]
+    with pytest.raises(ConversionError, match=r"not filled \['text_norm.weight'\]"):
         convert_official_state_dict(official, attention_head_dim=16)
     with pytest.raises(ConversionError, match="not a multiple of attention_head_dim 128: .*--attention-head-dim"):
         convert_official_state_dict(official_state_dict(model))  # the default head size, Wan's, does not fit 24
@@ -115,7 +142,8 @@ def test_with_a_wan_folder_the_output_is_a_pipeline(tmp_path):
 
     wan = build_wan_folder(tmp_path / "wan")
     vocab = len(load_tokenizer(wan / "tokenizer"))
-    model = UniViGUTransformer.from_wan(wan / "transformer", text_vocab_size=vocab, text_mask_row=True)
+    model = UniViGUTransformer.from_wan(wan / "transformer", text_vocab_size=vocab, text_mask_row=True,
+                                        text_rope_halves=True, text_norm_weight=True)  # fmt: skip
     torch.save(official_state_dict(model), tmp_path / "unified.pth")
     args = ["convert-official", str(tmp_path / "unified.pth"), str(tmp_path / "pipe"), "--attention-head-dim", "12"]
     result = runner.invoke(app, [*args, "--wan", str(wan)])

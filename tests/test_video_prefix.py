@@ -22,9 +22,9 @@ CONFIG = dict(
 B, L, S = 3, 10, 6
 
 
-def _model(layout: str = "video_prefix", seed: int = 0) -> UniViGUTransformer:
+def _model(layout: str = "video_prefix", seed: int = 0, **config) -> UniViGUTransformer:
     torch.manual_seed(seed)
-    model = UniViGUTransformer(**CONFIG, attention_layout=layout).eval()
+    model = UniViGUTransformer(**CONFIG, attention_layout=layout, **config).eval()
     with torch.no_grad():  # a non-zero text head: logits that depend on everything upstream
         model.text_proj_out.weight.normal_(std=0.5)
     return model
@@ -60,8 +60,10 @@ class Spy:
         return self.logits[-1]
 
 
-def test_cached_v2t_equals_uncached_at_every_step():
-    model, (video, prompt, prompt_mask, text_mask) = _model(), _inputs()
+@pytest.mark.parametrize("released_text_layout", [False, True])
+def test_cached_v2t_equals_uncached_at_every_step(released_text_layout):
+    model = _model(text_rope_halves=released_text_layout, text_norm_weight=released_text_layout)
+    video, prompt, prompt_mask, text_mask = _inputs()
     flow = TextFlow(CONFIG["text_vocab_size"])
     runs = {}
     for use_cache in (False, True):

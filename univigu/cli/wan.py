@@ -85,7 +85,7 @@ def convert_official(
     except ConversionError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"mapped {len(report.mapped)} tensors; dropped {len(report.dropped)} (recomputed or identity): "
+    typer.echo(f"mapped {len(report.mapped)} tensors; dropped {len(report.dropped)} (recomputed buffers): "
                f"{report.dropped}")  # fmt: skip
     typer.echo(f"config: {report.config}")
     if wan is None:

@@ -13,13 +13,14 @@ under its own top-level names; below those names the keys are diffusers' Wan key
     blocks.N.{attn1,attn2,norm2,ffn,ffn_t,scale_shift_table}.*   the same
     video_head.proj_out.*                       proj_out.*
     text_head.linear.*                          text_proj_out.*
-    text_head.norm_final.weight                 (none: must be all ones, see below)
+    text_head.norm_final.weight                 text_norm.weight
 
 Decisions and assumptions:
-- The official text head multiplies its LayerNorm output by a learned `norm_final.weight` before the
-  adaLN modulation; ours has no such weight (the text head mirrors Wan's video head). It cannot be folded
-  into other weights exactly (the modulation's timestep term multiplies it too), so a weight that is not
-  all ones is an error, not a silent approximation.
+- Two things the released code does differently from Wan's video conventions, which our text stream
+  otherwise mirrors, are switched on in the converted model's config: its text head multiplies the LayerNorm
+  output by a learned `norm_final.weight` (torch's LayerNorm eps, 1e-5; `text_norm_weight`), and its 1D text
+  RoPE rotates channel i with channel i + head_dim/2 (flash-attn's non-interleaved layout; `text_rope_halves`)
+  where Wan's 3D RoPE rotates consecutive pairs. Neither can be folded into the other weights.
 - Buffers the official model recomputes (`rotary_emb_*`: RoPE tables, `timesteps_proj`) carry no learned
   values; they are dropped and listed in the report.
 - Keys may be prefixed by FSDP / torch.compile wrappers (`_fsdp_wrapped_module.`, `_orig_mod.`,
@@ -58,10 +59,10 @@ _RENAMES = (
     ("scale_shift_table_t", "scale_shift_table_t"),
     ("video_head.proj_out.", "proj_out."),
     ("text_head.linear.", "text_proj_out."),
+    ("text_head.norm_final.", "text_norm."),
 )
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(attn1|attn2|norm2|ffn|ffn_t)\.|^blocks\.(\d+)\.scale_shift_table$")
 _DERIVED = re.compile(r"^(rotary_emb_text|rotary_emb_video|time_embedding_[vt]\.timesteps_proj)\.")
-_TEXT_NORM = "text_head.norm_final.weight"
 
 
 class ConversionError(ValueError):
@@ -71,7 +72,7 @@ class ConversionError(ValueError):
 @dataclass
 class ConversionReport:
     mapped: dict[str, str] = field(default_factory=dict)  # official key -> our key
-    dropped: list[str] = field(default_factory=list)  # derived buffers, and the all-ones text norm weight
+    dropped: list[str] = field(default_factory=list)  # derived buffers (RoPE tables, timestep sinusoids)
     config: dict = field(default_factory=dict)  # the UniViGUTransformer config built
 
 
@@ -120,6 +121,8 @@ def _infer_config(state: dict[str, Tensor], head_dim: int, vocab_size: int | Non
         cross_attn_norm="blocks.0.norm2.weight" in state,
         text_vocab_size=vocab_size,
         text_mask_row=rows == vocab_size + 1,
+        text_rope_halves=True,
+        text_norm_weight=True,
     )
 
 
@@ -136,13 +139,6 @@ def convert_official_state_dict(
     unmapped = []
     for key, value in state.items():
         if _DERIVED.match(key):
-            report.dropped.append(key)
-        elif key == _TEXT_NORM:
-            if not torch.allclose(value.float(), torch.ones_like(value, dtype=torch.float32)):
-                raise ConversionError(
-                    f"{key} is not all ones (max |w - 1| = {(value.float() - 1).abs().max():.3g}); our text head has "
-                    "no affine LayerNorm weight and it cannot be folded exactly into the other weights"
-                )
             report.dropped.append(key)
         elif (new := _our_key(key)) is not None:
             ours[new] = value

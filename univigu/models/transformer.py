@@ -15,10 +15,12 @@ Wan checkpoint in diffusers format loads without renaming, and with an empty tex
 pass *is* Wan's (same operations, same order, same dtypes). The text-only parameters are
 
     text_embedding, time_embedder_t, time_proj_t, blocks.N.ffn_t, scale_shift_table_t, text_proj_out
+    (and text_norm, the released code's learned text-head norm weight, with `text_norm_weight`)
 
 Decision (text positions): 1D RoPE over the *full* head dim, positions 0..L-1, theta `text_rope_theta`
-(default 1e4, Wan's), with Wan's rotate-consecutive-pairs convention. Text and video positions live in
-separate coordinate systems; attention between them is position-agnostic by construction.
+(default 1e4, Wan's), with Wan's rotate-consecutive-pairs convention; `text_rope_halves` rotates channel i
+with channel i + head_dim/2 instead, as the released Uni-ViGU code does (its checkpoints need it). Text and
+video positions live in separate coordinate systems (text position 0 and the first video patch turn alike).
 """
 
 from __future__ import annotations
@@ -204,8 +206,19 @@ def text_rope(length: int, head_dim: int, theta: float, device: torch.device) ->
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive channel pairs (Wan's convention). x [B, N, heads, head_dim], cos/sin [N, head_dim/2]."""
+# cos, sin [N, head_dim/2], and optionally the first row that rotates halves (see apply_rope)
+RoPE = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, int | None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, halves_from: int | None = None) -> Tensor:
+    """Rotate consecutive channel pairs (Wan's convention); rows from `halves_from` on rotate channel i with
+    channel i + head_dim/2 instead (the released Uni-ViGU code's text RoPE). x [B, N, heads, head_dim],
+    cos/sin [N, head_dim/2]."""
+    if halves_from is not None:
+        pairs = apply_rope(x[:, :halves_from], cos[:halves_from], sin[:halves_from])
+        x1, x2 = x[:, halves_from:].chunk(2, dim=-1)
+        cos, sin = cos[halves_from:, None], sin[halves_from:, None]
+        return torch.cat([pairs, torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)], dim=1)
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[:, None], sin[:, None]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
@@ -239,13 +252,13 @@ class Attention(nn.Module):
         x: Tensor,
         context: Tensor | None = None,
         mask: Tensor | None = None,
-        rope: tuple[Tensor, Tensor] | None = None,
+        rope: RoPE | None = None,
     ) -> Tensor:
         """x [B, N, D], context [B, S, D] (None: self-attention), mask [B, 1, 1, S] bool (True = attend)."""
         return self.attend(*self.qkv(x, context, rope), mask)
 
     def qkv(
-        self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, context: Tensor | None = None, rope: RoPE | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Normed, rotated q [B, heads, N, head_dim] and k, v [B, heads, S, head_dim]."""
         context = x if context is None else context
@@ -398,7 +411,7 @@ class UniViGUBlock(nn.Module):
         context: Tensor,
         mod_v: Tensor,
         mod_t: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: RoPE,
         self_mask: Tensor | None,
         cross_mask: Tensor | None,
         cross_keep: Tensor | None,
@@ -438,7 +451,7 @@ class UniViGUBlock(nn.Module):
         x_v: Tensor,
         context: Tensor,
         mod_v: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: RoPE,
         cross_mask: Tensor | None,
         cross_keep: Tensor | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -456,7 +469,7 @@ class UniViGUBlock(nn.Module):
         video_kv: tuple[Tensor, Tensor],
         context: Tensor,
         mod_t: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: RoPE,
         self_mask: Tensor | None,
         cross_mask: Tensor | None,
         cross_keep: Tensor | None,
@@ -521,6 +534,7 @@ _PARTS = {
     "time_proj_t": "text: timestep embedder",
     "scale_shift_table_t": "text: head",
     "text_proj_out": "text: head",
+    "text_norm": "text: head",
 }
 
 
@@ -552,6 +566,9 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
     Args (text): text_vocab_size V; text_mask_row adds one row (id V) used as the mask/source token for
         tokenizers that have none, so V' = V + 1; text_rope_theta for the 1D text RoPE; text_ffn "expert"
         (the MoE: a text FFN per block) or "shared" (text tokens through the video FFN; an ablation).
+        text_rope_halves and text_norm_weight (a learned weight on the text head's LayerNorm, eps 1e-5): the
+        released Uni-ViGU code's text RoPE layout and text head, which its checkpoints need (`convert-official`
+        sets both); off, the text stream mirrors Wan's video conventions.
     Args (attention): attention_layout "full" (Wan's, the default) or "video_prefix" (see ATTENTION_LAYOUTS;
         the same weights, a different model: train with the layout you sample with).
     """
@@ -561,7 +578,8 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
     _repeated_blocks = ["UniViGUBlock"]  # diffusers' compile_repeated_blocks() compiles these (regional compilation)
     # As Wan (plus the text copies): kept in float32 when loaded in half precision. Matched per name component.
     _keep_in_fp32_modules = [
-        "time_embedder", "time_embedder_t", "scale_shift_table", "scale_shift_table_t", "norm1", "norm2", "norm3"
+        "time_embedder", "time_embedder_t", "scale_shift_table", "scale_shift_table_t", "norm1", "norm2", "norm3",
+        "text_norm",
     ]  # fmt: skip
 
     @register_to_config
@@ -586,6 +604,8 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
         text_rope_theta: float = 10000.0,
         text_ffn: str = "expert",
         attention_layout: str = "full",
+        text_rope_halves: bool = False,
+        text_norm_weight: bool = False,
     ):
         super().__init__()
         if attention_layout not in ATTENTION_LAYOUTS:
@@ -616,6 +636,8 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
         self.time_proj_t = nn.Linear(dim, 6 * dim)
         self.scale_shift_table_t = nn.Parameter(torch.empty(1, 2, dim))
         self.text_proj_out = nn.Linear(dim, self.text_vocab_out)
+        # The released code's text head norm: LayerNorm (torch's default eps) times a learned weight, no bias.
+        self.text_norm = FP32LayerNorm(dim, 1e-5, bias=False) if text_norm_weight else None
 
         self.gradient_checkpointing = False
         self.init_text_parts()
@@ -680,6 +702,8 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
         )
         self.text_proj_out.weight = nn.Parameter(torch.zeros(v, d, device=like.device, dtype=like.dtype))
         self.text_proj_out.bias = nn.Parameter(torch.zeros(v, device=like.device, dtype=like.dtype))
+        if self.text_norm is not None:
+            self.text_norm.weight = nn.Parameter(torch.ones(d, device=like.device, dtype=torch.float32))
 
     @classmethod
     def from_wan(cls, wan: nn.Module | str | os.PathLike, generator: torch.Generator | None = None,
@@ -687,7 +711,8 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
         """Build the unified model from a diffusers `WanTransformer3DModel` (in memory, or a local folder loaded
         with diffusers' `from_pretrained`, no network). All Wan weights are copied (dtypes kept); the text
         parts are initialised from them (`init_text_parts`; its token embedding is drawn from `generator`).
-        `text_config`: text_vocab_size, text_mask_row, text_rope_theta, text_ffn, attention_layout.
+        `text_config`: text_vocab_size, text_mask_row, text_rope_theta, text_ffn, attention_layout,
+        text_rope_halves, text_norm_weight.
         """
         if isinstance(wan, (str, os.PathLike)):
             from univigu.models.wan import load_wan_transformer
@@ -697,7 +722,7 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
         if any(v is not None for v in unsupported.values()):
             raise ValueError(f"only text-to-video Wan models are supported, this one has {unsupported}")
         bad = set(text_config) - {"text_vocab_size", "text_mask_row", "text_rope_theta", "text_ffn",
-                                "attention_layout"}
+                                "attention_layout", "text_rope_halves", "text_norm_weight"}
         if bad:
             raise TypeError(f"from_wan() got unexpected text config keys {sorted(bad)}")
 
@@ -781,7 +806,7 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
 
         cos_v, sin_v = video_rope(grid, head_dim, video.device, self.config.rope_theta)
         cos_t, sin_t = text_rope(n_t, head_dim, self.config.text_rope_theta, video.device)
-        rope = (torch.cat([cos_v, cos_t]), torch.cat([sin_v, sin_t]))
+        rope = (torch.cat([cos_v, cos_t]), torch.cat([sin_v, sin_t]), n_v if self.config.text_rope_halves else None)
 
         self_mask = _key_mask(text_mask, b, n_v, n_t, video.device)
         video_mask = None
@@ -829,7 +854,8 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
     def _text_head(self, x_t: Tensor, temb_t: Tensor) -> Tensor:
         """LayerNorm, adaLN from the text table and timestep, Linear: x_t [B, L, D] -> logits [B, L, V']."""
         shift, scale = (self.scale_shift_table_t + temb_t[:, None]).chunk(2, dim=1)
-        return self.text_proj_out(_modulate(self.norm_out(x_t.float()), shift, scale).type_as(x_t))
+        norm = self.norm_out if self.text_norm is None else self.text_norm
+        return self.text_proj_out(_modulate(norm(x_t.float()), shift, scale).type_as(x_t))
 
     # ---- V2T with a cached clean video (attention_layout "video_prefix") ----------------------------
 
@@ -864,7 +890,8 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
         x_t = self.text_embedding(text_tokens).to(cache.context.dtype)
         t_text = torch.as_tensor(t_text, device=text_tokens.device).expand(b)
         temb_t, mod_t = self._embed_timestep(t_text, self.time_embedder_t, self.time_proj_t, cache.context.dtype)
-        rope = text_rope(n_t, self.config.attention_head_dim, self.config.text_rope_theta, text_tokens.device)
+        rope = (*text_rope(n_t, self.config.attention_head_dim, self.config.text_rope_theta, text_tokens.device),
+                0 if self.config.text_rope_halves else None)  # fmt: skip
         self_mask = _key_mask(text_mask, b, n_v, n_t, text_tokens.device)
         for block, kv in zip(self.blocks, cache.kv):
             x_t = block.step_text(x_t, kv, cache.context, mod_t, rope, self_mask, cache.cross_mask, cache.cross_keep)
