@@ -99,9 +99,14 @@ def test_timestep_conventions_in_the_loops():
     assert (model.calls[0]["t_video"] == 1000).all() and (model.calls[0]["t_text"] == 1000).all()
 
     model = Oracle(x0, tokens, flow.num_logits)
-    sample_t2vt(model, PROMPT, flow, x0.shape, L, num_steps=n, generator=0, text_update="linear-resample")
+    seen = []
+    out = sample_t2vt(model, PROMPT, flow, x0.shape, L, num_steps=n, generator=0, text_update="linear-resample",
+                      return_trajectory=True, callback=lambda i, s, v, t: seen.append(t.clone()))  # fmt: skip
     assert len(model.calls) == n + 1  # the released rule's final clean pass
     assert (model.calls[-1]["t_video"] == 0).all() and (model.calls[-1]["t_text"] == 0).all()
+    # ... belongs to the last step: trajectories and callbacks end on the text returned
+    assert len(seen) == len(out.text_trajectory) == len(out.times) == n
+    assert torch.equal(seen[-1], out.text) and torch.equal(out.text_trajectory[-1], out.text)
 
 
 def test_seeds_callbacks_and_trajectory():

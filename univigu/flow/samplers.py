@@ -36,7 +36,7 @@ TEXT_UPDATES = ("ctmc", "linear-resample")  # the joint sampler's text rules (se
 class SampleOutput:
     video: Tensor  # [B, ...] final video latent (the input video for V2T)
     text: Tensor  # [B, L] long final tokens (the input prompt tokens for T2V)
-    times: Tensor  # [N] noise level s at which each network evaluation was made
+    times: Tensor  # [N] noise level s at which each step started
     video_trajectory: Tensor | None = None  # [N, B, ...] clean-video estimate after each step (on CPU)
     text_trajectory: Tensor | None = None  # [N, B, L] tokens after each step (on CPU)
 
@@ -157,16 +157,16 @@ def _sample(
                     text = text_flow.step(text, logits, 1.0 - s, s - s_next, generator, text_mask)
             else:
                 text = _linear_resample(text_flow, text, logits, i, num_steps, generator, text_mask)
+                if i == num_steps - 1:
+                    # the released script ends with one more pass at timesteps 0 (video and text taken as
+                    # clean) and keeps its argmax: part of the last step, so trajectories end on the result
+                    _, logits = _forward(model, video, text, zeros, zeros, prompt_states, text_mask, prompt_mask, None)
+                    text = text_flow.predict(text, logits, generator, text_mask, greedy=True)
         if callback is not None:
             callback(i, s, video_estimate, text)
         if return_trajectory:
             video_traj.append(video_estimate.detach().cpu())
             text_traj.append(text.detach().cpu())
-    if generate_text and text_update == "linear-resample":
-        # the released script ends with one more pass at timesteps 0 (video and text taken as clean)
-        # and keeps its argmax
-        _, logits = _forward(model, video, text, zeros, zeros, prompt_states, text_mask, prompt_mask, None)
-        text = text_flow.predict(text, logits, generator, text_mask, greedy=True)
     return SampleOutput(
         video=video,
         text=text,
