@@ -99,12 +99,16 @@ def test_timestep_conventions_in_the_loops():
     assert (model.calls[0]["t_video"] == 1000).all() and (model.calls[0]["t_text"] == 1000).all()
 
     model = Oracle(x0, tokens, flow.num_logits)
-    seen = []
-    out = sample_t2vt(model, PROMPT, flow, x0.shape, L, num_steps=n, generator=0, text_update="linear-resample",
-                      return_trajectory=True, callback=lambda i, s, v, t: seen.append(t.clone()))  # fmt: skip
+    sample_t2vt(model, PROMPT, flow, x0.shape, L, num_steps=n, generator=0, text_update="linear-resample")
     assert len(model.calls) == n + 1  # the released rule's final clean pass
     assert (model.calls[-1]["t_video"] == 0).all() and (model.calls[-1]["t_text"] == 0).all()
-    # ... belongs to the last step: trajectories and callbacks end on the text returned
+
+    # ... belongs to the last step: trajectories and callbacks end on the text returned (an unsure model: the
+    # last step's sampled tokens are not the final pass's argmax)
+    unsure, seen = Oracle(x0, tokens, flow.num_logits), []
+    unsure.logits = unsure.logits.sign()
+    out = sample_t2vt(unsure, PROMPT, flow, x0.shape, L, num_steps=n, generator=0, text_update="linear-resample",
+                      return_trajectory=True, callback=lambda i, s, v, t: seen.append(t.clone()))  # fmt: skip
     assert len(seen) == len(out.text_trajectory) == len(out.times) == n
     assert torch.equal(seen[-1], out.text) and torch.equal(out.text_trajectory[-1], out.text)
 
