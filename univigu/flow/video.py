@@ -27,7 +27,7 @@ from torch import Tensor
 
 NUM_TRAIN_TIMESTEPS = 1000  # the network's timestep scale, shared by both modalities
 PREDICTIONS = ("velocity", "sample", "edm")  # also the loss spaces: the error of that parameterization
-MIN_SAMPLE_NOISE = 0.05  # sample prediction: 1 / s is capped at 20 near the clean end
+MIN_SAMPLE_NOISE = 0.05  # sample / edm prediction in training: 1 / s is capped at 20 near the clean end
 
 
 def shift_time(s: Tensor, shift: float) -> Tensor:
@@ -66,10 +66,13 @@ def edm_coefficients(s: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
 
 
 def velocity_from_output(
-    output: Tensor, x_s: Tensor, s: Tensor, prediction: str = "velocity", sigma_data: float = 0.5
+    output: Tensor, x_s: Tensor, s: Tensor, prediction: str = "velocity", sigma_data: float = 0.5,
+    min_noise: float = MIN_SAMPLE_NOISE,
 ) -> Tensor:
     """The velocity a network output stands for. output, x_s [B, ...]; s [B] noise levels; sigma_data: the
-    data std of the "edm" parameterization."""
+    data std of the "edm" parameterization. A clean-video output x0_hat stands for (x_s - x0_hat) / s with s
+    capped below at `min_noise` (training: the loss keeps finite weights near s = 0; the trainer's target is
+    capped alike). Samplers pass 0: exact Euler steps to the clean end, and 0 where s = 0 (a clean input)."""
     if prediction == "velocity":
         return output
     if prediction not in PREDICTIONS:
@@ -78,7 +81,10 @@ def velocity_from_output(
     if prediction == "edm":
         c_skip, c_out = edm_coefficients(s, sigma_data)
         output = _bcast(c_skip, x_s) * x_s + _bcast(c_out, x_s) * output
-    return (x_s - output) / _bcast(s.clamp_min(MIN_SAMPLE_NOISE), x_s)
+    if min_noise > 0:
+        return (x_s - output) / _bcast(s.clamp_min(min_noise), x_s)
+    s = _bcast(s, x_s)
+    return torch.where(s > 0, (x_s - output) / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
 
 
 def guide(v_cond: Tensor, v_null: Tensor, scale: float) -> Tensor:
@@ -144,11 +150,15 @@ class VideoFlow:
         """Per-sample loss [B] at noise levels s [B]: the velocity MSE, or with loss_space "sample" the
         clean-video MSE s^2 |v_hat - v|^2 = |x0_hat - x0|^2, which weighs high noise (where a video's
         layout is decided) far more than the velocity MSE does; with "edm" the MSE of the network's own
-        output, |x0_hat - x0|^2 / c_out^2 (EDM's weighting: every noise level counts alike)."""
+        output, |x0_hat - x0|^2 / c_out^2 (EDM's weighting: every noise level counts alike).
+        `velocity` from `self.velocity`, `target` e - x0: for sample / edm predictions, whose velocity caps
+        1 / s, the target is capped alike, so a perfect clean video costs nothing at every noise level."""
+        s_min = s.float().clamp_min(MIN_SAMPLE_NOISE)
+        if self.prediction != "velocity":
+            target = target * _bcast(s.float() / s_min, target)  # (x_s - x0) / s_min; = e - x0 from s = 0.05
         mse = self.loss(velocity, target)
         if self.loss_space == "velocity":
             return mse
-        s_min = s.float().clamp_min(MIN_SAMPLE_NOISE)
         if self.loss_space == "sample":
             return mse * s_min.square()
         return mse * (s_min / edm_coefficients(s_min, self.sigma_data)[1]).square()

@@ -186,7 +186,7 @@ class _AsVelocity(nn.Module):
         output, logits = tuple(self.model(video.to(dtype), text, t_video, t_text, prompt_states.to(dtype), text_mask,
                                           prompt_mask))[:2]  # fmt: skip
         return velocity_from_output(output.float(), video, t_video / NUM_TRAIN_TIMESTEPS, self.prediction,
-                                    self.sigma_data), logits
+                                    self.sigma_data, min_noise=0.0), logits  # exact steps to the clean end
 
 
 class UniViGUPipeline:
