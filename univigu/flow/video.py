@@ -9,9 +9,9 @@ What the network outputs is the parameterization: "velocity" (Wan's, v directly)
 clean video x0_hat, turned into v = (x_s - x0_hat) / s) or "edm" (Karras et al. 2022's preconditioning:
 x0_hat = c_skip(s) x_s + c_out(s) F, so the network F never has to copy its input). The loss and the
 samplers always see v.
-Sample prediction is for pixel-space models whose patches are as wide as the model (the toy
-world's 4x4x4x3 = 192 values per token): there a velocity network must carry the full-rank noise
-through every block and learns slowly, while the clean video is low-dimensional (Li & He 2025,
+Sample prediction is for pixel-space models whose patches are about as wide as the model (the toy
+world first used 4x4x4x3 = 192 values per token in 192 channels): there a velocity network must carry
+the full-rank noise through every block and learns slowly, while the clean video is low-dimensional (Li & He 2025,
 "Back to Basics: Let Denoising Generative Models Denoise"). A sample network must copy its input at low
 noise instead, which a small Wan (LayerNorm before the output head) does badly; "edm" leaves both copies
 to the skip term and gives the network a unit-variance target at every noise level.
