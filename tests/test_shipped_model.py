@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -46,3 +47,9 @@ def test_shipped_model_samples_in_bfloat16():
     assert len(pipe.video_to_text(videos, seed=0, num_steps=4, progress=False).texts) == 2
     out = pipe.generate(prompts, seed=0, num_steps=4, progress=False)
     assert out.videos.shape == videos.shape and len(out.texts) == 2
+
+    # by name, as diffusers' loaders take it (a name loaded float32 before, with only a log line)
+    named = univigu.UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL, torch_dtype="bfloat16")
+    assert named.transformer.proj_out.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"torch_dtype must be one of \['bfloat16', 'float16', 'float32'\]"):
+        univigu.UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL, torch_dtype="auto")

@@ -136,6 +136,18 @@ def _read_index(index_file: Path) -> dict[str, Any]:
     return index
 
 
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _float_dtype(torch_dtype: Any) -> torch.dtype:
+    """A floating torch dtype, given as one or by name ("bfloat16"); anything else is an error (diffusers'
+    loaders turn a name into float32 with only a log line)."""
+    dtype = FLOAT_DTYPES.get(torch_dtype, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    if dtype not in FLOAT_DTYPES.values():
+        raise ValueError(f"torch_dtype must be one of {sorted(FLOAT_DTYPES)} (or the torch dtype), got {torch_dtype!r}")
+    return dtype
+
+
 def is_wan_release(path: str | Path) -> bool:
     """True for a Wan2.1 diffusers folder (transformer/, vae/, text_encoder/, tokenizer/) that is not a univigu
     pipeline folder written into it."""
@@ -218,10 +230,10 @@ class UniViGUPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        torch_dtype: torch.dtype = torch.float32) -> "UniViGUPipeline":  # fmt: skip
+                        torch_dtype: torch.dtype | str = torch.float32) -> "UniViGUPipeline":  # fmt: skip
         """Load a pipeline folder (or a Wan2.1 diffusers folder, through `from_wan`); weights stored in half
-        precision are cast to `torch_dtype`."""
-        path = Path(path)
+        precision are cast to `torch_dtype` (a torch dtype or its name)."""
+        path, torch_dtype = Path(path), _float_dtype(torch_dtype)
         index_file = path / "model_index.json"
         if is_wan_release(path):
             return cls.from_wan(path, device=device, torch_dtype=torch_dtype)
@@ -248,8 +260,8 @@ class UniViGUPipeline:
         return pipe.to(device)
 
     @classmethod
-    def from_wan(cls, path: str | Path, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32,
-                 seed: int = 0, transformer: UniViGUTransformer | None = None, unified: bool = True,
+    def from_wan(cls, path: str | Path, device: str | torch.device = "cpu",
+                 torch_dtype: torch.dtype | str = torch.float32, seed: int = 0, transformer: UniViGUTransformer | None = None, unified: bool = True,
                  **config: Any) -> "UniViGUPipeline":  # fmt: skip
         """The unified model built from a local Wan2.1 diffusers folder (transformer/, vae/, text_encoder/,
         tokenizer/; nothing is downloaded): `UniViGUTransformer.from_wan` on transformer/ with the umT5 vocabulary
@@ -260,7 +272,7 @@ class UniViGUPipeline:
         model to use instead (e.g. a converted official checkpoint) with this folder's VAE, umT5 and tokenizer.
         `unified=False`: Wan2.1's own generator in place of the unified model (text to video only), the
         base-generator pipeline that a Knowledge Recall stage builds its unified model from."""
-        path = Path(path)
+        path, torch_dtype = Path(path), _float_dtype(torch_dtype)
         defaults = dict(frames=81, height=480, width=832, prompt_length=WAN_PROMPT_LENGTH, text_length=256, fps=16)
         pipe_config = PipelineConfig.from_dict({**defaults, **config}, "from_wan")  # before the weights: fails fast
         wan = WanComponents.from_folder(path, torch_dtype=torch_dtype)
