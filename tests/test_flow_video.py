@@ -88,6 +88,22 @@ def test_time_sampling_range_seed_and_shift(kind):
         VideoFlow(time_sampling="beta")
 
 
+@pytest.mark.parametrize("name, value, error", [
+    ("shift", -1.0, ValueError),  # warps s outside [0, 1)
+    ("shift", 0, ValueError),
+    ("shift", float("inf"), ValueError),
+    ("shift", "3", TypeError),
+    ("logit_std", 0.0, ValueError),
+    ("logit_std", float("nan"), ValueError),
+    ("sigma_data", -0.5, ValueError),
+    ("sigma_data", 0, ValueError),
+    ("logit_mean", float("nan"), ValueError),
+])  # fmt: skip
+def test_bad_flow_parameters_are_named_errors(name, value, error):
+    with pytest.raises(error, match=name):
+        VideoFlow(**{name: value})
+
+
 def test_guidance():
     c, u = torch.randn(2, 3), torch.randn(2, 3)
     assert torch.allclose(guide(c, u, 1.0), c)
