@@ -41,6 +41,21 @@ def test_regime_frequencies_and_condition_dropout():
         RegimeMix(0.0, 0.0, 0.0).probs()
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"t2v": -1}, ValueError, "regime weights"),  # failed only when first drawn
+    ({"joint": float("nan")}, ValueError, "joint"),
+    ({"v2t": "1"}, TypeError, "v2t"),
+    ({"t2v": 0, "v2t": 0, "joint": 0}, ValueError, "positive sum"),
+    ({"cond_dropout": 2.0}, ValueError, "cond_dropout"),  # was accepted: every prompt dropped
+    ({"cond_dropout": -0.1}, ValueError, "cond_dropout"),
+    ({"cond_dropout": float("nan")}, ValueError, "cond_dropout"),
+    ({"cond_dropout": None}, TypeError, "cond_dropout"),
+])  # fmt: skip
+def test_bad_mix_is_rejected_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RegimeMix(**kwargs)
+
+
 def test_per_regime_inputs_targets_and_masks():
     batch, x0, target, target_mask, prompt, prompt_mask, flow = _batch()
     t2v, v2t, joint = (batch.regime == r for r in (T2V, V2T, JOINT))

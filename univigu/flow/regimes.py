@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from univigu.checks import check_finite
 from univigu.flow.text import TextFlow, text_timestep, uniform_draw
 from univigu.flow.video import VideoFlow, video_timestep
 
@@ -35,10 +36,16 @@ class RegimeMix:
     joint: float = 1.0
     cond_dropout: float = 0.1
 
+    def __post_init__(self) -> None:
+        # checked here, not when first drawn: a bad weight otherwise surfaces mid-training, a bad dropout never
+        weights = [check_finite(name, getattr(self, name)) for name in REGIME_NAMES]
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"regime weights {REGIME_NAMES} must be >= 0 with a positive sum, got {weights}")
+        if not 0 <= check_finite("cond_dropout", self.cond_dropout) <= 1:
+            raise ValueError(f"cond_dropout must be a probability in [0, 1], got {self.cond_dropout}")
+
     def probs(self) -> Tensor:
         p = torch.tensor([self.t2v, self.v2t, self.joint], dtype=torch.float64)
-        if (p < 0).any() or p.sum() <= 0:
-            raise ValueError(f"regime probabilities must be >= 0 with a positive sum, got {p.tolist()}")
         return p / p.sum()
 
 
