@@ -143,6 +143,9 @@ def test_videos_that_are_not_one_uint8_array_are_clear_errors(pipe, videos):
         pipe.video_to_text([videos[0], videos[1, :8]], progress=False)
     with pytest.raises(ValueError, match=r"\[B, 16, 32, 32, 3\], got NoneType; read files"):
         pipe.video_to_text(None, progress=False)
+    # one video [T, H, W, 3] is a batch of one, as one str is one prompt
+    one = pipe.video_to_text(videos[1], seed=2, num_steps=2, progress=False).texts
+    assert one == pipe.video_to_text(videos[1:2], seed=2, num_steps=2, progress=False).texts
 
 
 def test_config_values_are_checked_with_the_field_and_the_valid_values():

@@ -421,7 +421,16 @@ class UniViGUPipeline:
     def text_to_video(self, prompts: list[str] | str, seed: int | torch.Generator = 0, num_steps: int | None = None,
                       guidance_scale: float | None = None, progress: bool = True,
                       return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
-        """Videos for prompts: uint8 `[B, T, H, W, 3]` in `.videos`."""
+        """Videos for prompts: uint8 `[B, T, H, W, 3]` in `.videos`.
+
+        prompts: a str or a list of str (at most `config.prompt_length` - 1 and `config.text_length` - 1 tokens:
+            the prompt is also the clean text stream). seed: an int or a torch.Generator; one seed gives one
+            result, on a given device and batch. num_steps: video denoising steps (None: `config.num_steps`).
+            guidance_scale: classifier-free guidance with the empty prompt (None: the config's; 1: none).
+        progress: a tqdm bar. return_trajectory: `.video_trajectory` uint8 `[steps, B, T, H, W, 3]`, the
+            clean-video estimate after each step. callback(i, s, video, text): after step i, at noise level s,
+            with the codec-space video state `[B, C, T', H', W']` and the text tokens `[B, L]`.
+        """
         prompts = _prompt_list(prompts)
         self.check_prompts(prompts, text_stream=True)
         seed, steps, scale = _seed(seed), self.config.steps_for("text_to_video", num_steps), self._scale(guidance_scale)
@@ -440,8 +449,14 @@ class UniViGUPipeline:
     def video_to_text(self, videos: np.ndarray | Tensor, seed: int | torch.Generator = 0, num_steps: int | None = None,
                       instruction: str | None = None, progress: bool = True,
                       return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
-        """Captions for uint8 videos `[B, T, H, W, 3]` in `.texts`. `instruction` (a question or an
-        instruction) becomes the prompt condition; without it the condition is the empty prompt."""
+        """Captions for uint8 videos `[B, T, H, W, 3]` (or one `[T, H, W, 3]`) of the config's size in `.texts`
+        (`univigu.read_video(path, num_frames=, size=)` reads a file so).
+
+        seed: an int or a torch.Generator. num_steps: text denoising steps (None: `config.caption_steps`, else
+        `config.num_steps`). instruction: a question or an instruction as the prompt condition; without it the
+        condition is the empty prompt (as in training). progress, return_trajectory (`.text_trajectory`
+        [steps][B] texts, `.token_trajectory` `[steps, B, L]`), callback(i, s, video, text): as `text_to_video`.
+        """
         self._require_unified("video_to_text")
         videos = self._video_tensor(videos)
         seed, steps = _seed(seed), self.config.steps_for("video_to_text", num_steps)
@@ -462,8 +477,13 @@ class UniViGUPipeline:
     def generate(self, prompts: list[str] | str, seed: int | torch.Generator = 0, num_steps: int | None = None,
                  guidance_scale: float | None = None, text_update: str | None = None, progress: bool = True,
                  return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
-        """Joint generation: a video and its caption per prompt (`.videos` and `.texts`). `text_update`:
-        "ctmc" or "linear-resample" (None: the pipeline config's)."""
+        """Joint generation: a video and its caption per prompt (`.videos` and `.texts`), denoised together.
+
+        prompts: a str or a list of str (at most `config.prompt_length` - 1 tokens; the text stream is generated).
+        seed, num_steps (shared by video and text), guidance_scale (on the video), progress, return_trajectory
+        (both trajectories), callback: as `text_to_video`. text_update: the text rule, "ctmc" or
+        "linear-resample" (the released script's; None: `config.text_update`).
+        """
         self._require_unified("generate")
         prompts = _prompt_list(prompts)
         self.check_prompts(prompts)
@@ -492,8 +512,8 @@ class UniViGUPipeline:
             raise ValueError(f"{what} needs a unified model; this checkpoint is a plain Wan generator (text to video only)")
 
     def _video_tensor(self, videos: Any) -> Tensor:
-        """`videos` as a uint8 tensor `[B, T, H, W, 3]` of the config's size, B >= 1; else an error saying what
-        came instead (a path, a ragged list, another shape)."""
+        """`videos` as a uint8 tensor `[B, T, H, W, 3]` of the config's size, B >= 1 (one video `[T, H, W, 3]` is a
+        batch of one); else an error saying what came instead (a path, a ragged list, another shape)."""
         c = self.config
         hint = f"read files with univigu.read_video(path, num_frames={c.frames}, size=({c.height}, {c.width}))"
         if isinstance(videos, (str, os.PathLike)):
@@ -506,6 +526,8 @@ class UniViGUPipeline:
             got = f"a {type(videos).__name__} whose items do not stack into one array (videos of different sizes?)" \
                 if isinstance(videos, (list, tuple)) else type(videos).__name__  # fmt: skip
             raise ValueError(f"{expected}, got {got}; {hint}") from None
+        if tensor.ndim == 4 and tuple(tensor.shape) == want:  # one video, as one str is one prompt
+            tensor = tensor[None]
         if tensor.dtype != torch.uint8 or tensor.ndim != 5 or tuple(tensor.shape[1:]) != want:
             raise ValueError(f"{expected}, got {tensor.dtype} {tuple(tensor.shape)}; {hint}")
         if len(tensor) == 0:
