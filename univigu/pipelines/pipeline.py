@@ -428,8 +428,8 @@ class UniViGUPipeline:
             result, on a given device and batch. num_steps: video denoising steps (None: `config.num_steps`).
             guidance_scale: classifier-free guidance with the empty prompt (None: the config's; 1: none).
         progress: a tqdm bar. return_trajectory: `.video_trajectory` uint8 `[steps, B, T, H, W, 3]`, the
-            clean-video estimate after each step. callback(i, s, video, text): after step i, at noise level s,
-            with the codec-space video state `[B, C, T', H', W']` and the text tokens `[B, L]`.
+            clean-video estimate after each step. callback(i, s, video, text): after step i (from noise level s),
+            with that estimate in the codec's space `[B, C, T', H', W']` and the text tokens `[B, L]`.
         """
         prompts = _prompt_list(prompts)
         self.check_prompts(prompts, text_stream=True)
