@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,25 @@ def test_num_logits_and_mask_id():
     assert TextFlow(V, "mask", mask_id=3).num_logits == V  # a mask token inside the vocabulary
     with pytest.raises(ValueError):
         TextFlow(V, "gaussian")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"vocab_size": 0}, ValueError, "vocab_size"),  # drew source ids of -1
+    ({"vocab_size": 2.0}, TypeError, "vocab_size"),
+    ({"vocab_size": True}, TypeError, "vocab_size"),
+    ({"vocab_size": V, "exponent": 0}, ValueError, "exponent"),  # a bare AssertionError from flow_matching
+    ({"vocab_size": V, "exponent": -1.0}, ValueError, "exponent"),
+    ({"vocab_size": V, "exponent": float("inf")}, ValueError, "exponent"),
+    ({"vocab_size": V, "exponent": "2"}, TypeError, "exponent"),
+])  # fmt: skip
+def test_bad_vocab_size_or_exponent_is_a_named_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TextFlow(**kwargs)
+
+
+def test_numpy_vocab_size_is_stored_as_int():
+    flow = TextFlow(np.int64(V))
+    assert type(flow.vocab_size) is int and flow.num_logits == V
 
 
 @pytest.mark.parametrize("source", ["uniform", "mask"])
