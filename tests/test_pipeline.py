@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 import warnings
@@ -231,3 +232,20 @@ def test_half_precision_export_loads_back_in_float32(pipe, tmp_path):
     assert next(loaded.transformer.parameters()).dtype == torch.float32
     for (name, a), b in zip(pipe.transformer.state_dict().items(), loaded.transformer.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-2, rtol=1e-3), name
+
+
+def test_caption_condition_zeros_captions_with_an_all_zero_condition(pipe, videos):
+    """`caption_condition: zeros` (converted official checkpoints: the released script's V2T condition) gives the
+    transformer all-zero prompt states when no instruction is given, and the empty prompt's otherwise."""
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[4].clone()))
+    try:
+        pipe.video_to_text(videos[:1], num_steps=1, progress=False)
+        zeros = dataclasses.replace(pipe.config, caption_condition="zeros")
+        UniViGUPipeline(pipe.transformer, pipe.prompt_encoder, pipe.tokenizer, zeros).video_to_text(
+            videos[:1], num_steps=1, progress=False)
+    finally:
+        hook.remove()
+    assert len(seen) == 2 and seen[0].abs().sum() > 0 and torch.equal(seen[1], torch.zeros_like(seen[1]))
+    with pytest.raises(ValueError, match=r"caption_condition must be one of \('empty_prompt', 'zeros'\)"):
+        PipelineConfig(caption_condition="null")

@@ -93,5 +93,6 @@ def convert_official(
     else:
         from univigu.pipelines import UniViGUPipeline
 
-        UniViGUPipeline.from_wan(wan, transformer=model).save_pretrained(out_dir)
+        # the released script captions with an all-zero condition
+        UniViGUPipeline.from_wan(wan, transformer=model, caption_condition="zeros").save_pretrained(out_dir)
     typer.echo(f"wrote {out_dir}")

@@ -58,6 +58,9 @@ class PipelineConfig:
     num_steps: int = 50
     caption_steps: int | None = None  # video-to-text steps (None: num_steps); text keeps improving past video
     text_update: str = "ctmc"  # joint generation's text rule: "ctmc" or the released "linear-resample"
+    # video-to-text's condition without an instruction: the empty prompt's states (ours, as trained), or all
+    # zeros (the released script's; converted official checkpoints)
+    caption_condition: str = "empty_prompt"
     guidance_scale: float = 5.0
     fps: int = 8
     pixel_downsample: int = 1  # the toy codec's d x d pixel averaging (PixelCodec); unused with a VAE
@@ -75,7 +78,7 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         check_finite("guidance_scale", self.guidance_scale)
         for name, valid in (("text_source", ("uniform", "mask")), ("video_prediction", PREDICTIONS),
-                            ("text_update", TEXT_UPDATES)):  # fmt: skip
+                            ("text_update", TEXT_UPDATES), ("caption_condition", ("empty_prompt", "zeros"))):  # fmt: skip
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {getattr(self, name)!r}")
 
@@ -454,7 +457,7 @@ class UniViGUPipeline:
 
         seed: an int or a torch.Generator. num_steps: text denoising steps (None: `config.caption_steps`, else
         `config.num_steps`). instruction: a question or an instruction as the prompt condition; without it the
-        condition is the empty prompt (as in training). progress, return_trajectory (`.text_trajectory`
+        condition is the empty prompt (as in training; all zeros with `config.caption_condition` "zeros"). progress, return_trajectory (`.text_trajectory`
         [steps][B] texts, `.token_trajectory` `[steps, B, L]`), callback(i, s, video, text): as `text_to_video`.
         """
         self._require_unified("video_to_text")
@@ -463,6 +466,8 @@ class UniViGUPipeline:
         self.check_prompts([instruction or ""])
         x = self.codec.encode(videos.to(self.device))
         states = self._prompt_states([instruction or ""] * len(x))
+        if not instruction and self.config.caption_condition == "zeros":
+            states = torch.zeros_like(states)
         step, frames, toks = self._recorder(return_trajectory, callback)
         # a video_prefix model runs the clean video once, then only the text per step (exact)
         model = self.transformer if self.transformer.caches_clean_video else self._model
