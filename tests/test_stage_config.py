@@ -26,15 +26,26 @@ BASE = CONFIG_DIR / "base.yaml"
     ("model.bogus=3", r"unknown config keys \['model.bogus'\]; valid: \['added_kv_proj_dim'"),
     ("pipeline.bogus=3", r"unknown config keys \['pipeline.bogus'\]"),
     ("world.frames=abc", "world.frames must be an integer, got 'abc'"),
+    ("mix.foo=1", r"unknown config keys \['mix.foo'\]; valid: \['cond_dropout', 'joint', 't2v', 'v2t'\]"),
+    ("mix.t2v=abc", "mix.t2v must be a number, got 'abc'"),
+    ("mix.cond_dropout=2", r"mix.cond_dropout must be a probability in \[0, 1\], got 2.0"),
 ])  # fmt: skip
 def test_wrong_types_name_the_key_and_what_is_valid(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(BASE, [override])
 
 
+@pytest.mark.parametrize("overrides", ["train.lr=1e-3", None, ["train.lr=1e-3", 3]])
+def test_overrides_must_be_a_list_of_strings(overrides):
+    # one string was split into one-character overrides: "override 't' is not of the form key=value"
+    with pytest.raises(TypeError, match='overrides must be a list of "key=value" strings'):
+        load_config(BASE, overrides)
+
+
 def test_numbers_yaml_leaves_as_strings_are_read():
-    cfg = load_config(BASE, ["train.lr=1e-3", "model.rope_theta=1e4", "pipeline.guidance_scale=5"])
+    cfg = load_config(BASE, ["train.lr=1e-3", "model.rope_theta=1e4", "pipeline.guidance_scale=5", "mix.v2t=2e0"])
     assert cfg.train.lr == 1e-3 and cfg.model["rope_theta"] == 1e4 and cfg.pipeline["guidance_scale"] == 5.0
+    assert cfg.mix["v2t"] == 2.0
     assert cfg.model["patch_size"] == (4, 2, 2)
 
 

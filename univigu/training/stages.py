@@ -101,7 +101,8 @@ class StageConfig:
         self.pipeline = {key: getattr(pipeline, key) for key in self.pipeline}  # "1e-3" read as a number
         if self.stage == "base":  # later stages take their sizes from init_from's pipeline
             _check_base_sizes(world, self.model, pipeline)
-        RegimeMix(**self.mix).probs()  # validates the probabilities
+        mix = _build(RegimeMix, self.mix, "mix.")
+        self.mix = {key: getattr(mix, key) for key in self.mix}  # "1e-1" read as a number
         kind = self.data.get("kind", "world")
         if kind not in ("world", "latent_cache"):
             raise ValueError(f"data.kind must be 'world' or 'latent_cache', got {kind!r}")
@@ -270,6 +271,9 @@ def _check_base_sizes(world: WorldConfig, model: dict[str, Any], pipeline: Pipel
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> StageConfig:
     """A stage config from YAML, with `key.sub=value` overrides (values parsed as YAML). `stage` must be given:
     the defaults alone would train a full-size Wan model."""
+    # a single string would otherwise be split into one-character overrides
+    if not isinstance(overrides, (list, tuple)) or not all(isinstance(item, str) for item in overrides):
+        raise TypeError(f'overrides must be a list of "key=value" strings, got {overrides!r:.200}')
     data = _read_yaml(Path(path)) if path else {}
     for item in overrides:
         key, sep, raw = item.lstrip("-").partition("=")
