@@ -4,14 +4,17 @@ exact resume after SIGKILL, a save killed midway, NaN skipping, and 2-process DD
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -67,6 +70,33 @@ def test_lr_schedule() -> None:
     assert c.lr_at(0) == pytest.approx(0.2) and c.lr_at(3) == pytest.approx(0.8)
     assert c.lr_at(4) == pytest.approx(1.0) and c.lr_at(9) == pytest.approx(0.55)
     assert c.lr_at(14) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"batch_size": 2.5}, TypeError, "batch_size must be an int >= 1, got float 2.5"),  # was accepted
+    ({"max_steps": True}, TypeError, "max_steps must be an int"),
+    ({"warmup_steps": -1}, ValueError, "warmup_steps must be an int >= 0, got -1"),
+    ({"seed": "0"}, TypeError, "seed must be an int"),
+    ({"lr": "1e-3"}, TypeError, "lr must be a finite number, got str"),  # was "'>' not supported ..."
+    ({"lr": float("nan")}, ValueError, "lr must be a finite number"),
+    ({"weight_decay": True}, TypeError, "weight_decay must be a finite number"),
+    ({"min_lr_ratio": float("inf")}, ValueError, "min_lr_ratio must be a finite number"),
+    ({"max_grad_norm": "1"}, TypeError, "max_grad_norm must be a finite number"),
+    ({"ema_decay": float("nan")}, ValueError, "ema_decay must be a finite number"),
+    ({"betas": (0.9, "0.999")}, TypeError, "betas must be a finite number"),
+    ({"betas": 0.9}, TypeError, "betas must be 2 numbers"),
+    ({"max_steps": 0}, ValueError, "max_steps must be an int >= 1, got 0"),  # the range checks stay
+    ({"lr": 0}, ValueError, "lr must be > 0, got 0"),
+])  # fmt: skip
+def test_config_numbers_are_checked_by_type(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        TrainerConfig(**kwargs)
+
+
+def test_config_stores_numpy_numbers_as_python_numbers() -> None:
+    c = TrainerConfig(batch_size=np.int64(4), lr=np.float32(0.5), betas=[0.9, np.float64(0.99)])
+    assert type(c.batch_size) is int and type(c.lr) is float and c.betas == (0.9, 0.99)
+    json.dumps(asdict(c))  # the trainer saves its config as JSON
 
 
 def test_trains_logs_rotates_and_exports_ema(tmp_path: Path) -> None:

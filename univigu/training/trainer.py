@@ -79,6 +79,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from univigu.checks import check_finite, check_int
 from univigu.models.transformer import keep_attention_checkpointing
 from univigu.training import checkpoint as ckpt
 from univigu.training.ema import EMA
@@ -125,7 +126,20 @@ class TrainerConfig:
     find_unused_parameters: bool = False  # DDP: set when some steps leave trainable params unused
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # YAML gives lists
+        # by type first, stored as Python numbers: a float batch size or a string lr would otherwise fail (or
+        # save a numpy int to JSON) deep inside the run
+        for name, minimum in (("max_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 1),
+                              ("keep_last", 1), ("log_every", 1), ("warmup_steps", 0), ("ema_start", 0),
+                              ("seed", 0), ("max_bad_steps", 0), ("num_workers", 0)):  # fmt: skip
+            setattr(self, name, check_int(name, getattr(self, name), minimum))
+        for name in ("lr", "weight_decay", "min_lr_ratio"):
+            setattr(self, name, check_finite(name, getattr(self, name)))
+        for name in ("max_grad_norm", "ema_decay", "activation_memory_budget"):  # None: off
+            if getattr(self, name) is not None:
+                setattr(self, name, check_finite(name, getattr(self, name)))
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise TypeError(f"betas must be 2 numbers, got {self.betas!r}")
+        self.betas = tuple(check_finite("betas", beta) for beta in self.betas)  # YAML gives lists
         if self.gradient_checkpointing not in (False, True, "keep_attention"):
             raise ValueError("gradient_checkpointing must be false, true or 'keep_attention', "
                              f"not {self.gradient_checkpointing!r}")  # fmt: skip
@@ -136,9 +150,6 @@ class TrainerConfig:
             self.mixed_precision = "no"
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
-        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:  # torch's "Invalid learning rate" would come only once the model is built
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
