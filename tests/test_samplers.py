@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,6 +182,17 @@ def test_classifier_free_guidance():
     model = ConstantVelocity()
     sample_t2v(model, tokens, cond, shape, guidance=Guidance(null, scale=1.0), num_steps=n, generator=7)
     assert model.calls == n
+
+
+def test_any_integer_seeds_the_samplers_and_other_seeds_are_refused():
+    tokens, states, shape = torch.zeros(B, L, dtype=torch.long), torch.zeros(B, 4, 8), (B, 3, 4)
+    seeded = sample_t2v(ConstantVelocity(), tokens, states, shape, num_steps=2, generator=3).video
+    for seed in (np.int64(3), np.uint8(3)):  # the pipeline accepts numpy ints: a raw torch.randn TypeError here
+        assert torch.equal(sample_t2v(ConstantVelocity(), tokens, states, shape, num_steps=2, generator=seed).video,
+                           seeded)  # fmt: skip
+    for seed in (3.0, "3", True):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator, an int seed or None"):
+            sample_t2v(ConstantVelocity(), tokens, states, shape, num_steps=2, generator=seed)
 
 
 class RecordsText:

@@ -14,6 +14,7 @@ velocity only; the text logits come from the conditional pass.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -56,10 +57,14 @@ class Guidance:
 
 
 def make_generator(generator: torch.Generator | int | None, device: torch.device | str) -> torch.Generator | None:
-    """A generator from a seed (on `device`), or the given generator / None unchanged."""
-    if isinstance(generator, int):
-        return torch.Generator(device=device).manual_seed(generator)
-    return generator
+    """A generator from an integer seed (on `device`; numpy ints too), or the given generator / None unchanged."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    # a bool is an int to Python but no seed; anything else would fail inside torch.randn
+    if not isinstance(generator, numbers.Integral) or isinstance(generator, bool):
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__} "
+                        f"{generator!r:.80}")  # fmt: skip
+    return torch.Generator(device=device).manual_seed(int(generator))
 
 
 def _expand(x: Tensor | None, b: int) -> Tensor | None:
