@@ -559,10 +559,11 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
     """Wan2.1 DiT + text stream (modality-driven MoE). Defaults are Wan2.1-T2V-1.3B with the umT5 vocabulary.
 
     Args (shared, Wan's config names): patch_size, num_attention_heads, attention_head_dim, in_channels,
-        out_channels (None: in_channels), text_dim (prompt-encoder width), freq_dim, ffn_dim, num_layers,
-        cross_attn_norm, qk_norm (only "rms_norm_across_heads", the Wan2.1 one), eps, rope_max_seq_len (kept
-        for Wan config compatibility only: RoPE is computed for the actual grid, no table is stored), rope_theta
-        (the video RoPE base, Wan's 1e4; the toy world's 8-patch axes use a small one, see `rope_theta_of`).
+        out_channels (default 16, Wan's, whatever in_channels is; None: in_channels), text_dim (prompt-encoder
+        width), freq_dim, ffn_dim, num_layers, cross_attn_norm, qk_norm (only "rms_norm_across_heads", the Wan2.1
+        one), eps, rope_max_seq_len (kept for Wan config compatibility only: RoPE is computed for the actual grid,
+        no table is stored), rope_theta (the video RoPE base, Wan's 1e4; the toy world's 8-patch axes use a small
+        one, see `rope_theta_of`).
     Args (text): text_vocab_size V; text_mask_row adds one row (id V) used as the mask/source token for
         tokenizers that have none, so V' = V + 1; text_rope_theta for the 1D text RoPE; text_ffn "expert"
         (the MoE: a text FFN per block) or "shared" (text tokens through the video FFN; an ablation).
