@@ -78,7 +78,8 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         check_finite("guidance_scale", self.guidance_scale)
         for name, valid in (("text_source", ("uniform", "mask")), ("video_prediction", PREDICTIONS),
-                            ("text_update", TEXT_UPDATES), ("caption_condition", ("empty_prompt", "zeros"))):  # fmt: skip
+                            ("text_update", TEXT_UPDATES),
+                            ("caption_condition", ("empty_prompt", "zeros"))):  # fmt: skip
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {getattr(self, name)!r}")
 
@@ -264,8 +265,8 @@ class UniViGUPipeline:
 
     @classmethod
     def from_wan(cls, path: str | Path, device: str | torch.device = "cpu",
-                 torch_dtype: torch.dtype | str = torch.float32, seed: int = 0, transformer: UniViGUTransformer | None = None, unified: bool = True,
-                 **config: Any) -> "UniViGUPipeline":  # fmt: skip
+                 torch_dtype: torch.dtype | str = torch.float32, seed: int = 0,
+                 transformer: UniViGUTransformer | None = None, unified: bool = True, **config: Any) -> "UniViGUPipeline":  # fmt: skip
         """The unified model built from a local Wan2.1 diffusers folder (transformer/, vae/, text_encoder/,
         tokenizer/; nothing is downloaded): `UniViGUTransformer.from_wan` on transformer/ with the umT5 vocabulary
         for the text stream, the Wan VAE as the codec (float32), umT5 as the prompt encoder (prompts padded to
@@ -457,8 +458,9 @@ class UniViGUPipeline:
 
         seed: an int or a torch.Generator. num_steps: text denoising steps (None: `config.caption_steps`, else
         `config.num_steps`). instruction: a question or an instruction as the prompt condition; without it the
-        condition is the empty prompt (as in training; all zeros with `config.caption_condition` "zeros"). progress, return_trajectory (`.text_trajectory`
-        [steps][B] texts, `.token_trajectory` `[steps, B, L]`), callback(i, s, video, text): as `text_to_video`.
+        condition is the empty prompt (as in training; all zeros with `config.caption_condition` "zeros").
+        progress, return_trajectory (`.text_trajectory` [steps][B] texts, `.token_trajectory` `[steps, B, L]`),
+        callback(i, s, video, text): as `text_to_video`.
         """
         self._require_unified("video_to_text")
         videos = self._video_tensor(videos)
