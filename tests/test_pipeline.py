@@ -249,3 +249,17 @@ def test_caption_condition_zeros_captions_with_an_all_zero_condition(pipe, video
     assert len(seen) == 2 and seen[0].abs().sum() > 0 and torch.equal(seen[1], torch.zeros_like(seen[1]))
     with pytest.raises(ValueError, match=r"caption_condition must be one of \('empty_prompt', 'zeros'\)"):
         PipelineConfig(caption_condition="null")
+
+
+def test_set_progress_bar_config_hides_the_bar_of_calls_that_do_not_say(pipe, capsys):
+    prompt = "a red circle moves right"
+    pipe.text_to_video(prompt, num_steps=2)
+    assert "sampling" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe.text_to_video(prompt, num_steps=2)
+        assert "sampling" not in capsys.readouterr().err
+        pipe.text_to_video(prompt, num_steps=2, progress=True)  # a call that says wins
+        assert "sampling" in capsys.readouterr().err
+    finally:
+        pipe.set_progress_bar_config(disable=False)

@@ -226,6 +226,7 @@ class UniViGUPipeline:
         self.text_flow = TextFlow(self.text_canvas.vocab_size, source=self.config.text_source,
                                   mask_id=self.text_canvas.mask_id, exponent=self.config.text_exponent)  # fmt: skip
         self.unified = isinstance(transformer, UniViGUTransformer)
+        self._progress_disabled = False
         model = transformer if self.unified else _WanAsUnified(transformer, self.text_canvas.vocab_size)
         self._model = _AsVelocity(model, self.config.video_prediction, self.config.video_sigma_data)
         self._check_fit(transformer)
@@ -344,6 +345,13 @@ class UniViGUPipeline:
             self.codec.vae.to(device)
         return self
 
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """Show (or, `disable=True`, hide) the sampling progress bar of calls that do not say (diffusers' name)."""
+        self._progress_disabled = bool(disable)
+
+    def _progress(self, progress: bool | None) -> bool:
+        return not self._progress_disabled if progress is None else progress
+
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
@@ -423,7 +431,7 @@ class UniViGUPipeline:
 
     @torch.no_grad()
     def text_to_video(self, prompts: list[str] | str, seed: int | torch.Generator = 0, num_steps: int | None = None,
-                      guidance_scale: float | None = None, progress: bool = True,
+                      guidance_scale: float | None = None, progress: bool | None = None,
                       return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
         """Videos for prompts: uint8 `[B, T, H, W, 3]` in `.videos`.
 
@@ -431,9 +439,10 @@ class UniViGUPipeline:
             the prompt is also the clean text stream). seed: an int or a torch.Generator; one seed gives one
             result, on a given device and batch. num_steps: video denoising steps (None: `config.num_steps`).
             guidance_scale: classifier-free guidance with the empty prompt (None: the config's; 1: none).
-        progress: a tqdm bar. return_trajectory: `.video_trajectory` uint8 `[steps, B, T, H, W, 3]`, the
-            clean-video estimate after each step. callback(i, s, video, text): after step i (from noise level s),
-            with that estimate in the codec's space `[B, C, T', H', W']` and the text tokens `[B, L]`.
+        progress: a tqdm bar (None: unless `set_progress_bar_config(disable=True)`). return_trajectory:
+            `.video_trajectory` uint8 `[steps, B, T, H, W, 3]`, the clean-video estimate after each step.
+        callback(i, s, video, text): after step i (from noise level s), with that estimate in the codec's space
+            `[B, C, T', H', W']` and the text tokens `[B, L]`.
         """
         prompts = _prompt_list(prompts)
         self.check_prompts(prompts, text_stream=True)
@@ -445,13 +454,13 @@ class UniViGUPipeline:
             self._model, tokens.to(self.device), states, self._video_shape(len(prompts)),
             text_mask=mask.to(self.device), guidance=self._guidance(scale, null_text=self.unified),
             num_steps=steps, shift=self.config.shift, generator=seed,
-            callback=step, progress=progress,
+            callback=step, progress=self._progress(progress),
         )  # fmt: skip
         return self._output(out.video, None, frames, [])
 
     @torch.no_grad()
     def video_to_text(self, videos: np.ndarray | Tensor, seed: int | torch.Generator = 0, num_steps: int | None = None,
-                      instruction: str | None = None, progress: bool = True,
+                      instruction: str | None = None, progress: bool | None = None,
                       return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
         """Captions for uint8 videos `[B, T, H, W, 3]` (or one `[T, H, W, 3]`) of the config's size in `.texts`
         (`univigu.read_video(path, num_frames=, size=)` reads a file so).
@@ -476,13 +485,13 @@ class UniViGUPipeline:
         out = sample_v2t(
             model, x, states, self.text_flow, self.config.text_length, pad_id=self.text_canvas.pad_id,
             num_steps=steps, shift=self.config.text_shift,
-            generator=seed, callback=step, progress=progress,
+            generator=seed, callback=step, progress=self._progress(progress),
         )  # fmt: skip
         return self._output(None, out.text, [], toks)
 
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, seed: int | torch.Generator = 0, num_steps: int | None = None,
-                 guidance_scale: float | None = None, text_update: str | None = None, progress: bool = True,
+                 guidance_scale: float | None = None, text_update: str | None = None, progress: bool | None = None,
                  return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
         """Joint generation: a video and its caption per prompt (`.videos` and `.texts`), denoised together.
 
@@ -501,7 +510,7 @@ class UniViGUPipeline:
             self._model, states, self.text_flow, self._video_shape(len(prompts)), self.config.text_length,
             pad_id=self.text_canvas.pad_id, guidance=self._guidance(scale),
             text_update=text_update or self.config.text_update, num_steps=steps,
-            shift=self.config.shift, generator=seed, callback=step, progress=progress,
+            shift=self.config.shift, generator=seed, callback=step, progress=self._progress(progress),
         )  # fmt: skip
         return self._output(out.video, out.text, frames, toks)
 
