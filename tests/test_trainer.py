@@ -334,3 +334,71 @@ def test_resume_refuses_a_model_of_another_shape_before_any_step(tmp_path: Path)
     with pytest.raises(ResumeError, match=r"differs .* in 1 weights:\n  net.0.weight: checkpoint \[32, 8\] -> now \[32, 4\]"):
         Trainer(task, Regression(dim=4), config(tmp_path, max_steps=10)).train(resume=True)
     assert task.calls == 0
+
+
+def test_ema_update_moves_the_shadow_by_one_minus_decay() -> None:
+    from univigu.training.ema import EMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([("w", p)])
+    with torch.no_grad():
+        p.fill_(1.0)  # the weight jumps 0 -> 1
+    ema.update(0.9)  # shadow = decay * shadow + (1 - decay) * weight
+    assert torch.allclose(ema.shadow["w"], torch.full((3,), 0.1))
+    ema.update(0.9)
+    assert torch.allclose(ema.shadow["w"], torch.full((3,), 0.19))
+    ema.update(0.0)  # decay 0 (before ema_start): an exact copy
+    assert torch.equal(ema.shadow["w"], torch.ones(3))
+    assert torch.equal(p.detach(), torch.ones(3))  # the live weight is untouched
+
+
+def test_ema_copies_the_weights_before_ema_start(tmp_path: Path) -> None:
+    trainer = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=5, ema_decay=0.9, ema_start=3))
+    ema, update, tracks = trainer.ema, trainer.ema.update, []
+
+    def recording_update(decay: float) -> None:
+        update(decay)
+        tracks.append(all(torch.equal(ema.shadow[n], p.detach()) for n, p in ema.params.items()))
+
+    ema.update = recording_update
+    trainer.train()
+    # optimizer steps 1-3 (step indices 0-2 < ema_start) copy the weights; from step 4 on the shadow lags
+    assert tracks == [True, True, True, False, False]
+
+
+def test_gradient_is_clipped_to_max_grad_norm_before_the_optimizer_step(tmp_path: Path) -> None:
+    def run(max_norm: float | None) -> tuple[list[float], list[float]]:
+        """The gradient norm the optimizer steps on, and the logged (pre-clipping) one, per step."""
+        trainer = Trainer(MLPTask(), Regression(), config(tmp_path / str(max_norm), max_steps=3, max_grad_norm=max_norm))
+        step, seen = trainer.optimizer.step, []
+
+        def recording_step(*args, **kwargs):
+            seen.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.params]))))
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = recording_step
+        return seen, [r["grad_norm"] for r in trainer.train()]
+
+    seen, logged = run(1e-3)
+    assert len(seen) == 3 and all(g > 0.1 for g in logged), logged  # clipping had work to do
+    assert seen == pytest.approx([1e-3] * 3, rel=1e-4), (seen, logged)
+    seen, logged = run(None)
+    assert seen == pytest.approx(logged, rel=1e-5)
+
+
+def test_grad_accum_matches_one_big_batch(tmp_path: Path) -> None:
+    # noise and dropout off: both runs then see the same samples (the sampler splits the global micro-batches
+    # in order) and compute the same mean loss; no clipping, so a mis-scaled gradient shows in grad_norm and
+    # (through AdamW's eps and weight decay) in the weights
+    runs = {}
+    for accum, batch in ((2, 4), (1, 8)):
+        task = MLPTask(noise=0.0, dropout=0.0)
+        cfg = config(tmp_path / str(accum), max_steps=4, batch_size=batch, grad_accum=accum, max_grad_norm=None)
+        rows = Trainer(task, Regression(), cfg).train()
+        runs[accum] = rows, {k: v.detach().clone() for k, v in task.state_dict().items()}
+    (rows_a, weights_a), (rows_b, weights_b) = runs[2], runs[1]
+    for a, b in zip(rows_a, rows_b, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), a["step"]
+    for k in weights_b:
+        assert torch.allclose(weights_a[k], weights_b[k], atol=1e-5), k
