@@ -52,3 +52,57 @@ def test_coevolution_refuses_nonsense_before_touching_the_pipeline():
     for kwargs in ({"n": 0}, {"batch_size": 0}, {"split": "bogus"}):
         with pytest.raises(ValueError, match="at least 1|split must be"):
             coevolution(object(), **kwargs)
+
+
+def test_prompt_accuracy_all_counts_attributes_exact_counts_samples():
+    """1 of 3 attributes wrong in 1 of 2 samples: "all" is 5/6 of the attributes, "exact" 1/2 of the samples."""
+    want = [{"colour": "red", "shape": "circle", "motion": "right"},
+            {"colour": "blue", "shape": "square", "motion": "up"}]  # fmt: skip
+    readings = [{"objects": [{"colour": "red", "shape": "circle", "motion": "right"}]},
+                {"objects": [{"colour": "blue", "shape": "square", "motion": "down"}]}]  # fmt: skip
+    out = prompt_accuracy(want, readings)
+    assert out["all"] == pytest.approx(5 / 6) and out["exact"] == pytest.approx(1 / 2)
+    assert out["colour"] == out["shape"] == 1.0 and out["motion"] == 0.5
+
+
+def test_caption_scores_put_candidates_against_references():
+    """A candidate that is a 5-word prefix of its 20-word reference: every n-gram matches, so BLEU-4 is the
+    brevity penalty exp(1 - 20/5) alone; with candidates and references swapped there is no brevity penalty
+    but the precisions are 5/20, 4/19, 3/18, 2/17 (BLEU-4 about 0.18)."""
+    import math
+
+    words = [f"w{i}" for i in range(20)]
+    reference, candidate = " ".join(words), " ".join(words[:5])
+    scores = caption_scores([reference], [candidate])
+    assert scores["bleu4"] == pytest.approx(math.exp(1 - 20 / 5), rel=1e-3)
+    swapped = caption_scores([candidate], [reference])
+    assert swapped["bleu4"] > 0.15 > scores["bleu4"]
+
+
+class _AgreeingPipeline:
+    """A stub joint generator: the world's own scenes, rendered and captioned, so video and text agree per sample.
+    Step 0 has the videos and no captions; step 1 the captions."""
+
+    def __init__(self, n: int):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(height=32, width=32, frames=16, text_update="ctmc")
+        self.world = World.sized_like(self.config)
+        self.scenes = self.world.scenes("test", range(n), 0)
+
+    def generate(self, prompts, seed, num_steps, progress, text_update, return_trajectory):
+        from types import SimpleNamespace
+
+        assert return_trajectory
+        scenes = self.scenes[seed : seed + len(prompts)]  # seed = 0 + the batch's start
+        assert [s.prompt for s in scenes] == list(prompts)
+        videos = self.world.render(scenes)
+        captions = [s.caption for s in scenes]
+        return SimpleNamespace(video_trajectory=[videos, videos], text_trajectory=[[""] * len(scenes), captions])
+
+
+def test_coevolution_shuffled_baseline_mismatches_pairs():
+    out = coevolution(_AgreeingPipeline(12), n=12, batch_size=5)
+    assert out["num_steps"] == 2 and out["consistency"][-1] > 0.99 and out["consistency"][0] < out["consistency"][-1]
+    assert out["video"][-1] == 1.0 and out["text"][-1] == 1.0
+    assert out["shuffled"] < out["consistency"][-1] - 0.2

@@ -185,3 +185,25 @@ def test_mask_id_inside_the_vocabulary_is_never_sampled():
     out = flow.sample_clean(logits, torch.Generator().manual_seed(0))
     assert not (out == 3).any() and (out < V).all()
     assert (flow.sample_source((2, 5)) == 3).all()
+
+
+@pytest.mark.parametrize("kind", ["ce", "gkl"])
+def test_masked_loss_is_the_mean_over_scored_positions_only(kind):
+    """A partial loss_mask: each row's loss is the mean of its per-position losses over the scored positions
+    (divided by their count, not by L); a row with no scored position gets 0."""
+    g = torch.Generator().manual_seed(1)
+    flow = TextFlow(V, "mask")
+    x1 = torch.randint(0, V, (3, 8), generator=g)
+    t = torch.tensor([0.2, 0.6, 0.4])
+    x_t = flow.add_noise(x1, t, g)
+    logits = torch.randn(3, 8, V + 1, generator=g)
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, :3] = True  # 3 of 8 scored
+    mask[1, [1, 4, 5, 7]] = True  # 4 of 8, not a prefix
+    per_pos = torch.stack([flow.loss(logits[:, j : j + 1], x1[:, j : j + 1], x_t[:, j : j + 1], t, kind=kind)
+                           for j in range(8)], dim=1)  # fmt: skip
+    got = flow.loss(logits, x1, x_t, t, loss_mask=mask, kind=kind)
+    assert torch.allclose(got[0], per_pos[0, :3].mean())
+    assert torch.allclose(got[1], per_pos[1, [1, 4, 5, 7]].mean())
+    assert got[2].item() == 0.0
+    assert not torch.allclose(got[:2], (per_pos * mask).sum(1)[:2] / 8)  # what dividing by L would give

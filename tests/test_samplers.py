@@ -280,3 +280,23 @@ def test_with_the_real_transformer():
     loss, _ = unified_loss(velocity, logits, batch, flow, text_loss="gkl")
     loss.backward()
     assert torch.isfinite(loss) and model.text_proj_out.weight.grad.abs().sum() > 0
+
+
+def test_linear_resample_takes_the_fraction_i_over_n_minus_1():
+    """At step i of N the released rule resamples each position with probability i / (N - 1) (not i / N):
+    among the positions still at the mask source after step i - 1, about that fraction leaves it at step i.
+    The last step adds the final argmax pass, so every position ends revealed."""
+    flow = TextFlow(V, "mask")
+    x0, tokens = _targets(flow.num_logits)
+    reps, n = 80, 5
+    tokens = tokens.repeat(1, reps)
+    out = sample_t2vt(Oracle(x0, tokens, V + 1), PROMPT, flow, x0.shape, reps * L, text_update="linear-resample",
+                      num_steps=n, generator=0, return_trajectory=True)  # fmt: skip
+    masked = (out.text_trajectory == flow.mask_id).float()  # [N, B, L']
+    assert masked[0].all()  # fraction 0 at step 0
+    for i in range(1, n - 1):
+        still = masked[i - 1].bool()
+        left = 1.0 - masked[i][still].mean().item()
+        assert abs(left - i / (n - 1)) < 0.05, (i, left)  # i / N would be 0.2, 0.4, 0.6
+    assert not masked[-1].any()
+    assert (out.text == tokens).all()

@@ -345,3 +345,17 @@ def test_wan_loading_is_strict(wan, tmp_path):
     mismatch = r"the WanTransformer3DModel its config describes:\n  missing keys \(\d+\): blocks\.2"
     with pytest.raises(ValueError, match=mismatch):  # was diffusers' "Cannot copy out of meta tensor"
         load_wan_transformer(tmp_path / "wan")
+
+
+def test_text_rope_positions_start_at_zero():
+    """text_rope(L, d, theta): cos/sin of p * theta^(-2i/d) for p = 0..L-1, so row 0 is the identity rotation.
+    (Relative attention cannot see an offset of all positions; the formula can.)"""
+    from univigu.models.transformer import text_rope
+
+    length, dim, theta = 6, 8, 10000.0
+    cos, sin = text_rope(length, dim, theta, torch.device("cpu"))
+    assert cos.shape == sin.shape == (length, dim // 2)
+    p = torch.arange(length, dtype=torch.float64)[:, None]
+    angles = p * theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)[None]
+    assert torch.allclose(cos, angles.cos().float(), atol=1e-6) and torch.allclose(sin, angles.sin().float(), atol=1e-6)
+    assert (cos[0] == 1).all() and (sin[0] == 0).all()

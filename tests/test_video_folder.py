@@ -257,3 +257,20 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
 def test_read_captions_of_a_missing_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="video folder does not exist.*nowhere"):
         read_captions(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("height, width", [(16, 48), (48, 16)])
+def test_load_clip_crops_the_centre(tmp_path, height, width):
+    """A wide (tall) clip loaded square keeps its middle columns (rows): a mark at source index 24 of 48 lands
+    at index 8 of 16 (crop offset 16), not at 24 (cropped away when the crop starts at 0)."""
+    video = np.zeros((2, height, width, 3), dtype=np.uint8)
+    if width > height:
+        video[:, :, 24] = 255
+    else:
+        video[:, 24, :] = 255
+    video[1, 0, 0] = 128  # frames differ: the GIF writer keeps both
+    path = write_video(tmp_path / "mark.gif", video, fps=8)
+    clip = load_clip(path, 2, 16, 16).numpy().astype(int)  # no resize needed: 16 already covers
+    assert clip.shape == (2, 16, 16, 3)
+    lines = clip[0].mean(axis=(0, 2)) if width > height else clip[0].mean(axis=(1, 2))  # per column / per row
+    assert lines.argmax() == 8 and lines[8] > 200 and np.delete(lines, 8).max() < 20
