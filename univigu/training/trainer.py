@@ -167,6 +167,10 @@ def _seed_of(*parts: int) -> int:
 
 
 class Trainer:
+    """Trains `task` (the contract in this module's docstring: `task(batch, generator=g) -> {"loss": ..., logs}`)
+    on `dataset`, batched by `collate_fn`, as `config` says; `train()` runs to `config.max_steps`, resuming from
+    `config.output_dir`'s latest checkpoint when asked. Under `accelerate launch` it is one process of many."""
+
     def __init__(self, task: nn.Module, dataset: Dataset, config: TrainerConfig,
                  collate_fn: Callable[[list[Any]], Any] | None = None) -> None:  # fmt: skip
         self.config = cfg = config
