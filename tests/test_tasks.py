@@ -44,3 +44,98 @@ def test_unified_task_regimes_and_frozen_prompt_encoder(tiny_parts):
     p["unified"].zero_grad()
     task.train()
     assert not task.prompt_encoder.training
+
+
+class _Spy:
+    """Records the positional and keyword arguments of every forward of a module (a forward pre-hook)."""
+
+    def __init__(self, module):
+        self.calls = []
+        self.handle = module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        self.calls.append((args, kwargs))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _unified_task(p, mix, text_target="prompt"):
+    tok = p["tokenizer"]
+    canvas = TextCanvas(tok, 48)
+    return UnifiedTask(p["unified"], p["prompt_encoder"], TextCanvas(tok, 16), canvas, VideoFlow(),
+                       TextFlow(canvas.vocab_size), mix, text_target=text_target)  # fmt: skip
+
+
+def test_unified_task_gives_v2t_rows_the_null_prompt_and_t2v_rows_the_prompt(tiny_parts):
+    """V2T rows see the empty prompt's states (the prompt would leak the answer); T2V rows without dropout see
+    their own prompt's states."""
+    p = tiny_parts
+    batch = _batch(4)
+    for mix, expect_null in ((RegimeMix(t2v=0, v2t=1, joint=0, cond_dropout=0.0), True),
+                             (RegimeMix(t2v=1, v2t=0, joint=0, cond_dropout=0.0), False)):  # fmt: skip
+        task = _unified_task(p, mix)
+        prompt_states = task.encode_prompts(batch["prompt"])
+        null_states = task.encode_prompts([""]).expand_as(prompt_states)
+        assert not torch.allclose(prompt_states, null_states)
+        with _Spy(p["unified"]) as spy, torch.no_grad():
+            task(batch, generator=torch.Generator().manual_seed(0))
+        (args, _), = spy.calls
+        states = args[4]
+        assert torch.allclose(states, null_states if expect_null else prompt_states), mix
+
+
+def test_generator_task_condition_dropout_feeds_the_empty_prompt(tiny_parts):
+    """cond_dropout 1: every prompt state the generator gets is the empty prompt's; 0: the batch's prompts'."""
+    p = tiny_parts
+    canvas = TextCanvas(p["tokenizer"], 16)
+    batch = _batch(4)
+    with torch.no_grad():
+        ids, mask = canvas.encode(batch["prompt"])
+        prompt_states = p["prompt_encoder"](ids, mask)
+        ids, mask = canvas.encode([""] * 4)
+        null_states = p["prompt_encoder"](ids, mask)
+    assert not torch.allclose(prompt_states, null_states)
+    for dropout, expected in ((1.0, null_states), (0.0, prompt_states)):
+        task = GeneratorTask(p["wan"], p["prompt_encoder"], canvas, VideoFlow(), cond_dropout=dropout)
+        with _Spy(p["wan"]) as spy, torch.no_grad():
+            task(batch, generator=torch.Generator().manual_seed(0))
+        (_, kwargs), = spy.calls
+        assert torch.allclose(kwargs["encoder_hidden_states"], expected), dropout
+
+
+def test_unified_task_trains_the_text_on_the_caption_when_asked(tiny_parts, monkeypatch):
+    """text_target="caption": the text tokens the model learns to generate (V2T rows) are the caption's, while
+    T2V rows still read the clean prompt in the text stream."""
+    from univigu.training import tasks
+
+    p = tiny_parts
+    batch = _batch(4)
+    assert batch["prompt"] != batch["caption"]
+    built, make = [], tasks.make_training_batch
+
+    def spy(*args, **kwargs):
+        built.append(make(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(tasks, "make_training_batch", spy)
+    task = _unified_task(p, RegimeMix(t2v=0, v2t=1, joint=0, cond_dropout=0.0), text_target="caption")
+    caption, _ = task.text_canvas.encode(batch["caption"])
+    prompt, _ = task.text_canvas.encode(batch["prompt"])
+    assert not torch.equal(caption, prompt)
+    with torch.no_grad():
+        task(batch, generator=torch.Generator().manual_seed(0))
+    tb = built[-1]
+    assert (tb.regime == 1).all()  # V2T
+    assert torch.equal(tb.text_target, caption)
+    # the scored positions are where the noised text stream is generated towards the caption
+    assert tb.text_loss_mask.any()
+    # T2V rows: the text stream is the clean prompt, not the caption
+    task = _unified_task(p, RegimeMix(t2v=1, v2t=0, joint=0, cond_dropout=0.0), text_target="caption")
+    with _Spy(p["unified"]) as model_spy, torch.no_grad():
+        task(batch, generator=torch.Generator().manual_seed(0))
+    (args, _), = model_spy.calls
+    assert torch.equal(args[1], prompt) and torch.equal(built[-1].text_target, caption)
