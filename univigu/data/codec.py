@@ -26,6 +26,7 @@ class PixelCodec:
         self.downsample = downsample
 
     def encode(self, video: Tensor) -> Tensor:
+        """uint8 videos `[B, T, H, W, 3]` -> `[B, 3, T, H/d, W/d]` in [-1, 1] (d x d pixel blocks averaged)."""
         if video.dtype != torch.uint8 or video.ndim != 5 or video.shape[-1] != 3:
             raise ValueError(f"expected uint8 videos [B, T, H, W, 3], got {video.dtype} {tuple(video.shape)}")
         self.latent_shape(*video.shape[1:4])  # checks the size
@@ -34,6 +35,7 @@ class PixelCodec:
         return F.avg_pool3d(x, (1, d, d)) if d > 1 else x
 
     def decode(self, x: Tensor) -> Tensor:
+        """`[B, 3, T, H/d, W/d]` -> uint8 videos `[B, T, H, W, 3]` (each value repeated over its block, clamped)."""
         d = self.downsample
         if d > 1:
             x = x.repeat_interleave(d, dim=-2).repeat_interleave(d, dim=-1)

@@ -229,10 +229,12 @@ class World:
         return cls(WorldConfig(height=config.height, width=config.width, frames=config.frames))
 
     def is_heldout(self, obj: dict[str, Any] | WorldObject) -> bool:
+        """True for an object (or its attributes) that matches one of the held-out attribute combinations."""
         attrs = obj.attributes() if isinstance(obj, WorldObject) else obj
         return any(all(attrs.get(k) == v for k, v in c.items()) for c in self.config.heldout)
 
     def scene(self, split: str, index: int, seed: int = 0) -> Scene:
+        """Scene `index` of `split` ("train", "test", "heldout"): the same for the same (split, index, seed)."""
         if not isinstance(split, str) or split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
         if split == "heldout" and not self.config.heldout:
@@ -242,6 +244,7 @@ class World:
         return self._sample_scene(rng, heldout=split == "heldout")
 
     def scenes(self, split: str, indices: Iterable[int], seed: int = 0) -> list[Scene]:
+        """`scene` for each index."""
         return [self.scene(split, i, seed) for i in indices]
 
     def render(self, scenes: Sequence[Scene]) -> np.ndarray:

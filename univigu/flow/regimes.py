@@ -45,6 +45,7 @@ class RegimeMix:
             raise ValueError(f"cond_dropout must be a probability in [0, 1], got {self.cond_dropout}")
 
     def probs(self) -> Tensor:
+        """The regimes' probabilities `[3]` (t2v, v2t, joint), the weights normalised."""
         p = torch.tensor([self.t2v, self.v2t, self.joint], dtype=torch.float64)
         return p / p.sum()
 

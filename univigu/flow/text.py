@@ -91,6 +91,7 @@ class TextFlow:
     # ---- schedule ------------------------------------------------------------------------------------
 
     def kappa(self, t: Tensor) -> Tensor:
+        """kappa(t) = t^exponent: the probability that a position holds its clean token at time t."""
         return self.scheduler(t).alpha_t
 
     def jump_rate(self, t: Tensor) -> Tensor:

@@ -747,9 +747,11 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
         return _part_of(name).startswith("text")
 
     def text_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters only the text stream has (`is_text_parameter`)."""
         return (p for n, p in self.named_parameters() if self.is_text_parameter(n))
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters Wan has: shared by both streams."""
         return (p for n, p in self.named_parameters() if not self.is_text_parameter(n))
 
     def set_trainable(self, which: Literal["text", "all"]) -> None:

@@ -339,6 +339,7 @@ class UniViGUPipeline:
         return path
 
     def to(self, device: str | torch.device) -> "UniViGUPipeline":
+        """Move the transformer, the prompt encoder and a VAE to `device`; returns the pipeline."""
         self.transformer.to(device)
         self.prompt_encoder.to(device)
         if hasattr(self.codec, "vae"):
