@@ -234,7 +234,7 @@ class World:
         return any(all(attrs.get(k) == v for k, v in c.items()) for c in self.config.heldout)
 
     def scene(self, split: str, index: int, seed: int = 0) -> Scene:
-        """Scene `index` of `split` ("train", "test", "heldout"): the same for the same (split, index, seed)."""
+        """Scene `index` of `split` ("train", "val", "test", "heldout"): the same for the same (split, index, seed)."""
         if not isinstance(split, str) or split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
         if split == "heldout" and not self.config.heldout:
