@@ -680,7 +680,8 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
         """(Re-)initialise the text parts as METHOD.md section 3 says: ffn_t, the text timestep embedder and the
         text output table become copies of their video counterparts; the token embedding is drawn fresh
         (N(0, embedding_std^2), from `generator` or else torch's global generator; every block LayerNorms it
-        anyway); the logit head is zero, so the first logits are exactly uniform.
+        anyway); the logit head is zero, so the first logits are exactly uniform; a text-head norm weight
+        (`text_norm_weight`) is ones.
 
         Parameters are replaced (not written in place), so this also works on a meta-device model whose
         shared part was just loaded; build optimizers after calling it.
