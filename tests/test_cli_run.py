@@ -200,3 +200,19 @@ def test_caption_keeps_every_sidecar_of_same_named_files(checkpoints, tmp_path):
     sidecars = sorted(out.glob("*.json"))
     assert [p.name for p in sidecars] == ["clip_caption_seed0_0.json", "clip_caption_seed0_1.json"]
     assert [json.loads(p.read_text())["video"] for p in sidecars] == [str(p) for p in paths]
+
+
+def test_the_command_line_shows_warnings_as_messages(monkeypatch):
+    """`univigu` (main) prints a warning as `warning: message`, not Python's file:line and source line."""
+    import sys
+    import warnings
+
+    from univigu import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # put back after the test
+    monkeypatch.setattr(sys, "argv", ["univigu", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert warnings.formatwarning("clip.webm looks truncated", UserWarning, "run.py", 170) == \
+        "warning: clip.webm looks truncated\n"  # fmt: skip
+    assert warnings.formatwarning("old", DeprecationWarning, "x.py", 1) == "DeprecationWarning: old\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
 from univigu.cli import ablate as ablate_cli
@@ -35,5 +37,12 @@ app.command("cache-latents")(wan_cli.cache_latents)
 app.command("convert-official")(wan_cli.convert_official)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    # on the command line a warning is for the user: its message, not the source line that raised it
+    kind = "warning" if category is UserWarning else category.__name__
+    return f"{kind}: {message}\n"
+
+
 def main() -> None:
+    warnings.formatwarning = _format_warning
     app()
