@@ -285,3 +285,35 @@ def test_unified_guidance_null_pass_reads_the_empty_prompt_in_both_streams(pipe)
     assert torch.equal(text[2:], null_tokens) and torch.equal(text_mask[2:], null_mask)
     assert torch.allclose(prompt_states[:2, : states.shape[1]], states)
     assert torch.allclose(prompt_states[2:, : null_states.shape[1]], null_states)
+
+
+def test_prompt_limits_are_exact(pipe, tiny_parts):
+    """check_prompts: a prompt of prompt_length - 1 tokens (the end token fills the canvas) passes, one more does
+    not; a prompt canvas longer than the prompt encoder's max_length, by even one, is refused."""
+    limit = pipe.config.prompt_length - 1
+    pipe.check_prompts([" ".join(["red"] * limit)])
+    with pytest.raises(PromptError, match=f"is {limit + 1} tokens long; this model reads at most {limit}"):
+        pipe.check_prompts([" ".join(["red"] * (limit + 1))])
+    p = tiny_parts
+    longest = p["prompt_encoder"].config.max_length
+    UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"], PipelineConfig(prompt_length=longest))
+    with pytest.raises(ValueError, match=f"prompt_length {longest + 1} is longer than the prompt encoder reads"):
+        UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"], PipelineConfig(prompt_length=longest + 1))
+
+
+def test_from_pretrained_casts_the_transformer_and_the_prompt_encoder_to_torch_dtype(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = UniViGUPipeline.from_pretrained(tmp_path, torch_dtype="bfloat16")
+    assert loaded.transformer.dtype == torch.bfloat16  # (diffusers keeps a few modules in float32)
+    assert {p.dtype for p in loaded.prompt_encoder.parameters()} == {torch.bfloat16}
+
+
+def test_from_pretrained_takes_config_overrides(tmp_path):
+    """PipelineConfig fields given to from_pretrained replace the folder's (checked as the folder's are)."""
+    pipe = UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL, num_steps=3, guidance_scale=2.0)
+    assert (pipe.config.num_steps, pipe.config.guidance_scale) == (3, 2.0)
+    assert UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL).config.num_steps == 20  # the folder's
+    with pytest.raises(ValueError, match=r"\(with \['num_step'\]\): unknown config keys \['num_step'\]"):
+        UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL, num_step=3)
+    with pytest.raises(ValueError, match=r"\(with \['height'\]\): height must be a multiple of 4"):
+        UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL, height=30)

@@ -81,8 +81,10 @@ def test_from_wan_runs_the_three_tasks(pipe, wan_dir, tmp_path):
     loaded = UniViGUPipeline.from_pretrained(folder)
     np.testing.assert_array_equal(loaded.text_to_video(["a red circle moves left"], seed=0, progress=False).videos,
                                   out.videos)  # fmt: skip
-    # a Wan folder given to from_pretrained goes through from_wan
-    assert isinstance(UniViGUPipeline.from_pretrained(wan_dir).transformer, UniViGUTransformer)
+    # a Wan folder given to from_pretrained goes through from_wan, with its sizes
+    sized = UniViGUPipeline.from_pretrained(wan_dir, frames=FRAMES, height=HEIGHT, width=WIDTH)
+    assert isinstance(sized.transformer, UniViGUTransformer)
+    assert (sized.config.frames, sized.config.height, sized.config.width) == (FRAMES, HEIGHT, WIDTH)
 
 
 def test_from_wan_as_its_own_generator(pipe, wan_dir):
@@ -163,3 +165,59 @@ def test_accelerate_fsdp_configs_wrap_our_block():
         assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_reshard_after_forward"]  # fully sharded
         assert hasattr(transformer, cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
     assert [load_config_from_file(str(f)).num_machines for f in files] == [1, 1, 2]
+
+
+def test_decode_undoes_the_latent_normalisation_and_rounds(wan_dir):
+    """decode: z = latents * latents_std + latents_mean (WanPipeline's inverse), the VAE decode, then [-1, 1] to
+    uint8 rounded to the nearest level."""
+    from univigu.models.wan import WanVAECodec
+
+    codec = WanVAECodec.from_pretrained(wan_dir / "vae")
+    latents = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    vae = codec.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1)
+    with torch.no_grad():
+        x = vae.decode(latents * std + mean, return_dict=False)[0]
+    want = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+    got = codec.decode(latents)
+    assert got.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
+    assert torch.equal(got, want)
+
+
+def test_prompts_longer_than_the_canvas_are_truncated_to_512(wan_dir):
+    """WanPipeline truncates a prompt at 512 tokens: so does encode_prompts (no error), the end token last."""
+    from univigu.models.wan import WanComponents
+
+    wan = WanComponents.from_folder(wan_dir)
+    states, mask = wan.encode_prompts(["a red cat runs " * 200, "a dog"])
+    assert states.shape == (2, 512, 32) and mask.sum(1).tolist() == [512, 3]
+    assert states[1, 3:].abs().max() == 0 and states[0, -1].abs().max() > 0
+
+
+def test_vae_factors_come_from_its_downsampling_config():
+    """Time factor 2**(number of temporal downsamplings), space 2**(number of stages): Wan2.1's VAE has
+    temperal_downsample [False, True, True], x4 in time and x8 in space. A VAE with [False, True] is x2 / x4, and
+    the codec's latent_shape is the shape its encode returns."""
+    from diffusers import AutoencoderKLWan
+
+    from univigu.models.wan import WanVAECodec
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)  # fmt: skip
+    codec = WanVAECodec(vae)
+    assert (codec.temporal, codec.spatial) == (2, 4)
+    assert codec.latent_shape(5, 16, 24) == (4, 3, 4, 6)
+    video = torch.randint(0, 256, (1, 5, 16, 24, 3), dtype=torch.uint8)
+    assert codec.encode(video).shape == (1, *codec.latent_shape(5, 16, 24))
+    with pytest.raises(ValueError, match="frames must be 2k\\+1 .* got 4 \\(nearest valid: 5\\)"):
+        codec.check_size(4, 16, 24)
+
+
+def test_from_wan_keeps_a_shift_it_is_given(wan_dir):
+    """The folder's scheduler flow_shift (3.0) is the default; a shift passed to from_wan wins."""
+    from univigu import UniViGUPipeline
+
+    pipe = UniViGUPipeline.from_wan(wan_dir, frames=FRAMES, height=HEIGHT, width=WIDTH, text_length=8, shift=5.0)
+    assert pipe.config.shift == 5.0

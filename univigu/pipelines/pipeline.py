@@ -235,20 +235,22 @@ class UniViGUPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        torch_dtype: torch.dtype | str = torch.float32) -> "UniViGUPipeline":  # fmt: skip
+                        torch_dtype: torch.dtype | str = torch.float32, **config: Any) -> "UniViGUPipeline":  # fmt: skip
         """Load a pipeline folder (or a Wan2.1 diffusers folder, through `from_wan`); weights stored in half
-        precision are cast to `torch_dtype` (a torch dtype or its name)."""
+        precision are cast to `torch_dtype` (a torch dtype or its name). `config`: PipelineConfig fields that
+        replace the folder's (`num_steps=30`; for a Wan folder its sizes, `frames=33, height=256, width=448`)."""
         path, torch_dtype = Path(path), _float_dtype(torch_dtype)
         index_file = path / "model_index.json"
         if is_wan_release(path):
-            return cls.from_wan(path, device=device, torch_dtype=torch_dtype)
+            return cls.from_wan(path, device=device, torch_dtype=torch_dtype, **config)
         if not index_file.exists():
             raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json)")
         index = _read_index(index_file)
         missing = [key for key in ("transformer", "prompt_encoder", "config") if key not in index]
         if missing:
             raise ValueError(f"{index_file} lacks {missing} (write pipeline folders with save_pretrained)")
-        config = PipelineConfig.from_dict(index["config"], str(index_file))  # before the weights: fails fast
+        source = f"{index_file} (with {sorted(config)})" if config else str(index_file)
+        config = PipelineConfig.from_dict({**index["config"], **config}, source)  # before the weights: fails fast
         if index["transformer"][1] == "UniViGUTransformer":
             transformer = UniViGUTransformer.from_pretrained(path / "transformer", torch_dtype=torch_dtype)
         else:
@@ -261,7 +263,7 @@ class UniViGUPipeline:
         try:
             pipe = cls(transformer, prompt_encoder, tokenizer, config, codec=codec)
         except ValueError as error:  # the config does not fit the weights
-            raise ValueError(f"{index_file}: {error}") from error
+            raise ValueError(f"{source}: {error}") from error
         return pipe.to(device)
 
     @classmethod
