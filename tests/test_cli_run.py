@@ -216,3 +216,28 @@ def test_the_command_line_shows_warnings_as_messages(monkeypatch):
     assert warnings.formatwarning("clip.webm looks truncated", UserWarning, "run.py", 170) == \
         "warning: clip.webm looks truncated\n"  # fmt: skip
     assert warnings.formatwarning("old", DeprecationWarning, "x.py", 1) == "DeprecationWarning: old\n"
+
+
+def test_file_names_and_sidecar_records(tmp_path):
+    """slug: lower-case words joined by '-', at most 48 characters, "sample" when nothing is left; save_sample
+    scales a small video up to about 128 pixels; run_record's seconds are per sample, its fps the model's."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from univigu.outputs import run_record, save_sample, slug
+
+    assert slug("A red circle, moving RIGHT!") == "a-red-circle-moving-right"
+    assert slug("word " * 30) == ("word-" * 10)[:48] and len(slug("word " * 30)) == 48
+    assert slug("") == slug("?!") == "sample"
+    video = np.zeros((2, 32, 32, 3), np.uint8)
+    video[1] = 255
+    files = save_sample(tmp_path, "clip", video, {"fps": 4, "files": {"trajectory": "t.html"}})
+    with Image.open(files["gif"]) as gif:
+        assert gif.size == (128, 128) and gif.info["duration"] == 250
+    assert json.loads((tmp_path / "clip.json").read_text())["files"] == {**{k: files[k] for k in ("gif", "mp4")},
+                                                                          "trajectory": "t.html"}  # fmt: skip
+    pipe = SimpleNamespace(transformer=SimpleNamespace(dtype=torch.bfloat16), config=SimpleNamespace(fps=16))
+    record = run_record(pipe, "m", seed=3, steps=5, load_s=1.234, sample_s=3.0, n=4)
+    assert record == {"seed": 3, "steps": 5, "model": "m", "dtype": "bfloat16", "load_seconds": 1.23, "seconds": 0.75,
+                      "fps": 16}  # fmt: skip

@@ -173,3 +173,38 @@ def test_a_safetensors_checkpoint_and_unreadable_ones(model, tmp_path):
     for name, message in (("list.pth", "does not hold a state dict"), ("junk.pth", "cannot be read as a checkpoint")):
         result = runner.invoke(app, ["convert-official", str(tmp_path / name), str(tmp_path / name[:4]), *args])
         assert result.exit_code == 1 and message in said(result) and not (tmp_path / name[:4]).exists()
+
+
+def test_ddp_and_checkpoint_wrapper_prefixes_and_derived_buffers(model):
+    """A DDP `module.` prefix and activation checkpointing's `_checkpoint_wrapped_module.` are undone like FSDP's;
+    every recomputed buffer (video and text RoPE tables, the timestep sinusoids) is dropped, not an error."""
+    from univigu.models.convert import strip_wrappers
+
+    assert strip_wrappers({"module.blocks.0._checkpoint_wrapped_module.ffn.net.2.bias": 1}) == {"blocks.0.ffn.net.2.bias": 1}
+    official = {k.replace("_fsdp_wrapped_module._orig_mod.", "module.").replace("_fsdp_wrapped_module.",
+                                                                                 "_checkpoint_wrapped_module."): v
+                for k, v in official_state_dict(model).items()}  # fmt: skip
+    derived = ["module.rotary_emb_video.freqs", "module.time_embedding_v.timesteps_proj.weights",
+               "module.time_embedding_t.timesteps_proj.weights"]  # fmt: skip
+    official.update({k: torch.zeros(3) for k in derived})
+    converted, report = convert_official_state_dict(official, attention_head_dim=16, text_vocab_size=50)
+    assert sorted(report.dropped) == sorted(k.removeprefix("module.") for k in [*derived, "module.rotary_emb_text.inv_freq"])
+    assert all(torch.equal(converted.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_checkpoint_without_cross_attention_norm_converts_without_it():
+    """cross_attn_norm is read from the weights: no blocks.N.norm2 -> a model without it (not an error)."""
+    torch.manual_seed(0)
+    plain = UniViGUTransformer(**{**CONFIG, "cross_attn_norm": False}, text_rope_halves=True, text_norm_weight=True)
+    converted, report = convert_official_state_dict(official_state_dict(plain), attention_head_dim=16, text_vocab_size=50)
+    assert report.config["cross_attn_norm"] is False and converted.config.cross_attn_norm is False
+
+
+@pytest.mark.parametrize("wrapper", ["model", "state_dict", "module"])
+def test_a_state_dict_under_a_wrapper_key_loads(model, tmp_path, wrapper):
+    from univigu.models.convert import load_official_state_dict
+
+    official = official_state_dict(model)
+    torch.save({wrapper: official, "step": 1000}, tmp_path / "ckpt.pth")
+    loaded = load_official_state_dict(tmp_path / "ckpt.pth")
+    assert loaded.keys() == official.keys()

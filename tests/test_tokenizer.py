@@ -47,3 +47,31 @@ def test_decode_stops_at_end_and_unknown_words_map_to_unk():
 def test_load_tokenizer_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "nothing")
+
+
+def test_the_canvas_holds_length_minus_one_tokens_then_the_end_token():
+    canvas = TextCanvas(build_world_tokenizer(), length=4)
+    ids, mask = canvas.encode(["a red circle"])  # 3 tokens + end: exactly full
+    assert ids[0, 3] == canvas.end_id and mask.all() and canvas.decode(ids) == ["a red circle"]
+    with pytest.raises(ValueError, match="has 4 tokens but the canvas holds 3 plus the end token"):
+        canvas.encode(["a red circle moves"])
+
+
+def _tokenizer_without_mask():
+    """A umT5-like tokenizer: pad, end and unknown tokens, no mask token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "red": 4, "cat": 5}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_tokenizer_without_mask_token_gets_the_extra_id_vocab_size():
+    """umT5 has no mask token: the absorbing source's mask is one id past the vocabulary (not a real word's id), and
+    decode drops it wherever it is left."""
+    canvas = TextCanvas(_tokenizer_without_mask(), length=8)
+    assert canvas.vocab_size == 6 and canvas.mask_id == 6
+    ids, _ = canvas.encode(["a red cat"])
+    assert ids[0].tolist() == [3, 4, 5, 1, 0, 0, 0, 0]
+    assert canvas.decode(torch.tensor([[3, 6, 4, 6, 5, 1, 6, 0]])) == ["a red cat"]

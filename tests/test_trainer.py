@@ -402,3 +402,57 @@ def test_grad_accum_matches_one_big_batch(tmp_path: Path) -> None:
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), a["step"]
     for k in weights_b:
         assert torch.allclose(weights_a[k], weights_b[k], atol=1e-5), k
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    """A complete-looking checkpoint folder (the files `damage` reads), published as `latest`."""
+    from safetensors.torch import save_file
+
+    tmp = root / f".tmp_{ckpt.step_dir_name(step)}"
+    tmp.mkdir(parents=True)
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (tmp / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2, 3)}, tmp / "model.safetensors")
+    ckpt.publish(tmp, root / ckpt.step_dir_name(step))
+    return root / ckpt.step_dir_name(step)
+
+
+def test_checkpoint_listing_order_latest_pointer_and_rotation(tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "checkpoints"
+    for step in (999_999, 1_000_000, 5):
+        _fake_checkpoint(root, step)
+    (root / "step_000007").write_text("a file, not a checkpoint")
+    # numeric order, not name order ("step_1000000" < "step_999999" as strings); files are not checkpoints
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000005", "step_999999", "step_1000000"]
+    assert (root / "latest").read_text() == "step_000005\n" and ckpt.find_latest(root) == root / "step_000005"
+    # `latest` naming a folder that is gone (deleted by hand): the newest that exists
+    shutil.rmtree(root / "step_000005")
+    assert ckpt.find_latest(root) == root / "step_1000000"
+    # rotation keeps the newest keep_last and clears the debris of a killed save
+    (root / ".tmp_step_2000000").mkdir()
+    ckpt.rotate(root, keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_1000000"] and not list(root.glob(".tmp_*"))
+
+
+def test_damage_names_a_missing_or_broken_file(tmp_path: Path) -> None:
+    path = _fake_checkpoint(tmp_path, 10)
+    assert ckpt.damage(path) is None
+    (path / "config.json").write_text('{"truncated": ')
+    assert ckpt.damage(path) == "config.json is not valid JSON"
+    (path / "config.json").unlink()
+    assert ckpt.damage(path) == "no config.json"
+    (path / "config.json").write_text("{}")
+    (path / "trainer_state.json").write_text("")
+    assert ckpt.damage(path) == "trainer_state.json is not valid JSON"
+
+
+def test_replace_dir_swaps_the_whole_folder(tmp_path: Path) -> None:
+    final, tmp = tmp_path / "final", tmp_path / ".final.tmp"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+    ckpt.replace_dir(tmp, final)
+    assert [p.name for p in final.iterdir()] == ["new.txt"] and not tmp.exists()

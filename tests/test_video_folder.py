@@ -274,3 +274,51 @@ def test_load_clip_crops_the_centre(tmp_path, height, width):
     assert clip.shape == (2, 16, 16, 3)
     lines = clip[0].mean(axis=(0, 2)) if width > height else clip[0].mean(axis=(1, 2))  # per column / per row
     assert lines.argmax() == 8 and lines[8] > 200 and np.delete(lines, 8).max() < 20
+
+
+def test_cache_edge_cases_text_limit_batch_size_captions_and_stale_shards(video_dir, wan, tmp_path):
+    """A caption of exactly text_length - 1 tokens is cached, one token more is skipped (listed once, also after a
+    rerun); --batch-size is not a content setting (a rerun with another one resumes); a chunk whose caption alone
+    changed is encoded again; a chunk redone with nothing left to cache leaves no stale shard behind."""
+    from univigu.data.latent_cache import LatentCacheDataset
+
+    videos, out = tmp_path / "videos", tmp_path / "cache"
+    videos.mkdir()
+    for name in ("good0.mp4", "good1.mp4"):
+        shutil.copy(video_dir / name, videos / name)
+    seven, eight = "a red cat runs left right up", "a red cat runs left right up down"
+    _captions(videos, [("good0.mp4", "a red cat", seven), ("good1.mp4", "a dog", eight)])
+    args = ["cache-latents", str(wan), str(videos), str(out), "--frames", str(FRAMES), "--fps", "4", "--size",
+            f"{HEIGHT}x{WIDTH}", "--shard-size", "1", "--dtype", "float32", "--text-length", "8"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "good1.mp4: caption is 8 tokens long; the text stream holds 7" in said(result)
+    index = json.loads((out / "index.json").read_text())
+    assert (index["num_videos"], index["num_skipped"]) == (1, 1)
+    assert LatentCacheDataset(out)[0]["caption"] == seven
+
+    again = runner.invoke(app, [*args, "--batch-size", "2"])
+    assert again.exit_code == 0 and "records changed" not in again.output, again.output
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 1
+
+    _captions(videos, [("good0.mp4", "a red cat", "a blue dog"), ("good1.mp4", "a dog", "a dog runs")])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "chunk 0: its records changed" in result.output, result.output
+    data = LatentCacheDataset(out)
+    assert [data[i]["caption"] for i in range(len(data))] == ["a blue dog", "a dog runs"]
+    assert (out / "shards" / "chunk_00000_16x16.safetensors").exists()
+
+    _captions(videos, [("good0.mp4", "a red cat", eight), ("good1.mp4", "a dog", "a dog runs")])
+    assert runner.invoke(app, args).exit_code == 0
+    assert not (out / "shards" / "chunk_00000_16x16.safetensors").exists()
+    assert [LatentCacheDataset(out)[0]["caption"]] == ["a dog runs"]
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 1
+
+
+def test_videos_go_to_the_bucket_nearest_in_log_aspect_ratio():
+    """log ratio: 2:1 is nearer 3.5:1 (x1.75) than 1:1 (x2), though nearer 1:1 by the difference of ratios."""
+    from univigu.data.latent_cache import nearest_bucket
+
+    assert nearest_bucket(100, 200, ((100, 100), (100, 350))) == (100, 350)
+    assert nearest_bucket(200, 100, ((100, 100), (350, 100))) == (350, 100)
+    assert nearest_bucket(480, 832, ((480, 832), (832, 480), (624, 624))) == (480, 832)

@@ -131,3 +131,51 @@ def test_read_rejects_bad_num_frames_and_size(tmp_path, video, kwargs, error, me
     path = write_video(tmp_path / "clip.gif", video)
     with pytest.raises(error, match=message):
         read_video(path, **kwargs)
+
+
+def _numbered(frames: int, size: int = 8) -> np.ndarray:
+    """Frame i is the flat grey level 10 * i (GIF keeps it exactly)."""
+    return np.stack([np.full((size, size, 3), 10 * i, dtype=np.uint8) for i in range(frames)])
+
+
+def _levels(video) -> list[int]:
+    return [int(round(float(f.float().mean()) / 10)) for f in video]
+
+
+def test_num_frames_samples_the_nearest_frames_evenly(tmp_path):
+    path = write_video(tmp_path / "n.gif", _numbered(16))
+    assert _levels(read_video(path, num_frames=5)) == [0, 4, 8, 11, 15]  # round(15 * k / 4): 0, 3.75, 7.5, 11.25, 15
+    assert _levels(read_video(path, num_frames=4)) == [0, 5, 10, 15]
+    assert _levels(read_video(write_video(tmp_path / "three.gif", _numbered(3)), num_frames=5)) == [0, 0, 1, 2, 2]
+
+
+def test_scale_repeats_pixels_in_both_directions(tmp_path, video):
+    gif = read_video(write_video(tmp_path / "big.gif", video, scale=3))
+    np.testing.assert_array_equal(gif.numpy(), video.repeat(3, axis=1).repeat(3, axis=2))
+    assert read_video(write_video(tmp_path / "big.mp4", video, scale=2)).shape == (len(video), 64, 64, 3)
+
+
+def test_resizing_down_is_antialiased(tmp_path):
+    """Thin lines (every 4th column white) shrunk 4x are an even grey, their average, not a sample of the pixels
+    between them (black)."""
+    lines = np.zeros((2, 16, 16, 3), np.uint8)
+    lines[:, :, ::4] = 255
+    lines[1, 1, 1] = 128  # two different frames, so the GIF keeps both
+    small = read_video(write_video(tmp_path / "lines.gif", lines), size=(4, 4)).numpy().astype(float)
+    assert small.shape == (2, 4, 4, 3) and small[0].min() > 40  # without antialiasing: all 0
+    assert np.abs(small[0, :, 1:3] - 255 / 4).max() <= 1  # inside: the average (the border columns lean)
+
+
+def test_a_gif_frame_lasting_about_twice_the_shortest_shows_twice(tmp_path):
+    """GIF delays are whole centiseconds, so writers approximate a rate with uneven delays: each frame shows for
+    the nearest whole number of the shortest delay (13 cs beside 7 cs: 1.86, twice)."""
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in _numbered(3)]
+    images[0].save(tmp_path / "uneven.gif", save_all=True, append_images=images[1:], duration=[70, 130, 70], loop=0)
+    assert _levels(read_video(tmp_path / "uneven.gif")) == [0, 1, 1, 2]
+
+
+def test_gifs_loop_forever(tmp_path, video):
+    with Image.open(write_video(tmp_path / "a.gif", video, fps=4)) as gif:
+        assert gif.info["loop"] == 0 and gif.info["duration"] == 250

@@ -146,3 +146,42 @@ def test_trajectory_option_needs_nothing_else(checkpoint, tmp_path):
     result = runner.invoke(app, ["joint", "a", "--model", str(checkpoint), "--out", str(tmp_path)])
     assert result.exit_code == 0 and not list(tmp_path.glob("*.html"))
     assert "trajectory" not in json.loads(next(tmp_path.glob("*.json")).read_text())["files"]
+
+
+def test_from_output_takes_the_asked_sample_and_the_page_plays_at_its_fps():
+    """Sample 1 of a batch of two: its own trajectory frames, tokens, final video and text; the page's GIF plays at
+    the trajectory's fps, and its settings line leaves out the caption (shown as the text)."""
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+
+    from univigu.pipelines.pipeline import UniViGUPipelineOutput
+    from univigu.viewer import from_output
+
+    canvas = TextCanvas(build_world_tokenizer(), 6)
+    tokens = torch.stack([canvas.encode(["a red circle", "a blue square"])[0]] * 2)  # [steps, B, L]
+    videos = np.stack([np.full((2, 4, 4, 3), v, np.uint8) for v in (10, 200)])
+    videos[:, 1] += 1  # the frames of each video differ: the GIF keeps both
+    out = UniViGUPipelineOutput(videos=videos, texts=["a red circle", "a blue square"], token_trajectory=tokens,
+                                video_trajectory=np.stack([videos, videos // 2]))  # fmt: skip
+    t = from_output(out, 1, "title", {"caption": "a blue square", "seed": 5}, [1.0, 0.5], fps=4)
+    np.testing.assert_array_equal(t.video, videos[1])
+    np.testing.assert_array_equal(t.frames, np.stack([videos[1], videos[1] // 2]))
+    assert t.tokens.tolist() == tokens[:, 1].tolist() and t.text == "a blue square" and t.fps == 4
+    page = render_html(t, canvas)
+    data = json.loads(re.search(r'id="data">(.*?)</script>', page, re.S).group(1))
+    assert [s["text"] for s in data["steps"]] == ["a blue square"] * 2 and [s["time"] for s in data["steps"]] == [1.0, 0.5]
+    settings = re.search(r'<p id="settings">(.*?)</p>', page).group(1)
+    assert "seed" in settings and "caption" not in settings
+    gif = re.search(r'id="final-video"[^>]*src="data:image/gif;base64,([^"]+)"', page).group(1)
+    with Image.open(io.BytesIO(base64.b64decode(gif))) as image:
+        assert image.info["duration"] == 250 and image.n_frames == 2
+        assert int(np.asarray(image.convert("RGB")).mean()) == 200
+
+
+def test_joint_page_settings_line_names_the_run_not_its_files_or_fps(joint_page):
+    settings = re.search(r'<p id="settings">(.*?)</p>', (joint_page / "page.html").read_text()).group(1)
+    assert "<b>seed</b> 3" in settings and "<b>steps</b> 4" in settings
+    assert "<b>fps</b>" not in settings and "<b>files</b>" not in settings
