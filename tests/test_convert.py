@@ -151,6 +151,7 @@ def test_with_a_wan_folder_the_output_is_a_pipeline(tmp_path):
     pipe = UniViGUPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.unified and pipe.config.text_source == "mask" and (tmp_path / "pipe" / "vae").is_dir()
     assert pipe.config.caption_condition == "zeros"  # the released script's V2T condition
+    assert pipe.config.guidance_text == "prompt"  # and its T2V guidance
     got = pipe.transformer.state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
     not_wan = runner.invoke(app, [*args, "--wan", str(tmp_path)])

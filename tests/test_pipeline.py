@@ -317,3 +317,24 @@ def test_from_pretrained_takes_config_overrides(tmp_path):
         UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL, num_step=3)
     with pytest.raises(ValueError, match=r"\(with \['height'\]\): height must be a multiple of 4"):
         UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL, height=30)
+
+
+def test_guidance_text_prompt_keeps_the_prompt_in_the_null_pass(pipe):
+    """`guidance_text: prompt` (converted official checkpoints, as the released script guides): the null half of
+    guided T2V keeps the prompt's tokens in the text stream; only the cross-attention condition is emptied."""
+    prompts = ["a red circle moves right", "a blue square grows"]
+    tokens, _ = pipe.text_canvas.encode(prompts)
+    config = dataclasses.replace(pipe.config, guidance_text="prompt")
+    released = UniViGUPipeline(pipe.transformer, pipe.prompt_encoder, pipe.tokenizer, config)
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(args))
+    try:
+        released.text_to_video(prompts, seed=0, num_steps=1, guidance_scale=2.0, progress=False)
+    finally:
+        hook.remove()
+    (_, text, _, _, prompt_states, _, _), = calls
+    assert torch.equal(text[:2], tokens) and torch.equal(text[2:], tokens)
+    null_states = pipe._prompt_states([""] * 2)
+    assert torch.allclose(prompt_states[2:, : null_states.shape[1]], null_states)
+    with pytest.raises(ValueError, match=r"guidance_text must be one of \('empty_prompt', 'prompt'\)"):
+        PipelineConfig(guidance_text="none")

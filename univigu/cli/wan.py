@@ -93,6 +93,7 @@ def convert_official(
     else:
         from univigu.pipelines import UniViGUPipeline
 
-        # the released script captions with an all-zero condition
-        UniViGUPipeline.from_wan(wan, transformer=model, caption_condition="zeros").save_pretrained(out_dir)
+        # as the released script samples: captions with an all-zero condition, T2V guidance keeps the prompt tokens
+        UniViGUPipeline.from_wan(wan, transformer=model, caption_condition="zeros",
+                                 guidance_text="prompt").save_pretrained(out_dir)  # fmt: skip
     typer.echo(f"wrote {out_dir}")

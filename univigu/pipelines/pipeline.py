@@ -61,6 +61,9 @@ class PipelineConfig:
     # video-to-text's condition without an instruction: the empty prompt's states (ours, as trained), or all
     # zeros (the released script's; converted official checkpoints)
     caption_condition: str = "empty_prompt"
+    # text to video's guidance (unified models): the null pass's text stream holds the empty prompt (ours, as the
+    # dropped-condition rows are trained) or keeps the prompt (the released script's; converted official checkpoints)
+    guidance_text: str = "empty_prompt"
     guidance_scale: float = 5.0
     fps: int = 8
     pixel_downsample: int = 1  # the toy codec's d x d pixel averaging (PixelCodec); unused with a VAE
@@ -79,7 +82,8 @@ class PipelineConfig:
         check_finite("guidance_scale", self.guidance_scale)
         for name, valid in (("text_source", ("uniform", "mask")), ("video_prediction", PREDICTIONS),
                             ("text_update", TEXT_UPDATES),
-                            ("caption_condition", ("empty_prompt", "zeros"))):  # fmt: skip
+                            ("caption_condition", ("empty_prompt", "zeros")),
+                            ("guidance_text", ("empty_prompt", "prompt"))):  # fmt: skip
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {getattr(self, name)!r}")
 
@@ -269,7 +273,8 @@ class UniViGUPipeline:
     @classmethod
     def from_wan(cls, path: str | Path, device: str | torch.device = "cpu",
                  torch_dtype: torch.dtype | str = torch.float32, seed: int = 0,
-                 transformer: UniViGUTransformer | None = None, unified: bool = True, **config: Any) -> "UniViGUPipeline":  # fmt: skip
+                 transformer: UniViGUTransformer | None = None, unified: bool = True,
+                 **config: Any) -> "UniViGUPipeline":  # fmt: skip
         """The unified model built from a local Wan2.1 diffusers folder (transformer/, vae/, text_encoder/,
         tokenizer/; nothing is downloaded): `UniViGUTransformer.from_wan` on transformer/ with the umT5 vocabulary
         for the text stream, the Wan VAE as the codec (float32), umT5 as the prompt encoder (prompts padded to
@@ -396,6 +401,11 @@ class UniViGUPipeline:
         ids, mask = self.prompt_canvas.encode(prompts)
         return self.prompt_encoder(ids.to(self.device), mask.to(self.device))
 
+    @property
+    def _null_text_stream(self) -> bool:
+        """Whether T2V guidance's null pass puts the empty prompt in the text stream (a unified model's)."""
+        return self.unified and self.config.guidance_text == "empty_prompt"
+
     def _guidance(self, scale: float, null_text: bool = False) -> Guidance | None:
         """Guidance with the empty prompt; with `null_text` (T2V) also in the null pass's text stream."""
         if scale == 1.0:
@@ -441,7 +451,8 @@ class UniViGUPipeline:
         prompts: a str or a list of str (at most `config.prompt_length` - 1 and `config.text_length` - 1 tokens:
             the prompt is also the clean text stream). seed: an int or a torch.Generator; one seed gives one
             result, on a given device and batch. num_steps: video denoising steps (None: `config.num_steps`).
-            guidance_scale: classifier-free guidance with the empty prompt (None: the config's; 1: none).
+            guidance_scale: classifier-free guidance with the empty prompt (None: the config's; 1: none; the null
+            pass's text stream: `config.guidance_text`).
         progress: a tqdm bar (None: unless `set_progress_bar_config(disable=True)`). return_trajectory:
             `.video_trajectory` uint8 `[steps, B, T, H, W, 3]`, the clean-video estimate after each step.
         callback(i, s, video, text): after step i (from noise level s), with that estimate in the codec's space
@@ -455,7 +466,7 @@ class UniViGUPipeline:
         step, frames, toks = self._recorder(return_trajectory, callback)
         out = sample_t2v(
             self._model, tokens.to(self.device), states, self._video_shape(len(prompts)),
-            text_mask=mask.to(self.device), guidance=self._guidance(scale, null_text=self.unified),
+            text_mask=mask.to(self.device), guidance=self._guidance(scale, null_text=self._null_text_stream),
             num_steps=steps, shift=self.config.shift, generator=seed,
             callback=step, progress=self._progress(progress),
         )  # fmt: skip
