@@ -155,3 +155,48 @@ def test_killed_ablate_takes_its_workers_along_and_a_rerun_finishes_its_job(tmp_
         return {k: v for k, v in result.items() if k != "seconds"}
 
     assert scores(out) == scores(tmp_path / "uninterrupted")
+
+
+def test_stats_spread_is_the_sample_standard_deviation_and_half_gain_step_is_one_based():
+    from univigu.evaluation.report import _half_gain_step
+
+    s = _stats([0.50, 0.52, 0.60])
+    assert s["mean"] == pytest.approx(0.54) and s["std"] == pytest.approx(0.052915, abs=1e-6) and s["n"] == 3
+    assert _stats([0.4])["std"] == 0.0
+    assert _half_gain_step([0.0, 0.2, 0.6, 1.0]) == 3
+    assert _half_gain_step([1.0, 0.4, 0.2]) == 2  # a falling curve
+
+
+def test_collect_measures_the_t2v_drop_from_the_base_and_claim_1_reads_it(tmp_path):
+    from univigu.evaluation.report import _claims, collect
+
+    (tmp_path / "results").mkdir()
+    study = {"kind": "train", "claim": 1, "arms": {"moe": {}, "shared": {}}}
+    (tmp_path / "plan.json").write_text(json.dumps({"studies": {"moe": study}}))
+
+    def result(name, kind, **fields):
+        (tmp_path / "results" / f"{name}.json").write_text(json.dumps({"kind": kind, "spec": {}, **fields}))
+
+    result("base", "base", eval={"t2v": {"all": 0.8}})
+    for arm, t2v, v2t in (("moe", 0.6, 0.9), ("shared", 0.3, 0.2)):
+        for seed in (0, 1):
+            ev = {"t2v": {"all": t2v}, "v2t": {"all": v2t, "bleu4": 0.1, "cider": 0.2},
+                  "joint": {"consistency": 0.5, "t2v": 0.5}}  # fmt: skip
+            result(f"train-{arm}-seed{seed}", "train", arm=arm, seed=seed, eval=ev, curve=[])
+    data = collect(tmp_path)
+    assert data["base_t2v"] == 0.8
+    assert data["arms"]["moe"]["stats"]["t2v_drop"]["mean"] == pytest.approx(0.2)  # base - arm
+    assert data["arms"]["moe"]["seeds"] == [0, 1]
+    # better than the other arm on both, but 20 points of T2V lost from the base: not supported
+    (claim,) = _claims(data)
+    assert claim["verdict"] == "not supported" and "(lost)" in claim["evidence"]
+
+
+def test_smoke_merges_its_eval_settings_into_the_full_ones(tmp_path):
+    from univigu.evaluation.ablation import load_plan
+
+    (tmp_path / "settings.yaml").write_text("seeds: [0, 1]\neval: {split: heldout, n: 64}\n"
+                                            "smoke: {seeds: [0], eval: {n: 2}}\n")  # fmt: skip
+    settings = load_plan(tmp_path, smoke=True)["settings"]
+    assert settings["eval"] == {"split": "heldout", "n": 2} and settings["seeds"] == [0]
+    assert load_plan(tmp_path)["settings"]["eval"] == {"split": "heldout", "n": 64}

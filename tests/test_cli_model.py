@@ -118,3 +118,12 @@ def test_caption_probe_and_word_roles(tmp_path):
     assert all(0 <= a <= 1 for a in data["accuracy"].values())
     base = runner.invoke(app, ["model", "caption-probe", str(SHIPPED_BASE), "--n", "2"])
     assert base.exit_code == 2 and "needs a unified model" in base.output
+
+
+def test_probe_options_reach_the_probes(tmp_path):
+    for command, extra in (("position-probe", ["--noise", "0.5"]), ("prompt-probe", ["--noise", "0.5"])):
+        out = tmp_path / f"{command}.json"
+        result = runner.invoke(app, ["model", command, "--n", "1", "--seed", "3", *extra, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        data = json.loads(out.read_text())
+        assert (data["n"], data["seed"]) == (1, 3)

@@ -241,3 +241,54 @@ def test_file_names_and_sidecar_records(tmp_path):
     record = run_record(pipe, "m", seed=3, steps=5, load_s=1.234, sample_s=3.0, n=4)
     assert record == {"seed": 3, "steps": 5, "model": "m", "dtype": "bfloat16", "load_seconds": 1.23, "seconds": 0.75,
                       "fps": 16}  # fmt: skip
+
+
+def test_seed_guidance_and_text_update_reach_the_sampler_itself(checkpoints, tmp_path, monkeypatch):
+    """Not only the sidecar: the sample is drawn with the options given."""
+    import importlib
+
+    module = importlib.import_module("univigu.cli.run")
+    calls = []
+
+    def recording(pipe, method, inputs, **kwargs):
+        calls.append((method, kwargs))
+        return real(pipe, method, inputs, **kwargs)
+
+    real = module.timed_sample
+    monkeypatch.setattr(module, "timed_sample", recording)
+    model = ["--model", str(checkpoints / "unified"), "--seed", "4", "--steps", "1", "--guidance", "2.5"]
+    result = runner.invoke(app, ["generate", "a red circle", *model, "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    joint = runner.invoke(app, ["joint", "a red circle", *model, "--text-update", "linear-resample",
+                                "--out", str(tmp_path / "j")])  # fmt: skip
+    assert joint.exit_code == 0, joint.output
+    (_, g), (_, j) = calls
+    assert (g["seed"], g["num_steps"], g["guidance_scale"]) == (4, 1, 2.5)
+    assert (j["seed"], j["num_steps"], j["guidance_scale"], j["text_update"]) == (4, 1, 2.5, "linear-resample")
+
+
+def test_eval_options_reach_evaluate(checkpoints, tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("univigu.evaluation.evaluate")
+    seen = {}
+
+    def fake(pipe, **kwargs):
+        seen.update(kwargs)
+        return {"split": kwargs["split"]}
+
+    monkeypatch.setattr(module, "evaluate", fake)
+    monkeypatch.setattr(module, "summary_table", lambda results: "table")
+    result = runner.invoke(app, ["eval", str(checkpoints / "unified"), "--n", "3", "--seed", "5", "--steps", "2",
+                                 "--batch-size", "7", "--split", "heldout", "--tasks", "v2t"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert {k: seen[k] for k in ("split", "n", "seed", "num_steps", "batch_size", "tasks")} == {
+        "split": "heldout", "n": 3, "seed": 5, "num_steps": 2, "batch_size": 7, "tasks": ("v2t",)}
+
+
+def test_demo_captions_the_test_scene_its_seed_names(checkpoints, tmp_path):
+    result = runner.invoke(app, ["demo", "--model", str(checkpoints / "unified"), "--out", str(tmp_path),
+                                 "--seed", "3"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "video_to_text.json").read_text())
+    assert sidecar["true_caption"] == World().scenes("test", [3])[0].caption and sidecar["seed"] == 3

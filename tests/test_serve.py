@@ -122,3 +122,32 @@ def test_messages_and_step_defaults_of_the_app():
     steps = [b.value for b in blocks.blocks.values() if getattr(b, "label", None) == "sampling steps"]
     c = demo.pipe.config
     assert steps == [c.num_steps, c.caption_steps, c.num_steps] and c.caption_steps != c.num_steps
+
+
+def test_demo_methods_draw_samples_with_the_asked_seed_steps_and_guidance(tiny_parts, tmp_path, monkeypatch):
+    """The app's tasks (called directly on a tiny pipeline) pass seed, steps and guidance to the sampler, and
+    their records and files say so."""
+    from univigu import PipelineConfig, UniViGUPipeline, outputs
+    from univigu import app as app_module
+
+    p = tiny_parts
+    demo = app_module.Demo.__new__(app_module.Demo)
+    demo.pipe = UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"], PipelineConfig(num_steps=2))
+    demo.model, demo.load_s, demo.out = tmp_path / "model", 0.0, tmp_path / "out"
+    calls, real = [], outputs.timed_sample
+
+    def recording(pipe, method, inputs, **kwargs):
+        calls.append((method, kwargs))
+        return real(pipe, method, inputs, **kwargs)
+
+    monkeypatch.setattr(outputs, "timed_sample", recording)
+    mp4, sidecar, page = demo.text_to_video(" a red circle ", seed=5, steps=1, guidance=2.5)
+    record = json.loads(Path(sidecar).read_text())
+    assert (record["seed"], record["steps"], record["guidance_scale"]) == (5, 1, 2.5)
+    assert Path(mp4).name == "a-red-circle_seed5.mp4" and Path(page).exists()
+    mp4, caption, sidecar, page = demo.joint("a blue square", seed=6, steps=1, guidance=3.5)
+    record = json.loads(Path(sidecar).read_text())
+    assert record["caption"] == caption and (record["seed"], record["guidance_scale"]) == (6, 3.5)
+    (m1, k1), (m2, k2) = calls
+    assert (m1, k1["seed"], k1["num_steps"], k1["guidance_scale"]) == ("text_to_video", 5, 1, 2.5)
+    assert (m2, k2["seed"], k2["num_steps"], k2["guidance_scale"]) == ("generate", 6, 1, 3.5)

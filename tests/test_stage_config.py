@@ -97,3 +97,20 @@ def test_a_stage_from_a_pipeline_checks_the_world_against_it(override, message):
     with pytest.raises(ValueError, match=message):
         cfg.check_inputs()
     load_config(CONFIG_DIR / "refine.yaml", [f"init_from={base}"]).check_inputs()  # the shipped config fits
+
+
+def test_prompt_canvas_must_hold_the_longest_prompt_and_its_end_token():
+    from univigu.training.stages import _longest_world_prompt
+
+    longest = _longest_world_prompt()
+    with pytest.raises(ValueError, match=f"prompt_length {longest} is too short"):
+        load_config(BASE, [f"pipeline.prompt_length={longest}"])
+    assert load_config(BASE, [f"pipeline.prompt_length={longest + 1}"]).pipeline["prompt_length"] == longest + 1
+
+
+def test_data_seed_and_world_reach_the_stage_dataset():
+    from univigu.training.stages import _dataset
+
+    ds = _dataset(load_config(BASE, ["data_seed=7", "dataset_size=12"]))[0]
+    assert (ds.seed, ds.size, ds.split) == (7, 12, "train")
+    assert ds[3]["caption"] == ds.world.scenes("train", [3], 7)[0].caption

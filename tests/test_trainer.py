@@ -456,3 +456,11 @@ def test_replace_dir_swaps_the_whole_folder(tmp_path: Path) -> None:
     (tmp / "new.txt").write_text("new")
     ckpt.replace_dir(tmp, final)
     assert [p.name for p in final.iterdir()] == ["new.txt"] and not tmp.exists()
+
+
+def test_sampler_order_follows_its_seed() -> None:
+    """The seed picks the epoch permutations: another seed, another order (same indices)."""
+    a, b = iter(ResumableBatchSampler(50, 8, seed=3)), iter(ResumableBatchSampler(50, 8, seed=4))
+    first_a, first_b = [next(a) for _ in range(6)], [next(b) for _ in range(6)]
+    assert first_a != first_b
+    assert first_a[0] == np.random.default_rng([3, 0]).permutation(50)[:8].tolist()

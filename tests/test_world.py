@@ -165,3 +165,18 @@ def test_world_rejects_bad_config_index_and_seed():
         World(WorldConfig(heldout=())).scene("heldout", 0)
     # integers of any kind still index: numpy, 0-d torch tensors (as a DataLoader may pass)
     assert world.scenes("train", [np.int64(0), torch.tensor(1)], seed=np.int64(1)) == world.scenes("train", [0, 1], 1)
+
+
+def test_dataset_items_are_its_split_and_seed_scenes_and_negative_indices_are_refused():
+    ds = WorldDataset("val", size=10, seed=1)
+    scenes = World().scenes("val", [4, 7], 1)
+    items = ds.__getitems__([4, 7])
+    assert [it["prompt"] for it in items] == [s.prompt for s in scenes]
+    assert [it["caption"] for it in items] == [s.caption for s in scenes]
+    assert np.array_equal(items[0]["video"].numpy(), World().render(scenes[:1])[0])
+    others = [WorldDataset("train", 10, seed=1), WorldDataset("val", 10, seed=2)]
+    for other in others:  # another split, another seed: other scenes
+        assert [it["caption"] for it in other.__getitems__(list(range(10)))] != [
+            it["caption"] for it in ds.__getitems__(list(range(10)))]
+    with pytest.raises(IndexError):
+        ds[-1]
