@@ -265,6 +265,17 @@ def test_set_progress_bar_config_hides_the_bar_of_calls_that_do_not_say(pipe, ca
         pipe.set_progress_bar_config(disable=False)
 
 
+def _guided_t2v_calls(pipe, prompts):
+    """The transformer's arguments in each call of a one-step guided T2V."""
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(args))
+    try:
+        pipe.text_to_video(prompts, seed=0, num_steps=1, guidance_scale=2.0, progress=False)
+    finally:
+        hook.remove()
+    return calls
+
+
 def test_unified_guidance_null_pass_reads_the_empty_prompt_in_both_streams(pipe):
     """Guided T2V on the unified model: the null half of the batched pass has the empty prompt's tokens in the
     text stream and its states in the cross-attention; the conditional half has the prompt's."""
@@ -273,13 +284,7 @@ def test_unified_guidance_null_pass_reads_the_empty_prompt_in_both_streams(pipe)
     null_tokens, null_mask = pipe.text_canvas.encode([""] * 2)
     states, null_states = pipe._prompt_states(prompts), pipe._prompt_states([""] * 2)
     assert not torch.equal(tokens, null_tokens)
-    calls = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(args))
-    try:
-        pipe.text_to_video(prompts, seed=0, num_steps=1, guidance_scale=2.0, progress=False)
-    finally:
-        hook.remove()
-    (video, text, _, _, prompt_states, text_mask, _), = calls
+    (video, text, _, _, prompt_states, text_mask, _), = _guided_t2v_calls(pipe, prompts)
     assert video.shape[0] == text.shape[0] == 4  # one batched pass: conditional, then null
     assert torch.equal(text[:2], tokens) and torch.equal(text_mask[:2], mask)
     assert torch.equal(text[2:], null_tokens) and torch.equal(text_mask[2:], null_mask)
@@ -326,13 +331,7 @@ def test_guidance_text_prompt_keeps_the_prompt_in_the_null_pass(pipe):
     tokens, _ = pipe.text_canvas.encode(prompts)
     config = dataclasses.replace(pipe.config, guidance_text="prompt")
     released = UniViGUPipeline(pipe.transformer, pipe.prompt_encoder, pipe.tokenizer, config)
-    calls = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(args))
-    try:
-        released.text_to_video(prompts, seed=0, num_steps=1, guidance_scale=2.0, progress=False)
-    finally:
-        hook.remove()
-    (_, text, _, _, prompt_states, _, _), = calls
+    (_, text, _, _, prompt_states, _, _), = _guided_t2v_calls(released, prompts)
     assert torch.equal(text[:2], tokens) and torch.equal(text[2:], tokens)
     null_states = pipe._prompt_states([""] * 2)
     assert torch.allclose(prompt_states[2:, : null_states.shape[1]], null_states)
