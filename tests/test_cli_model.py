@@ -127,3 +127,28 @@ def test_probe_options_reach_the_probes(tmp_path):
         assert result.exit_code == 0, result.output
         data = json.loads(out.read_text())
         assert (data["n"], data["seed"]) == (1, 3)
+
+
+def test_caption_probe_hides_exactly_the_attribute_words():
+    """The teacher-forced text the probe feeds holds the true caption except at attribute words, which hold the
+    text flow's source tokens (were the true words fed there, every role would read as seen)."""
+    import torch
+
+    import univigu
+    from univigu.data.world import World
+    from univigu.evaluation.probes import caption_word_accuracy, caption_word_roles
+
+    pipe = univigu.UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL)
+    fed = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args: fed.append(args[1].cpu()))
+    try:
+        caption_word_accuracy(pipe, n=4, seed=3)
+    finally:
+        hook.remove()
+    world = World.sized_like(pipe.config)
+    tokens, _ = pipe.text_canvas.encode([s.caption for s in world.scenes("test", range(4), 3)])
+    hidden = torch.tensor([[role is not None for role in caption_word_roles(pipe.tokenizer.convert_ids_to_tokens(row))]
+                           for row in tokens.tolist()])  # fmt: skip
+    (text,) = fed
+    assert hidden.sum() >= 4 * 5 and torch.equal(text[~hidden], tokens[~hidden])
+    assert (text[hidden] != tokens[hidden]).float().mean() > 0.9  # source tokens (uniform: rarely the true word)
