@@ -30,3 +30,10 @@ def check_finite(name: str, value: Any) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     return float(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """`value` as a float when it is a finite number > 0 (not a bool); else TypeError / ValueError naming `name`."""
+    if check_finite(name, value) <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)

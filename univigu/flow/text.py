@@ -23,7 +23,7 @@ from flow_matching.path import MixtureDiscreteProbPath
 from flow_matching.path.scheduler import PolynomialConvexScheduler
 from torch import Tensor
 
-from univigu.checks import check_finite, check_int
+from univigu.checks import check_int, check_positive
 from univigu.flow.video import NUM_TRAIN_TIMESTEPS
 
 _T_MAX_GKL = 1.0 - 1e-3  # the GKL weight kappa'/(1 - kappa) is infinite at t = 1
@@ -75,8 +75,7 @@ class TextFlow:
             raise ValueError(f"source must be 'uniform' or 'mask', got {self.source!r}")
         # checked here: vocab_size 0 drew ids of -1, and flow_matching rejects exponent <= 0 with a bare assert
         self.vocab_size = check_int("vocab_size", self.vocab_size, 1)
-        if check_finite("exponent", self.exponent) <= 0:
-            raise ValueError(f"exponent must be > 0, got {self.exponent}")
+        check_positive("exponent", self.exponent)
         if self.mask_id is None:
             self.mask_id = self.vocab_size
         self.scheduler = PolynomialConvexScheduler(n=self.exponent)

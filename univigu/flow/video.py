@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from univigu.checks import check_finite
+from univigu.checks import check_finite, check_positive
 
 NUM_TRAIN_TIMESTEPS = 1000  # the network's timestep scale, shared by both modalities
 PREDICTIONS = ("velocity", "sample", "edm")  # also the loss spaces: the error of that parameterization
@@ -124,8 +124,7 @@ class VideoFlow:
             raise ValueError(f"time_sampling must be 'uniform' or 'logit-normal', got {self.time_sampling!r}")
         # shift <= 0 warps s outside [0, 1) and a zero std / sigma_data divides by zero: caught here, not in training
         for name in ("shift", "logit_std", "sigma_data"):
-            if check_finite(name, getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            check_positive(name, getattr(self, name))
         check_finite("logit_mean", self.logit_mean)
 
     def sample_time(self, batch: int, generator: torch.Generator | None = None, device=None) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from univigu.checks import check_finite, check_int
+from univigu.checks import check_finite, check_int, check_positive
 from univigu.data.codec import PixelCodec
 from univigu.data.tokenizer import TextCanvas, load_tokenizer
 from univigu.flow.samplers import TEXT_UPDATES, Guidance, sample_t2v, sample_t2vt, sample_v2t
@@ -77,8 +77,7 @@ class PipelineConfig:
         if self.caption_steps is not None:
             check_int("caption_steps", self.caption_steps, 1)
         for name in ("text_exponent", "shift", "video_sigma_data", "text_shift"):
-            if check_finite(name, getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            check_positive(name, getattr(self, name))
         check_finite("guidance_scale", self.guidance_scale)
         for name, valid in (("text_source", ("uniform", "mask")), ("video_prediction", PREDICTIONS),
                             ("text_update", TEXT_UPDATES),

@@ -79,7 +79,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from univigu.checks import check_finite, check_int
+from univigu.checks import check_finite, check_int, check_positive
 from univigu.models.transformer import keep_attention_checkpointing
 from univigu.training import checkpoint as ckpt
 from univigu.training.ema import EMA
@@ -150,8 +150,7 @@ class TrainerConfig:
             self.mixed_precision = "no"
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
-        if not self.lr > 0:  # torch's "Invalid learning rate" would come only once the model is built
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_positive("lr", self.lr)  # torch's "Invalid learning rate" would come only once the model is built
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the optimizer step `step` (0-based): a pure function, so no state."""
