@@ -163,20 +163,24 @@ def test_train_all_reads_its_configs_folder(tmp_path):
     assert UniViGUPipeline.from_pretrained(tmp_path / "runs" / "base" / "final").config.extra["base"]["steps"] == 1
 
 
-def test_build_task_follows_trainable_text_loss_and_cond_dropout():
-    """The stage config's `trainable`, `flow.text_loss` and `mix.cond_dropout` reach the task it builds."""
+def test_build_task_follows_trainable_text_loss_cond_dropout_and_caption_condition():
+    """The stage config's `trainable`, `flow.text_loss`, `mix.cond_dropout` and the pipeline's caption condition
+    reach the task it builds."""
     import univigu
     from univigu.training.stages import build_task
 
     refine = load_config(CONFIG_DIR / "refine.yaml", [f"init_from={univigu.DEFAULT_MODEL}", "trainable=text",
-                                                      "flow.text_loss=gkl", "mix.cond_dropout=0.3"])  # fmt: skip
-    task = build_task(refine)[0]
+                                                      "flow.text_loss=gkl", "mix.cond_dropout=0.3",
+                                                      "pipeline.caption_condition=zeros"])  # fmt: skip
+    task, _, pipe_cfg = build_task(refine)
     model = task.transformer
     grads = {name: prm.requires_grad for name, prm in model.named_parameters()}
     assert any(grads.values()) and not all(grads.values())
     assert all(grads[name] == model.is_text_parameter(name) for name in grads)
     assert task.text_loss == "gkl" and task.mix.cond_dropout == 0.3
+    assert task.caption_condition == pipe_cfg.caption_condition == "zeros"  # trained as the pipeline will caption
     default = build_task(load_config(CONFIG_DIR / "refine.yaml", [f"init_from={univigu.DEFAULT_MODEL}"]))[0]
+    assert default.caption_condition == "empty_prompt"
     assert default.text_loss == "ce" and all(prm.requires_grad for prm in default.transformer.parameters())
     base = build_task(load_config(CONFIG_DIR / "base.yaml", [*SMALL, "mix.cond_dropout=0.3"]))[0]
     assert base.cond_dropout == 0.3

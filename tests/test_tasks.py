@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from univigu import WorldDataset
@@ -63,11 +64,11 @@ class _Spy:
         self.handle.remove()
 
 
-def _unified_task(p, mix, text_target="prompt"):
+def _unified_task(p, mix, text_target="prompt", **kwargs):
     tok = p["tokenizer"]
     canvas = TextCanvas(tok, 48)
     return UnifiedTask(p["unified"], p["prompt_encoder"], TextCanvas(tok, 16), canvas, VideoFlow(),
-                       TextFlow(canvas.vocab_size), mix, text_target=text_target)  # fmt: skip
+                       TextFlow(canvas.vocab_size), mix, text_target=text_target, **kwargs)  # fmt: skip
 
 
 def test_unified_task_gives_v2t_rows_the_null_prompt_and_t2v_rows_the_prompt(tiny_parts):
@@ -86,6 +87,24 @@ def test_unified_task_gives_v2t_rows_the_null_prompt_and_t2v_rows_the_prompt(tin
         (args, _), = spy.calls
         states = args[4]
         assert torch.allclose(states, null_states if expect_null else prompt_states), mix
+
+
+def test_caption_condition_zeros_trains_v2t_rows_on_the_all_zero_condition(tiny_parts):
+    """caption_condition "zeros" (a converted official checkpoint captions so): V2T rows are trained on all-zero
+    states, while T2V rows whose condition is dropped keep the empty prompt's (guidance's null pass)."""
+    p = tiny_parts
+    batch = _batch(4)
+    null_states = _unified_task(p, RegimeMix()).encode_prompts([""]).expand(4, -1, -1)
+    assert null_states.abs().sum() > 0
+    for mix, expected in ((RegimeMix(t2v=0, v2t=1, joint=0, cond_dropout=0.0), torch.zeros_like(null_states)),
+                          (RegimeMix(t2v=1, v2t=0, joint=0, cond_dropout=1.0), null_states)):  # fmt: skip
+        task = _unified_task(p, mix, caption_condition="zeros")
+        with _Spy(p["unified"]) as spy, torch.no_grad():
+            task(batch, generator=torch.Generator().manual_seed(0))
+        (args, _), = spy.calls
+        assert torch.equal(args[4], expected), mix
+    with pytest.raises(ValueError, match="caption_condition must be 'empty_prompt' or 'zeros'"):
+        _unified_task(p, RegimeMix(), caption_condition="null")
 
 
 def test_generator_task_condition_dropout_feeds_the_empty_prompt(tiny_parts):

@@ -363,7 +363,8 @@ def build_task(cfg: StageConfig):
     task = task_cls(
         transformer, previous.prompt_encoder, TextCanvas(tokenizer, pipe_cfg.prompt_length), text_canvas,
         video_flow, text_flow, RegimeMix(**cfg.mix), text_target=cfg.text_target,
-        video_weight=cfg.video_weight, text_weight=cfg.text_weight, text_loss=flow.text_loss, **extra,
+        video_weight=cfg.video_weight, text_weight=cfg.text_weight, text_loss=flow.text_loss,
+        caption_condition=pipe_cfg.caption_condition, **extra,
     )  # fmt: skip
     task.export_parts = (previous.prompt_encoder, previous.codec)  # a tuple: not submodules of the task
     return task, tokenizer, pipe_cfg

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from univigu.data.codec import PixelCodec
 from univigu.data.tokenizer import TextCanvas
-from univigu.flow.regimes import RegimeMix, TrainingBatch, make_training_batch, select_prompt, unified_loss
+from univigu.flow.regimes import V2T, RegimeMix, TrainingBatch, make_training_batch, select_prompt, unified_loss
 from univigu.flow.text import TextFlow, uniform_draw
 from univigu.flow.video import VideoFlow, video_timestep
 
@@ -90,16 +90,20 @@ class UnifiedTask(nn.Module):
         text_weight: float = 1.0,
         text_loss: Literal["ce", "gkl"] = "ce",
         codec: Any = None,
+        caption_condition: Literal["empty_prompt", "zeros"] = "empty_prompt",
     ) -> None:
         super().__init__()
         if text_target not in ("prompt", "caption"):
             raise ValueError(f"text_target must be 'prompt' or 'caption', got {text_target!r}")
+        if caption_condition not in ("empty_prompt", "zeros"):
+            raise ValueError(f"caption_condition must be 'empty_prompt' or 'zeros', got {caption_condition!r}")
         self.transformer, self.prompt_encoder = transformer, prompt_encoder.requires_grad_(False).eval()
         self.prompt_canvas, self.text_canvas = prompt_canvas, text_canvas
         self.video_flow, self.text_flow, self.mix = video_flow, text_flow, mix
         self.text_target, self.video_weight, self.text_weight, self.text_loss = (
             text_target, video_weight, text_weight, text_loss)  # fmt: skip
         self.codec = codec or PixelCodec()
+        self.caption_condition = caption_condition  # V2T rows' condition: the one the pipeline captions with
 
     def train(self, mode: bool = True) -> "UnifiedTask":
         super().train(mode)
@@ -137,6 +141,8 @@ class UnifiedTask(nn.Module):
         states = self.encode_prompts(batch["prompt"])
         null = self.encode_prompts([""])
         states, _ = select_prompt(tb.keep_prompt_condition, states, null)
+        if self.caption_condition == "zeros":  # dropped-condition T2V rows keep the empty prompt: guidance's null
+            states = torch.where((tb.regime == V2T)[:, None, None], 0.0, states)
         output, logits = self.transformer(tb.video, tb.text, tb.t_video, tb.t_text, states, tb.text_mask, None)
         velocity = self.video_flow.velocity(output, tb.video, tb.video_time)
         loss, logs = unified_loss(
