@@ -243,7 +243,7 @@ def test_file_names_and_sidecar_records(tmp_path):
                       "fps": 16}  # fmt: skip
 
 
-def test_seed_guidance_and_text_update_reach_the_sampler_itself(checkpoints, tmp_path, monkeypatch):
+def test_seed_guidance_negative_prompt_and_text_update_reach_the_sampler_itself(checkpoints, tmp_path, monkeypatch):
     """Not only the sidecar: the sample is drawn with the options given."""
     import importlib
 
@@ -256,15 +256,23 @@ def test_seed_guidance_and_text_update_reach_the_sampler_itself(checkpoints, tmp
 
     real = module.timed_sample
     monkeypatch.setattr(module, "timed_sample", recording)
-    model = ["--model", str(checkpoints / "unified"), "--seed", "4", "--steps", "1", "--guidance", "2.5"]
+    model = ["--model", str(checkpoints / "unified"), "--seed", "4", "--steps", "1", "--guidance", "2.5",
+             "--negative-prompt", "a blue square"]  # fmt: skip
     result = runner.invoke(app, ["generate", "a red circle", *model, "--out", str(tmp_path / "g")])
     assert result.exit_code == 0, result.output
     joint = runner.invoke(app, ["joint", "a red circle", *model, "--text-update", "linear-resample",
                                 "--out", str(tmp_path / "j")])  # fmt: skip
     assert joint.exit_code == 0, joint.output
     (_, g), (_, j) = calls
-    assert (g["seed"], g["num_steps"], g["guidance_scale"]) == (4, 1, 2.5)
-    assert (j["seed"], j["num_steps"], j["guidance_scale"], j["text_update"]) == (4, 1, 2.5, "linear-resample")
+    assert (g["seed"], g["num_steps"], g["guidance_scale"], g["negative_prompt"]) == (4, 1, 2.5, "a blue square")
+    assert (j["seed"], j["num_steps"], j["guidance_scale"], j["negative_prompt"], j["text_update"]) == (
+        4, 1, 2.5, "a blue square", "linear-resample")  # fmt: skip
+    for out in ("g", "j"):
+        (sidecar,) = (tmp_path / out).glob("*.json")
+        assert json.loads(sidecar.read_text())["negative_prompt"] == "a blue square"
+    long = runner.invoke(app, ["generate", "a red circle", *model, "--negative-prompt", " ".join(["red"] * 40),
+                               "--out", str(tmp_path / "g")])  # fmt: skip
+    assert long.exit_code == 2 and "--negative-prompt: the negative prompt is 40 tokens long" in said(long)
 
 
 def test_eval_options_reach_evaluate(checkpoints, tmp_path, monkeypatch):

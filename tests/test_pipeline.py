@@ -265,12 +265,12 @@ def test_set_progress_bar_config_hides_the_bar_of_calls_that_do_not_say(pipe, ca
         pipe.set_progress_bar_config(disable=False)
 
 
-def _guided_t2v_calls(pipe, prompts):
-    """The transformer's arguments in each call of a one-step guided T2V."""
+def _guided_t2v_calls(pipe, prompts, method="text_to_video", **kwargs):
+    """The transformer's arguments in each call of a one-step guided T2V (or another task)."""
     calls = []
     hook = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(args))
     try:
-        pipe.text_to_video(prompts, seed=0, num_steps=1, guidance_scale=2.0, progress=False)
+        getattr(pipe, method)(prompts, seed=0, num_steps=1, guidance_scale=2.0, progress=False, **kwargs)
     finally:
         hook.remove()
     return calls
@@ -290,6 +290,30 @@ def test_unified_guidance_null_pass_reads_the_empty_prompt_in_both_streams(pipe)
     assert torch.equal(text[2:], null_tokens) and torch.equal(text_mask[2:], null_mask)
     assert torch.allclose(prompt_states[:2, : states.shape[1]], states)
     assert torch.allclose(prompt_states[2:, : null_states.shape[1]], null_states)
+
+
+def test_negative_prompt_is_the_null_pass_condition(pipe):
+    """negative_prompt: the null half of guided T2V reads it in the cross-attention and the text stream (joint:
+    the cross-attention); it is checked as a prompt is, with a message naming it."""
+    prompts = ["a red circle moves right", "a blue square grows"]
+    negative = "a green triangle"
+    neg_tokens, neg_mask = pipe.text_canvas.encode([negative] * 2)
+    neg_states = pipe._prompt_states([negative] * 2)
+    assert not torch.allclose(neg_states, pipe._prompt_states([""] * 2))
+    (_, text, _, _, prompt_states, text_mask, _), = _guided_t2v_calls(pipe, prompts, negative_prompt=negative)
+    assert torch.equal(text[2:], neg_tokens) and torch.equal(text_mask[2:], neg_mask)
+    assert torch.allclose(prompt_states[2:, : neg_states.shape[1]], neg_states)
+    (_, _, _, _, joint_states, _, _), = _guided_t2v_calls(pipe, prompts, "generate", negative_prompt=negative)
+    assert torch.allclose(joint_states[2:, : neg_states.shape[1]], neg_states)
+    long = " ".join(["red"] * pipe.config.prompt_length)
+    for method in ("text_to_video", "generate"):
+        n = pipe.config.prompt_length
+        message = f"^the negative prompt is {n} tokens long; this model reads at most {n - 1}"
+        with pytest.raises(PromptError, match=message) as error:
+            getattr(pipe, method)(prompts, num_steps=1, negative_prompt=long, progress=False)
+        assert error.value.argument == "negative_prompt"
+        with pytest.raises(TypeError, match="negative_prompt must be a str, got list"):
+            getattr(pipe, method)(prompts, num_steps=1, negative_prompt=["a", "b"], progress=False)
 
 
 def test_prompt_limits_are_exact(pipe, tiny_parts):

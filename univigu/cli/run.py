@@ -106,7 +106,8 @@ def _prompt_errors(param_hint: str) -> Iterator[None]:
     try:
         yield
     except PromptError as error:
-        raise typer.BadParameter(str(error), param_hint=param_hint) from error
+        hint = "--negative-prompt" if error.argument == "negative_prompt" else param_hint
+        raise typer.BadParameter(str(error), param_hint=hint) from error
 
 
 def _trajectory_path(base: Path | None, i: int, n: int) -> Path | None:
@@ -116,6 +117,7 @@ def _trajectory_path(base: Path | None, i: int, n: int) -> Path | None:
     return base.with_name(f"{base.stem}_{i}{base.suffix or '.html'}")
 
 
+NEGATIVE_HELP = "What guidance steers away from: the null pass's prompt (default: the empty prompt)."
 TRAJECTORY_HELP = "Write the denoising-trajectory viewer here (one self-contained HTML page; _0, _1, ... for several)."
 
 
@@ -126,6 +128,7 @@ def generate(
     seed: int = typer.Option(0), steps: int = typer.Option(None, min=1, help=STEPS_HELP),
     guidance: float = typer.Option(None, callback=_finite, help="Classifier-free guidance scale (default: the "
                                    "model's)."),  # fmt: skip
+    negative_prompt: str = typer.Option("", help=NEGATIVE_HELP),
     out: Path = typer.Option(Path("outputs/generate"), callback=out_dir, help="Output folder."),
     trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
     dtype: str = typer.Option("float32", help=DTYPE_HELP), offload: bool = typer.Option(False, help=OFFLOAD_HELP),
@@ -136,9 +139,11 @@ def generate(
     load = time.perf_counter() - load
     with _prompt_errors("PROMPTS"):
         result, seconds, times = timed_sample(pipe, "text_to_video", prompts, seed=seed, num_steps=steps,
-                                              guidance_scale=guidance, trajectory=trajectory is not None)  # fmt: skip
+                                              guidance_scale=guidance, negative_prompt=negative_prompt,
+                                              trajectory=trajectory is not None)  # fmt: skip
     for i, (prompt, video) in enumerate(zip(prompts, result.videos)):
         record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": pipe._scale(guidance),
+                  "negative_prompt": negative_prompt,
                   **run_record(pipe, path, seed, len(times), load, seconds, len(prompts))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"text to video: {prompt}", record, times)  # fmt: skip
@@ -192,6 +197,7 @@ def joint(
     device: str = typer.Option(None, help=DEVICE_HELP),
     seed: int = typer.Option(0), steps: int = typer.Option(None, min=1, help=STEPS_HELP),
     guidance: float = typer.Option(None, callback=_finite),
+    negative_prompt: str = typer.Option("", help=NEGATIVE_HELP),
     text_update: str = typer.Option(None, help="'ctmc' or the released 'linear-resample' (default: the model's)."),
     out: Path = typer.Option(Path("outputs/joint"), callback=out_dir, help="Output folder."),
     trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
@@ -208,11 +214,11 @@ def joint(
     load = time.perf_counter() - load
     with _prompt_errors("PROMPTS"):
         result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps,
-                                              guidance_scale=guidance, text_update=text_update,
-                                              trajectory=trajectory is not None)  # fmt: skip
+                                              guidance_scale=guidance, negative_prompt=negative_prompt,
+                                              text_update=text_update, trajectory=trajectory is not None)  # fmt: skip
     for i, (prompt, video, text) in enumerate(zip(prompts, result.videos, result.texts)):
         record = {"task": "joint", "prompt": prompt, "caption": text, "guidance_scale": pipe._scale(guidance),
-                  "text_update": text_update or pipe.config.text_update,
+                  "negative_prompt": negative_prompt, "text_update": text_update or pipe.config.text_update,
                   **run_record(pipe, path, seed, len(times), load, seconds, len(prompts))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"joint generation: {prompt}", record, times)  # fmt: skip

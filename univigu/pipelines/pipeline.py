@@ -130,7 +130,12 @@ def _prompt_list(prompts: Any) -> list[Any]:
 
 
 class PromptError(ValueError):
-    """A prompt (or V2T instruction) longer than the model reads, or no prompts at all."""
+    """A prompt (or V2T instruction, or negative prompt) longer than the model reads, or no prompts at all;
+    `argument`: "negative_prompt" when it is the negative prompt, else "prompts"."""
+
+    def __init__(self, message: str, argument: str = "prompts") -> None:
+        super().__init__(message)
+        self.argument = argument
 
 
 def _read_index(index_file: Path) -> dict[str, Any]:
@@ -405,12 +410,13 @@ class UniViGUPipeline:
         """Whether T2V guidance's null pass puts the empty prompt in the text stream (a unified model's)."""
         return self.unified and self.config.guidance_text == "empty_prompt"
 
-    def _guidance(self, scale: float, null_text: bool = False) -> Guidance | None:
-        """Guidance with the empty prompt; with `null_text` (T2V) also in the null pass's text stream."""
+    def _guidance(self, scale: float, negative_prompt: str, null_text: bool = False) -> Guidance | None:
+        """Guidance away from `negative_prompt` (the empty prompt: plain classifier-free guidance); with
+        `null_text` (T2V) it is also the null pass's text stream."""
         if scale == 1.0:
             return None
-        tokens, mask = self.text_canvas.encode([""]) if null_text else (None, None)
-        return Guidance(null_states=self._prompt_states([""]), scale=scale,
+        tokens, mask = self.text_canvas.encode([negative_prompt]) if null_text else (None, None)
+        return Guidance(null_states=self._prompt_states([negative_prompt]), scale=scale,
                         null_text=None if tokens is None else tokens.to(self.device),
                         null_text_mask=None if mask is None else mask.to(self.device))  # fmt: skip
 
@@ -443,15 +449,16 @@ class UniViGUPipeline:
 
     @torch.no_grad()
     def text_to_video(self, prompts: list[str] | str, seed: int | torch.Generator = 0, num_steps: int | None = None,
-                      guidance_scale: float | None = None, progress: bool | None = None,
+                      guidance_scale: float | None = None, negative_prompt: str = "", progress: bool | None = None,
                       return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
         """Videos for prompts: uint8 `[B, T, H, W, 3]` in `.videos`.
 
         prompts: a str or a list of str (at most `config.prompt_length` - 1 and `config.text_length` - 1 tokens:
             the prompt is also the clean text stream). seed: an int or a torch.Generator; one seed gives one
             result, on a given device and batch. num_steps: video denoising steps (None: `config.num_steps`).
-            guidance_scale: classifier-free guidance with the empty prompt (None: the config's; 1: none; the null
-            pass's text stream: `config.guidance_text`).
+            guidance_scale: classifier-free guidance (None: the config's; 1: none; the null pass's text stream:
+            `config.guidance_text`). negative_prompt: the null pass's prompt, what guidance steers away from
+            (default: the empty prompt; the same limits as a prompt).
         progress: a tqdm bar (None: unless `set_progress_bar_config(disable=True)`). return_trajectory:
             `.video_trajectory` uint8 `[steps, B, T, H, W, 3]`, the clean-video estimate after each step.
         callback(i, s, video, text): after step i (from noise level s), with that estimate in the codec's space
@@ -459,13 +466,15 @@ class UniViGUPipeline:
         """
         prompts = _prompt_list(prompts)
         self.check_prompts(prompts, text_stream=True)
+        null_text = self._null_text_stream
+        self._check_negative_prompt(negative_prompt, text_stream=null_text)
         seed, steps, scale = _seed(seed), self.config.steps_for("text_to_video", num_steps), self._scale(guidance_scale)
         states = self._prompt_states(prompts)
         tokens, mask = self.text_canvas.encode(prompts)
         step, frames, toks = self._recorder(return_trajectory, callback)
         out = sample_t2v(
             self._model, tokens.to(self.device), states, self._video_shape(len(prompts)),
-            text_mask=mask.to(self.device), guidance=self._guidance(scale, null_text=self._null_text_stream),
+            text_mask=mask.to(self.device), guidance=self._guidance(scale, negative_prompt, null_text=null_text),
             num_steps=steps, shift=self.config.shift, generator=seed,
             callback=step, progress=self._progress(progress),
         )  # fmt: skip
@@ -504,24 +513,26 @@ class UniViGUPipeline:
 
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, seed: int | torch.Generator = 0, num_steps: int | None = None,
-                 guidance_scale: float | None = None, text_update: str | None = None, progress: bool | None = None,
-                 return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
+                 guidance_scale: float | None = None, negative_prompt: str = "", text_update: str | None = None,
+                 progress: bool | None = None, return_trajectory: bool = False,
+                 callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
         """Joint generation: a video and its caption per prompt (`.videos` and `.texts`), denoised together.
 
         prompts: a str or a list of str (at most `config.prompt_length` - 1 tokens; the text stream is generated).
-        seed, num_steps (shared by video and text), guidance_scale (on the video), progress, return_trajectory
-        (both trajectories), callback: as `text_to_video`. text_update: the text rule, "ctmc" or
+        seed, num_steps (shared by video and text), guidance_scale and negative_prompt (on the video), progress,
+        return_trajectory (both trajectories), callback: as `text_to_video`. text_update: the text rule, "ctmc" or
         "linear-resample" (the released script's; None: `config.text_update`).
         """
         self._require_unified("generate")
         prompts = _prompt_list(prompts)
         self.check_prompts(prompts)
+        self._check_negative_prompt(negative_prompt)
         seed, steps, scale = _seed(seed), self.config.steps_for("generate", num_steps), self._scale(guidance_scale)
         states = self._prompt_states(prompts)
         step, frames, toks = self._recorder(return_trajectory, callback)
         out = sample_t2vt(
             self._model, states, self.text_flow, self._video_shape(len(prompts)), self.config.text_length,
-            pad_id=self.text_canvas.pad_id, guidance=self._guidance(scale),
+            pad_id=self.text_canvas.pad_id, guidance=self._guidance(scale, negative_prompt),
             text_update=text_update or self.config.text_update, num_steps=steps,
             shift=self.config.shift, generator=seed, callback=step, progress=self._progress(progress),
         )  # fmt: skip
@@ -535,6 +546,15 @@ class UniViGUPipeline:
         if guidance_scale is None:
             return self.config.guidance_scale
         return check_finite("guidance_scale", guidance_scale)
+
+    def _check_negative_prompt(self, negative_prompt: Any, text_stream: bool = False) -> None:
+        if not isinstance(negative_prompt, str):  # one for the batch, as the null pass has one condition
+            raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
+        try:
+            self.check_prompts([negative_prompt], text_stream=text_stream)
+        except PromptError as error:
+            message = str(error).replace("prompt 0", "the negative prompt", 1)  # the only error one prompt can get
+            raise PromptError(message, argument="negative_prompt") from None
 
     def _require_unified(self, what: str) -> None:
         if not self.unified:
