@@ -33,10 +33,14 @@ def test_text_to_video_is_seeded_and_batched(pipe):
     assert alone.shape == (1, 16, 32, 32, 3)
 
 
-def test_video_to_text_with_trajectory_and_instruction(pipe, videos):
-    seen = []
+def test_video_to_text_with_trajectory_and_instruction(pipe, videos, monkeypatch):
+    seen, decoded = [], []
+    decode = pipe.codec.decode
+    monkeypatch.setattr(pipe.codec, "decode", lambda x: decoded.append(x) or decode(x))
     out = pipe.video_to_text(videos, seed=0, progress=False, return_trajectory=True,
                              callback=lambda i, s, v, t: seen.append((i, s)))  # fmt: skip
+    assert not decoded  # the text trajectory only: the input video is never decoded (Wan's VAE is costly)
+    assert out.video_trajectory is None
     assert len(out.texts) == 2 and all(isinstance(t, str) for t in out.texts)
     assert [i for i, _ in seen] == [0, 1, 2] and seen[0][1] == 1.0
     assert out.token_trajectory.shape == (3, 2, pipe.config.text_length)

@@ -12,6 +12,7 @@ from univigu.data.world import (
     attribute_matches,
     parse_caption,
     render_videos,
+    tokenize_caption,
     vocabulary,
 )
 
@@ -66,6 +67,11 @@ def test_every_caption_parses_back_exactly():
             assert parse_caption(scene.caption) == scene.attributes(), scene.caption
 
 
+def test_tokenize_caption_splits_words_and_punctuation_in_lower_case():
+    assert tokenize_caption("A Red circle,moves right.") == ["a", "red", "circle", ",", "moves", "right", "."]
+    assert tokenize_caption("  ?! 3 ") == []
+
+
 def test_parser_is_tolerant_and_missing_counts_wrong():
     text = "zzz a large red circle quickly moves left blorp from the top right. the background is gray."
     parsed = parse_caption(text)
@@ -108,7 +114,7 @@ def test_config_rejects_unknown_heldout_values():
 def test_vocabulary_covers_all_captions():
     vocab = set(vocabulary())
     for scene in World().scenes("train", range(500)):
-        assert set(parse_caption.__globals__["_tokenize"](scene.caption)) <= vocab
+        assert set(tokenize_caption(scene.caption)) <= vocab
         assert set(scene.prompt.split()) <= vocab
 
 

@@ -359,12 +359,12 @@ def prompt_probe(
 ) -> None:
     """Does the video denoiser read each prompt word? Relative increase of its clean-video error when the
     prompt's colour, shape or motion is swapped, or the prompt is empty (0: the word is unused)."""
-    from univigu.evaluation.probes import PROMPT_ATTRIBUTES, prompt_sensitivity
+    from univigu.evaluation.probes import SWAPPABLE_VALUES, prompt_sensitivity
 
     levels = _noise_levels(noise)
     pipe = _probed(checkpoint)
     result = prompt_sensitivity(pipe, n=n, noise_levels=levels, seed=seed)
-    names = (*PROMPT_ATTRIBUTES, "empty")
+    names = (*SWAPPABLE_VALUES, "empty")
     typer.echo("noise  error    " + "  ".join(f"{name:>8}" for name in names))
     for level, row in result["levels"].items():
         typer.echo(f"{level:>5}  {row['error']:.4f}  " + "  ".join(f"{row[name]:>+8.1%}" for name in names))

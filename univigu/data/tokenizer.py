@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from univigu.data.world import vocabulary
+from univigu.flow.text import cut_at_end
 
 PAD, END, MASK, UNK = "[PAD]", "[END]", "[MASK]", "[UNK]"
 
@@ -98,9 +99,7 @@ class TextCanvas:
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Token rows `[B, L]` to texts, cut at the first end token."""
         texts = []
-        for row in ids.tolist():
-            if self.end_id in row:
-                row = row[: row.index(self.end_id)]
+        for row in cut_at_end(ids, self.end_id):
             row = [t for t in row if t < self.vocab_size and t not in (self.pad_id, self.mask_id)]
             text = self.tokenizer.decode(row, skip_special_tokens=True)
             texts.append(text.replace(" .", ".").replace(" ,", ","))

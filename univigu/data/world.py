@@ -200,7 +200,7 @@ def vocabulary() -> list[str]:
         "a moves grows stays still does not move in place slowly quickly slides gets bigger",
         "from at the there is starting that , .",
     ):
-        words |= set(_tokenize(template.replace("{bg}", "")))
+        words |= set(tokenize_caption(template.replace("{bg}", "")))
     return sorted(words)
 
 
@@ -449,7 +449,8 @@ _MOTION_VERBS = {"moves", "slides", "goes", "drifts"}
 _SPEED_WORDS = {"slowly": "slow", "slow": "slow", "quickly": "fast", "fast": "fast"}
 
 
-def _tokenize(text: str) -> list[str]:
+def tokenize_caption(text: str) -> list[str]:
+    """A caption's words and punctuation (lower case), as the parser reads it and the caption scores compare it."""
     return re.findall(r"[a-z]+|[.,]", text.lower())
 
 
@@ -462,7 +463,7 @@ def parse_caption(text: str) -> dict[str, Any]:
     """
     if not isinstance(text, str):
         raise TypeError(f"caption must be a str, got {type(text).__name__} {text!r:.80}")
-    words = _tokenize(text)
+    words = tokenize_caption(text)
     background = None
     for i, word in enumerate(words):
         if word == "background":

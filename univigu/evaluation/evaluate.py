@@ -16,7 +16,7 @@ import time
 from typing import Any, Sequence
 
 from univigu.data.oracle import Oracle
-from univigu.data.world import SPLITS, World, accuracy, attribute_matches, parse_caption
+from univigu.data.world import SPLITS, World, accuracy, attribute_matches, parse_caption, tokenize_caption
 
 PROMPT_ATTRIBUTES = ("colour", "shape", "motion")
 TASKS = ("t2v", "v2t", "joint")
@@ -65,7 +65,7 @@ def caption_scores(references: Sequence[str], candidates: Sequence[str]) -> dict
     from pycocoevalcap.cider.cider import Cider
 
     def tokens(text: str) -> str:  # the parser's tokenisation: words and punctuation apart
-        return " ".join(parse_caption.__globals__["_tokenize"](text)) or "empty"
+        return " ".join(tokenize_caption(text)) or "empty"
 
     gts = {i: [tokens(r)] for i, r in enumerate(references)}
     res = {i: [tokens(c)] for i, c in enumerate(candidates)}

@@ -13,7 +13,7 @@ from univigu.flow.text import text_timestep
 from univigu.flow.video import clean_estimate
 
 # what a prompt names, so what a swap can change
-PROMPT_ATTRIBUTES = {"colour": tuple(OBJECT_COLOURS), "shape": SHAPES, "motion": MOTIONS}
+SWAPPABLE_VALUES = {"colour": tuple(OBJECT_COLOURS), "shape": SHAPES, "motion": MOTIONS}
 CAPTION_ROLES = ("background", "colour", "shape", "size", "speed", "direction", "position")
 _ROLE_OF_WORD = {**dict.fromkeys(BACKGROUNDS, "background"), **dict.fromkeys(OBJECT_COLOURS, "colour"),
                  **dict.fromkeys(SHAPES, "shape"), **dict.fromkeys(SIZES, "size"), "slowly": "speed",
@@ -69,7 +69,7 @@ def position_sensitivity(
 def _swapped(scene: Scene, attribute: str, rng: np.random.Generator) -> Scene:
     """The scene with its main object's `attribute` changed to another value (a moving object keeps a speed)."""
     main = scene.objects[0]
-    new = rng.choice([v for v in PROMPT_ATTRIBUTES[attribute] if v != getattr(main, attribute)])
+    new = rng.choice([v for v in SWAPPABLE_VALUES[attribute] if v != getattr(main, attribute)])
     changes = {attribute: str(new)}
     if attribute == "motion":
         changes["speed"] = None if new == "still" else main.speed or "slow"
@@ -93,7 +93,7 @@ def prompt_sensitivity(
     scenes = world.scenes("test", range(n), seed)
     rng = np.random.default_rng(seed)
     prompts = {"true": [s.prompt for s in scenes], "empty": [""] * n}
-    prompts.update({a: [_swapped(s, a, rng).prompt for s in scenes] for a in PROMPT_ATTRIBUTES})
+    prompts.update({a: [_swapped(s, a, rng).prompt for s in scenes] for a in SWAPPABLE_VALUES})
     device = pipeline.device
     x0 = pipeline.codec.encode(torch.as_tensor(world.render(scenes)).to(device))  # [B, C, T, H, W]
     conditions = {}
@@ -110,7 +110,7 @@ def prompt_sensitivity(
             velocity = pipeline._model(x_s, tokens, t_video, t_text, states, mask)[0]  # the pipeline's parameterization
             errors[name] = float((clean_estimate(x_s, velocity, s) - x0).square().mean())
         level = {"error": errors["true"]}
-        level.update({name: errors[name] / errors["true"] - 1 for name in (*PROMPT_ATTRIBUTES, "empty")})
+        level.update({name: errors[name] / errors["true"] - 1 for name in (*SWAPPABLE_VALUES, "empty")})
         result["levels"][f"{s:g}"] = level
     return result
 

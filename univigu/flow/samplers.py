@@ -30,7 +30,7 @@ Model = Callable[..., tuple[Tensor, Tensor]]
 # callback(step, s, video_estimate [B, ...], text_tokens [B, L]): s is the noise level the step
 # started from (1 = noise; network timestep 1000 s); both tensors are the state after the step.
 Callback = Callable[[int, float, Tensor, Tensor], None]
-TEXT_UPDATES = ("ctmc", "linear-resample")  # the joint sampler's text rules (see `sample_joint`)
+TEXT_UPDATES = ("ctmc", "linear-resample")  # the joint sampler's text rules (see `sample_t2vt`)
 
 
 @dataclass
@@ -371,7 +371,7 @@ def sample_t2vt(
 
     text_update "ctmc": the text CTMC Euler step on the shared grid (text t = 1 - s).
     text_update "linear-resample": the released script's heuristic (see `_linear_resample`), plus its
-    final argmax pass at timesteps 0; kept for comparison.
+    final argmax pass at timesteps 0 (the shipped toy model's rule).
     """
     device = prompt_states.device
     g = make_generator(generator, device)

@@ -7,9 +7,10 @@ from typing import Any
 from univigu.models.transformer import UniViGUTransformer
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-trainable in the 32x32x16 RGB toy world: (1, 4, 4) patches give 16*8*8 = 1024 video tokens.
-    # About 4.3M parameters (2.8M shared, 1.5M text). The text vocabulary is a placeholder: override it
-    # with the tokenizer's size.
+    # A CPU-sized model at the toy world's 32x32x16 RGB size, for `univigu model params / bench`: (1, 4, 4)
+    # patches give 16*8*8 = 1024 video tokens; about 4.3M parameters (2.8M shared, 1.5M text). The shipped toy
+    # model is built from univigu/configs/toy/base.yaml instead. The text vocabulary is a placeholder: override
+    # it with the tokenizer's size.
     "tiny": dict(
         patch_size=(1, 4, 4),
         num_attention_heads=4,

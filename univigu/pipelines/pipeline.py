@@ -420,17 +420,18 @@ class UniViGUPipeline:
                         null_text=None if tokens is None else tokens.to(self.device),
                         null_text_mask=None if mask is None else mask.to(self.device))  # fmt: skip
 
-    def _recorder(self, record: bool, callback: Callable | None):
-        """A sampler callback that keeps trajectories (when `record`) and forwards to `callback`."""
+    def _recorder(self, video: bool, text: bool, callback: Callable | None):
+        """A sampler callback that keeps the video and / or text trajectory and forwards to `callback`."""
         frames: list[Tensor] = []
         tokens: list[Tensor] = []
 
-        def step(i: int, s: float, video: Tensor, text: Tensor) -> None:
-            if record:
-                frames.append(self.codec.decode(video).cpu())
-                tokens.append(text.cpu())
+        def step(i: int, s: float, estimate: Tensor, stream: Tensor) -> None:
+            if video:  # not for captions: their video is the input, and decoding it (Wan's VAE) is costly
+                frames.append(self.codec.decode(estimate).cpu())
+            if text:
+                tokens.append(stream.cpu())
             if callback is not None:
-                callback(i, s, video, text)
+                callback(i, s, estimate, stream)
 
         return step, frames, tokens
 
@@ -471,7 +472,7 @@ class UniViGUPipeline:
         seed, steps, scale = _seed(seed), self.config.steps_for("text_to_video", num_steps), self._scale(guidance_scale)
         states = self._prompt_states(prompts)
         tokens, mask = self.text_canvas.encode(prompts)
-        step, frames, toks = self._recorder(return_trajectory, callback)
+        step, frames, _ = self._recorder(video=return_trajectory, text=False, callback=callback)
         out = sample_t2v(
             self._model, tokens.to(self.device), states, self._video_shape(len(prompts)),
             text_mask=mask.to(self.device), guidance=self._guidance(scale, negative_prompt, null_text=null_text),
@@ -501,7 +502,7 @@ class UniViGUPipeline:
         states = self._prompt_states([instruction or ""] * len(x))
         if not instruction and self.config.caption_condition == "zeros":
             states = torch.zeros_like(states)
-        step, frames, toks = self._recorder(return_trajectory, callback)
+        step, _, toks = self._recorder(video=False, text=return_trajectory, callback=callback)
         # a video_prefix model runs the clean video once, then only the text per step (exact)
         model = self.transformer if self.transformer.caches_clean_video else self._model
         out = sample_v2t(
@@ -529,7 +530,7 @@ class UniViGUPipeline:
         self._check_negative_prompt(negative_prompt)
         seed, steps, scale = _seed(seed), self.config.steps_for("generate", num_steps), self._scale(guidance_scale)
         states = self._prompt_states(prompts)
-        step, frames, toks = self._recorder(return_trajectory, callback)
+        step, frames, toks = self._recorder(video=return_trajectory, text=return_trajectory, callback=callback)
         out = sample_t2vt(
             self._model, states, self.text_flow, self._video_shape(len(prompts)), self.config.text_length,
             pad_id=self.text_canvas.pad_id, guidance=self._guidance(scale, negative_prompt),

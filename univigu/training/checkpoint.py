@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
@@ -110,6 +110,6 @@ def damage(path: Path) -> str | None:
             return f"{name} is not valid JSON"
     try:
         weight_shapes(path)
-    except Exception as error:  # safetensors' SafetensorError (a truncated file) has no importable base class
+    except (SafetensorError, OSError) as error:  # a truncated file, an unreadable one
         return f"model.safetensors is unreadable: {error}"
     return None

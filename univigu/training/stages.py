@@ -53,7 +53,7 @@ class FlowConfig:
     text_source: str = "uniform"  # "uniform" or "mask"
     text_exponent: float = 1.0
     text_loss: str = "ce"  # "ce" or "gkl"
-    video_loss: str = "velocity"  # where the video error is measured: "velocity" or "sample" (x0)
+    video_loss: str = "velocity"  # where the video error is measured: "velocity", "sample" (x0) or "edm"
 
 
 @dataclass
@@ -335,8 +335,9 @@ def build_task(cfg: StageConfig):
     # below with this stage's options (text_ffn, init, the mask row), as from a toy base generator.
     previous = (UniViGUPipeline.from_wan(cfg.init_from, unified=False) if is_wan_release(cfg.init_from)
                 else UniViGUPipeline.from_pretrained(cfg.init_from))  # fmt: skip
-    tokenizer, pipe_cfg = previous.tokenizer, dataclasses.replace(previous.config, **cfg.pipeline)
-    pipe_cfg.text_source, pipe_cfg.text_exponent = flow.text_source, flow.text_exponent
+    tokenizer = previous.tokenizer
+    pipe_cfg = dataclasses.replace(previous.config, **{**cfg.pipeline, "text_source": flow.text_source,
+                                                       "text_exponent": flow.text_exponent})  # fmt: skip
     text_canvas = TextCanvas(tokenizer, pipe_cfg.text_length)
     video_flow = _video_flow(cfg, pipe_cfg)  # the parameterization the base was trained with
     if previous.unified:
@@ -358,7 +359,7 @@ def build_task(cfg: StageConfig):
     if cfg.data.get("kind") == "latent_cache":
         cache = _dataset(cfg)[0]
         cache.check_texts(text_canvas)
-        pipe_cfg.frames, pipe_cfg.height, pipe_cfg.width = cache.frame_size
+        pipe_cfg = dataclasses.replace(pipe_cfg, **dict(zip(("frames", "height", "width"), cache.frame_size)))
         task_cls, extra = CachedLatentTask, {"null_states": cache.null_prompt_states()}
     task = task_cls(
         transformer, previous.prompt_encoder, TextCanvas(tokenizer, pipe_cfg.prompt_length), text_canvas,

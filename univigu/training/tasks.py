@@ -47,7 +47,7 @@ class GeneratorTask(nn.Module):
         self.codec = codec or PixelCodec()
 
     def _draw(self, generator: torch.Generator | None, shape: tuple[int, ...], device) -> tuple[Tensor, ...]:
-        """Condition dropout [B], noise levels [B] and noise `shape` for len(shape[0]) samples."""
+        """Condition dropout [B], noise levels [B] and noise `shape` for shape[0] samples."""
         dropped = uniform_draw(shape[:1], generator, device) < self.cond_dropout
         s = self.video_flow.sample_time(shape[0], generator, device)
         gdev = generator.device if generator is not None else device
