@@ -1,4 +1,5 @@
-"""`univigu generate | caption | joint | eval`: use a checkpoint (the shipped toy model by default)."""
+"""`univigu generate | caption | joint | eval | demo | export | serve`: use a checkpoint (the shipped toy model
+by default); also the option checks the other command modules share (device, output paths, model loading)."""
 
 from __future__ import annotations
 

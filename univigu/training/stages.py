@@ -309,7 +309,7 @@ def _parse_yaml(text: str | typing.TextIO, source: str) -> Any:
         raise ValueError(f"{source} is not valid YAML: {error}") from None
 
 
-def build_task(cfg: StageConfig):
+def build_task(cfg: StageConfig) -> tuple[torch.nn.Module, Any, PipelineConfig]:
     """(task, tokenizer, pipeline config) for a stage; `init_from` is loaded for recall/refine."""
     flow = cfg.flow
     if cfg.stage == "base":
@@ -378,23 +378,10 @@ class CachedLatentTask(UnifiedTask):
     def __init__(self, transformer, prompt_encoder, *args, null_states: torch.Tensor, **kwargs) -> None:
         super().__init__(transformer, torch.nn.Identity(), *args, codec=LatentCodec(), **kwargs)
         self.register_buffer("null_states", null_states, persistent=False)  # [1, S, D]: the empty prompt
-        self._cached: tuple[list[str], torch.Tensor] | None = None
 
-    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None,
-                sample_seeds: list[int] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
-        self._cached = (batch["prompt"], batch["prompt_states"])
-        try:
-            return super().forward(batch, generator, sample_seeds)
-        finally:
-            self._cached = None
-
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """The cached states of this batch's prompts, or the empty prompt's."""
-        if self._cached is not None and prompts is self._cached[0]:
-            return self._cached[1].to(self.null_states.device)
-        if all(p == "" for p in prompts):
-            return self.null_states.expand(len(prompts), -1, -1)
-        raise ValueError("a latent-cache task has states only for the cached prompts and the empty prompt")
+    def prompt_conditions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's cached prompt states `[B, S, D]` and the cache's empty-prompt states `[1, S, D]`."""
+        return batch["prompt_states"].to(self.null_states.device), self.null_states
 
 
 def _dataset(cfg: StageConfig):

@@ -117,6 +117,10 @@ class UnifiedTask(nn.Module):
         device = self.transformer.device
         return self.prompt_encoder(ids.to(device), mask.to(device))
 
+    def prompt_conditions(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The batch's prompt states `[B, S, D]` and the empty prompt's `[1, S, D]` (the null condition)."""
+        return self.encode_prompts(batch["prompt"]), self.encode_prompts([""])
+
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                 sample_seeds: list[int] | None = None) -> dict[str, Tensor]:  # fmt: skip
         device = self.transformer.device
@@ -138,8 +142,7 @@ class UnifiedTask(nn.Module):
             parts = per_sample(draw, sample_seeds, device)
             tb = TrainingBatch(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
                                   for f in dataclasses.fields(TrainingBatch)})  # fmt: skip
-        states = self.encode_prompts(batch["prompt"])
-        null = self.encode_prompts([""])
+        states, null = self.prompt_conditions(batch)
         states, _ = select_prompt(tb.keep_prompt_condition, states, null)
         if self.caption_condition == "zeros":  # dropped-condition T2V rows keep the empty prompt: guidance's null
             states = torch.where((tb.regime == V2T)[:, None, None], 0.0, states)
