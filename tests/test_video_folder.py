@@ -93,6 +93,36 @@ def test_bad_captions_file(tmp_path):
         read_captions(tmp_path)
 
 
+def test_captions_with_a_byte_order_mark_read(tmp_path):
+    """Excel writes CSV (and some editors JSONL) as UTF-8 with a byte-order mark: it is not part of the first name."""
+    (tmp_path / "c.csv").write_bytes("video,prompt,caption\na.mp4,a café,\n".encode("utf-8-sig"))
+    assert [(r.path.name, r.prompt, r.caption) for r in read_captions(tmp_path)] == [("a.mp4", "a café", "a café")]
+    (tmp_path / "c.csv").unlink()
+    (tmp_path / "c.jsonl").write_bytes((json.dumps({"video": "b.mp4", "prompt": "a dog"}) + "\n").encode("utf-8-sig"))
+    assert [r.prompt for r in read_captions(tmp_path)] == ["a dog"]
+
+
+@pytest.mark.parametrize("value", [5, ["a dog"], {"text": "a dog"}, True])
+@pytest.mark.parametrize("field", ["prompt", "caption", "video"])
+def test_a_caption_field_that_is_not_text_names_file_line_and_field(tmp_path, field, value):
+    """A JSONL value that is not a string is an error naming the file, its line (blank lines counted) and the
+    field, as other bad records are; null stands for a missing value, as an empty CSV cell does."""
+    rows = [{"video": "a.mp4", "prompt": "a cat", "caption": None}, {"video": "b.mp4", "prompt": "a dog"}]
+    rows[1][field] = value
+    (tmp_path / "c.jsonl").write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match=rf"c\.jsonl line 3: {field} is {type(value).__name__}, expected text"):
+        read_captions(tmp_path)
+
+
+def test_a_jsonl_line_that_is_not_a_record_says_where(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"video": "a.mp4", "prompt": "a cat"}) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=r"c\.jsonl line 2: expected a JSON object"):
+        read_captions(tmp_path)
+    (tmp_path / "c.jsonl").write_text('{"video": "a.mp4", "prompt": "a cat"\n')
+    with pytest.raises(ValueError, match=r"c\.jsonl line 1 is not valid JSON"):
+        read_captions(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
     return build_wan_folder(tmp_path_factory.mktemp("wan") / "Wan2.1-tiny")

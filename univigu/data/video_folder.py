@@ -5,10 +5,11 @@ Captions come from a JSONL or CSV file next to the videos, one record per video:
     {"video": "clips/0001.mp4", "prompt": "a dog runs on a beach", "caption": "A brown dog ..."}
 
 `video` (also `path` / `file`) is relative to the folder; `prompt` (short) and `caption` (detailed)
-are both optional but at least one is needed (a missing one takes the other's text). Each video is
-decoded with PyAV, resampled to `fps` (frames picked at the target rate from the start; a clip too
-short for `frames` frames at that rate is an error, not padded), resized so that it covers the
-target size and centre-cropped to it (aspect kept), grayscale expanded to RGB by the decoder.
+are both optional but at least one is needed (a missing one takes the other's text; a JSONL null is a missing
+value, any other value that is not a string an error naming its line). Files are UTF-8, a byte-order mark (as
+Excel writes CSV) allowed. Each video is decoded with PyAV, resampled to `fps` (frames picked at the target
+rate from the start; a clip too short for `frames` frames at that rate is an error, not padded), resized so
+that it covers the target size and centre-cropped to it (aspect kept), grayscale expanded to RGB by the decoder.
 """
 
 from __future__ import annotations
@@ -46,19 +47,35 @@ def read_captions(folder: str | os.PathLike, captions: str | os.PathLike | None 
                                     f"{[p.name for p in found]}; name it (--captions FILE on the command line)")  # fmt: skip
         captions = found[0]
     captions = Path(captions)
+    # utf-8-sig: a byte-order mark (Excel's CSV) is not part of the first column's name
     if captions.suffix == ".jsonl":
-        rows = [json.loads(line) for line in captions.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(captions.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{captions} line {number} is not valid JSON: {error}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{captions} line {number}: expected a JSON object (video, prompt, caption), got "
+                                 f"{type(row).__name__}: {line.strip()[:80]}")  # fmt: skip
+            rows.append((f"line {number}", row))
     elif captions.suffix == ".csv":
-        with captions.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        with captions.open(newline="", encoding="utf-8-sig") as f:
+            rows = [(f"record {i + 1}", row) for i, row in enumerate(csv.DictReader(f))]
     else:
         raise ValueError(f"captions must be .jsonl or .csv, got {captions}")
     records = []
-    for i, row in enumerate(rows):
+    for where, row in rows:
+        for field in ("video", "path", "file", "prompt", "caption"):  # null (JSONL) is a missing value, as in CSV
+            if row.get(field) is not None and not isinstance(row[field], str):
+                raise ValueError(f"{captions} {where}: {field} is {type(row[field]).__name__}, expected text: "
+                                 f"{row[field]!r}")  # fmt: skip
         name = row.get("video") or row.get("path") or row.get("file")
         prompt, caption = (row.get("prompt") or "").strip(), (row.get("caption") or "").strip()
         if not name or not (prompt or caption):
-            raise ValueError(f"{captions} record {i + 1} needs a video path and a prompt or caption: {row}")
+            raise ValueError(f"{captions} {where} needs a video path and a prompt or caption: {row}")
         records.append(VideoRecord(folder / name, prompt or caption, caption or prompt))
     return records
 
