@@ -345,6 +345,28 @@ def test_cache_edge_cases_text_limit_batch_size_captions_and_stale_shards(video_
     assert len((out / "skipped.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_prompt_longer_than_umt5_reads_is_skipped_not_truncated(video_dir, wan, tmp_path):
+    """umT5 reads 512 tokens (end token included): a longer prompt is skipped and listed, as `generate` refuses it,
+    though the text stream (--text-length) would hold it; one of exactly 511 tokens is cached whole."""
+    from univigu.data.latent_cache import LatentCacheDataset
+
+    videos, out = tmp_path / "videos", tmp_path / "cache"
+    videos.mkdir()
+    for name in ("good0.mp4", "good1.mp4"):
+        shutil.copy(video_dir / name, videos / name)
+    fits, too_long = " ".join(["a", "dog"] * 255 + ["a"]), "a dog " * 256  # 511 and 512 tokens
+    _captions(videos, [("good0.mp4", fits, "a dog"), ("good1.mp4", too_long, "a cat")])
+    result = runner.invoke(app, ["cache-latents", str(wan), str(videos), str(out), "--frames", str(FRAMES), "--fps",
+                                 "4", "--size", f"{HEIGHT}x{WIDTH}", "--dtype", "float32", "--text-length", "600"])
+    assert result.exit_code == 0, result.output
+    assert "good1.mp4: prompt is 512 tokens long; umT5 reads 511 (prompt length 512, end token included)" in said(result)
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [Path(s["video"]).name for s in skipped] == ["good1.mp4"] and "umT5 reads 511" in skipped[0]["reason"]
+    data = LatentCacheDataset(out)
+    assert len(data) == 1 and data[0]["prompt"] == fits
+    assert int((data[0]["prompt_states"].abs().sum(-1) > 0).sum()) == 512  # the whole prompt and its end token
+
+
 def test_videos_go_to_the_bucket_nearest_in_log_aspect_ratio():
     """log ratio: 2:1 is nearer 3.5:1 (x1.75) than 1:1 (x2), though nearer 1:1 by the difference of ratios."""
     from univigu.data.latent_cache import nearest_bucket

@@ -17,8 +17,9 @@ exists (with the same records: an edited or extended captions file redoes only t
 skipped on a rerun, so an interrupted run resumes where it stopped. A rerun with other settings (frames,
 fps, sizes, ...) is refused: its shards would not match the finished ones. Each video goes to the size
 bucket (height x width) nearest its aspect ratio; a chunk writes one shard per bucket it touches. A video
-that cannot be read (missing, corrupt, truncated, too short, too small), or whose prompt or caption does not
-fit the text stream, is skipped and listed, never fatal.
+that cannot be read (missing, corrupt, truncated, too short, too small), whose prompt or caption does not
+fit the text stream, or whose prompt is longer than umT5 reads (512 tokens, the end token included: umT5 would
+truncate it, where `generate` refuses it), is skipped and listed, never fatal.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 
 from univigu.data.video_folder import VideoRecord, load_clip
 from univigu.data.video_io import VideoReadError, open_video
+from univigu.models.wan import WAN_PROMPT_LENGTH
 
 __all__ = ["CacheError", "CacheSettings", "build_latent_cache", "LatentCacheDataset", "LatentCodec",
            "collate_latents"]
@@ -117,18 +119,29 @@ def _digest(records: list[VideoRecord]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _too_long(records: list[VideoRecord], tokenizer: Any, text_length: int) -> dict[int, str]:
-    """{position in records: why} for records whose prompt or caption the text stream cannot hold."""
+def _too_long(records: list[VideoRecord], tokenizer: Any, text_length: int,
+              prompt_length: int | None = None) -> dict[int, str]:  # fmt: skip
+    """{position in records: why} for records whose prompt or caption the text stream cannot hold, or (given
+    `prompt_length`) whose prompt umT5 would have to truncate: `generate` refuses such a prompt (PromptError), so
+    training on its cut states would teach what no prompt at inference gives."""
     limit = text_length - 1  # the end token
     counts = {kind: [len(ids) for ids in tokenizer([getattr(r, kind) for r in records],
                                                     add_special_tokens=False)["input_ids"]]
               for kind in ("prompt", "caption")}  # fmt: skip
+    if prompt_length is not None:  # counted as encode_prompts encodes it: whitespace runs collapsed
+        encoded = tokenizer([" ".join(r.prompt.split()) for r in records], add_special_tokens=False)["input_ids"]
     reasons = {}
     for i, record in enumerate(records):
+        why = []
         long = [f"{kind} is {counts[kind][i]} tokens" for kind in counts if counts[kind][i] > limit]
         if long:
-            reasons[i] = (f"{record.path}: {' and '.join(long)} long; the text stream holds {limit} (text length "
-                          f"{text_length}, end token included)")  # fmt: skip
+            why.append(f"{' and '.join(long)} long; the text stream holds {limit} (text length {text_length}, end "
+                       "token included)")  # fmt: skip
+        if prompt_length is not None and len(encoded[i]) > prompt_length - 1:
+            why.append(f"prompt is {len(encoded[i])} tokens long; umT5 reads {prompt_length - 1} (prompt length "
+                       f"{prompt_length}, end token included)")  # fmt: skip
+        if why:
+            reasons[i] = f"{record.path}: {'; '.join(why)}"
     return reasons
 
 
@@ -147,7 +160,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
     _check_settings(out, settings)
     null_file = out / "null_prompt.safetensors"
     if not null_file.exists():
-        states, mask = wan.encode_prompts([""])
+        states, mask = wan.encode_prompts([""], length=WAN_PROMPT_LENGTH)
         _atomic_save({"prompt_states": states.to(dtype)[:, : int(mask.sum())]}, null_file, {})
 
     chunks = range(0, len(records), settings.shard_size)
@@ -167,7 +180,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                 (out / "shards" / name).unlink(missing_ok=True)
         groups: dict[tuple[int, int], list[tuple[VideoRecord, Tensor]]] = defaultdict(list)
         skipped, notes = [], []
-        too_long = _too_long(chunk_records, wan.tokenizer, settings.text_length)
+        too_long = _too_long(chunk_records, wan.tokenizer, settings.text_length, WAN_PROMPT_LENGTH)
         for i, record in enumerate(chunk_records):
             if i in too_long:
                 skipped.append({"video": str(record.path), "reason": too_long[i]})
@@ -189,7 +202,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
             latents = []
             for i in range(0, len(items), settings.batch_size):
                 latents.append(wan.encode_video(torch.stack([clip for _, clip in items[i : i + settings.batch_size]])))
-            states, mask = wan.encode_prompts([r.prompt for r, _ in items])
+            states, mask = wan.encode_prompts([r.prompt for r, _ in items], length=WAN_PROMPT_LENGTH)  # none cut
             lengths = mask.sum(1)
             name = f"chunk_{chunk:05d}_{bucket_name(bucket)}.safetensors"
             meta = [{"video": str(r.path), "prompt": r.prompt, "caption": r.caption} for r, _ in items]
