@@ -29,6 +29,9 @@ BASE = CONFIG_DIR / "base.yaml"
     ("mix.foo=1", r"unknown config keys \['mix.foo'\]; valid: \['cond_dropout', 'joint', 't2v', 'v2t'\]"),
     ("mix.t2v=abc", "mix.t2v must be a number, got 'abc'"),
     ("mix.cond_dropout=2", r"mix.cond_dropout must be a probability in \[0, 1\], got 2.0"),
+    ("data.shuffle=false", r"unknown config keys \['data.shuffle'\]; valid: \['kind'\]"),
+    ("data={kind: latent_cache, path: c, buckets: 16x16}",
+     r"unknown config keys \['data.buckets'\]; valid: \['bucket', 'kind', 'path'\]"),
 ])  # fmt: skip
 def test_wrong_types_name_the_key_and_what_is_valid(override, message):
     with pytest.raises(ValueError, match=message):

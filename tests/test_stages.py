@@ -108,13 +108,27 @@ def test_train_one_stage_then_resume_further(tmp_path):
     # leave the run's record as it was
     record = (out / "stage_config.yaml").read_text()
     again = runner.invoke(app, args)
-    assert again.exit_code == 2 and "already holds checkpoints" in _flat(again.output), again.output
+    assert again.exit_code == 2 and "holds a finished run" in _flat(again.output), again.output
     changed = runner.invoke(app, args + ["--train.max_steps=3", "--train.lr=0.5", "--resume"])
     assert changed.exit_code == 2 and "lr: checkpoint" in _flat(changed.output), changed.output
-    # a checkpoint of another model shape: named weights, before any step
+    # the rest of the stage config too (the model, the data, the regime mix...), named key by key
     reshaped = runner.invoke(app, args + ["--train.max_steps=3", "--model.num_layers=2", "--resume"])
-    assert reshaped.exit_code == 2 and "blocks.1." in _flat(reshaped.output), reshaped.output
-    assert "its model differs from this config's" in _flat(reshaped.output)
+    assert reshaped.exit_code == 2 and "run.model.num_layers: checkpoint 1 -> now 2" in _flat(reshaped.output)
+    for override, said in (("--mix.cond_dropout=0.5", "run.mix.cond_dropout: checkpoint 0.1 -> now 0.5"),
+                           ("--data_seed=3", "run.data_seed: checkpoint 0 -> now 3"),
+                           ("--flow.train_shift=2", "run.flow.train_shift: checkpoint 3.0 -> now 2.0")):  # fmt: skip
+        changed = runner.invoke(app, args + ["--train.max_steps=3", override, "--resume"])
+        assert changed.exit_code == 2 and said in _flat(changed.output), changed.output
+    same = runner.invoke(app, [*args, f"--train.output_dir={out.resolve()}", "--train.max_steps=3", "--resume"])
+    assert same.exit_code == 0, same.output  # nothing changed: it is done already
+    # its checkpoints deleted (to free the disk), the finished run is still not trained over
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    final = (out / "final" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    fresh = runner.invoke(app, args)
+    assert fresh.exit_code == 2 and "holds a finished run" in _flat(fresh.output), fresh.output
+    assert (out / "final" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == final
     assert steps == [int(line.split(",")[0]) for line in (out / "losses.csv").read_text().splitlines()[1:]]
     assert (out / "stage_config.yaml").read_text() == record
 
@@ -171,7 +185,8 @@ def test_build_task_follows_trainable_text_loss_cond_dropout_and_caption_conditi
 
     refine = load_config(CONFIG_DIR / "refine.yaml", [f"init_from={univigu.DEFAULT_MODEL}", "trainable=text",
                                                       "flow.text_loss=gkl", "mix.cond_dropout=0.3",
-                                                      "pipeline.caption_condition=zeros"])  # fmt: skip
+                                                      "pipeline.caption_condition=zeros",
+                                                      "pipeline.guidance_text=prompt"])  # fmt: skip
     task, _, pipe_cfg = build_task(refine)
     model = task.transformer
     grads = {name: prm.requires_grad for name, prm in model.named_parameters()}
@@ -179,8 +194,9 @@ def test_build_task_follows_trainable_text_loss_cond_dropout_and_caption_conditi
     assert all(grads[name] == model.is_text_parameter(name) for name in grads)
     assert task.text_loss == "gkl" and task.mix.cond_dropout == 0.3
     assert task.caption_condition == pipe_cfg.caption_condition == "zeros"  # trained as the pipeline will caption
+    assert task.guidance_text == pipe_cfg.guidance_text == "prompt"  # ... and guide
     default = build_task(load_config(CONFIG_DIR / "refine.yaml", [f"init_from={univigu.DEFAULT_MODEL}"]))[0]
-    assert default.caption_condition == "empty_prompt"
+    assert default.caption_condition == default.guidance_text == "empty_prompt"
     assert default.text_loss == "ce" and all(prm.requires_grad for prm in default.transformer.parameters())
     base = build_task(load_config(CONFIG_DIR / "base.yaml", [*SMALL, "mix.cond_dropout=0.3"]))[0]
     assert base.cond_dropout == 0.3

@@ -107,6 +107,25 @@ def test_caption_condition_zeros_trains_v2t_rows_on_the_all_zero_condition(tiny_
         _unified_task(p, RegimeMix(), caption_condition="null")
 
 
+def test_guidance_text_prompt_keeps_the_prompt_in_dropped_rows_text_stream(tiny_parts):
+    """guidance_text "prompt" (a converted official checkpoint guides so): T2V rows whose condition is dropped keep
+    the prompt's tokens in the text stream (the default puts the empty prompt's there); their states are the
+    empty prompt's either way."""
+    p = tiny_parts
+    batch = _batch(4)
+    dropped = RegimeMix(t2v=1, v2t=0, joint=0, cond_dropout=1.0)
+    for guidance_text in ("prompt", "empty_prompt"):
+        task = _unified_task(p, dropped, guidance_text=guidance_text)
+        tokens, _ = task.text_canvas.encode(batch["prompt"] if guidance_text == "prompt" else [""] * 4)
+        with _Spy(p["unified"]) as spy, torch.no_grad():
+            task(batch, generator=torch.Generator().manual_seed(0))
+        (args, _), = spy.calls
+        assert torch.equal(args[1], tokens), guidance_text
+        assert torch.allclose(args[4], task.encode_prompts([""]).expand(4, -1, -1))
+    with pytest.raises(ValueError, match="guidance_text must be 'empty_prompt' or 'prompt'"):
+        _unified_task(p, RegimeMix(), guidance_text="none")
+
+
 def test_generator_task_condition_dropout_feeds_the_empty_prompt(tiny_parts):
     """cond_dropout 1: every prompt state the generator gets is the empty prompt's; 0: the batch's prompts'."""
     p = tiny_parts

@@ -106,6 +106,7 @@ class StageConfig:
         kind = self.data.get("kind", "world")
         if kind not in ("world", "latent_cache"):
             raise ValueError(f"data.kind must be 'world' or 'latent_cache', got {kind!r}")
+        _reject_unknown(self.data, ["kind", "path", "bucket"] if kind == "latent_cache" else ["kind"], "data.")
         if kind == "latent_cache" and (self.stage == "base" or "path" not in self.data):
             raise ValueError("data.kind latent_cache needs data.path and a recall/refine stage (init_from: a Wan2.1 "
                              "diffusers folder or a unified pipeline)")  # fmt: skip
@@ -360,12 +361,14 @@ def build_task(cfg: StageConfig) -> tuple[torch.nn.Module, Any, PipelineConfig]:
         cache = _dataset(cfg)[0]
         cache.check_texts(text_canvas)
         pipe_cfg = dataclasses.replace(pipe_cfg, **dict(zip(("frames", "height", "width"), cache.frame_size)))
+        if cache.index["settings"].get("fps"):  # the rate its clips were sampled at: videos play at their speed
+            pipe_cfg = dataclasses.replace(pipe_cfg, fps=round(cache.index["settings"]["fps"]))
         task_cls, extra = CachedLatentTask, {"null_states": cache.null_prompt_states()}
     task = task_cls(
         transformer, previous.prompt_encoder, TextCanvas(tokenizer, pipe_cfg.prompt_length), text_canvas,
         video_flow, text_flow, RegimeMix(**cfg.mix), text_target=cfg.text_target,
         video_weight=cfg.video_weight, text_weight=cfg.text_weight, text_loss=flow.text_loss,
-        caption_condition=pipe_cfg.caption_condition, **extra,
+        caption_condition=pipe_cfg.caption_condition, guidance_text=pipe_cfg.guidance_text, **extra,
     )  # fmt: skip
     task.export_parts = (previous.prompt_encoder, previous.codec)  # a tuple: not submodules of the task
     return task, tokenizer, pipe_cfg
@@ -401,11 +404,14 @@ def _video_flow(cfg: StageConfig, pipe_cfg: PipelineConfig) -> VideoFlow:
 def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     """Train one stage and export its pipeline folder (`output_dir/final`); returns that folder."""
     cfg.check_inputs()
+    out = Path(cfg.train.output_dir)
+    if resume is False and (out / "final").exists():  # a finished run whose checkpoints were deleted, say
+        raise FileExistsError(f"{out} holds a finished run ({out / 'final'}): pass --resume to continue it, or use "
+                              "a fresh output_dir")  # fmt: skip
     torch.manual_seed(cfg.train.seed)  # new weights (base, MoE text layers) start the same on every process and run
     task, tokenizer, pipe_cfg = build_task(cfg)
     dataset, collate_fn = _dataset(cfg)
-    trainer = Trainer(task, dataset, cfg.train, collate_fn=collate_fn)
-    out = Path(cfg.train.output_dir)
+    trainer = Trainer(task, dataset, cfg.train, collate_fn=collate_fn, run_config=_run_config(cfg, dataset))
 
     def record() -> None:  # once the run is checked: a refused one leaves the folder's record as it was
         if trainer.accelerator.is_main_process:
@@ -430,6 +436,19 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
         ckpt.replace_dir(staging, final)
     trainer.accelerator.wait_for_everyone()  # no process leaves (and tears down the process group) mid-export
     return final
+
+
+def _run_config(cfg: StageConfig, dataset: Any) -> dict[str, Any]:
+    """What a resumed stage must share with its checkpoints besides the trainer's config: the rest of the stage
+    config (paths resolved, so that the same folder typed another way is the same), and a latent cache's rows."""
+    run = _plain({k: v for k, v in asdict(cfg).items() if k != "train"})
+    if run["init_from"] is not None:
+        run["init_from"] = str(Path(run["init_from"]).resolve())
+    if "path" in run["data"]:
+        run["data"]["path"] = str(Path(run["data"]["path"]).resolve())
+    if isinstance(dataset, LatentCacheDataset):  # the same shards, in the same order: the same samples per step
+        run["cache_rows"] = dataset.index["buckets"][dataset.bucket]
+    return run
 
 
 def _plain(value: Any) -> Any:

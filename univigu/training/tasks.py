@@ -91,19 +91,24 @@ class UnifiedTask(nn.Module):
         text_loss: Literal["ce", "gkl"] = "ce",
         codec: Any = None,
         caption_condition: Literal["empty_prompt", "zeros"] = "empty_prompt",
+        guidance_text: Literal["empty_prompt", "prompt"] = "empty_prompt",
     ) -> None:
         super().__init__()
         if text_target not in ("prompt", "caption"):
             raise ValueError(f"text_target must be 'prompt' or 'caption', got {text_target!r}")
         if caption_condition not in ("empty_prompt", "zeros"):
             raise ValueError(f"caption_condition must be 'empty_prompt' or 'zeros', got {caption_condition!r}")
+        if guidance_text not in ("empty_prompt", "prompt"):
+            raise ValueError(f"guidance_text must be 'empty_prompt' or 'prompt', got {guidance_text!r}")
         self.transformer, self.prompt_encoder = transformer, prompt_encoder.requires_grad_(False).eval()
         self.prompt_canvas, self.text_canvas = prompt_canvas, text_canvas
         self.video_flow, self.text_flow, self.mix = video_flow, text_flow, mix
         self.text_target, self.video_weight, self.text_weight, self.text_loss = (
             text_target, video_weight, text_weight, text_loss)  # fmt: skip
         self.codec = codec or PixelCodec()
-        self.caption_condition = caption_condition  # V2T rows' condition: the one the pipeline captions with
+        # trained as the pipeline samples: V2T rows' condition, and the text stream of dropped-condition T2V rows
+        # (guidance's null pass: the empty prompt's tokens, or with "prompt" the prompt's own)
+        self.caption_condition, self.guidance_text = caption_condition, guidance_text
 
     def train(self, mode: bool = True) -> "UnifiedTask":
         super().train(mode)
@@ -128,12 +133,16 @@ class UnifiedTask(nn.Module):
         target, _ = self.text_canvas.encode(batch[self.text_target])  # caption, end, padding: all scored
         prompt_tokens, prompt_mask = self.text_canvas.encode(batch["prompt"])
         null_text, null_mask = self.text_canvas.encode([""])
+        if self.guidance_text == "prompt":
+            null_text = null_mask = None
+        else:
+            null_text, null_mask = null_text.to(device), null_mask.to(device)
         target, prompt_tokens, prompt_mask = target.to(device), prompt_tokens.to(device), prompt_mask.to(device)
 
         def draw(g: torch.Generator | None, rows: slice) -> TrainingBatch:
             return make_training_batch(
-                x0[rows], target[rows], None, prompt_tokens[rows], prompt_mask[rows], null_text.to(device),
-                null_mask.to(device), mix=self.mix, video_flow=self.video_flow, text_flow=self.text_flow, generator=g,
+                x0[rows], target[rows], None, prompt_tokens[rows], prompt_mask[rows], null_text, null_mask,
+                mix=self.mix, video_flow=self.video_flow, text_flow=self.text_flow, generator=g,
             )  # fmt: skip
 
         if sample_seeds is None:

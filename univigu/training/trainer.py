@@ -30,7 +30,7 @@ Checkpoint layout (`output_dir/checkpoints/`)
         generator_<rank>.pt     the task generator of each process
         ema.pt                  {param name: fp32 tensor}, trainable params (ema_<rank>.pt under FSDP)
         trainer_state.json      step, data position, bad-step counters, elapsed time
-        config.json             TrainerConfig + num_processes, checked on resume
+        config.json             TrainerConfig + num_processes (+ the caller's `run_config`), checked on resume
 
 A checkpoint is written to `.tmp_step_XXXXXX`, fsynced, renamed, and only then named by
 `latest`: a kill at any point leaves the previous checkpoint usable (see `checkpoint.py`). Resuming
@@ -89,6 +89,18 @@ from univigu.training.sampler import ResumableBatchSampler
 _FREE_KEYS = {"output_dir", "max_steps", "save_every", "keep_last", "log_every", "max_bad_steps",
               "num_workers", "gradient_checkpointing", "find_unused_parameters", "compile",
               "activation_memory_budget"}  # fmt: skip
+
+
+def _flatten(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """{"a": {"b": 1}, "c": {}} -> {prefix + "a.b": 1}: nested settings compared and reported key by key (a key
+    set on one side only reads None on the other)."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class ResumeError(ValueError):
@@ -171,8 +183,12 @@ class Trainer:
     `config.output_dir`'s latest checkpoint when asked. Under `accelerate launch` it is one process of many."""
 
     def __init__(self, task: nn.Module, dataset: Dataset, config: TrainerConfig,
-                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:  # fmt: skip
+                 collate_fn: Callable[[list[Any]], Any] | None = None,
+                 run_config: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """`run_config`: what else the run's losses depend on (a stage's data, mix, flow...), as JSON values;
+        saved with each checkpoint, and a resume that changes it is a ResumeError, as for `config`."""
         self.config = cfg = config
+        self.run_config = json.loads(json.dumps(run_config)) if run_config is not None else None
         self.dataset, self.collate_fn = dataset, collate_fn
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
@@ -416,7 +432,8 @@ class Trainer:
         return self._sampler.position(self.micro_batches)
 
     def _config_record(self) -> dict[str, Any]:
-        return {**asdict(self.config), "num_processes": self.accelerator.num_processes}
+        record = {**asdict(self.config), "num_processes": self.accelerator.num_processes}
+        return record if self.run_config is None else {**record, "run": self.run_config}
 
     def _resolve_resume(self, resume: bool | str | os.PathLike) -> Path | None:
         if resume is False:
@@ -463,7 +480,13 @@ class Trainer:
         acc = self.accelerator
         saved = json.loads((path / "config.json").read_text())
         now = self._config_record()
+        if "run" not in saved:  # a checkpoint from before run configs were recorded
+            now.pop("run", None)
+        run_now = _flatten(now.pop("run", {}), "run.")
+        saved = {**saved, **_flatten(saved.pop("run", {}), "run.")}
+        now.update(run_now)
         diff = {k: (saved.get(k), v) for k, v in now.items() if k not in _FREE_KEYS and saved.get(k) != v}
+        diff.update({k: (v, None) for k, v in saved.items() if k.startswith("run.") and k not in run_now})
         # JSON turns tuples into lists
         diff = {k: d for k, d in diff.items() if not (isinstance(d[0], list) and tuple(d[0]) == tuple(d[1]))}
         if diff:
