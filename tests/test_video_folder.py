@@ -367,6 +367,53 @@ def test_a_prompt_longer_than_umt5_reads_is_skipped_not_truncated(video_dir, wan
     assert int((data[0]["prompt_states"].abs().sum(-1) > 0).sum()) == 512  # the whole prompt and its end token
 
 
+def test_a_rerun_naming_the_videos_folder_otherwise_resumes(video_dir, wan, tmp_path, monkeypatch):
+    """A chunk's digest holds each video's path in the videos folder, not the folder as typed: a rerun naming it
+    absolute after relative, or the same folder moved, re-encodes nothing. A chunk cached before (its digest of the
+    paths as typed then) still resumes when the folder is named as then, and says why it is encoded again when not."""
+    import hashlib
+
+    monkeypatch.chdir(tmp_path)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    rows = [("good0.mp4", "a red cat", "a red cat runs"), ("good1.mp4", "a dog", "a dog runs")]
+    for name, *_ in rows:
+        shutil.copy(video_dir / name, videos / name)
+    _captions(videos, rows)
+    shards = tmp_path / "cache" / "shards"
+
+    def cache(folder):
+        result = runner.invoke(app, ["cache-latents", str(wan), str(folder), "cache", "--frames", str(FRAMES), "--fps",
+                                     "4", "--size", f"{HEIGHT}x{WIDTH}", "--shard-size", "1", "--dtype", "float32"])
+        assert result.exit_code == 0, result.output
+        return result.output, {p.name: p.stat().st_mtime_ns for p in shards.glob("*.safetensors")}
+
+    _, stamps = cache("videos")
+    assert len(stamps) == 2
+    for folder in (videos, Path("videos/../videos")):
+        output, again = cache(folder)
+        assert "records changed" not in output and again == stamps
+    shutil.move(videos, tmp_path / "moved")
+    output, again = cache(tmp_path / "moved")
+    assert "records changed" not in output and again == stamps
+
+    for chunk, (name, prompt, caption) in enumerate(rows):  # done files as written before: the paths as typed
+        done = json.loads((shards / f"chunk_{chunk:05d}.done.json").read_text())
+        text = json.dumps([[str(Path("moved") / name), prompt, caption]])
+        done = {k: v for k, v in done.items() if k in ("shards", "skipped", "notes")}
+        done["records"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        (shards / f"chunk_{chunk:05d}.done.json").write_text(json.dumps(done))
+    legacy = {n: (shards / n).read_text() for n in ("chunk_00000.done.json", "chunk_00001.done.json")}
+    output, again = cache("moved")
+    assert "records changed" not in output and again == stamps
+    output, again = cache(tmp_path / "moved")  # resumed chunks keep the new digest: any naming from now on
+    assert "records changed" not in output and again == stamps
+    (shards / "chunk_00001.done.json").write_text(legacy["chunk_00001.done.json"])
+    output, again = cache(tmp_path / "moved")
+    assert "chunk 1: its records changed since it was cached (or the videos folder is named otherwise" in output
+    assert [n for n in stamps if again[n] != stamps[n]] == ["chunk_00001_16x16.safetensors"]
+
+
 def test_videos_go_to_the_bucket_nearest_in_log_aspect_ratio():
     """log ratio: 2:1 is nearer 3.5:1 (x1.75) than 1:1 (x2), though nearer 1:1 by the difference of ratios."""
     from univigu.data.latent_cache import nearest_bucket

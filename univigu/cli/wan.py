@@ -46,7 +46,7 @@ def cache_latents(
         components = WanComponents.from_folder(wan, torch_dtype=torch.bfloat16 if device != "cpu" else torch.float32)
         components.codec.vae.to(device)
         components.prompt_encoder.to(device)
-        index = build_latent_cache(records, out, components, settings)
+        index = build_latent_cache(records, out, components, settings, videos=videos)
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None
     typer.echo(f"wrote {out / 'index.json'} ({index['num_videos']} videos, {index['num_skipped']} skipped)")

@@ -14,12 +14,13 @@ Layout of a cache folder (`build_latent_cache`, the `univigu cache-latents` comm
 
 Records are processed in chunks of `shard_size` in the caption file's order; a chunk whose `.done.json`
 exists (with the same records: an edited or extended captions file redoes only the chunks it changed) is
-skipped on a rerun, so an interrupted run resumes where it stopped. A rerun with other settings (frames,
-fps, sizes, ...) is refused: its shards would not match the finished ones. Each video goes to the size
-bucket (height x width) nearest its aspect ratio; a chunk writes one shard per bucket it touches. A video
-that cannot be read (missing, corrupt, truncated, too short, too small), whose prompt or caption does not
-fit the text stream, or whose prompt is longer than umT5 reads (512 tokens, the end token included: umT5 would
-truncate it, where `generate` refuses it), is skipped and listed, never fatal.
+skipped on a rerun, so an interrupted run resumes where it stopped; records are compared by their paths in the
+videos folder, so a rerun naming the folder otherwise (absolute / relative) or the same folder moved resumes too.
+A rerun with other settings (frames, fps, sizes, ...) is refused: its shards would not match the finished ones.
+Each video goes to the size bucket (height x width) nearest its aspect ratio; a chunk writes one shard per
+bucket it touches. A video that cannot be read (missing, corrupt, truncated, too short, too small), whose
+prompt or caption does not fit the text stream, or whose prompt is longer than umT5 reads (512 tokens, the end
+token included: umT5 would truncate it, where `generate` refuses it), is skipped and listed, never fatal.
 """
 
 from __future__ import annotations
@@ -114,7 +115,30 @@ def _check_settings(out: Path, settings: CacheSettings) -> None:
     _atomic_json(wanted, out / "settings.json")
 
 
-def _digest(records: list[VideoRecord]) -> str:
+DIGEST_VERSION = 2  # done files without "digest_version" hold _legacy_digest
+
+
+def _digest(records: list[VideoRecord], videos: Path | None = None) -> str:
+    """What a chunk's records are: each video's path relative to the `videos` folder, its prompt and caption.
+    Relative, not the folder as typed: a rerun naming it otherwise (absolute after relative) or the same folder
+    moved or mounted elsewhere resumes, where the VAE would redo hours of identical work (the shards' records keep
+    the path of the run that wrote them). A video outside the folder (an absolute path in the captions file), or
+    records given without their folder: its resolved absolute path."""
+
+    def key(path: Path) -> str:
+        if videos is not None:
+            try:
+                return path.relative_to(videos).as_posix()
+            except ValueError:
+                pass
+        return path.resolve().as_posix()
+
+    text = json.dumps([DIGEST_VERSION, [[key(r.path), r.prompt, r.caption] for r in records]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _legacy_digest(records: list[VideoRecord]) -> str:
+    """The digest of caches written before DIGEST_VERSION 2: the paths as typed (they match when typed as then)."""
     text = json.dumps([[str(r.path), r.prompt, r.caption] for r in records])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -146,8 +170,12 @@ def _too_long(records: list[VideoRecord], tokenizer: Any, text_length: int,
 
 
 def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, wan: Any, settings: CacheSettings,
-                       log: Callable[[str], None] = tqdm.write) -> dict:  # fmt: skip
+                       log: Callable[[str], None] = tqdm.write,
+                       videos: str | os.PathLike | None = None) -> dict:  # fmt: skip
     """Encode `records` with `wan` (a `WanComponents`) into a cache folder; returns the index.
+
+    `videos`: the folder the records' paths were read in (`read_captions`'s); a rerun's chunks are matched by
+    the paths in it, however it is named (without it: by resolved absolute paths).
 
     Each bucket size is checked against the VAE first (ValueError naming the nearest valid size); a folder
     holding a cache made with other settings is refused (`CacheError`)."""
@@ -169,13 +197,21 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
         chunk = start // settings.shard_size
         chunk_records = records[start : start + settings.shard_size]
         done = out / "shards" / f"chunk_{chunk:05d}.done.json"
-        digest = _digest(chunk_records)
+        digest = _digest(chunk_records, None if videos is None else Path(videos))
         if done.exists():
             previous = json.loads(done.read_text())
-            if previous.get("records", digest) == digest:
+            recorded, legacy = previous.get("records", digest), previous.get("digest_version", 1) < DIGEST_VERSION
+            if recorded == digest or (legacy and recorded == _legacy_digest(chunk_records)):
+                if recorded != digest:  # resumed by the paths as typed then: from now on, by the new digest
+                    _atomic_json({**previous, "records": digest, "digest_version": DIGEST_VERSION}, done)
                 bar.update(len(chunk_records))
                 continue
-            log(f"chunk {chunk}: its records changed since it was cached; encoding it again")
+            why = "its records changed since it was cached"
+            if legacy:
+                why += (" (or the videos folder is named otherwise than in the run that cached it: this chunk was "
+                        "cached before chunks were matched by the paths in the folder; name the folder as then, "
+                        "e.g. relative or absolute, to keep the cached chunks)")  # fmt: skip
+            log(f"chunk {chunk}: {why}; encoding it again")
             for name in previous["shards"]:
                 (out / "shards" / name).unlink(missing_ok=True)
         groups: dict[tuple[int, int], list[tuple[VideoRecord, Tensor]]] = defaultdict(list)
@@ -210,7 +246,8 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                           .to(dtype), "prompt_lengths": lengths}, out / "shards" / name,
                          {"records": json.dumps(meta)})  # fmt: skip
             shards[name] = {"bucket": bucket_name(bucket), "count": len(items)}
-        _atomic_json({"shards": shards, "skipped": skipped, "notes": notes, "records": digest}, done)
+        _atomic_json({"shards": shards, "skipped": skipped, "notes": notes, "records": digest,
+                      "digest_version": DIGEST_VERSION}, done)  # fmt: skip
         bar.update(len(chunk_records))
     bar.close()
     return _write_index(out, settings, len(chunks), log)
