@@ -81,6 +81,10 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     assert default.exit_code == 0 and default.output.count("already done") == 2 and "recall" not in default.output
     wrong = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--stages", "refine,base"])
     assert wrong.exit_code != 0 and "in the order of" in wrong.output
+    # more steps for an earlier stage: the later ones started from its old export, so the run is refused as it is
+    stale = runner.invoke(app, [*args, "--resume", "--recall.train.max_steps=3"])
+    assert stale.exit_code == 2 and "stage recall would train from 2 to 3 steps, but" in _flat(stale.output)
+    assert "refine started from its earlier export" in _flat(stale.output)
     # more steps for a finished stage: it continues from its checkpoint (as train --resume does)
     longer = runner.invoke(app, [*args, "--resume", "--refine.train.max_steps=3"])
     assert longer.exit_code == 0 and "refine: 2 steps done, continuing to 3" in longer.output, longer.output

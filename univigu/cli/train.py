@@ -41,6 +41,24 @@ def _steps_done(final: Path, stage: str) -> int | None:
     return json.loads(index.read_text()).get("config", {}).get("extra", {}).get(stage, {}).get("steps")
 
 
+def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> None:
+    """A resumed train-all: once a stage trains (further, or afresh), the stages after it would start from its new
+    export, so a later one already trained (or begun) from its old export is refused, not kept or overwritten."""
+    stages = list(stage_configs)
+    for i, stage in enumerate(stages):
+        done = _steps_done(out / stage / "final", stage)
+        if done is not None and done >= stage_configs[stage].train.max_steps:
+            continue
+        stale = [s for s in stages[i + 1:] if (out / s).is_dir() and any((out / s).iterdir())]
+        if stale:
+            trains = "from scratch" if done is None else f"from {done} to {stage_configs[stage].train.max_steps} steps"
+            raise typer.BadParameter(
+                f"stage {stage} would train {trains}, but {', '.join(str(out / s) for s in stale)} started from its "
+                f"earlier export: move or delete {'them' if len(stale) > 1 else 'it'} to train again from the new "
+                f"{stage}, or resume with {stage}'s steps unchanged", param_hint="--resume")  # fmt: skip
+        return
+
+
 def _leave_process_group() -> None:
     """End a distributed run together: a process that exits with its process group open can abort in the
     group's teardown (gloo: "terminate called without an active exception")."""
@@ -105,6 +123,8 @@ def train_all(
         except (ValueError, TypeError, FileNotFoundError) as error:
             raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
         previous = out / stage / "final"
+    if resume:
+        _check_later_stages_start_from_this_run(out, stage_configs)
     for stage, cfg in stage_configs.items():
         final = out / stage / "final"
         done = _steps_done(final, stage)
