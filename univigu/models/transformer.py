@@ -34,7 +34,10 @@ from typing import Iterator, Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import FeedForward
+from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.normalization import FP32LayerNorm
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -167,14 +170,6 @@ def rope_theta_of(wan: nn.Module) -> float:
     return float(wan.config.get("rope_theta", WAN_ROPE_THETA))
 
 
-def timestep_sinusoid(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features of timesteps, cos half first (Wan's flip_sin_to_cos). t [B] -> [B, dim]."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t[:, None].float() * torch.exp(exponent)[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
 def _rope_angles(length: int, dim: int, theta: float, device: torch.device) -> Tensor:
     """Rotation angles [length, dim/2] for positions 0..length-1, in float64 like diffusers so cos/sin match."""
     dtype = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
@@ -224,15 +219,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, halves_from: int | None = No
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
-class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype (as Wan does), returned in the input dtype."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
-
-
 class Attention(nn.Module):
     """Wan attention: q/k RMSNorm across heads, optional RoPE, torch SDPA. Cross-attention when `context` is given."""
 
@@ -279,58 +265,16 @@ class Attention(nn.Module):
         return self.to_out[0](out.transpose(1, 2).flatten(2).type_as(q))
 
 
-class _GELUTanhProj(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """Linear -> GELU(tanh) -> Linear. The indices mirror diffusers' FeedForward keys (`net.0.proj`, `net.2`)."""
-
-    def __init__(self, dim: int, inner_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(_GELUTanhProj(dim, inner_dim), nn.Identity(), nn.Linear(inner_dim, dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-class TimestepMLP(nn.Module):
-    """Sinusoid features -> Linear -> SiLU -> Linear (diffusers' TimestepEmbedding keys)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
-class PromptProjection(nn.Module):
-    """Prompt-encoder states -> hidden: Linear -> GELU(tanh) -> Linear (PixArtAlphaTextProjection's keys)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
-
-
 class ConditionEmbedder(nn.Module):
-    """Wan's condition embedder: video timestep MLP, its projection to 6 modulation vectors, prompt projection."""
+    """Wan's condition embedder: video timestep MLP, its projection to 6 modulation vectors, prompt projection;
+    diffusers' modules, built as its WanTimeTextImageEmbedding builds them (Wan's keys). The sinusoid and the
+    SiLU before `time_proj` are in `UniViGUTransformer._embed_timestep`, which the text timestep shares."""
 
     def __init__(self, dim: int, freq_dim: int, prompt_dim: int):
         super().__init__()
-        self.time_embedder = TimestepMLP(freq_dim, dim)
+        self.time_embedder = TimestepEmbedding(in_channels=freq_dim, time_embed_dim=dim)
         self.time_proj = nn.Linear(dim, 6 * dim)
-        self.text_embedder = PromptProjection(prompt_dim, dim)
+        self.text_embedder = PixArtAlphaTextProjection(prompt_dim, dim, act_fn="gelu_tanh")
 
 
 def _modulate(x_normed: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -370,14 +314,16 @@ class UniViGUBlock(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float,
                  text_expert: bool = True):  # fmt: skip
         super().__init__()
+        # Norms computed in float32 whatever the input dtype, returned in the input dtype (as Wan does).
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.attn1 = Attention(dim, heads, eps)
         self.attn2 = Attention(dim, heads, eps)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
-        self.ffn = FeedForward(dim, ffn_dim)
+        # Linear -> GELU(tanh) -> Linear, built as Wan builds it (keys `net.0.proj`, `net.2`; net.1 is Dropout(0))
+        self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate")
         # text expert, initialised as a copy of `ffn`; None: text goes through `ffn` (the no-MoE ablation)
-        self.ffn_t = FeedForward(dim, ffn_dim) if text_expert else None
+        self.ffn_t = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate") if text_expert else None
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     @property
@@ -633,7 +579,7 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
 
         # Text-only parts (values set by `init_text_parts`).
         self.text_embedding = nn.Embedding(self.text_vocab_out, dim)
-        self.time_embedder_t = TimestepMLP(freq_dim, dim)
+        self.time_embedder_t = TimestepEmbedding(in_channels=freq_dim, time_embed_dim=dim)
         self.time_proj_t = nn.Linear(dim, 6 * dim)
         self.scale_shift_table_t = nn.Parameter(torch.empty(1, 2, dim))
         self.text_proj_out = nn.Linear(dim, self.text_vocab_out)
@@ -764,9 +710,11 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
 
     # ---- forward -------------------------------------------------------------------------------------
 
-    def _embed_timestep(self, t: Tensor, embedder: TimestepMLP, proj: nn.Linear, dtype: torch.dtype):
+    def _embed_timestep(self, t: Tensor, embedder: TimestepEmbedding, proj: nn.Linear, dtype: torch.dtype):
         """t [B] on the [0, 1000] scale -> temb [B, D] (heads) and modulation [B, 6, D] (blocks)."""
-        freqs = timestep_sinusoid(t, self.config.freq_dim).to(embedder.linear_1.weight.dtype)
+        # Wan's Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0): float32 features, cos half first
+        freqs = get_timestep_embedding(t, self.config.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        freqs = freqs.to(embedder.linear_1.weight.dtype)
         temb = embedder(freqs).to(dtype)
         return temb, proj(F.silu(temb)).unflatten(1, (6, -1))
 
