@@ -152,10 +152,51 @@ def test_with_a_wan_folder_the_output_is_a_pipeline(tmp_path):
     assert pipe.unified and pipe.config.text_source == "mask" and (tmp_path / "pipe" / "vae").is_dir()
     assert pipe.config.caption_condition == "zeros"  # the released script's V2T condition
     assert pipe.config.guidance_text == "prompt"  # and its T2V guidance
+    assert pipe.config.text_update == "linear-resample"  # and its joint generation's text rule (docs/METHOD.md 4)
     got = pipe.transformer.state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
     not_wan = runner.invoke(app, [*args, "--wan", str(tmp_path)])
     assert not_wan.exit_code == 2 and "not a Wan2.1 diffusers folder" in said(not_wan)
+
+    # converting again into the pipeline folder, without --wan: refused, then with --overwrite the folder is the
+    # transformer folder alone (its old transformer/ and VAE were left beside the new weights, and loaded)
+    torch.manual_seed(1)
+    other = UniViGUTransformer.from_wan(wan / "transformer", text_vocab_size=vocab, text_mask_row=True,
+                                        text_rope_halves=True, text_norm_weight=True)  # fmt: skip
+    torch.save(official_state_dict(other), tmp_path / "unified.pth")
+    refused = runner.invoke(app, [*args, "--vocab-size", str(vocab)])
+    assert refused.exit_code == 2 and "pass --overwrite" in said(refused), refused.output
+    result = runner.invoke(app, [*args, "--vocab-size", str(vocab), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "pipe" / "transformer").exists() and not (tmp_path / "pipe" / "vae").exists()
+    got = UniViGUTransformer.from_pretrained(tmp_path / "pipe").state_dict()
+    assert all(torch.equal(got[k], v) for k, v in other.state_dict().items())
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
+
+
+def test_an_existing_output_folder_needs_overwrite(model, tmp_path):
+    """A non-empty OUT_DIR is a usage error before the checkpoint is read (a junk one is not reached); an empty one
+    is written into; with --overwrite it is replaced whole (nothing of the old folder is left), as `export` does;
+    OUT_DIR may not be the checkpoint itself."""
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint" * 8)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    args = ["--attention-head-dim", "16", "--vocab-size", "50"]
+    result = runner.invoke(app, ["convert-official", str(tmp_path / "junk.pth"), str(tmp_path / "out"), *args])
+    assert result.exit_code == 2 and "exists; pass --overwrite" in said(result), result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+    torch.save(official_state_dict(model), tmp_path / "unified.pth")
+    result = runner.invoke(app, ["convert-official", str(tmp_path / "unified.pth"), str(tmp_path / "out"), *args,
+                                 "--overwrite"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out" / "old.txt").exists()
+    assert UniViGUTransformer.from_pretrained(tmp_path / "out").config.text_vocab_size == 50
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["convert-official", str(tmp_path / "unified.pth"), str(tmp_path / "empty"), *args])
+    assert result.exit_code == 0 and (tmp_path / "empty" / "config.json").exists(), result.output
+    result = runner.invoke(app, ["convert-official", str(tmp_path / "unified.pth"), str(tmp_path / "unified.pth"),
+                                 *args, "--overwrite"])  # fmt: skip
+    assert result.exit_code == 2 and "is CHECKPOINT itself" in said(result) and (tmp_path / "unified.pth").is_file()
 
 
 def test_a_safetensors_checkpoint_and_unreadable_ones(model, tmp_path):

@@ -59,14 +59,18 @@ def cache_latents(
 def convert_official(
     checkpoint: Path = typer.Argument(..., help="Released Uni-ViGU checkpoint (.pth / .pt / .safetensors)."),
     out_dir: Path = typer.Argument(..., help="Where to write our transformer folder (config.json + safetensors), "
-                                   "or with --wan a whole pipeline folder."),  # fmt: skip
+                                   "or with --wan a whole pipeline folder (must not exist, unless --overwrite)."),  # fmt: skip
     attention_head_dim: int = typer.Option(128, min=6, help="Head size (not readable from the shapes); Wan's is 128."),
     vocab_size: int | None = typer.Option(None, help="Text vocabulary size (default: the --wan tokenizer's, else "
                                           "vocab_embed rows; one more row means a mask token)."),  # fmt: skip
     wan: Path | None = typer.Option(None, help="Wan2.1 diffusers folder: write a pipeline folder with its VAE, umT5 "
                                     "and tokenizer, ready for `univigu generate --model OUT_DIR` and init_from."),  # fmt: skip
+    overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists (it is replaced whole, only once the "
+                                   "conversion is written)."),  # fmt: skip
 ) -> None:
     """Map an official Uni-ViGU state dict to UniViGUTransformer; any unmapped key is an error."""
+    import shutil
+
     from univigu.models.convert import ConversionError, convert_official_state_dict, load_official_state_dict
     from univigu.models.wan import is_wan_folder
 
@@ -75,6 +79,12 @@ def convert_official(
     if wan is not None and not is_wan_folder(wan):
         raise typer.BadParameter(f"{wan} is not a Wan2.1 diffusers folder (transformer/, vae/, text_encoder/, "
                                  "tokenizer/)", param_hint="--wan")  # fmt: skip
+    if out_dir.exists() and out_dir.resolve() in (checkpoint.resolve(), *([wan.resolve()] if wan else [])):
+        what = "CHECKPOINT" if out_dir.resolve() == checkpoint.resolve() else "the --wan folder"
+        raise typer.BadParameter(f"is {what} itself: it would be replaced", param_hint="OUT_DIR")
+    if out_dir.exists() and (out_dir.is_file() or any(out_dir.iterdir())) and not overwrite:
+        raise typer.BadParameter(f"{out_dir} exists; pass --overwrite to replace it, or name a new folder",
+                                 param_hint="OUT_DIR")  # fmt: skip
     if wan is not None and vocab_size is None:
         from univigu.data.tokenizer import load_tokenizer
 
@@ -88,12 +98,23 @@ def convert_official(
     typer.echo(f"mapped {len(report.mapped)} tensors; dropped {len(report.dropped)} (recomputed buffers): "
                f"{report.dropped}")  # fmt: skip
     typer.echo(f"config: {report.config}")
+    # written beside OUT_DIR and swapped in whole (as `univigu export` does): a failed write leaves it as it was,
+    # and nothing of an older folder (a pipeline's transformer/, VAE) stays beside the new weights to be loaded
+    from univigu.cli.run import out_dir as make_dir
+    from univigu.training.checkpoint import replace_dir
+
+    staging = make_dir(out_dir.parent) / f".{out_dir.name}.convert-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
     if wan is None:
-        model.save_pretrained(out_dir)
+        model.save_pretrained(staging)
     else:
         from univigu.pipelines import UniViGUPipeline
 
-        # as the released script samples: captions with an all-zero condition, T2V guidance keeps the prompt tokens
-        UniViGUPipeline.from_wan(wan, transformer=model, caption_condition="zeros",
-                                 guidance_text="prompt").save_pretrained(out_dir)  # fmt: skip
+        # as the released script samples: captions with an all-zero condition, T2V guidance keeps the prompt tokens,
+        # joint generation re-samples the text by its linear rule (docs/METHOD.md section 4)
+        UniViGUPipeline.from_wan(wan, transformer=model, caption_condition="zeros", guidance_text="prompt",
+                                 text_update="linear-resample").save_pretrained(staging)  # fmt: skip
+    if out_dir.is_file():
+        out_dir.unlink()
+    replace_dir(staging, out_dir)
     typer.echo(f"wrote {out_dir}")
