@@ -204,3 +204,31 @@ def test_build_task_follows_trainable_text_loss_cond_dropout_and_caption_conditi
     assert default.text_loss == "ce" and all(prm.requires_grad for prm in default.transformer.parameters())
     base = build_task(load_config(CONFIG_DIR / "base.yaml", [*SMALL, "mix.cond_dropout=0.3"]))[0]
     assert base.cond_dropout == 0.3
+
+
+def test_refine_keeps_the_text_source_of_the_stage_it_starts_from(tmp_path, monkeypatch):
+    """flow.text_source unset (the shipped refine configs): the previous pipeline's source, e.g. a recall trained
+    with mask; set, it wins. A mask source without any mask token (tokenizer or transformer row) is refused."""
+    import dataclasses
+
+    import univigu
+    from univigu.training.stages import build_task
+
+    pipe = UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL)
+    pipe.config = dataclasses.replace(pipe.config, text_source="mask", text_exponent=2.0)
+    pipe.save_pretrained(tmp_path / "masked")
+    refine = [f"init_from={tmp_path / 'masked'}"]
+    _, _, inherited = build_task(load_config(CONFIG_DIR / "refine.yaml", refine))
+    assert (inherited.text_source, inherited.text_exponent) == ("mask", 2.0)
+    task, _, chosen = build_task(load_config(CONFIG_DIR / "refine.yaml", [*refine, "flow.text_source=uniform"]))
+    assert chosen.text_source == task.text_flow.source == "uniform" and chosen.text_exponent == 2.0
+    load = UniViGUPipeline.from_pretrained
+
+    def without_mask_token(path, **kwargs):
+        loaded = load(path, **kwargs)
+        loaded.tokenizer.mask_token = None
+        return loaded
+
+    monkeypatch.setattr(UniViGUPipeline, "from_pretrained", staticmethod(without_mask_token))
+    with pytest.raises(ValueError, match="flow.text_source mask needs a mask token"):
+        build_task(load_config(CONFIG_DIR / "refine.yaml", refine))

@@ -50,8 +50,10 @@ STAGES = ("base", "recall", "refine")
 class FlowConfig:
     time_sampling: str = "uniform"  # video noise levels: "uniform" or "logit-normal"
     train_shift: float = 1.0  # shift applied to the sampled training noise levels
-    text_source: str = "uniform"  # "uniform" or "mask"
-    text_exponent: float = 1.0
+    # the discrete text flow: "uniform" or "mask" source, kappa(t) = t^exponent; None: the previous stage's
+    # pipeline's (a generator's: uniform, 1), so a refine stage keeps the source its recall trained with
+    text_source: str | None = None
+    text_exponent: float | None = None
     text_loss: str = "ce"  # "ce" or "gkl"
     video_loss: str = "velocity"  # where the video error is measured: "velocity", "sample" (x0) or "edm"
 
@@ -337,14 +339,20 @@ def build_task(cfg: StageConfig) -> tuple[torch.nn.Module, Any, PipelineConfig]:
     previous = (UniViGUPipeline.from_wan(cfg.init_from, unified=False) if is_wan_release(cfg.init_from)
                 else UniViGUPipeline.from_pretrained(cfg.init_from))  # fmt: skip
     tokenizer = previous.tokenizer
-    pipe_cfg = dataclasses.replace(previous.config, **{**cfg.pipeline, "text_source": flow.text_source,
-                                                       "text_exponent": flow.text_exponent})  # fmt: skip
+    source = flow.text_source or previous.config.text_source
+    exponent = previous.config.text_exponent if flow.text_exponent is None else flow.text_exponent
+    pipe_cfg = dataclasses.replace(previous.config, **{**cfg.pipeline, "text_source": source,
+                                                       "text_exponent": exponent})  # fmt: skip
     text_canvas = TextCanvas(tokenizer, pipe_cfg.text_length)
     video_flow = _video_flow(cfg, pipe_cfg)  # the parameterization the base was trained with
+    needs_row = source == "mask" and tokenizer.mask_token_id is None
     if previous.unified:
         transformer = previous.transformer
+        if needs_row and not transformer.config.text_mask_row:
+            raise ValueError(f"flow.text_source mask needs a mask token, and neither {cfg.init_from}'s tokenizer nor "
+                             "its transformer has one (a mask row is added when Knowledge Recall starts from a "
+                             "generator): keep its source, uniform")  # fmt: skip
     else:  # Knowledge Recall starts from the generator, as Uni-ViGU starts from Wan2.1
-        needs_row = flow.text_source == "mask" and tokenizer.mask_token_id is None
         wan = previous.transformer
         if cfg.init == "scratch":  # the fresh weights the base stage starts from (the ablation of the prior)
             wan = type(wan).from_config(wan.config)
@@ -354,8 +362,7 @@ def build_task(cfg: StageConfig) -> tuple[torch.nn.Module, Any, PipelineConfig]:
         transformer.register_to_config(attention_layout=cfg.attention_layout)
     transformer.train()
     transformer.set_trainable(cfg.trainable)
-    text_flow = TextFlow(len(tokenizer), source=flow.text_source, mask_id=text_canvas.mask_id,
-                         exponent=flow.text_exponent)  # fmt: skip
+    text_flow = TextFlow(len(tokenizer), source=source, mask_id=text_canvas.mask_id, exponent=exponent)
     task_cls, extra = UnifiedTask, {"codec": previous.codec}  # the video space the previous stage learned
     if cfg.data.get("kind") == "latent_cache":
         cache = _dataset(cfg)[0]
