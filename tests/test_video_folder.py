@@ -180,6 +180,7 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, wan, tmp_p
     assert len(losses) == 4 and all(np.isfinite(float(v)) for v in losses[-1].split(",")[1:3])
     pipe = UniViGUPipeline.from_pretrained(final)
     assert (pipe.config.frames, pipe.config.height, pipe.config.width) == (FRAMES, HEIGHT, WIDTH)
+    assert pipe.config.fps == 4  # the cache's --fps (from_wan's is 16): generated videos play at the trained speed
     assert pipe.text_to_video(["a bar"], num_steps=1, progress=False).videos.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
 
     # the Wan-scale multi-GPU path: FSDP (the shipped config) on 2 processes x batch 1 trains as above
