@@ -87,10 +87,27 @@ def test_lr_schedule() -> None:
     ({"betas": 0.9}, TypeError, "betas must be 2 numbers"),
     ({"max_steps": 0}, ValueError, "max_steps must be an int >= 1, got 0"),  # the range checks stay
     ({"lr": 0}, ValueError, "lr must be > 0, got 0"),
+    # in range: each of these trained to no error and a wrong model (or failed in torch once the model was built)
+    ({"max_grad_norm": -1}, ValueError, r"max_grad_norm must be > 0 .* or null for no clipping, got -1.0"),
+    ({"max_grad_norm": 0}, ValueError, r"max_grad_norm must be > 0 .*, got 0.0"),  # zeroed every gradient
+    ({"ema_decay": 1.5}, ValueError, r"ema_decay must be in \[0, 1\) .* or null for no EMA, got 1.5"),
+    ({"ema_decay": 1}, ValueError, r"ema_decay must be in \[0, 1\)"),  # a frozen average: the initial weights
+    ({"ema_decay": -0.1}, ValueError, r"ema_decay must be in \[0, 1\)"),
+    ({"min_lr_ratio": -0.1}, ValueError, r"min_lr_ratio must be in \[0, 1\] .*, got -0.1"),
+    ({"min_lr_ratio": 2}, ValueError, r"min_lr_ratio must be in \[0, 1\]"),
+    ({"weight_decay": -0.01}, ValueError, "weight_decay must be >= 0, got -0.01"),
+    ({"betas": [1.5, 0.9]}, ValueError, r"betas must each be in \[0, 1\) .*, got \[1.5, 0.9\]"),
+    ({"betas": (0.9, -0.1)}, ValueError, r"betas must each be in \[0, 1\)"),
+    ({"betas": (0.9, 1.0)}, ValueError, r"betas must each be in \[0, 1\)"),
 ])  # fmt: skip
 def test_config_numbers_are_checked_by_type(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         TrainerConfig(**kwargs)
+
+
+def test_config_range_edges_are_accepted() -> None:
+    TrainerConfig(max_grad_norm=None, ema_decay=None, min_lr_ratio=0, weight_decay=0, betas=(0, 0.999))
+    TrainerConfig(ema_decay=0.0, min_lr_ratio=1.0, max_grad_norm=1e-6)
 
 
 def test_config_stores_numpy_numbers_as_python_numbers() -> None:

@@ -152,6 +152,23 @@ class TrainerConfig:
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise TypeError(f"betas must be 2 numbers, got {self.betas!r}")
         self.betas = tuple(check_finite("betas", beta) for beta in self.betas)  # YAML gives lists
+        # in range: each of these otherwise trains to exit 0 and a wrong model (a negative clip norm climbs the loss,
+        # a zero one zeroes every gradient, an ema_decay >= 1 leaves the exported EMA weights garbage), or fails in
+        # torch only once the model is built (betas)
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 (gradients are clipped to that norm) or null for no clipping, "
+                             f"got {self.max_grad_norm}")  # fmt: skip
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (the share of the average kept each step, e.g. 0.999) or "
+                             f"null for no EMA, got {self.ema_decay}")  # fmt: skip
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (the final learning rate as a fraction of lr), "
+                             f"got {self.min_lr_ratio}")  # fmt: skip
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must each be in [0, 1) (AdamW's moment decays, e.g. [0.9, 0.999]), "
+                             f"got {list(self.betas)}")  # fmt: skip
         if self.gradient_checkpointing not in (False, True, "keep_attention"):
             raise ValueError("gradient_checkpointing must be false, true or 'keep_attention', "
                              f"not {self.gradient_checkpointing!r}")  # fmt: skip
