@@ -32,10 +32,40 @@ BASE = CONFIG_DIR / "base.yaml"
     ("data.shuffle=false", r"unknown config keys \['data.shuffle'\]; valid: \['kind'\]"),
     ("data={kind: latent_cache, path: c, buckets: 16x16}",
      r"unknown config keys \['data.buckets'\]; valid: \['bucket', 'kind', 'path'\]"),
+    ("train.ema_decay=1.5", r"train.ema_decay must be in \[0, 1\) .* or null for no EMA, got 1.5"),
+    ("train.max_grad_norm=0", r"train.max_grad_norm must be > 0 .* or null for no clipping, got 0.0"),
+    # the flow's names: each failed only once the model was built, with a traceback
+    ("flow.video_loss=bogus", r"flow.video_loss must be one of \('velocity', 'sample', 'edm'\), got 'bogus'"),
+    ("flow.time_sampling=normal", r"flow.time_sampling must be one of \('uniform', 'logit-normal'\), got 'normal'"),
+    ("flow.text_source=masked",
+     r"flow.text_source must be one of \('uniform', 'mask'\) or null \(the previous stage's\), got 'masked'"),
+    ("flow.text_loss=kl", r"flow.text_loss must be one of \('ce', 'gkl'\), got 'kl'"),
+    ("flow.train_shift=0", "flow.train_shift must be > 0, got 0.0"),
+    ("flow.text_exponent=-1", r"flow.text_exponent must be > 0 or null \(the previous stage's\), got -1.0"),
+    # a base stage without the generator's sizes built diffusers' defaults, Wan2.1-14B, and was killed for memory
+    ("model={}", r"model: the base generator's sizes are missing \(model.attention_head_dim, model.ffn_dim, "
+                 r"model.num_attention_heads, model.num_layers, model.text_dim\).*univigu/configs/toy/base.yaml"),
+    ("model={num_layers: 1, patch_size: [1, 2, 2]}", r"sizes are missing \(model.attention_head_dim, model.ffn_dim, "
+                                                     r"model.num_attention_heads, model.text_dim\)"),
 ])  # fmt: skip
 def test_wrong_types_name_the_key_and_what_is_valid(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(BASE, [override])
+
+
+def test_a_base_stage_without_a_model_section_is_refused(tmp_path):
+    bare = tmp_path / "x.yaml"
+    bare.write_text("stage: base\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ValueError, match="model: the base generator's sizes are missing .*Wan2.1-14B's"):
+        load_config(bare)
+    result = CliRunner().invoke(app, ["train", str(bare), f"--train.output_dir={tmp_path / 'run'}"])
+    flat = " ".join(result.output.replace("│", " ").split())  # the error panel, unwrapped
+    assert result.exit_code == 2 and "sizes are missing" in flat and not (tmp_path / "run").exists()
+    # given explicitly, any sizes load (Wan2.1-1.3B's here); later stages take theirs from init_from
+    wan_1b = ["model.num_layers=30", "model.num_attention_heads=12", "model.attention_head_dim=128",
+              "model.ffn_dim=8960", "model.text_dim=4096"]  # fmt: skip
+    assert load_config(BASE, wan_1b).model["num_layers"] == 30
+    assert load_config(None, ["stage=recall", "init_from=somewhere"]).model == {}
 
 
 @pytest.mark.parametrize("overrides", ["train.lr=1e-3", None, ["train.lr=1e-3", 3]])

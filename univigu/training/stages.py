@@ -34,7 +34,7 @@ from univigu.data.tokenizer import TextCanvas, build_world_tokenizer
 from univigu.data.world import OBJECT_COLOURS, MOTIONS, SHAPES, Scene, WorldConfig, WorldObject
 from univigu.flow.regimes import RegimeMix
 from univigu.flow.text import TextFlow
-from univigu.flow.video import VideoFlow
+from univigu.flow.video import PREDICTIONS, VideoFlow
 from univigu.models.prompt_encoder import PromptEncoder
 from univigu.models.transformer import ATTENTION_LAYOUTS, UniViGUTransformer
 from univigu.models.wan import set_rope_theta
@@ -44,6 +44,8 @@ from univigu.training.tasks import GeneratorTask, UnifiedTask
 from univigu.training.trainer import Trainer, TrainerConfig
 
 STAGES = ("base", "recall", "refine")
+# the base generator's sizes a config must give: WanTransformer3DModel's defaults for them are Wan2.1-14B's
+_BASE_SIZES = ("attention_head_dim", "ffn_dim", "num_attention_heads", "num_layers", "text_dim")
 
 
 @dataclass
@@ -56,6 +58,26 @@ class FlowConfig:
     text_exponent: float | None = None
     text_loss: str = "ce"  # "ce" or "gkl"
     video_loss: str = "velocity"  # where the video error is measured: "velocity", "sample" (x0) or "edm"
+
+    def __post_init__(self) -> None:
+        # checked with the config: each name otherwise fails only once the model is built, with a traceback
+        names = {"time_sampling": (_choices(VideoFlow, "time_sampling"), False),
+                 "text_source": (_choices(TextFlow, "source"), True),
+                 "text_loss": (_choices(TextFlow.loss, "kind"), False), "video_loss": (PREDICTIONS, False)}  # fmt: skip
+        for name, (valid, inherits) in names.items():
+            value = getattr(self, name)
+            if not (value in valid or (inherits and value is None)):
+                either = " or null (the previous stage's)" if inherits else ""
+                raise ValueError(f"{name} must be one of {valid}{either}, got {value!r}")
+        if self.train_shift <= 0:  # VideoFlow's own check comes only once the model is built
+            raise ValueError(f"train_shift must be > 0, got {self.train_shift!r}")
+        if self.text_exponent is not None and self.text_exponent <= 0:
+            raise ValueError(f"text_exponent must be > 0 or null (the previous stage's), got {self.text_exponent!r}")
+
+
+def _choices(owner: Any, name: str) -> tuple[str, ...]:
+    """The values of the `Literal[...]` annotation of `owner`'s field or argument `name`."""
+    return typing.get_args(typing.get_type_hints(owner)[name])
 
 
 @dataclass
@@ -102,6 +124,11 @@ class StageConfig:
         pipeline = _build(PipelineConfig, self.pipeline, "pipeline.")
         self.pipeline = {key: getattr(pipeline, key) for key in self.pipeline}  # "1e-3" read as a number
         if self.stage == "base":  # later stages take their sizes from init_from's pipeline
+            missing = [f"model.{key}" for key in _BASE_SIZES if key not in self.model]
+            if missing:  # diffusers' defaults are Wan2.1-14B's: built on the toy world, killed for memory unexplained
+                raise ValueError(f"model: the base generator's sizes are missing ({', '.join(missing)}), and "
+                                 "diffusers' defaults are Wan2.1-14B's (14.3B parameters); give them, or start from "
+                                 "univigu/configs/toy/base.yaml")  # fmt: skip
             _check_base_sizes(world, self.model, pipeline)
         mix = _build(RegimeMix, self.mix, "mix.")
         self.mix = {key: getattr(mix, key) for key in self.mix}  # "1e-1" read as a number
