@@ -4,6 +4,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from univigu.data.video_io import VideoReadError, read_video, write_video
@@ -179,3 +180,76 @@ def test_a_gif_frame_lasting_about_twice_the_shortest_shows_twice(tmp_path):
 def test_gifs_loop_forever(tmp_path, video):
     with Image.open(write_video(tmp_path / "a.gif", video, fps=4)) as gif:
         assert gif.info["loop"] == 0 and gif.info["duration"] == 250
+
+
+def _gif(path, levels, durations):
+    """A GIF of flat grey frames (level 10 * l) shown for the given centiseconds each, as written (no merging)."""
+    images = [Image.fromarray(np.full((8, 8, 3), 10 * level, np.uint8)) for level in levels]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=[10 * d for d in durations], loop=0)
+    return path
+
+
+def test_load_clip_takes_the_frame_showing_at_each_time(tmp_path):
+    """GIF writers merge identical consecutive frames into one longer frame (write_video's do): load_clip takes the
+    frame showing at each target time, not the nearest frame start (which is the next frame inside a long one), and
+    a clip lasts until its last frame ends."""
+    from univigu.data.video_folder import load_clip
+
+    merged = write_video(tmp_path / "merged.gif", _numbered(6)[[0, 1, 1, 3, 4, 5]])  # starts 0, .12, .36, ...
+    assert _levels(load_clip(merged, 6, 8, 8, fps=8, min_side=1)) == [0, 1, 1, 3, 4, 5]  # .25 s: still frame 1
+    held = _gif(tmp_path / "held.gif", [0, 1, 2], [12, 12, 48])  # the last frame shows from 0.24 s to 0.72 s
+    assert _levels(load_clip(held, 6, 8, 8, fps=8, min_side=1)) == [0, 1, 2, 2, 2, 2]
+    with pytest.raises(VideoReadError, match=r"too short: 0.72 s decoded, 7 frames at 8 fps need 0.88 s"):
+        load_clip(held, 7, 8, 8, fps=8, min_side=1)
+
+
+def test_read_video_resizes_each_frame_as_it_is_decoded(tmp_path, video, monkeypatch):
+    """With `size`, no more than one full-size frame is held (a 10 s 720p clip's full-size stack is gigabytes);
+    the result is the same as resizing the whole clip."""
+    from univigu.data import video_io
+
+    path = write_video(tmp_path / "big.mp4", video, scale=4)  # 128 x 128
+    full = read_video(path)
+    seen, real = [], video_io.resize_video
+    monkeypatch.setattr(video_io, "resize_video", lambda v, size: seen.append(tuple(v.shape)) or real(v, size))
+    small = read_video(path, num_frames=5, size=(16, 24))
+    assert seen and all(shape[0] == 1 for shape in seen), seen
+    index = torch.linspace(0, len(full) - 1, 5).round().long()
+    assert torch.equal(small, real(full, (16, 24))[index])
+
+
+def test_a_folder_is_not_a_video_file(tmp_path):
+    with pytest.raises(VideoReadError, match="is a folder, not a video file"):
+        read_video(tmp_path)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
+def test_a_cut_gif_reads_what_is_left_with_a_warning(tmp_path, fraction):
+    """A GIF cut short decodes its whole frames without error and its header holds no length: the missing trailer
+    (the byte 0x3B that ends every GIF) tells."""
+    good = write_video(tmp_path / "good.gif", np.random.default_rng(0).integers(0, 255, (40, 16, 16, 3), np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_video(good).shape[0] == 40
+    cut = tmp_path / "cut.gif"
+    cut.write_bytes(good.read_bytes()[: int(good.stat().st_size * fraction)])
+    with pytest.warns(UserWarning, match=r"cut.gif: decoded \d+ frames .* has no GIF trailer; the file looks truncated"):
+        left = read_video(cut)
+    assert 0 < len(left) < 40
+
+
+def test_a_failing_clean_up_keeps_the_write_error(tmp_path, video, monkeypatch):
+    """When removing the partial file fails too (a read-only folder), the error raised is the write's."""
+    from pathlib import Path
+
+    def broken(image, fp, filename):
+        fp.write(b"GIF89a")
+        raise OSError("disk full")
+
+    def unlink(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setitem(Image.SAVE_ALL, "GIF", broken)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(OSError, match="disk full"):
+        write_video(tmp_path / "clip.gif", video)

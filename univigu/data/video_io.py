@@ -58,7 +58,8 @@ def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float 
         (_write_gif if suffix == ".gif" else _write_av)(partial, frames, fps)
         os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a failing clean-up (a read-only folder) must not hide the write's error
+            partial.unlink(missing_ok=True)
     return path
 
 
@@ -90,6 +91,8 @@ def open_video(path: str | Path) -> Iterator[av.container.InputContainer]:
     """`path` opened with PyAV, checked to hold a video stream. A missing, empty or corrupt file, and a
     decoding error inside the block, raise VideoReadError."""
     path = Path(path)
+    if path.is_dir():
+        raise VideoReadError(f"{path} is a folder, not a video file")
     if not path.is_file():
         raise VideoReadError(f"video file not found: {path}")
     if path.stat().st_size == 0:  # checked here: PyAV's own error for it is vaguer
@@ -147,12 +150,16 @@ def read_video(
         size = (check_int("size height", size[0], 1), check_int("size width", size[1], 1))
     with open_video(path) as container:
         stream = container.streams.video[0]
-        decoded, end = [], 0.0
+        decoded, durations, end = [], [], 0.0
         for f in container.decode(stream):
-            decoded.append((f.to_ndarray(format="rgb24"), f.duration or 0))
+            frame = torch.from_numpy(f.to_ndarray(format="rgb24"))
+            # resized as decoded: a long high-resolution clip never has all its full-size frames in memory at once
+            decoded.append(frame if size is None else resize_video(frame[None], size)[0])
+            durations.append(f.duration or 0)
             if f.time is not None:
                 end = f.time + float((f.duration or 0) * stream.time_base)
         length = _header_length(container, stream)
+        cut_gif = container.format.name == "gif" and not _ends_with_gif_trailer(path)
     if not decoded:
         raise VideoReadError(f"video has zero frames: {path}")
     if stream.frames > len(decoded) or length and end and length - end > max(0.05 * length, 2 / _rate(stream)):
@@ -161,13 +168,21 @@ def read_video(
         header = f"{stream.frames} frames" if stream.frames > len(decoded) else f"{length:.2f} s"
         warnings.warn(f"{path}: decoded {len(decoded)} frames ({end:.2f} s) where its header says {header}; the "
                       f"file looks truncated, and only what was decoded is used", stacklevel=2)  # fmt: skip
-    frames, durations = zip(*decoded)
+    elif cut_gif:  # a GIF's header holds no length: its last byte tells
+        warnings.warn(f"{path}: decoded {len(decoded)} frames ({end:.2f} s) but it has no GIF trailer; the file "
+                      f"looks truncated, and only what was decoded is used", stacklevel=2)  # fmt: skip
     # GIF writers merge identical consecutive frames into one longer frame: show each frame
     # for as many base periods as it lasts, as a viewer would.
     shortest = min((d for d in durations if d > 0), default=0)
     repeats = [max(1, round(d / shortest)) if shortest else 1 for d in durations]
-    video = torch.from_numpy(np.stack(frames)).repeat_interleave(torch.tensor(repeats), dim=0)
+    shown = np.repeat(np.arange(len(decoded)), repeats)  # the decoded frame at each position of the clip
     if num_frames is not None:
-        index = torch.linspace(0, len(video) - 1, num_frames).round().long()
-        video = video[index]
-    return video if size is None else resize_video(video, size)
+        shown = shown[torch.linspace(0, len(shown) - 1, num_frames).round().long().numpy()]
+    return torch.stack([decoded[i] for i in shown])
+
+
+def _ends_with_gif_trailer(path: str | Path) -> bool:
+    """Whether the file ends with the byte 0x3B (';') that ends every whole GIF."""
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b";"
