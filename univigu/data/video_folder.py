@@ -7,9 +7,10 @@ Captions come from a JSONL or CSV file next to the videos, one record per video:
 `video` (also `path` / `file`) is relative to the folder; `prompt` (short) and `caption` (detailed)
 are both optional but at least one is needed (a missing one takes the other's text; a JSONL null is a missing
 value, any other value that is not a string an error naming its line). Files are UTF-8, a byte-order mark (as
-Excel writes CSV) allowed. Each video is decoded with PyAV, resampled to `fps` (frames picked at the target
-rate from the start; a clip too short for `frames` frames at that rate is an error, not padded), resized so
-that it covers the target size and centre-cropped to it (aspect kept), grayscale expanded to RGB by the decoder.
+Excel writes CSV) allowed. Each video is decoded with PyAV, resampled to `fps` (at each time of the target rate
+from the start, the frame showing then; a clip too short for `frames` frames at that rate is an error, not
+padded), resized so that it covers the target size and centre-cropped to it (aspect kept), grayscale expanded to
+RGB by the decoder.
 """
 
 from __future__ import annotations
@@ -94,31 +95,37 @@ def load_clip(path: str | os.PathLike, frames: int, height: int, width: int, fps
     """The first `frames` frames of a video at `fps` (None: the file's own rate), resized and centre-cropped
     to uint8 [frames, height, width, 3]. Raises VideoReadError saying why a file cannot give such a clip
     (missing, empty, corrupt or truncated, no video stream, too short, smaller than `min_side` pixels)."""
-    decoded, times = [], []
+    decoded, times, ends = [], [], []
     with open_video(path) as container:
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 0) or None
         step = 1.0 / fps if fps else None
+        # a target time takes the frame showing then: a frame starting up to `slack` later counts as started
+        # (timestamps are rounded: GIF delays to whole centiseconds)
+        slack = min(0.01, step / 4) if step else 0.0
         for frame in container.decode(stream):
             t = float(frame.time) if frame.time is not None else len(decoded) / (rate or 1.0)
+            if step is not None and decoded and t - times[0] > (frames - 1) * step + slack:
+                break  # the frame showing at the last target time is in
             decoded.append(frame.to_ndarray(format="rgb24"))  # grayscale and yuv alike become RGB
             times.append(t)
+            # a frame lasts its stored duration (GIF writers merge identical consecutive frames into one longer one)
+            ends.append(t + (float(frame.duration * stream.time_base) if frame.duration else 1.0 / (rate or fps or 1)))
             if step is None and len(decoded) >= frames:
-                break
-            if step is not None and t - times[0] >= (frames - 1) * step + step / 2:
                 break
     if not decoded:
         raise VideoReadError(f"video has zero decodable frames (truncated or corrupt?): {path}")
     h, w = decoded[0].shape[:2]
     if min(h, w) < min_side:
         raise VideoReadError(f"video is {w}x{h} pixels, smaller than the {min_side}-pixel minimum: {path}")
-    if fps:  # nearest decoded frame at each target time from the first one
+    if fps:  # the frame showing at each target time from the first one: the last to start at or before it
         stamps = np.asarray(times) - times[0]
         targets = np.arange(frames) / fps
-        index = np.abs(stamps[None, :] - targets[:, None]).argmin(axis=1)
-        if targets[-1] > stamps[-1] + 1.0 / (rate or fps):
-            raise VideoReadError(f"video is too short: {stamps[-1] + 1 / (rate or fps):.2f} s decoded, {frames} "
-                                 f"frames at {fps:g} fps need {frames / fps:.2f} s: {path}")  # fmt: skip
+        index = np.searchsorted(stamps, targets + slack, side="right") - 1
+        length = ends[-1] - times[0]  # until the last frame ends, not starts
+        if targets[-1] >= length:
+            raise VideoReadError(f"video is too short: {length:.2f} s decoded, {frames} frames at {fps:g} fps need "
+                                 f"{frames / fps:.2f} s: {path}")  # fmt: skip
     else:
         if len(decoded) < frames:
             raise VideoReadError(f"video has {len(decoded)} frames, {frames} needed: {path}")
