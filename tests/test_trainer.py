@@ -475,6 +475,73 @@ def test_replace_dir_swaps_the_whole_folder(tmp_path: Path) -> None:
     assert [p.name for p in final.iterdir()] == ["new.txt"] and not tmp.exists()
 
 
+def _folder(path: Path, name: str, files: int = 4) -> None:
+    path.mkdir()
+    for i in range(files):
+        (path / f"{name}_{i}.txt").write_text(name)
+
+
+def _contents(path: Path) -> str | None:
+    """"old" or "new" when `path` is one of those folders whole, None when absent, else what it holds."""
+    if not path.exists():
+        return None
+    names = sorted(p.name for p in path.iterdir())
+    for kind in ("old", "new"):
+        if names == [f"{kind}_{i}.txt" for i in range(4)]:
+            return kind
+    return f"a mix: {names}"
+
+
+@pytest.mark.parametrize("fail", ["rmtree", "rename 1", "rename 2"])
+def test_replace_dir_interrupted_leaves_the_old_folder_or_the_new_one(tmp_path: Path, monkeypatch, fail) -> None:
+    """`univigu export --overwrite` killed while deleting a big old target left it half deleted: a failure at any
+    step (a kill's stand-in: a delete that stops halfway, a rename that raises) leaves it whole-old or whole-new."""
+    import shutil
+
+    final, tmp = tmp_path / "final", tmp_path / ".final.tmp"
+    _folder(final, "old")
+    _folder(tmp, "new")
+    rmtree, replace, calls = shutil.rmtree, os.replace, []
+
+    def failing_rmtree(path, *args, **kwargs):  # deletes one file, then "dies"
+        next(Path(path).iterdir()).unlink()
+        raise OSError("killed mid-delete")
+
+    def failing_replace(src, dst):
+        calls.append(src)
+        if fail == f"rename {len(calls)}":
+            raise OSError("killed mid-rename")
+        return replace(src, dst)
+
+    monkeypatch.setattr(shutil, "rmtree", failing_rmtree if fail == "rmtree" else rmtree)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    try:
+        ckpt.replace_dir(tmp, final)
+    except OSError:
+        pass
+    assert _contents(final) in ("old", "new")
+    monkeypatch.undo()
+    # the next replace (a rerun) clears what an interrupted one left beside the target
+    shutil.rmtree(tmp, ignore_errors=True)
+    _folder(tmp, "new")
+    ckpt.replace_dir(tmp, final)
+    assert _contents(final) == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_replace_dir_after_a_kill_between_its_renames(tmp_path: Path) -> None:
+    """Killed after the old folder was moved aside and before the new one moved in: no target, the old one whole
+    aside; the next replace removes it."""
+    final, tmp = tmp_path / "final", tmp_path / ".final.tmp"
+    _folder(final, "old")
+    _folder(tmp, "new")
+    ckpt.replace_dir(tmp, final)
+    aside = ckpt._aside(final)
+    os.replace(final, aside)  # the state a kill between the renames leaves
+    _folder(tmp, "new")
+    ckpt.replace_dir(tmp, final)
+    assert _contents(final) == "new" and not aside.exists()
+
+
 def test_sampler_order_follows_its_seed() -> None:
     """The seed picks the epoch permutations: another seed, another order (same indices)."""
     a, b = iter(ResumableBatchSampler(50, 8, seed=3)), iter(ResumableBatchSampler(50, 8, seed=4))

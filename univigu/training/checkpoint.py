@@ -1,7 +1,8 @@
 """Crash-safe checkpoint directories: write to a temp dir, fsync, rename, then point `latest`.
 
 A checkpoint directory is either absent or complete: a kill at any moment leaves at worst a
-`.tmp_*` directory (removed by the next save) and the previous `latest` intact.
+`.tmp_*` directory (removed by the next save) and the previous `latest` intact (a step saved again,
+killed between `replace_dir`'s renames, is absent: the one before it is then the newest).
 """
 
 from __future__ import annotations
@@ -39,14 +40,38 @@ def fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def _aside(final: Path) -> Path:
+    """Where `replace_dir` moves the old `final` before deleting it: a hidden sibling (same filesystem, so renames
+    are atomic) that `rotate` also clears, as a temp dir."""
+    return final.parent / f".tmp_{final.name}.old"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Turn the complete temp dir `tmp` into `final`, replacing any old `final` whole: a kill at any point leaves
-    either the old folder, no folder, or the new one, never a mix of the two."""
+    """Turn the complete temp dir `tmp` into `final`, replacing any old `final` whole: the old one is renamed aside,
+    the new one renamed in, and only then the old one deleted. A kill at any point leaves either the old folder or
+    the new one whole, except between the two renames, where there is no folder and the old one lies whole aside
+    (`.tmp_<name>.old`); an error in a rename puts the old one back. The aside left by an earlier kill is removed
+    first."""
     fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    aside = _aside(final)
+    _remove(aside)  # a kill left it: the old folder of an earlier replace, or part of it
+    if final.exists() or final.is_symlink():
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)
+        raise
     _fsync_dir(final.parent)
+    _remove(aside)
 
 
 def publish(tmp: Path, final: Path) -> None:
