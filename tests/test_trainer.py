@@ -345,6 +345,38 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path
         Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=20)).train(resume=True)
 
 
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory) -> Path:
+    """A finished 20-step run with EMA, checkpoints at steps 10 and 20 (copied by each test that damages it)."""
+    out = tmp_path_factory.mktemp("ema_run")
+    Trainer(MLPTask(), Regression(), config(out, max_steps=20, ema_decay=0.9)).train()
+    return out
+
+
+@pytest.mark.parametrize("name, harm, problem", [
+    ("optimizer.bin", "delete", r"no optimizer state \(optimizer.bin"),
+    ("generator_0.pt", "delete", r"no generator_0.pt"),
+    ("ema.pt", "delete", r"no ema.pt \(the run keeps an EMA\)"),
+    ("ema.pt", "truncate", r"ema.pt is truncated or unreadable"),
+    ("optimizer.bin", "truncate", r"optimizer.bin is truncated or unreadable"),
+    # accelerate loaded a half random_states file silently, and the resumed run was no longer exact
+    ("random_states_0.pkl", "truncate", r"random_states_0.pkl is truncated or unreadable"),
+    ("random_states_0.pkl", "delete", r"no random_states_0.pkl"),
+])  # fmt: skip
+def test_damaged_training_state_falls_back_to_the_previous_checkpoint(ema_run, tmp_path: Path, name, harm,
+                                                                      problem) -> None:  # fmt: skip
+    """Each of these was a raw traceback on resume (or, for the RNG states, a silently inexact one)."""
+    import shutil
+
+    shutil.copytree(ema_run, tmp_path, dirs_exist_ok=True)
+    file = tmp_path / "checkpoints" / "step_000020" / name
+    file.unlink() if harm == "delete" else file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    cfg = config(tmp_path, max_steps=20, ema_decay=0.9)
+    with pytest.warns(UserWarning, match=rf"step_000020 is damaged \({problem}.*resuming from .*step_000010"):
+        rows = Trainer(MLPTask(), Regression(), cfg).train(resume=True)
+    assert [r["step"] for r in rows] == list(range(11, 21))
+
+
 def test_resume_refuses_a_model_of_another_shape_before_any_step(tmp_path: Path) -> None:
     Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=10)).train()
     task = MLPTask(dim=4)
@@ -428,8 +460,10 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
     tmp = root / f".tmp_{ckpt.step_dir_name(step)}"
     tmp.mkdir(parents=True)
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-    (tmp / "config.json").write_text("{}")
+    (tmp / "config.json").write_text(json.dumps({"num_processes": 1, "ema_decay": None}))
     save_file({"w": torch.zeros(2, 3)}, tmp / "model.safetensors")
+    for name in ("optimizer.bin", "random_states_0.pkl", "generator_0.pt"):  # torch.save, as accelerate writes them
+        torch.save({"state": torch.zeros(3)}, tmp / name)
     ckpt.publish(tmp, root / ckpt.step_dir_name(step))
     return root / ckpt.step_dir_name(step)
 
@@ -463,6 +497,39 @@ def test_damage_names_a_missing_or_broken_file(tmp_path: Path) -> None:
     (path / "config.json").write_text("{}")
     (path / "trainer_state.json").write_text("")
     assert ckpt.damage(path) == "trainer_state.json is not valid JSON"
+
+
+def test_damage_checks_each_file_the_run_saves(tmp_path: Path) -> None:
+    path = _fake_checkpoint(tmp_path / "plain", 10)
+    assert ckpt.damage(path) is None  # no EMA: no ema.pt, and that is no damage
+    (path / "model.safetensors").unlink()
+    assert ckpt.damage(path) == "no model weights (model.safetensors or pytorch_model_fsdp_0/)"
+    # FSDP, 2 processes, EMA: sharded folders, one generator, RNG state and EMA shard per process
+    path = _fake_checkpoint(tmp_path / "fsdp", 10)
+    (path / "config.json").write_text(json.dumps({"num_processes": 2, "ema_decay": 0.99}))
+    (path / "model.safetensors").unlink()
+    (path / "optimizer.bin").unlink()
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (path / folder).mkdir()
+        for shard in ("__0_0.distcp", "__1_0.distcp", ".metadata"):
+            (path / folder / shard).write_bytes(b"shard")
+    for name in ("random_states_1.pkl", "generator_1.pt", "ema_0.pt", "ema_1.pt"):
+        torch.save({"state": torch.zeros(3)}, path / name)
+    assert ckpt.damage(path) is None
+    (path / "ema_1.pt").unlink()
+    assert ckpt.damage(path) == "no ema_1.pt (the run keeps an EMA)"
+    torch.save({}, path / "ema_1.pt")
+    (path / "generator_1.pt").write_bytes(b"")
+    assert ckpt.damage(path).startswith("generator_1.pt is truncated or unreadable")
+    torch.save({}, path / "generator_1.pt")
+    (path / "pytorch_model_fsdp_0" / ".metadata").unlink()  # written last by torch.distributed.checkpoint
+    assert ckpt.damage(path) == "pytorch_model_fsdp_0/ has no .metadata (an incomplete save or copy)"
+    (path / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"shard")
+    for shard in (path / "optimizer_0").iterdir():
+        shard.unlink()
+    assert ckpt.damage(path) == "optimizer_0/ is empty"
+    (path / "optimizer_0").rmdir()
+    assert ckpt.damage(path) == "no optimizer state (optimizer.bin or optimizer_0/)"
 
 
 def test_replace_dir_swaps_the_whole_folder(tmp_path: Path) -> None:

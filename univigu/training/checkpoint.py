@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -123,18 +124,67 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
         return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
 
 
+# what `Trainer.save_checkpoint` writes besides the JSON files: accelerate's model and optimizer state (FSDP: sharded
+# folders), per process its RNG states and the task generator, and with EMA the averaged weights
+_FSDP_MODEL, _FSDP_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"
+_TORCH_SAVED = (".pt", ".bin", ".pkl")  # torch.save files (accelerate writes optimizer.bin and the RNG .pkl so too)
+
+
+def _zip_problem(file: Path) -> str | None:
+    """torch.save writes a zip archive, its directory at the end: opening it reads only that (not the GBs of an
+    optimizer state), and a truncated file has none."""
+    try:
+        with zipfile.ZipFile(file):
+            return None
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"{file.name} is truncated or unreadable: {error}"
+
+
 def damage(path: Path) -> str | None:
     """What makes checkpoint `path` unloadable (a missing or truncated file), or None. A kill cannot cause it
-    (see `publish`), a full disk or a copy gone wrong can."""
+    (see `publish`), a full disk or a copy gone wrong can. Cheap: file headers and zip directories are read,
+    no tensors."""
+    records = {}
     for name in ("trainer_state.json", "config.json"):
         try:
-            json.loads((path / name).read_text())
+            records[name] = json.loads((path / name).read_text())
         except FileNotFoundError:
             return f"no {name}"
         except ValueError:
             return f"{name} is not valid JSON"
+    config = records["config.json"]
+    if not isinstance(config, dict):
+        return "config.json is not a JSON object"
     try:
         weight_shapes(path)
     except (SafetensorError, OSError) as error:  # a truncated file, an unreadable one
         return f"model.safetensors is unreadable: {error}"
+    names = {p.name for p in path.iterdir()}
+    fsdp = _FSDP_MODEL in names
+    if not fsdp and "model.safetensors" not in names:
+        return f"no model weights (model.safetensors or {_FSDP_MODEL}/)"
+    if "optimizer.bin" not in names and _FSDP_OPTIMIZER not in names:
+        return f"no optimizer state (optimizer.bin or {_FSDP_OPTIMIZER}/)"
+    processes = config.get("num_processes", 1)
+    if type(processes) is not int or processes < 1:
+        return f"config.json: num_processes is {processes!r}, not a count"
+    expected = [f"{kind}_{rank}.{ext}" for rank in range(processes)
+                for kind, ext in (("random_states", "pkl"), ("generator", "pt"))]  # fmt: skip
+    for name in expected:
+        if name not in names:
+            return f"no {name}"
+    if config.get("ema_decay") is not None:  # a run without EMA saves none
+        for name in [f"ema_{rank}.pt" for rank in range(processes)] if fsdp else ["ema.pt"]:
+            if name not in names:
+                return f"no {name} (the run keeps an EMA)"
+    for name in sorted(names):
+        item = path / name
+        if item.is_dir() and name in (_FSDP_MODEL, _FSDP_OPTIMIZER):  # torch.distributed.checkpoint folders
+            shards = {p.name for p in item.iterdir()}
+            if not shards:
+                return f"{name}/ is empty"
+            if ".metadata" not in shards:  # written last, and needed to load the shards
+                return f"{name}/ has no .metadata (an incomplete save or copy)"
+        elif item.is_file() and name.endswith(_TORCH_SAVED) and (problem := _zip_problem(item)):
+            return problem
     return None
