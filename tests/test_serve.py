@@ -151,3 +151,44 @@ def test_demo_methods_draw_samples_with_the_asked_seed_steps_and_guidance(tiny_p
     (m1, k1), (m2, k2) = calls
     assert (m1, k1["seed"], k1["num_steps"], k1["guidance_scale"]) == ("text_to_video", 5, 1, 2.5)
     assert (m2, k2["seed"], k2["num_steps"], k2["guidance_scale"]) == ("generate", 6, 1, 3.5)
+
+
+def test_the_app_captions_as_training_reads_and_checks_seed_and_steps(tiny_parts, tmp_path, monkeypatch):
+    """The caption tab reads a video as training clips are made (load_clip: the first frames at the model's fps,
+    scaled to cover and cropped); a clip too short, no seed, a seed that is not a whole number and steps=0 are
+    messages, not a silent default."""
+    import gradio as gr
+    import numpy as np
+
+    from univigu import PipelineConfig, UniViGUPipeline, outputs, write_video
+    from univigu import app as app_module
+    from univigu.data.video_folder import load_clip
+
+    p = tiny_parts
+    demo = app_module.Demo.__new__(app_module.Demo)
+    demo.pipe = UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"], PipelineConfig(num_steps=2))
+    demo.model, demo.load_s, demo.out = tmp_path / "model", 0.0, tmp_path / "out"
+    seen, real = [], outputs.timed_sample
+    monkeypatch.setattr(outputs, "timed_sample", lambda pipe, method, inputs, **kwargs: seen.append(inputs) or real(
+        pipe, method, inputs, **kwargs))  # fmt: skip
+    tall = np.random.default_rng(0).integers(0, 255, (48, 64, 32, 3), np.uint8)  # 6 s at 8 fps, portrait
+    path = write_video(tmp_path / "tall.gif", tall)
+    demo.video_to_text(str(path), seed=0, steps=1)
+    np.testing.assert_array_equal(seen[0][0], load_clip(path, 16, 32, 32, fps=8, min_side=1).numpy())
+
+    class Fake:
+        Error = gr.Error
+        Warning = print
+
+    short = str(write_video(tmp_path / "short.gif", tall[:8]))
+    with pytest.raises(gr.Error, match="video is too short"):
+        app_module.shown(Fake, demo.video_to_text, short, seed=0, steps=1)
+    for task, args in ((demo.text_to_video, ("a red circle",)), (demo.video_to_text, (str(path),)),
+                       (demo.joint, ("a red circle",))):  # fmt: skip
+        with pytest.raises(gr.Error, match="steps must be a whole number from 1, got 0"):
+            app_module.shown(Fake, task, *args, seed=0, steps=0)
+        with pytest.raises(gr.Error, match="a seed is needed"):
+            app_module.shown(Fake, task, *args, seed=None, steps=1)
+        with pytest.raises(gr.Error, match="seed must be a whole number from 0 to 2\\*\\*64 - 1, got 1.7"):
+            app_module.shown(Fake, task, *args, seed=1.7, steps=1)
+    assert len(seen) == 1

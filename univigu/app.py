@@ -4,6 +4,8 @@ under one folder, named like the command line's."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import time
 import warnings
@@ -57,8 +59,8 @@ class Demo:
         """A video for `prompt`: (mp4, sidecar JSON, trajectory page)."""
         from univigu.outputs import save_sample, save_trajectory, slug
 
-        seed, steps = int(seed), int(steps) if steps else None
-        result, seconds, times = self._sample("text_to_video", [_prompt(prompt)], seed=seed, num_steps=steps,
+        prompt, (seed, steps) = _prompt(prompt), _seed_steps(seed, steps)  # named and recorded as sampled
+        result, seconds, times = self._sample("text_to_video", [prompt], seed=seed, num_steps=steps,
                                               guidance_scale=guidance, progress=progress)  # fmt: skip
         stem = f"{slug(prompt)}_seed{seed}"
         record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": self.pipe._scale(guidance),
@@ -71,14 +73,14 @@ class Demo:
     def video_to_text(self, video: str, seed: int = 0, steps: int | None = None, instruction: str = "",
                       progress: Any = None) -> tuple[str, str, str]:  # fmt: skip
         """A caption for the video file at `video`: (caption, sidecar JSON, trajectory page)."""
-        from univigu.data.video_io import read_video
+        from univigu.data.video_folder import load_clip
         from univigu.outputs import save_sample, save_trajectory
 
         if not video:
             raise ValueError("upload a video, or render a world sample first")
-        c = self.pipe.config
-        frames = read_video(video, num_frames=c.frames, size=(c.height, c.width)).numpy()
-        seed, steps = int(seed), int(steps) if steps else None
+        seed, steps = _seed_steps(seed, steps)
+        c = self.pipe.config  # read as cache-latents makes training clips: the first frames at c.fps, cropped
+        frames = load_clip(video, c.frames, c.height, c.width, fps=c.fps, min_side=1).numpy()  # too short: a message
         result, seconds, times = self._sample("video_to_text", frames[None], seed=seed, num_steps=steps,
                                               instruction=instruction or None, progress=progress)  # fmt: skip
         stem = f"{Path(video).stem}_caption_seed{seed}"
@@ -95,8 +97,8 @@ class Demo:
         """A video and its caption for `prompt`, denoised together: (mp4, caption, sidecar JSON, trajectory)."""
         from univigu.outputs import save_sample, save_trajectory, slug
 
-        seed, steps = int(seed), int(steps) if steps else None
-        result, seconds, times = self._sample("generate", [_prompt(prompt)], seed=seed, num_steps=steps,
+        prompt, (seed, steps) = _prompt(prompt), _seed_steps(seed, steps)  # named and recorded as sampled
+        result, seconds, times = self._sample("generate", [prompt], seed=seed, num_steps=steps,
                                               guidance_scale=guidance, progress=progress)  # fmt: skip
         stem = f"{slug(prompt)}_joint_seed{seed}"
         record = {"task": "joint", "prompt": prompt, "caption": result.texts[0],
@@ -116,6 +118,31 @@ class Demo:
         video = world.render(world.scenes(split, [int(index)]))[0]
         scale = max(1, 128 // max(c.height, c.width))
         return str(write_video(self.out / f"world-{split}-{int(index)}.mp4", video, fps=c.fps, scale=scale))
+
+
+def _whole(value: Any) -> int | None:
+    """`value` as an int when it is a whole number (gradio's Number and Slider may send 3.0), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return int(value) if math.isfinite(value) and float(value).is_integer() else None
+
+
+def _seed_steps(seed: Any, steps: Any) -> tuple[int, int | None]:
+    """The seed and steps of a task as the samplers take them (steps None: the model's); ValueError for a missing
+    seed, or a seed or steps that is not a whole number in range (not rounded, nor 0 steps run as the default)."""
+    if seed is None:
+        raise ValueError("a seed is needed: a whole number from 0 to 2**64 - 1")
+    number = _whole(seed)
+    if number is None or not 0 <= number < 2**64:
+        raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r:.80}")
+    if steps is None:
+        return number, None
+    count = _whole(steps)
+    if count is None or count < 1:
+        raise ValueError(f"steps must be a whole number from 1, got {steps!r:.80}")
+    return number, count
 
 
 def _prompt(prompt: str) -> str:
