@@ -219,17 +219,19 @@ def test_the_command_line_shows_warnings_as_messages(monkeypatch):
 
 
 def test_file_names_and_sidecar_records(tmp_path):
-    """slug: lower-case words joined by '-', at most 48 characters, "sample" when nothing is left; save_sample
-    scales a small video up to about 128 pixels; run_record's seconds are per sample, its fps the model's."""
+    """slug: lower-case words joined by '-', at most 48 characters, "sample" when nothing is left, and a hash of
+    the prompt after them when they lost anything; save_sample scales a small video up to about 128 pixels;
+    run_record's seconds are per sample, its fps the model's."""
     from types import SimpleNamespace
 
     from PIL import Image
 
     from univigu.outputs import run_record, save_sample, slug
 
-    assert slug("A red circle, moving RIGHT!") == "a-red-circle-moving-right"
-    assert slug("word " * 30) == ("word-" * 10)[:48] and len(slug("word " * 30)) == 48
-    assert slug("") == slug("?!") == "sample"
+    assert slug("a red circle moving right") == "a-red-circle-moving-right"
+    assert slug("A red circle, moving RIGHT!") == "a-red-circle-moving-right-3442b54b"
+    assert slug("word " * 30).startswith(("word-" * 10)[:48] + "-") and len(slug("word " * 30)) == 48 + 9
+    assert slug("")[:7] == slug("?!")[:7] == "sample-" and slug("") != slug("?!")
     video = np.zeros((2, 32, 32, 3), np.uint8)
     video[1] = 255
     files = save_sample(tmp_path, "clip", video, {"fps": 4, "files": {"trajectory": "t.html"}})
@@ -300,3 +302,120 @@ def test_demo_captions_the_test_scene_its_seed_names(checkpoints, tmp_path):
     assert result.exit_code == 0, result.output
     sidecar = json.loads((tmp_path / "video_to_text.json").read_text())
     assert sidecar["true_caption"] == World().scenes("test", [3])[0].caption and sidecar["seed"] == 3
+
+
+def _captured_frames(monkeypatch):
+    """Patch the run module's sampler call to record the frames a caption run passes; returns the record."""
+    import importlib
+
+    module = importlib.import_module("univigu.cli.run")
+    seen, real = [], module.timed_sample
+
+    def recording(pipe, method, inputs, **kwargs):
+        seen.append(np.asarray(inputs))
+        return real(pipe, method, inputs, **kwargs)
+
+    monkeypatch.setattr(module, "timed_sample", recording)
+    return seen
+
+
+def test_caption_reads_a_clip_as_training_clips_are_made(checkpoints, tmp_path, monkeypatch):
+    """The first `frames` frames at the model's fps, scaled to cover and centre-cropped (load_clip, as cache-latents
+    makes training clips), not frames spread over the whole clip and stretched; a clip too short is a usage error."""
+    from univigu.data.video_folder import load_clip
+
+    seen = _captured_frames(monkeypatch)
+    tall = np.random.default_rng(0).integers(0, 255, (48, 64, 32, 3), np.uint8)  # 6 s at 8 fps, portrait
+    path = write_video(tmp_path / "tall.gif", tall)
+    model = ["--model", str(checkpoints / "unified"), "--out", str(tmp_path / "c"), "--steps", "1"]
+    result = runner.invoke(app, ["caption", str(path), *model])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(seen[0][0], load_clip(path, 16, 32, 32, fps=8, min_side=1).numpy())
+    short = runner.invoke(app, ["caption", str(write_video(tmp_path / "short.gif", tall[:8])), *model])
+    assert short.exit_code == 2 and "video is too short" in said(short)
+
+
+def _read_only(folder, monkeypatch):
+    """`folder` made read-only; as root (whom file modes do not stop) its writes are made to fail as well."""
+    import os
+    import tempfile
+
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if dir is not None and os.path.realpath(dir) == os.path.realpath(folder):
+                raise PermissionError(13, "Permission denied")
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    return folder
+
+
+def test_an_output_folder_that_cannot_be_written_fails_before_any_work(checkpoints, tmp_path, monkeypatch):
+    """A read-only output folder is a usage error when the command line is read, not an OSError after sampling."""
+    import importlib
+
+    module = importlib.import_module("univigu.cli.run")
+    monkeypatch.setattr(module, "_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    ro = _read_only(tmp_path / "ro", monkeypatch)
+    try:
+        for args in (["generate", "a red circle", "--out", str(ro)], ["joint", "a red circle", "--out", str(ro)],
+                     ["caption", "x.mp4", "--out", str(ro)], ["demo", "--out", str(ro)],
+                     ["generate", "a red circle", "--trajectory", str(ro / "t.html")],
+                     ["eval", str(checkpoints / "unified"), "--json", str(ro / "r.json")]):  # fmt: skip
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2 and f"cannot write in the folder {ro}" in said(result), (args, result.output)
+        assert not list(ro.iterdir())
+    finally:
+        ro.chmod(0o755)
+
+
+def test_different_prompts_get_different_names():
+    """A prompt whose slug loses nothing keeps its plain name (a rerun replaces its own files); one whose slug
+    lost case, punctuation, other characters or its end gets a short hash of the exact prompt."""
+    from univigu.outputs import slug
+
+    assert slug("a red circle moves right") == "a-red-circle-moves-right"
+    assert slug("🎉") != slug("🔴") and slug("🎉").startswith("sample-") and slug("🎉") == slug("🎉")
+    assert slug("A red circle!") != slug("a red circle") == "a-red-circle"
+    assert slug("A red circle!").startswith("a-red-circle-") and slug("a-red-circle") != "a-red-circle"
+    long = "a red circle moves right and a blue square grows slowly "
+    assert slug(long + "left") != slug(long + "right") and len(slug(long + "left")) <= 60
+
+
+def test_export_refuses_a_target_holding_its_source(checkpoints, tmp_path):
+    """--overwrite replaces TARGET whole: a target that contains SOURCE (or lies inside it) would delete it."""
+    parent = tmp_path / "parent"
+    source = parent / "model"
+    assert runner.invoke(app, ["export", str(checkpoints / "unified"), str(source), "--dtype", "float32"]).exit_code == 0
+    (parent / "notes.txt").write_text("mine")
+    for target in (parent, source / "half"):
+        result = runner.invoke(app, ["export", str(source), str(target), "--overwrite"])
+        assert result.exit_code == 2 and "SOURCE" in said(result), result.output
+    assert (source / "model_index.json").exists() and (parent / "notes.txt").read_text() == "mine"
+    assert not (source / "half").exists()
+
+
+def test_seeds_and_video_paths_are_checked_on_the_command_line(checkpoints, tmp_path, monkeypatch):
+    """A seed the samplers cannot take (negative, or over 64 bits) and a folder given as a video are usage errors,
+    the seed's before the model loads."""
+    import importlib
+
+    model = ["--model", str(checkpoints / "unified"), "--out", str(tmp_path / "o")]
+    module = importlib.import_module("univigu.cli.run")
+    real = module._pipeline
+    monkeypatch.setattr(module, "_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    for seed in ("99999999999999999999", "-1"):
+        for command in (["generate", "a red circle"], ["caption", "x.mp4"], ["joint", "a red circle"], ["demo"]):
+            result = runner.invoke(app, [*command, *model, "--seed", seed])
+            assert result.exit_code == 2 and "Invalid value for '--seed'" in said(result), (
+                command, result.output)
+    monkeypatch.setattr(module, "_pipeline", real)
+    result = runner.invoke(app, ["eval", str(checkpoints / "unified"), "--seed", str(2**64 - 1), "--n", "2"])
+    assert result.exit_code == 2 and "--seed" in said(result), result.output
+    (tmp_path / "clips").mkdir()
+    result = runner.invoke(app, ["caption", str(tmp_path / "clips"), *model])
+    assert result.exit_code == 2 and "is a folder, not a video file" in said(result), result.output

@@ -3,6 +3,7 @@ pixels scaled for viewing, and a sidecar JSON with the prompt, seed, steps, mode
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -12,8 +13,14 @@ import numpy as np
 
 
 def slug(text: str, limit: int = 48) -> str:
-    """A file-name-safe form of a prompt: lower case words joined by '-' ("sample" when empty)."""
-    return "-".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())[:limit] or "sample"
+    """A file-name-safe form of a prompt: lower case words joined by '-' (at most `limit` characters, "sample"
+    when empty). Distinct prompts get distinct names: when the words lose anything of the exact prompt (case,
+    punctuation, other characters, spacing, the end past `limit`), a short hash of the prompt follows them
+    ("A red circle!" -> "a-red-circle-" + 8 hex digits); a plain prompt ("a red circle") keeps its bare name."""
+    words = "-".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
+    if words.replace("-", " ") == text and 0 < len(words) <= limit:
+        return words
+    return f"{words[:limit].rstrip('-') or 'sample'}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def save_sample(out: str | Path, stem: str, video: np.ndarray | None, record: dict[str, Any]) -> dict[str, str]:

@@ -4,7 +4,9 @@ by default); also the option checks the other command modules share (device, out
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,8 @@ from univigu.outputs import run_record, save_sample, save_trajectory, slug, time
 MODEL_HELP = "Pipeline folder (default: the shipped toy-world model, univigu.DEFAULT_MODEL)."
 DEVICE_HELP = "torch device (default: cuda when available, else cpu)."
 STEPS_HELP = "Sampling steps (default: the model's)."
+SEED_HELP = "Random seed: an integer from 0 to 2**64 - 1 (what torch's generators take)."
+SEED_MAX = 2**64 - 1
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_HELP = "Weights and compute dtype: float32, bfloat16 or float16 (half precision: on a GPU)."
 OFFLOAD_HELP = "Wan pipelines: keep the VAE and umT5 on the CPU, on --device only while they run."
@@ -70,12 +74,20 @@ def _pipeline(model: Path | None, device: str | None = None, param_hint: str = "
 
 
 def out_dir(out: Path) -> Path:
-    """Make an output folder when the command line is read (a typer callback), so that a path that cannot be
-    one fails before any model is loaded."""
+    """Make an output folder when the command line is read (a typer callback), and check that a file can be
+    written in it (a read-only mount), so that a path that cannot take the outputs fails before any model is
+    loaded."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise typer.BadParameter(f"cannot make the folder {out}: {error.strerror}") from error
+    try:
+        handle, probe = tempfile.mkstemp(dir=out, prefix=".univigu-write-check-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise typer.BadParameter(f"cannot write in the folder {out}: {error.strerror}; name another with "
+                                 f"write access") from error  # fmt: skip
     return out
 
 
@@ -126,7 +138,8 @@ def generate(
     prompts: list[str] = typer.Argument(..., help="One or more prompts."),
     model: Path = typer.Option(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
-    seed: int = typer.Option(0), steps: int = typer.Option(None, min=1, help=STEPS_HELP),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
+    steps: int = typer.Option(None, min=1, help=STEPS_HELP),
     guidance: float = typer.Option(None, callback=_finite, help="Classifier-free guidance scale (default: the "
                                    "model's)."),  # fmt: skip
     negative_prompt: str = typer.Option("", help=NEGATIVE_HELP),
@@ -157,7 +170,8 @@ def caption(
     videos: list[Path] = typer.Argument(..., help="Video files (mp4, gif, webm)."),
     model: Path = typer.Option(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
-    seed: int = typer.Option(0), steps: int = typer.Option(None, min=1, help=STEPS_HELP),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
+    steps: int = typer.Option(None, min=1, help=STEPS_HELP),
     instruction: str = typer.Option(None, help="A question or instruction as the prompt condition (for models "
                                     "trained with them; the shipped toy model was trained with none)."),
     out: Path = typer.Option(Path("outputs/caption"), callback=out_dir, help="Where the sidecar JSON files go."),
@@ -167,14 +181,14 @@ def caption(
     """Video to text: a detailed caption per video file."""
     import numpy as np
 
-    from univigu.data.video_io import VideoReadError, read_video
+    from univigu.data.video_folder import VideoReadError, load_clip
 
     load = time.perf_counter()
     pipe, path = _pipeline(model, device, unified="captioning", dtype=dtype, offload=offload)
     load = time.perf_counter() - load
     c = pipe.config
-    try:
-        frames = np.stack([read_video(v, num_frames=c.frames, size=(c.height, c.width)).numpy() for v in videos])
+    try:  # read as cache-latents makes training clips: the first c.frames frames at c.fps, scaled to cover, cropped
+        frames = np.stack([load_clip(v, c.frames, c.height, c.width, fps=c.fps, min_side=1).numpy() for v in videos])
     except VideoReadError as error:
         raise typer.BadParameter(str(error), param_hint="VIDEOS") from error
     names = [Path(v).stem for v in videos]  # two clip.mp4 from two folders must not share a sidecar
@@ -196,7 +210,8 @@ def joint(
     prompts: list[str] = typer.Argument(..., help="One or more prompts."),
     model: Path = typer.Option(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
-    seed: int = typer.Option(0), steps: int = typer.Option(None, min=1, help=STEPS_HELP),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
+    steps: int = typer.Option(None, min=1, help=STEPS_HELP),
     guidance: float = typer.Option(None, callback=_finite),
     negative_prompt: str = typer.Option("", help=NEGATIVE_HELP),
     text_update: str = typer.Option(None, help="'ctmc' or the released 'linear-resample' (default: the model's)."),
@@ -231,7 +246,7 @@ def evaluate(
     checkpoint: Path = typer.Argument(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
     split: str = typer.Option("test", help="test or heldout (or val)."),
-    n: int = typer.Option(256, "--n", min=1), seed: int = typer.Option(0),
+    n: int = typer.Option(256, "--n", min=1), seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
     steps: int = typer.Option(None, min=1, help=STEPS_HELP),
     batch_size: int = typer.Option(64, min=1),
     base: Path = typer.Option(None, help="Base generator folder, to compare T2V accuracy before recall."),
@@ -249,6 +264,9 @@ def evaluate(
                                  param_hint="--tasks")  # fmt: skip
     if split not in SPLITS:
         raise typer.BadParameter(f"one of {list(SPLITS)}, got {split!r}", param_hint="--split")
+    if seed + n - 1 > SEED_MAX:  # sample i is drawn with seed + i
+        raise typer.BadParameter(f"sample i is drawn with seed + i, so seed + n - 1 must be at most 2**64 - 1; "
+                                 f"got {seed} with --n {n}", param_hint="--seed")  # fmt: skip
     pipe, path = _pipeline(checkpoint, device, param_hint="CHECKPOINT")
     base_pipe = _pipeline(base, device, param_hint="--base")[0] if base else None
     dropped = [t for t in chosen if t != "t2v"]
@@ -270,7 +288,7 @@ def demo(
     prompt: str = typer.Option("a red circle moves right", help="Prompt for text-to-video and joint generation."),
     model: Path = typer.Option(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
     out: Path = typer.Option(Path("outputs/demo"), callback=out_dir, help="Output folder."),
 ) -> None:
     """The main job on the shipped toy-world model: a generated video, a caption for a freshly rendered
@@ -324,6 +342,12 @@ def export(
         raise typer.BadParameter(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", param_hint="--dtype")
     if target.exists() and target.resolve() == source.resolve():
         raise typer.BadParameter("is SOURCE itself: its weights would be rewritten in place", param_hint="TARGET")
+    if source.resolve() in target.resolve().parents:
+        raise typer.BadParameter(f"{target} contains SOURCE ({source}), which replacing it would delete; name a "
+                                 f"folder outside it", param_hint="TARGET")  # fmt: skip
+    if target.resolve() in source.resolve().parents:
+        raise typer.BadParameter(f"{target} is inside SOURCE ({source}); name a folder outside it",
+                                 param_hint="TARGET")  # fmt: skip
     if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
         raise typer.BadParameter(f"{target} exists; pass --overwrite to replace it, or name a new folder",
                                  param_hint="TARGET")  # fmt: skip
