@@ -390,7 +390,8 @@ def test_export_refuses_a_target_holding_its_source(checkpoints, tmp_path):
     """--overwrite replaces TARGET whole: a target that contains SOURCE (or lies inside it) would delete it."""
     parent = tmp_path / "parent"
     source = parent / "model"
-    assert runner.invoke(app, ["export", str(checkpoints / "unified"), str(source), "--dtype", "float32"]).exit_code == 0
+    copied = runner.invoke(app, ["export", str(checkpoints / "unified"), str(source), "--dtype", "float32"])
+    assert copied.exit_code == 0, copied.output
     (parent / "notes.txt").write_text("mine")
     for target in (parent, source / "half"):
         result = runner.invoke(app, ["export", str(source), str(target), "--overwrite"])

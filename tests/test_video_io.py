@@ -233,7 +233,7 @@ def test_a_cut_gif_reads_what_is_left_with_a_warning(tmp_path, fraction):
         assert read_video(good).shape[0] == 40
     cut = tmp_path / "cut.gif"
     cut.write_bytes(good.read_bytes()[: int(good.stat().st_size * fraction)])
-    with pytest.warns(UserWarning, match=r"cut.gif: decoded \d+ frames .* has no GIF trailer; the file looks truncated"):
+    with pytest.warns(UserWarning, match=r"cut.gif: decoded \d+ frames .* no GIF trailer; the file looks truncated"):
         left = read_video(cut)
     assert 0 < len(left) < 40
 

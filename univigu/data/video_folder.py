@@ -110,7 +110,8 @@ def load_clip(path: str | os.PathLike, frames: int, height: int, width: int, fps
             decoded.append(frame.to_ndarray(format="rgb24"))  # grayscale and yuv alike become RGB
             times.append(t)
             # a frame lasts its stored duration (GIF writers merge identical consecutive frames into one longer one)
-            ends.append(t + (float(frame.duration * stream.time_base) if frame.duration else 1.0 / (rate or fps or 1)))
+            last = float(frame.duration * stream.time_base) if frame.duration else 1.0 / (rate or fps or 1)
+            ends.append(t + last)
             if step is None and len(decoded) >= frames:
                 break
     if not decoded:
