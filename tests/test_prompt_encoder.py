@@ -36,3 +36,15 @@ def test_config_that_does_not_match_the_weights_names_the_keys(tmp_path):
     with pytest.raises(ValueError, match=r"PromptEncoder its config describes:\n  mismatched shapes .*\n    "
                                          r"encoder\.layers\.0\.linear1\.bias: checkpoint \(64,\) vs model \(32,\)"):
         PromptEncoder.from_pretrained(tmp_path)  # was diffusers' advice to pass ignore_mismatched_sizes=True
+
+
+def test_a_missing_folder_is_a_file_not_found_error_without_the_network(tmp_path, monkeypatch):
+    """Was a hub lookup of the path (huggingface.co), then diffusers' OSError."""
+    import socket
+
+    attempts = []
+    monkeypatch.setattr(socket.socket, "connect", lambda *args: attempts.append(args) or 1 / 0)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: attempts.append(args) or 1 / 0)
+    with pytest.raises(FileNotFoundError, match="prompt_encoder does not exist"):
+        PromptEncoder.from_pretrained(tmp_path / "prompt_encoder")
+    assert attempts == []

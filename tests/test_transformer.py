@@ -359,3 +359,26 @@ def test_text_rope_positions_start_at_zero():
     angles = p * theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)[None]
     assert torch.allclose(cos, angles.cos().float(), atol=1e-6) and torch.allclose(sin, angles.sin().float(), atol=1e-6)
     assert (cos[0] == 1).all() and (sin[0] == 0).all()
+
+
+def test_loading_a_missing_or_bad_folder_is_a_clear_error_and_never_uses_the_network(model, tmp_path, monkeypatch):
+    """A folder that is not there was a hub id (requests to huggingface.co, then an OSError); a config value of the
+    wrong type a bare TypeError naming neither the file nor the key."""
+    import socket
+
+    attempts = []
+    monkeypatch.setattr(socket.socket, "connect", lambda *args: attempts.append(args) or 1 / 0)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: attempts.append(args) or 1 / 0)
+    with pytest.raises(FileNotFoundError, match="absent does not exist"):
+        UniViGUTransformer.from_pretrained(tmp_path / "absent")
+    model.save_pretrained(tmp_path / "m")
+    config_file = tmp_path / "m" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "num_layers": "two"}))
+    with pytest.raises(ValueError, match=f"^{config_file} does not describe a UniViGUTransformer: .*integer "
+                                         r"\(of another type than the defaults: num_layers='two'\)"):
+        UniViGUTransformer.from_pretrained(tmp_path / "m")
+    config_file.unlink()
+    with pytest.raises(FileNotFoundError, match=f"no config.json in {tmp_path / 'm'}"):
+        UniViGUTransformer.from_pretrained(tmp_path / "m")
+    assert attempts == []

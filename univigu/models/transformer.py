@@ -98,13 +98,36 @@ def _key_summary(keys: list[str], limit: int = 8) -> str:
     return ", ".join(shown) + (f", ... ({len(groups) - limit} more groups)" if len(groups) > limit else "")
 
 
+def _odd_types(cls: type, config: dict) -> list[str]:
+    """`key=value` for config values of another kind than the constructor's default (a str for an int, ...): what a
+    TypeError from deep inside the constructor (which names no key) most likely came from."""
+    import inspect
+
+    kinds = ((bool,), (int, float), (str,), (list, tuple))
+    odd = []
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        default, value = parameter.default, config.get(name)
+        if value is None or default is None or default is inspect.Parameter.empty:
+            continue
+        kind = next((k for k in kinds if isinstance(default, k)), None)
+        if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) != isinstance(default, bool)):
+            odd.append(f"{name}={value!r}")
+    return odd
+
+
 def check_checkpoint(cls: type[ModelMixin], folder: Path, kwargs: dict | None = None) -> None:
     """Compare the safetensors headers in `folder` with the parameters of the `cls` its config (plus any constructor
-    arguments in `kwargs`) describes, before any weight is read: FileNotFoundError without weights, ValueError for
-    an unreadable file or for keys / shapes that differ, naming each. (diffusers only warns about missing/unexpected
-    keys and leaves those weights random, and fails on other shapes with advice to ignore them.)"""
+    arguments in `kwargs`) describes, before any weight is read: FileNotFoundError without the folder, its
+    config.json or weights, ValueError for an unreadable file, a config the class cannot be built from, or keys /
+    shapes that differ, naming each. (diffusers only warns about missing/unexpected keys and leaves those weights
+    random, and fails on other shapes with advice to ignore them.)"""
     from safetensors import SafetensorError, safe_open
 
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist (or is not a folder): no {cls.__name__} to load")
+    if not (folder / cls.config_name).is_file():
+        raise FileNotFoundError(f"no {cls.config_name} in {folder}: not a saved {cls.__name__} (write it with "
+                                "save_pretrained)")  # fmt: skip
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     single = folder / "diffusion_pytorch_model.safetensors"
     if index.exists():
@@ -130,8 +153,13 @@ def check_checkpoint(cls: type[ModelMixin], folder: Path, kwargs: dict | None = 
     except OSError as error:  # diffusers' "not a valid JSON file", from deep in its loader
         raise ValueError(f"{folder / 'config.json'} is not readable: {error}") from error
     overrides = {k: v for k, v in (kwargs or {}).items() if k in cls._get_init_keys(cls)}
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in cls.from_config(config, **overrides).state_dict().items()}
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls.from_config(config, **overrides).state_dict().items()}
+    except (TypeError, ValueError) as error:  # e.g. "num_layers": "four", raised deep inside the constructor
+        odd = _odd_types(cls, config)
+        hint = f" (of another type than the defaults: {', '.join(odd)})" if odd else ""
+        raise ValueError(f"{folder / cls.config_name} does not describe a {cls.__name__}: {error}{hint}") from error
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     shapes = [f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in sorted(expected) if
@@ -155,7 +183,10 @@ class StrictLoading:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike,
                         **kwargs) -> ModelMixin | tuple[ModelMixin, dict]:  # fmt: skip
         folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
-        if folder.is_dir():
+        # local files only: a folder that is not there must not become a hub id (requests to huggingface.co, then
+        # diffusers' OSError); pass local_files_only=False to load from the hub
+        kwargs.setdefault("local_files_only", True)
+        if folder.is_dir() or kwargs["local_files_only"]:
             check_checkpoint(cls, folder, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
