@@ -112,7 +112,7 @@ def test_bad_inputs_are_clear_errors(pipe, tiny_parts, videos, tmp_path):
         pipe.check_prompts(["a dog on a beach", "a dog moves"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pipe.check_prompts(["a red circle moves right", ""])  # the world's words: no warning
+        pipe.check_prompts(["a red circle moves right", ""], warn_empty=False)  # the world's words: no warning
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         UniViGUPipeline.from_pretrained(tmp_path / "nothing")
 
@@ -365,3 +365,171 @@ def test_guidance_text_prompt_keeps_the_prompt_in_the_null_pass(pipe):
     assert torch.allclose(prompt_states[2:, : null_states.shape[1]], null_states)
     with pytest.raises(ValueError, match=r"guidance_text must be one of \('empty_prompt', 'prompt'\)"):
         PipelineConfig(guidance_text="none")
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """Every attempt to reach the network (a name lookup or a connection) recorded and refused."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("the network is off in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+def test_a_missing_component_is_a_clear_error_that_never_reaches_the_network(tmp_path, offline):
+    """A pipeline folder without transformer/ (or its config.json), prompt_encoder/ or tokenizer/: was six requests
+    to huggingface.co, then an OSError from diffusers; now a FileNotFoundError (a usage error on the command line)
+    naming what is missing, and no network use."""
+    cases = [("transformer", "transformer does not exist"), ("prompt_encoder", "prompt_encoder does not exist"),
+             ("tokenizer", "tokenizer does not exist"), ("transformer/config.json", "no config.json in .*transformer"),
+             ("prompt_encoder/config.json", "no config.json in .*prompt_encoder")]  # fmt: skip
+    for i, (removed, message) in enumerate(cases):
+        folder = shutil.copytree(univigu.DEFAULT_MODEL, tmp_path / str(i))
+        target = folder / removed
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        with pytest.raises(FileNotFoundError, match=message):
+            UniViGUPipeline.from_pretrained(folder)
+    assert offline == []
+    UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL)  # the whole folder loads offline
+    assert offline == []
+
+
+def _maskless_tokenizer():
+    """The world's words without a mask token (as umT5's tokenizer has none)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from univigu.data.world import vocabulary
+
+    words = ["[PAD]", "[END]", "[UNK]"] + sorted(set(vocabulary()))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", eos_token="[END]", unk_token="[UNK]")
+
+
+def test_components_that_do_not_fit_together_are_refused_when_the_pipeline_is_built(tiny_parts):
+    """Were IndexErrors / shape errors in the middle of the first sampling call."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from univigu import PromptEncoder, UniViGUTransformer
+    from univigu.data.tokenizer import build_world_tokenizer
+    from univigu.data.world import vocabulary
+    from univigu.models.wan import UMT5PromptEncoder
+
+    p = tiny_parts
+    n = len(p["tokenizer"])
+    encoder = {"num_layers": 1, "num_heads": 2, "max_length": 16}
+    wide = PromptEncoder(vocab_size=n, dim=64, **encoder)
+    for transformer in (p["unified"], p["wan"]):  # a base generator reads prompt states too
+        with pytest.raises(ValueError, match=r"prompt encoder \(PromptEncoder\) gives states 64 wide; the transformer "
+                                             r"\(\w+\) reads 32 \(text_dim\)"):
+            UniViGUPipeline(transformer, wide, p["tokenizer"], PipelineConfig(num_steps=1))
+    umt5 = UMT5PromptEncoder(UMT5EncoderModel(UMT5Config(vocab_size=n, d_model=48, d_kv=8, d_ff=64, num_layers=1,
+                                                         num_heads=2, relative_attention_num_buckets=8)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"\(UMT5PromptEncoder\) gives states 48 wide; .* reads 32"):
+        UniViGUPipeline(p["unified"], umt5, p["tokenizer"], PipelineConfig(num_steps=1))
+    small = PromptEncoder(vocab_size=n - 6, dim=32, **encoder)
+    with pytest.raises(ValueError, match=f"the tokenizer has {n} tokens; the prompt encoder \\(PromptEncoder\\) "
+                                         f"embeds {n - 6} \\(vocab_size\\)"):
+        UniViGUPipeline(p["unified"], small, p["tokenizer"], PipelineConfig(num_steps=1))
+    bigger = build_world_tokenizer([*vocabulary(), "dog", "cat", "beach"])  # 59 tokens
+    reads_it = PromptEncoder(vocab_size=len(bigger), dim=32, **encoder)
+    with pytest.raises(ValueError, match=f"the tokenizer has {n + 3} tokens; the transformer \\(UniViGUTransformer\\) "
+                                         f"reads {n} text tokens \\(text_vocab_size\\)"):
+        UniViGUPipeline(p["unified"], reads_it, bigger, PipelineConfig(num_steps=1))
+    UniViGUPipeline(p["wan"], reads_it, bigger, PipelineConfig(num_steps=1))  # no text stream: no text vocabulary
+    maskless = _maskless_tokenizer()
+    plain = UniViGUTransformer.from_wan(p["wan"], text_vocab_size=len(maskless))
+    encoder_m = PromptEncoder(vocab_size=len(maskless), dim=32, **encoder)
+    UniViGUPipeline(plain, encoder_m, maskless, PipelineConfig(num_steps=1))
+    with pytest.raises(ValueError, match=f"text_source 'mask' starts the text from id {len(maskless)}.*no mask row"):
+        UniViGUPipeline(plain, encoder_m, maskless, PipelineConfig(num_steps=1, text_source="mask"))
+    with_row = UniViGUTransformer.from_wan(p["wan"], text_vocab_size=len(maskless), text_mask_row=True)
+    UniViGUPipeline(with_row, encoder_m, maskless, PipelineConfig(num_steps=1, text_source="mask"))
+
+
+def test_a_folder_whose_tokenizer_does_not_fit_the_transformer_fails_to_load(model_copy, tiny_parts):
+    """The reported case: a 59-token tokenizer next to a transformer of text_vocab_size 56 loaded, then `univigu
+    joint` ended in an IndexError."""
+    from univigu.data.tokenizer import build_world_tokenizer
+    from univigu.data.world import vocabulary
+
+    folder, _ = model_copy
+    shutil.rmtree(folder / "tokenizer")
+    build_world_tokenizer([*vocabulary(), "dog", "cat", "beach"]).save_pretrained(str(folder / "tokenizer"))
+    with pytest.raises(ValueError, match=f"^{folder / 'model_index.json'}: the tokenizer has 59 tokens; the prompt "
+                                         "encoder .* embeds 56"):
+        UniViGUPipeline.from_pretrained(folder)
+
+
+def test_a_broken_component_names_the_file_and_the_problem(model_copy):
+    """Were raw TypeErrors (naming no file), a misleading 'does not match WanTransformer3DModel', and a bare JSON
+    error from the tokenizer."""
+    folder, write = model_copy
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    write(text=json.dumps({**index, "config": None}))
+    with pytest.raises(ValueError, match=f"^{index_file}: config must be a JSON object, got null"):
+        UniViGUPipeline.from_pretrained(folder)
+    write(text=json.dumps({**index, "transformer": ["univigu", "UniViGUTransformr"]}))
+    with pytest.raises(ValueError, match=f"^{index_file}: unknown transformer class 'UniViGUTransformr'; known: "
+                                         "UniViGUTransformer, WanTransformer3DModel"):
+        UniViGUPipeline.from_pretrained(folder)
+    write(text=json.dumps({**index, "prompt_encoder": ["univigu", "PromptEncodr"]}))
+    with pytest.raises(ValueError, match="unknown prompt_encoder class 'PromptEncodr'; known: PromptEncoder, "
+                                         "UMT5PromptEncoder"):
+        UniViGUPipeline.from_pretrained(folder)
+    write(text=json.dumps({**index, "transformer": "UniViGUTransformer"}))
+    with pytest.raises(ValueError, match=r'transformer must be \[library, class name\], got "UniViGUTransformer"'):
+        UniViGUPipeline.from_pretrained(folder)
+    write()
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "num_layers": "four"}))
+    with pytest.raises(ValueError, match=f"^{config_file} does not describe a UniViGUTransformer: .*integer"):
+        UniViGUPipeline.from_pretrained(folder)
+    config_file.write_text(json.dumps(config))
+    tokenizer_file = folder / "tokenizer" / "tokenizer.json"
+    text = tokenizer_file.read_text()
+    tokenizer_file.write_text(text[:25] + "\x01" + text[25:])
+    with pytest.raises(ValueError, match=f"^{tokenizer_file} is not valid JSON: "):
+        UniViGUPipeline.from_pretrained(folder)
+
+
+def test_prompts_that_are_not_text_are_clear_errors_and_empty_ones_a_warning(pipe):
+    with pytest.raises(PromptError, match=r"prompt 1 is not valid text: character 6 \('\\udcff'\) cannot be encoded "
+                                          "as UTF-8"):  # was a TypeError inside tokenizers
+        pipe.text_to_video(["a red circle", "a red \udcff circle"], progress=False)
+    with pytest.raises(PromptError, match="the negative prompt is not valid text"):
+        pipe.generate("a red circle", negative_prompt="\udcff", progress=False)
+    with pytest.raises(TypeError, match=r"prompts must be a str or a list of str, got bytes; decode them"):
+        pipe.text_to_video(b"a red circle", progress=False)  # was "prompt 0 is int" (the bytes were iterated)
+    with pytest.raises(TypeError, match=r"^prompt 0 is bytes, expected str; decode it"):
+        pipe.generate([b"a red circle"], progress=False)
+    for method in (pipe.text_to_video, pipe.generate):
+        with pytest.warns(UserWarning, match=r"prompts 1, 2 are empty: .* unconditional sample"):
+            method(["a red circle", "", " \n"], num_steps=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the empty negative prompt and instruction are the defaults: no warning
+        pipe.generate("a red circle", num_steps=1, progress=False)
+        pipe.video_to_text(np.zeros((1, 16, 32, 32, 3), np.uint8), num_steps=1, progress=False)
+
+
+def test_the_unknown_word_warning_is_short_whatever_the_prompt(pipe):
+    with pytest.warns(UserWarning) as caught:
+        pipe.check_prompts(["x" * 100_000])  # was a 100 KB warning
+    message = str(caught[0].message)
+    assert len(message) < 200 and "'" + "x" * 40 + "...'" in message
+    words = [f"word{i}" for i in range(30)]
+    with pytest.warns(UserWarning) as caught:
+        pipe.check_prompts([" ".join(words[i : i + 10]) for i in (0, 10, 20)])
+    message = str(caught[0].message)
+    assert message.endswith("'word0', 'word1', 'word2', 'word3', 'word4', 'word5', 'word6', 'word7', 'word8', "
+                            "'word9' ... and 20 more")  # fmt: skip

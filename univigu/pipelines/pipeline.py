@@ -124,9 +124,68 @@ def _prompt_list(prompts: Any) -> list[Any]:
     """A str as a batch of one; any other iterable as a list (its items are checked by `check_prompts`)."""
     if isinstance(prompts, str):
         return [prompts]
+    if isinstance(prompts, (bytes, bytearray)):  # iterable, but as ints
+        raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}; decode them first "
+                        "(.decode('utf-8'))")  # fmt: skip
     if not isinstance(prompts, Iterable):
         raise TypeError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
     return list(prompts)
+
+
+# model_index.json's class names, as save_pretrained writes them; a name not here is an error, not a guess
+TRANSFORMER_CLASSES = ("UniViGUTransformer", "WanTransformer3DModel")
+PROMPT_ENCODER_CLASSES = ("PromptEncoder", "UMT5PromptEncoder")
+
+
+def _component_class(index: dict[str, Any], index_file: Path, part: str) -> str:
+    """The class name model_index.json gives `part` ("transformer", "prompt_encoder"): `[library, class name]`,
+    a class this package loads; else a ValueError naming the file."""
+    entry, known = index[part], TRANSFORMER_CLASSES if part == "transformer" else PROMPT_ENCODER_CLASSES
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+        raise ValueError(f"{index_file}: {part} must be [library, class name], got {json.dumps(entry)}")
+    if entry[1] not in known:
+        raise ValueError(f"{index_file}: unknown {part} class {entry[1]!r}; known: {', '.join(known)}")
+    return entry[1]
+
+
+def _require_config(folder: Path, name: str) -> None:
+    """FileNotFoundError unless `folder` holds a config.json (else the loaders' OSError, or a hub lookup)."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}: not a saved {name} (write pipeline folders with "
+                                "save_pretrained)")  # fmt: skip
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    """`load_tokenizer`, with a corrupt file (a JSON or tokenizers error that names none) a ValueError naming it."""
+    try:
+        return load_tokenizer(folder)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # tokenizers raises plain Exceptions
+        for file in sorted(folder.glob("*.json")):
+            try:
+                json.loads(file.read_text())
+            except (ValueError, UnicodeDecodeError) as bad:
+                raise ValueError(f"{file} is not valid JSON: {bad}") from error
+        raise ValueError(f"{folder}: the tokenizer does not load ({type(error).__name__}: {error}); write it with "
+                         "save_pretrained") from error  # fmt: skip
+
+
+def _load_part(name: str, folder: Path, torch_dtype: torch.dtype) -> nn.Module:
+    """Load the component class `name` from `folder` (local files only); a TypeError from a config the class cannot
+    take (raised deep inside it, naming no file) becomes a ValueError naming the folder."""
+    loaders = {"UniViGUTransformer": lambda: UniViGUTransformer.from_pretrained(folder, torch_dtype=torch_dtype,
+                                                                               local_files_only=True),
+               "PromptEncoder": lambda: PromptEncoder.from_pretrained(folder, torch_dtype=torch_dtype,
+                                                                     local_files_only=True),
+               # these two read local files only themselves
+               "WanTransformer3DModel": lambda: load_wan_transformer(folder, torch_dtype=torch_dtype),
+               "UMT5PromptEncoder": lambda: UMT5PromptEncoder.from_pretrained(folder, torch_dtype=torch_dtype)}
+    _require_config(folder, name)
+    try:
+        return loaders[name]()
+    except TypeError as error:
+        raise ValueError(f"{folder}: the {name} does not load from it: {error}") from error
 
 
 class PromptError(ValueError):
@@ -257,17 +316,26 @@ class UniViGUPipeline:
         missing = [key for key in ("transformer", "prompt_encoder", "config") if key not in index]
         if missing:
             raise ValueError(f"{index_file} lacks {missing} (write pipeline folders with save_pretrained)")
+        if not isinstance(index["config"], dict):
+            raise ValueError(f"{index_file}: config must be a JSON object, got {json.dumps(index['config'])}")
         source = f"{index_file} (with {sorted(config)})" if config else str(index_file)
         config = PipelineConfig.from_dict({**index["config"], **config}, source)  # before the weights: fails fast
-        if index["transformer"][1] == "UniViGUTransformer":
-            transformer = UniViGUTransformer.from_pretrained(path / "transformer", torch_dtype=torch_dtype)
-        else:
-            transformer = load_wan_transformer(path / "transformer", torch_dtype=torch_dtype)
-        encoder_class = UMT5PromptEncoder if index["prompt_encoder"][1] == "UMT5PromptEncoder" else PromptEncoder
-        prompt_encoder = encoder_class.from_pretrained(path / "prompt_encoder", torch_dtype=torch_dtype)
-        tokenizer = load_tokenizer(path / "tokenizer")
-        codec = WanVAECodec.from_pretrained(path / "vae", patch_size=transformer.config.patch_size) if "vae" in index \
-            else None  # fmt: skip
+        transformer_class = _component_class(index, index_file, "transformer")
+        encoder_class = _component_class(index, index_file, "prompt_encoder")
+        parts = ["transformer", "prompt_encoder", "tokenizer", *(["vae"] if "vae" in index else [])]
+        absent = [path / part for part in parts if not (path / part).is_dir()]
+        if absent:
+            raise FileNotFoundError(f"{', '.join(map(str, absent))} {'does' if len(absent) == 1 else 'do'} not exist: "
+                                    f"{index_file} needs the folders {parts} next to it (copy the whole pipeline "
+                                    "folder)")  # fmt: skip
+        # every load reads local files only (never the network); a config a class cannot take names its file
+        transformer = _load_part(transformer_class, path / "transformer", torch_dtype)
+        prompt_encoder = _load_part(encoder_class, path / "prompt_encoder", torch_dtype)
+        tokenizer = _load_tokenizer(path / "tokenizer")
+        codec = None
+        if "vae" in index:
+            _require_config(path / "vae", "Wan VAE")
+            codec = WanVAECodec.from_pretrained(path / "vae", patch_size=transformer.config.patch_size)
         try:
             pipe = cls(transformer, prompt_encoder, tokenizer, config, codec=codec)
         except ValueError as error:  # the config does not fit the weights
@@ -370,16 +438,31 @@ class UniViGUPipeline:
 
     # ---- the three tasks ---------------------------------------------------------------------------
 
-    def check_prompts(self, prompts: list[str], text_stream: bool = False) -> None:
-        """Raise `PromptError` for no prompts or a prompt longer than the model reads (`config.prompt_length`
-        tokens, the end token included; with `text_stream`, T2V's, also `config.text_length`: the prompt is the text
-        stream there), TypeError for one that is not a str; warn about words the tokenizer does not know (they reach
-        the model as one unknown token: the toy model knows only its world's words)."""
+    def check_prompts(self, prompts: list[str], text_stream: bool = False, warn_empty: bool = True) -> None:
+        """Raise `PromptError` for no prompts, a prompt that is not valid text (a lone surrogate: not encodable as
+        UTF-8) or one longer than the model reads (`config.prompt_length` tokens, the end token included; with
+        `text_stream`, T2V's, also `config.text_length`: the prompt is the text stream there), TypeError for one that
+        is not a str; warn about words the tokenizer does not know (they reach the model as one unknown token: the
+        toy model knows only its world's words) and, with `warn_empty`, about empty prompts (an unconditional
+        sample; the negative prompt and the V2T instruction are empty by default, and are checked without)."""
         if not prompts:
             raise PromptError("no prompts: the batch is empty; pass at least one prompt")
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
-                raise TypeError(f"prompt {i} is {type(prompt).__name__}, expected str")
+                hint = "; decode it first (.decode('utf-8'))" if isinstance(prompt, (bytes, bytearray)) else ""
+                raise TypeError(f"prompt {i} is {type(prompt).__name__}, expected str{hint}")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as error:  # else a TypeError from inside tokenizers ("TextEncodeInput must be")
+                raise PromptError(f"prompt {i} is not valid text: character {error.start} "
+                                  f"({prompt[error.start]!r}) cannot be encoded as UTF-8 (a lone surrogate; on the "
+                                  "command line, bytes that are not UTF-8); pass UTF-8 text") from None  # fmt: skip
+        empty = [i for i, prompt in enumerate(prompts) if not prompt.strip()]
+        if empty and warn_empty:
+            listed = ", ".join(map(str, empty[:10])) + (f" ... and {len(empty) - 10} more" if len(empty) > 10 else "")
+            which = f"prompt {listed} is" if len(empty) == 1 else f"prompts {listed} are"
+            warnings.warn(f"{which} empty: an unconditional sample (the empty prompt is no condition, as in "
+                          "classifier-free training); pass a description to condition on it", stacklevel=2)  # fmt: skip
         tokenizer, limit = self.prompt_canvas.tokenizer, self.prompt_canvas.length - 1
         if text_stream:
             limit = min(limit, self.text_canvas.length - 1)
@@ -390,14 +473,17 @@ class UniViGUPipeline:
                 raise PromptError(f"prompt {i} is {len(ids)} tokens long; this model reads at most {limit}: "
                                   f"{prompt[:80]!r}{'...' if len(prompt) > 80 else ''}")  # fmt: skip
             unknown += [prompt[a:b].strip() for t, (a, b) in zip(ids, spans) if t == tokenizer.unk_token_id]
-        if unknown:
-            words = ", ".join(repr(w) for w in dict.fromkeys(unknown))
+        if unknown:  # a few, each cut short: a 100,000-character word must not become a 100 KB warning
+            distinct = list(dict.fromkeys(unknown))
+            shown = [repr(w if len(w) <= 40 else w[:40] + "...") for w in distinct[:10]]
+            words = ", ".join(shown) + (f" ... and {len(distinct) - 10} more" if len(distinct) > 10 else "")
             warnings.warn(f"words this model's tokenizer does not know (read as {tokenizer.unk_token}): {words}",
                           stacklevel=2)  # fmt: skip
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
-        """Prompt states `[B, S, D]`. Raises `PromptError` for a prompt longer than the model reads."""
-        self.check_prompts(prompts)
+        """Prompt states `[B, S, D]` (the empty prompt's: the null condition). Raises `PromptError` for a prompt
+        longer than the model reads."""
+        self.check_prompts(prompts, warn_empty=False)
         return self._prompt_states(prompts)
 
     @torch.no_grad()
@@ -497,7 +583,7 @@ class UniViGUPipeline:
         self._require_unified("video_to_text")
         videos = self._video_tensor(videos)
         seed, steps = _seed(seed), self.config.steps_for("video_to_text", num_steps)
-        self.check_prompts([instruction or ""])
+        self.check_prompts([instruction or ""], warn_empty=False)
         x = self.codec.encode(videos.to(self.device))
         states = self._prompt_states([instruction or ""] * len(x))
         if not instruction and self.config.caption_condition == "zeros":
@@ -552,10 +638,46 @@ class UniViGUPipeline:
         if not isinstance(negative_prompt, str):  # one for the batch, as the null pass has one condition
             raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
         try:
-            self.check_prompts([negative_prompt], text_stream=text_stream)
+            self.check_prompts([negative_prompt], text_stream=text_stream, warn_empty=False)
         except PromptError as error:
             message = str(error).replace("prompt 0", "the negative prompt", 1)  # the only error one prompt can get
             raise PromptError(message, argument="negative_prompt") from None
+
+    def _check_components(self, transformer: nn.Module) -> None:
+        """ValueError, naming both numbers, for components that would fail in the first sampling call: prompt
+        states of another width than the transformer reads (text_dim); tokenizer ids the prompt encoder has no
+        embedding for; and, for a unified model, a text stream (the tokenizer's ids, and the mask source's id) that
+        the transformer's text vocabulary (text_vocab_size, plus its mask row) does not cover. A module without a
+        config (a test double) is not checked."""
+        n = len(self.tokenizer)
+        encoder = self.prompt_encoder
+        name = f"the prompt encoder ({type(encoder).__name__})"
+        if isinstance(encoder, UMT5PromptEncoder):  # transformers' T5 config: d_model, vocab_size
+            width, vocab = encoder.encoder.config.d_model, encoder.encoder.get_input_embeddings().num_embeddings
+        else:
+            config = getattr(encoder, "config", None)
+            width, vocab = getattr(config, "dim", None), getattr(config, "vocab_size", None)
+        config = getattr(transformer, "config", None)
+        text_dim = getattr(config, "text_dim", None)
+        what = f"the transformer ({type(transformer).__name__})"
+        if width is not None and text_dim is not None and width != text_dim:
+            raise ValueError(f"{name} gives states {width} wide; {what} reads {text_dim} (text_dim): use the prompt "
+                             "encoder the transformer was trained with")  # fmt: skip
+        if vocab is not None and n > vocab:
+            raise ValueError(f"the tokenizer has {n} tokens; {name} embeds {vocab} (vocab_size): use the tokenizer "
+                             "the prompt encoder was trained with")  # fmt: skip
+        if not self.unified:  # a base generator has no text stream
+            return
+        rows, size = transformer.text_vocab_out, transformer.config.text_vocab_size
+        if n > rows:
+            row = " plus its mask row" if transformer.config.text_mask_row else ""
+            raise ValueError(f"the tokenizer has {n} tokens; {what} reads {size} text tokens (text_vocab_size){row}: "
+                             "use the tokenizer the transformer was trained with")  # fmt: skip
+        mask_id = self.text_canvas.mask_id
+        if self.config.text_source == "mask" and mask_id >= rows:
+            raise ValueError(f"text_source 'mask' starts the text from id {mask_id} (the tokenizer has no mask token: "
+                             f"the id after its {n}), and {what} has no mask row (text_vocab_size {size}, "
+                             "text_mask_row false): use text_source 'uniform'")  # fmt: skip
 
     def _require_unified(self, what: str) -> None:
         if not self.unified:
@@ -586,7 +708,9 @@ class UniViGUPipeline:
 
     def _check_fit(self, transformer: nn.Module) -> None:
         """ValueError, naming the config field, for a config the models cannot run: a prompt canvas longer than
-        the prompt encoder's positions, a video size the codec or the transformer's patches do not divide."""
+        the prompt encoder's positions, a video size the codec or the transformer's patches do not divide; and,
+        naming both numbers, for components that do not fit together (`_check_components`)."""
+        self._check_components(transformer)
         c = self.config
         if isinstance(self.prompt_encoder, PromptEncoder) and c.prompt_length > self.prompt_encoder.config.max_length:
             raise ValueError(f"prompt_length {c.prompt_length} is longer than the prompt encoder reads "
