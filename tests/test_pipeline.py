@@ -142,11 +142,11 @@ def test_empty_batches_and_bad_call_arguments_are_clear_errors(pipe, videos):
 
 
 def test_videos_that_are_not_one_uint8_array_are_clear_errors(pipe, videos):
-    with pytest.raises(TypeError, match=r"pass frames, not a path \('clip.mp4'\); read files with univigu.read_video"):
+    with pytest.raises(TypeError, match=r"pass frames, not a path \('clip.mp4'\); read a file with pipe.load_video"):
         pipe.video_to_text("clip.mp4", progress=False)
     with pytest.raises(ValueError, match=r"\[B, 16, 32, 32, 3\], got a list whose items do not stack"):
         pipe.video_to_text([videos[0], videos[1, :8]], progress=False)
-    with pytest.raises(ValueError, match=r"\[B, 16, 32, 32, 3\], got NoneType; read files"):
+    with pytest.raises(ValueError, match=r"\[B, 16, 32, 32, 3\], got NoneType; read a file with"):
         pipe.video_to_text(None, progress=False)
     # one video [T, H, W, 3] is a batch of one, as one str is one prompt
     one = pipe.video_to_text(videos[1], seed=2, num_steps=2, progress=False).texts
@@ -533,3 +533,22 @@ def test_the_unknown_word_warning_is_short_whatever_the_prompt(pipe):
     message = str(caught[0].message)
     assert message.endswith("'word0', 'word1', 'word2', 'word3', 'word4', 'word5', 'word6', 'word7', 'word8', "
                             "'word9' ... and 20 more")  # fmt: skip
+
+
+def test_load_video_reads_a_file_as_the_models_input(pipe, videos, tmp_path):
+    """pipe.load_video: the config's frames at its fps, at its size (a larger file is scaled down), uint8; a clip
+    too short for the model is a VideoReadError naming why."""
+    from univigu import VideoReadError, write_video
+
+    c = pipe.config
+    write_video(tmp_path / "world.gif", videos[0], fps=c.fps)
+    frames = pipe.load_video(tmp_path / "world.gif")
+    assert frames.dtype == np.uint8 and frames.shape == (c.frames, c.height, c.width, 3)
+    assert np.abs(frames.astype(int) - videos[0].astype(int)).mean() < 2  # a GIF's palette, nothing else
+    big = videos[0].repeat(2, axis=1).repeat(2, axis=2)  # 64 x 64: scaled to cover, then cropped
+    write_video(tmp_path / "big.gif", big, fps=c.fps)
+    assert pipe.load_video(tmp_path / "big.gif").shape == (c.frames, c.height, c.width, 3)
+    write_video(tmp_path / "short.gif", videos[0][: c.frames // 2], fps=c.fps)
+    with pytest.raises(VideoReadError, match="too short"):
+        pipe.load_video(tmp_path / "short.gif")
+    assert pipe.video_to_text(frames, num_steps=1, progress=False).texts  # what it returns is what captions take

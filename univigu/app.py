@@ -73,14 +73,12 @@ class Demo:
     def video_to_text(self, video: str, seed: int = 0, steps: int | None = None, instruction: str = "",
                       progress: Any = None) -> tuple[str, str, str]:  # fmt: skip
         """A caption for the video file at `video`: (caption, sidecar JSON, trajectory page)."""
-        from univigu.data.video_folder import load_clip
         from univigu.outputs import save_sample, save_trajectory
 
         if not video:
             raise ValueError("upload a video, or render a world sample first")
         seed, steps = _seed_steps(seed, steps)
-        c = self.pipe.config  # read as cache-latents makes training clips: the first frames at c.fps, cropped
-        frames = load_clip(video, c.frames, c.height, c.width, fps=c.fps, min_side=1).numpy()  # too short: a message
+        frames = self.pipe.load_video(video)  # as training clips are made; too short: a message
         result, seconds, times = self._sample("video_to_text", frames[None], seed=seed, num_steps=steps,
                                               instruction=instruction or None, progress=progress)  # fmt: skip
         stem = f"{Path(video).stem}_caption_seed{seed}"

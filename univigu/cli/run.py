@@ -181,14 +181,13 @@ def caption(
     """Video to text: a detailed caption per video file."""
     import numpy as np
 
-    from univigu.data.video_folder import VideoReadError, load_clip
+    from univigu.data.video_folder import VideoReadError
 
     load = time.perf_counter()
     pipe, path = _pipeline(model, device, unified="captioning", dtype=dtype, offload=offload)
     load = time.perf_counter() - load
-    c = pipe.config
-    try:  # read as cache-latents makes training clips: the first c.frames frames at c.fps, scaled to cover, cropped
-        frames = np.stack([load_clip(v, c.frames, c.height, c.width, fps=c.fps, min_side=1).numpy() for v in videos])
+    try:  # read as cache-latents makes training clips
+        frames = np.stack([pipe.load_video(v) for v in videos])
     except VideoReadError as error:
         raise typer.BadParameter(str(error), param_hint="VIDEOS") from error
     names = [Path(v).stem for v in videos]  # two clip.mp4 from two folders must not share a sidecar
@@ -301,8 +300,7 @@ def demo(
     c = pipe.config
     start = time.perf_counter()
     with _prompt_errors("--prompt"):
-        pipe.check_prompts([prompt], text_stream=True)
-    result, seconds, times = timed_sample(pipe, "text_to_video", [prompt], seed=seed, progress=False)
+        result, seconds, times = timed_sample(pipe, "text_to_video", [prompt], seed=seed, progress=False)
     record = {"task": "text_to_video", "prompt": prompt, **run_record(pipe, path, seed, len(times), load, seconds)}
     t2v = save_sample(out, "text_to_video", result.videos[0], record)
 

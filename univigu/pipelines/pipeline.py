@@ -567,12 +567,22 @@ class UniViGUPipeline:
         )  # fmt: skip
         return self._output(out.video, None, frames, [])
 
+    def load_video(self, path: str | Path) -> np.ndarray:
+        """A video file as this model's input: uint8 `[frames, height, width, 3]` of the config's size, read as
+        training clips are made (`univigu cache-latents`): its first `config.frames` frames at `config.fps`,
+        scaled to cover the frame and centre-cropped. Raises VideoReadError (a ValueError) for a file that
+        cannot give one (unreadable, or too short)."""
+        from univigu.data.video_folder import load_clip
+
+        c = self.config
+        return load_clip(path, c.frames, c.height, c.width, fps=c.fps, min_side=1).numpy()
+
     @torch.no_grad()
     def video_to_text(self, videos: np.ndarray | Tensor, seed: int | torch.Generator = 0, num_steps: int | None = None,
                       instruction: str | None = None, progress: bool | None = None,
                       return_trajectory: bool = False, callback: Callable | None = None) -> UniViGUPipelineOutput:  # fmt: skip
         """Captions for uint8 videos `[B, T, H, W, 3]` (or one `[T, H, W, 3]`) of the config's size in `.texts`
-        (`univigu.read_video(path, num_frames=, size=)` reads a file so).
+        (`pipe.load_video(path)` reads a file so).
 
         seed: an int or a torch.Generator. num_steps: text denoising steps (None: `config.caption_steps`, else
         `config.num_steps`). instruction: a question or an instruction as the prompt condition; without it the
@@ -687,7 +697,7 @@ class UniViGUPipeline:
         """`videos` as a uint8 tensor `[B, T, H, W, 3]` of the config's size, B >= 1 (one video `[T, H, W, 3]` is a
         batch of one); else an error saying what came instead (a path, a ragged list, another shape)."""
         c = self.config
-        hint = f"read files with univigu.read_video(path, num_frames={c.frames}, size=({c.height}, {c.width}))"
+        hint = "read a file with pipe.load_video(path)"
         if isinstance(videos, (str, os.PathLike)):
             raise TypeError(f"pass frames, not a path ({str(videos)!r}); {hint}")
         want = (c.frames, c.height, c.width, 3)
