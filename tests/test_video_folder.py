@@ -422,3 +422,20 @@ def test_videos_go_to_the_bucket_nearest_in_log_aspect_ratio():
     assert nearest_bucket(100, 200, ((100, 100), (100, 350))) == (100, 350)
     assert nearest_bucket(200, 100, ((100, 100), (350, 100))) == (350, 100)
     assert nearest_bucket(480, 832, ((480, 832), (832, 480), (624, 624))) == (480, 832)
+
+
+def test_cache_sizes_the_vae_cannot_take_fail_before_the_models_load(video_dir, wan, tmp_path, monkeypatch):
+    """--frames / --size are checked against the folder's VAE config first (loading the VAE and umT5 takes minutes
+    at Wan scale): a usage error naming the nearest valid size, and nothing loaded or written."""
+    from univigu.models import wan as wan_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the models were loaded before the sizes were checked")
+
+    monkeypatch.setattr(wan_module.WanComponents, "from_folder", no_load)
+    out = tmp_path / "cache"
+    for option, message in ((["--frames", "6"], "frames must be 4k+1 for the Wan VAE, got 6 (nearest valid: 5)"),
+                            (["--size", "20x16"], "height must be a multiple of 8 (VAE x4, patch 2), got 20 (nearest valid: 16)")):  # fmt: skip
+        result = runner.invoke(app, ["cache-latents", str(wan), str(video_dir), str(out), *option])
+        assert result.exit_code == 2 and message in said(result), result.output
+    assert not out.exists()

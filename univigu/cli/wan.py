@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -29,7 +30,7 @@ def cache_latents(
 
     from univigu.data.latent_cache import CacheSettings, build_latent_cache
     from univigu.data.video_folder import read_captions
-    from univigu.models.wan import WanComponents
+    from univigu.models.wan import WanComponents, check_video_size, vae_factors
 
     if dtype not in ("bfloat16", "float16", "float32"):
         raise typer.BadParameter(f"dtype must be bfloat16, float16 or float32, got {dtype!r}", param_hint="--dtype")
@@ -42,6 +43,11 @@ def cache_latents(
     settings = CacheSettings(frames=frames, fps=fps or None, buckets=buckets, shard_size=shard_size,
                              batch_size=batch_size, dtype=dtype, text_length=text_length)  # fmt: skip
     try:
+        vae_config = wan / "vae" / "config.json"
+        if vae_config.is_file():  # sizes checked from the config: loading the VAE and umT5 takes a while at Wan scale
+            factors = vae_factors(json.loads(vae_config.read_text()))
+            for h, w in buckets:
+                check_video_size(frames, h, w, *factors)
         records = read_captions(videos, captions)
         components = WanComponents.from_folder(wan, torch_dtype=torch.bfloat16 if device != "cpu" else torch.float32)
         components.codec.vae.to(device)

@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +112,12 @@ def _placed(module: nn.Module, device: torch.device | None) -> Iterator[None]:
             torch.cuda.empty_cache()
 
 
+def vae_factors(vae_config: Any) -> tuple[int, int]:
+    """(temporal, spatial) downsampling of a Wan VAE, from its config (an object or the config.json dict)."""
+    downsample = vae_config["temperal_downsample"] if isinstance(vae_config, dict) else vae_config.temperal_downsample
+    return 2 ** sum(downsample), 2 ** len(downsample)
+
+
 class WanVAECodec:
     """uint8 videos [B, T, H, W, 3] <-> normalised Wan VAE latents [B, z_dim, (T-1)/4+1, H/8, W/8].
 
@@ -124,8 +130,7 @@ class WanVAECodec:
         self.patch_size = tuple(patch_size)
         cfg = vae.config
         self.channels = cfg.z_dim
-        self.temporal = 2 ** sum(cfg.temperal_downsample)
-        self.spatial = 2 ** len(cfg.temperal_downsample)
+        self.temporal, self.spatial = vae_factors(cfg)
         self.offload_device: torch.device | None = None  # set by enable_model_cpu_offload
 
     @classmethod
