@@ -435,7 +435,8 @@ def test_cache_sizes_the_vae_cannot_take_fail_before_the_models_load(video_dir, 
     monkeypatch.setattr(wan_module.WanComponents, "from_folder", no_load)
     out = tmp_path / "cache"
     for option, message in ((["--frames", "6"], "frames must be 4k+1 for the Wan VAE, got 6 (nearest valid: 5)"),
-                            (["--size", "20x16"], "height must be a multiple of 8 (VAE x4, patch 2), got 20 (nearest valid: 16)")):  # fmt: skip
+                            (["--size", "20x16"], "height must be a multiple of 8 (VAE x4, patch 2), got 20 "
+                                                  "(nearest valid: 16)")):  # fmt: skip
         result = runner.invoke(app, ["cache-latents", str(wan), str(video_dir), str(out), *option])
         assert result.exit_code == 2 and message in said(result), result.output
     assert not out.exists()
