@@ -107,6 +107,10 @@ def test_bad_yaml_files_name_the_file(tmp_path):
         load_config(no_stage)
     with pytest.raises(ValueError, match=r"override 'train=\{a: 1' is not valid YAML"):
         load_config(BASE, ["train={a: 1"])
+    twice = tmp_path / "twice.yaml"  # PyYAML alone keeps the last value: a silent half of an edit
+    twice.write_text("stage: base\ntrain:\n  lr: 1.0e-3\n  max_steps: 2\n  lr: 5.0e-4\n")
+    with pytest.raises(ValueError, match=f"CONFIG {twice} is not valid YAML: key 'lr' is given twice(.|\n)*line 5"):
+        load_config(twice)
 
 
 def test_the_cli_refuses_them_before_making_the_run_folder(tmp_path):

@@ -440,3 +440,17 @@ def test_cache_sizes_the_vae_cannot_take_fail_before_the_models_load(video_dir, 
         result = runner.invoke(app, ["cache-latents", str(wan), str(video_dir), str(out), *option])
         assert result.exit_code == 2 and message in said(result), result.output
     assert not out.exists()
+
+
+def test_toy_world_data_on_a_wan_folder_is_refused_before_training(wan):
+    """A toy-world stage config with a Wan2.1 init_from would fail at its first step (16-frame world videos, Wan's
+    4k+1 VAE); it is refused when the inputs are checked, pointing at the latent cache."""
+    from univigu.cli.train import CONFIG_DIR
+    from univigu.training.stages import load_config
+
+    cfg = load_config(CONFIG_DIR / "recall.yaml", [f"init_from={wan}"])
+    with pytest.raises(ValueError, match="is a Wan2.1 folder, and the stage trains on the toy world"):
+        cfg.check_inputs()
+    result = runner.invoke(app, ["train", str(CONFIG_DIR / "recall.yaml"), f"--init_from={wan}",
+                                 "--train.output_dir=unused"])  # fmt: skip
+    assert result.exit_code == 2 and "cache your videos with `univigu cache-latents`" in said(result), result.output

@@ -160,8 +160,10 @@ class StageConfig:
         model would train on one size and export another), and its prompts fit the prompt and text canvases (both
         otherwise fail mid-run)."""
         made = json.loads(index_file.read_text()).get("config")
-        if made is None:  # a Wan2.1 folder: its sizes are from_wan's, checked when the pipeline is built
-            return
+        if made is None:  # a Wan2.1 folder: its VAE and umT5 are not the toy world's codec and prompt encoder
+            raise ValueError(f"init_from {self.init_from} is a Wan2.1 folder, and the stage trains on the toy world "
+                             "(data.kind world): cache your videos with `univigu cache-latents` and train on them "
+                             "(data: {kind: latent_cache, path: CACHE}; univigu/configs/wan/)")  # fmt: skip
         merged, world = {**made, **self.pipeline}, WorldConfig(**self.world)
         differ = [f"world.{k} {getattr(world, k)} vs {merged[k]}" for k in ("frames", "height", "width")
                   if k in merged and merged[k] != getattr(world, k)]  # fmt: skip
@@ -332,9 +334,23 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)  # fmt: skip
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(text: str | typing.TextIO, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:  # a ValueError: the CLI's usage error
         raise ValueError(f"{source} is not valid YAML: {error}") from None
 
