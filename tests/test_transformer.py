@@ -378,6 +378,12 @@ def test_loading_a_missing_or_bad_folder_is_a_clear_error_and_never_uses_the_net
     with pytest.raises(ValueError, match=f"^{config_file} does not describe a UniViGUTransformer: .*integer "
                                          r"\(of another type than the defaults: num_layers='two'\)"):
         UniViGUTransformer.from_pretrained(tmp_path / "m")
+    # a typo'd key: diffusers drops it and builds the default size; the mismatch names the key it dropped
+    typo = {**{k: v for k, v in config.items() if k != "num_layers"}, "num_layer": config["num_layers"]}
+    config_file.write_text(json.dumps(typo))
+    with pytest.raises(ValueError, match=r"config.json keys UniViGUTransformer does not take \(typos\?\): "
+                                         r"\['num_layer'\]"):
+        UniViGUTransformer.from_pretrained(tmp_path / "m")
     config_file.unlink()
     with pytest.raises(FileNotFoundError, match=f"no config.json in {tmp_path / 'm'}"):
         UniViGUTransformer.from_pretrained(tmp_path / "m")

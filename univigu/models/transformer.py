@@ -168,6 +168,9 @@ def check_checkpoint(cls: type[ModelMixin], folder: Path, kwargs: dict | None = 
         lines = [f"checkpoint {folder} does not match the {cls.__name__} its config describes:"]
         lines += [f"  missing keys ({len(missing)}): {_key_summary(missing)}"] if missing else []
         lines += [f"  unexpected keys ({len(unexpected)}): {_key_summary(unexpected)}"] if unexpected else []
+        # diffusers drops config keys the class does not take (a typo'd "num_layer": the default size, then this)
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in cls._get_init_keys(cls))
+        lines += [f"  {cls.config_name} keys {cls.__name__} does not take (typos?): {unknown}"] if unknown else []
         if shapes:
             more = [f"    ... and {len(shapes) - 8} more"] if len(shapes) > 8 else []
             lines += [f"  mismatched shapes ({len(shapes)}):"] + [f"    {s}" for s in shapes[:8]] + more
