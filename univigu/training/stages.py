@@ -17,7 +17,6 @@ import functools
 import inspect
 import json
 import shutil
-import time
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -468,7 +467,6 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
             out.mkdir(parents=True, exist_ok=True)
             (out / "stage_config.yaml").write_text(yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
 
-    start = time.perf_counter()
     trainer.train(resume=resume, on_start=record)
     state = trainer.final_state_dict()  # EMA weights where on; FSDP shards gathered on the main process
     final = out / "final"
@@ -476,8 +474,9 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
         if trainer.fsdp:
             task = build_task(cfg)[0]  # FSDP wrapped the task's blocks in place: a fresh copy takes the weights
         task.load_state_dict(state)
+        # minutes of training in all (a resumed run's earlier part included), not of this call
         pipe_cfg.extra = {**pipe_cfg.extra, cfg.stage: {"steps": cfg.train.max_steps, "minutes": round(
-            (time.perf_counter() - start) / 60, 1), "init_from": cfg.init_from}}  # fmt: skip
+            trainer.elapsed / 60, 1), "init_from": cfg.init_from}}  # fmt: skip
         prompt_encoder, codec = getattr(task, "export_parts", (task.prompt_encoder, None))
         # written aside and swapped in whole: a kill mid-export must not leave a mixed folder that reads as done
         staging = out / ".final.tmp"
