@@ -489,12 +489,10 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
 
 def _run_config(cfg: StageConfig, dataset: Any) -> dict[str, Any]:
     """What a resumed stage must share with its checkpoints besides the trainer's config: the rest of the stage
-    config (paths resolved, so that the same folder typed another way is the same), and a latent cache's rows."""
-    run = _plain({k: v for k, v in asdict(cfg).items() if k != "train"})
-    if run["init_from"] is not None:
-        run["init_from"] = str(Path(run["init_from"]).resolve())
-    if "path" in run["data"]:
-        run["data"]["path"] = str(Path(run["data"]["path"]).resolve())
+    config but its paths (a run moved to another disk, with its inputs, resumes; the weights are the checkpoint's),
+    and a latent cache's rows (its shards and counts: the data itself)."""
+    run = _plain({k: v for k, v in asdict(cfg).items() if k not in ("train", "init_from")})
+    run["data"].pop("path", None)
     if isinstance(dataset, LatentCacheDataset):  # the same shards, in the same order: the same samples per step
         run["cache_rows"] = dataset.index["buckets"][dataset.bucket]
     return run
