@@ -250,3 +250,29 @@ def test_a_state_dict_under_a_wrapper_key_loads(model, tmp_path, wrapper):
     torch.save({wrapper: official, "step": 1000}, tmp_path / "ckpt.pth")
     loaded = load_official_state_dict(tmp_path / "ckpt.pth")
     assert loaded.keys() == official.keys()
+
+
+def test_out_dir_may_not_hold_its_inputs_nor_lie_inside_the_wan_folder(tmp_path):
+    """--overwrite replaces OUT_DIR whole: an OUT_DIR holding CHECKPOINT or the --wan folder, or inside --wan, would
+    delete an input; refused as a usage error before anything is read (the checkpoint here is junk)."""
+    parent = tmp_path / "parent"
+    wan = parent / "wan"
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer"):
+        (wan / sub).mkdir(parents=True)
+    ckpt = parent / "ckpts" / "unified.pth"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"not a checkpoint" * 8)
+    args = ["--attention-head-dim", "16", "--vocab-size", "50", "--overwrite"]
+    cases = [(parent, [], "contains CHECKPOINT"), (ckpt.parent, [], "contains CHECKPOINT"),
+             (parent, ["--wan", str(wan)], "contains CHECKPOINT"), (tmp_path, ["--wan", str(wan)], "contains"),
+             (wan / "out", ["--wan", str(wan)], "is inside the --wan folder"),
+             (wan, ["--wan", str(wan)], "is the --wan folder itself")]  # fmt: skip
+    other = tmp_path / "elsewhere.pth"
+    other.write_bytes(b"junk")
+    for out, extra, message in cases:
+        result = runner.invoke(app, ["convert-official", str(ckpt), str(out), *args, *extra])
+        assert result.exit_code == 2 and message in said(result), (out, result.output)
+    # the --wan folder alone inside OUT_DIR (the checkpoint elsewhere)
+    result = runner.invoke(app, ["convert-official", str(other), str(parent), *args, "--wan", str(wan)])
+    assert result.exit_code == 2 and "contains the --wan folder" in said(result), result.output
+    assert ckpt.is_file() and all((wan / sub).is_dir() for sub in ("transformer", "vae", "text_encoder", "tokenizer"))

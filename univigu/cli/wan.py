@@ -85,9 +85,18 @@ def convert_official(
     if wan is not None and not is_wan_folder(wan):
         raise typer.BadParameter(f"{wan} is not a Wan2.1 diffusers folder (transformer/, vae/, text_encoder/, "
                                  "tokenizer/)", param_hint="--wan")  # fmt: skip
-    if out_dir.exists() and out_dir.resolve() in (checkpoint.resolve(), *([wan.resolve()] if wan else [])):
-        what = "CHECKPOINT" if out_dir.resolve() == checkpoint.resolve() else "the --wan folder"
-        raise typer.BadParameter(f"is {what} itself: it would be replaced", param_hint="OUT_DIR")
+    # --overwrite replaces OUT_DIR whole (as `export` refuses for its SOURCE): OUT_DIR may not be an input, hold one,
+    # or lie inside the --wan folder
+    out = out_dir.resolve()
+    for what, path in (("CHECKPOINT", checkpoint), *([("the --wan folder", wan)] if wan is not None else [])):
+        if out == path.resolve():
+            raise typer.BadParameter(f"is {what} itself: it would be replaced", param_hint="OUT_DIR")
+        if out in path.resolve().parents:
+            raise typer.BadParameter(f"{out_dir} contains {what} ({path}), which replacing it would delete; name a "
+                                     "folder outside it", param_hint="OUT_DIR")  # fmt: skip
+    if wan is not None and wan.resolve() in out.parents:
+        raise typer.BadParameter(f"{out_dir} is inside the --wan folder ({wan}); name a folder outside it",
+                                 param_hint="OUT_DIR")  # fmt: skip
     if out_dir.exists() and (out_dir.is_file() or any(out_dir.iterdir())) and not overwrite:
         raise typer.BadParameter(f"{out_dir} exists; pass --overwrite to replace it, or name a new folder",
                                  param_hint="OUT_DIR")  # fmt: skip
