@@ -454,3 +454,31 @@ def test_toy_world_data_on_a_wan_folder_is_refused_before_training(wan):
     result = runner.invoke(app, ["train", str(CONFIG_DIR / "recall.yaml"), f"--init_from={wan}",
                                  "--train.output_dir=unused"])  # fmt: skip
     assert result.exit_code == 2 and "cache your videos with `univigu cache-latents`" in said(result), result.output
+
+
+def test_a_variable_frame_rate_mp4_with_b_frames_is_long_enough(tmp_path):
+    """Decoding stops at the first frame starting after the last target time, so the clip is long enough; with
+    B-frames the stored frame durations are unreliable (a frame ends when the next starts; only the file's last
+    frame's stored duration counts). Too short says the threshold it applies."""
+    from fractions import Fraction
+
+    times = [0, 0.05, 0.3, 0.35, 0.6, 0.9, 1.0, 1.1, 1.3, 1.5, 1.55, 1.6, 1.8, 2.0, 2.1, 2.2, 2.5]
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=100, options={"bf": "3"})
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for k, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 20 + 12 * k, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    for frames in (16, 21):  # 21: the last target (2.5 s) is the last frame's start
+        clip = load_clip(path, frames, 16, 16, fps=8, min_side=1)
+        want = [max(k for k, t in enumerate(times) if t <= i / 8 + 1e-9) for i in range(frames)]
+        assert [round((level - 20) / 12) for level in clip.float().mean((1, 2, 3)).tolist()] == want
+    with pytest.raises(VideoReadError, match=r"too short: 2\.51 s decoded, 22 frames at 8 fps need more than 2\.61"):
+        load_clip(path, 22, 16, 16, fps=8, min_side=1)

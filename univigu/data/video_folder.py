@@ -95,7 +95,8 @@ def load_clip(path: str | os.PathLike, frames: int, height: int, width: int, fps
     """The first `frames` frames of a video at `fps` (None: the file's own rate), resized and centre-cropped
     to uint8 [frames, height, width, 3]. Raises VideoReadError saying why a file cannot give such a clip
     (missing, empty, corrupt or truncated, no video stream, too short, smaller than `min_side` pixels)."""
-    decoded, times, ends = [], [], []
+    decoded, times, last = [], [], 0.0
+    later = False  # decoding stopped at a frame starting after the last target time: the clip is long enough
     with open_video(path) as container:
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 0) or None
@@ -106,12 +107,13 @@ def load_clip(path: str | os.PathLike, frames: int, height: int, width: int, fps
         for frame in container.decode(stream):
             t = float(frame.time) if frame.time is not None else len(decoded) / (rate or 1.0)
             if step is not None and decoded and t - times[0] > (frames - 1) * step + slack:
+                later = True
                 break  # the frame showing at the last target time is in
             decoded.append(frame.to_ndarray(format="rgb24"))  # grayscale and yuv alike become RGB
             times.append(t)
-            # a frame lasts its stored duration (GIF writers merge identical consecutive frames into one longer one)
+            # a frame ends when the next one starts; the file's last frame lasts its stored duration (GIF writers
+            # merge identical consecutive frames into one longer one; with B-frames only the last one is used)
             last = float(frame.duration * stream.time_base) if frame.duration else 1.0 / (rate or fps or 1)
-            ends.append(t + last)
             if step is None and len(decoded) >= frames:
                 break
     if not decoded:
@@ -123,10 +125,10 @@ def load_clip(path: str | os.PathLike, frames: int, height: int, width: int, fps
         stamps = np.asarray(times) - times[0]
         targets = np.arange(frames) / fps
         index = np.searchsorted(stamps, targets + slack, side="right") - 1
-        length = ends[-1] - times[0]  # until the last frame ends, not starts
-        if targets[-1] >= length:
+        length = times[-1] + last - times[0]  # until the last frame ends, not starts
+        if not later and targets[-1] - slack >= length:
             raise VideoReadError(f"video is too short: {length:.2f} s decoded, {frames} frames at {fps:g} fps need "
-                                 f"{frames / fps:.2f} s: {path}")  # fmt: skip
+                                 f"more than {targets[-1] - slack:.3f} s: {path}")  # fmt: skip
     else:
         if len(decoded) < frames:
             raise VideoReadError(f"video has {len(decoded)} frames, {frames} needed: {path}")
