@@ -253,3 +253,33 @@ def test_a_failing_clean_up_keeps_the_write_error(tmp_path, video, monkeypatch):
     monkeypatch.setattr(Path, "unlink", unlink)
     with pytest.raises(OSError, match="disk full"):
         write_video(tmp_path / "clip.gif", video)
+
+
+def _delays(path) -> list[int]:
+    with Image.open(path) as gif:
+        delays = []
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            delays.append(gif.info["duration"])
+    return delays
+
+
+def test_gif_delays_add_up_to_the_clip_length(tmp_path):
+    """GIF delays are whole centiseconds: frame i lasts round((i + 1) * 100 / fps) - round(i * 100 / fps), so 81
+    frames at 16 fps last 5.06 s (not 81 * 6 cs = 4.86 s, which load_clip called too short); uneven 6 and 7 cs
+    delays read back frame for frame, long merged runs too; 8 fps alternates 13 and 12 cs; load_clip allows one GIF
+    tick of slack."""
+    from univigu.data.video_folder import load_clip
+
+    video = np.stack([np.full((8, 8, 3), 3 * i, np.uint8) for i in range(81)])
+    path = write_video(tmp_path / "wan.gif", video, fps=16)
+    assert sum(_delays(path)) == 5060 and set(_delays(path)) == {60, 70}
+    assert np.array_equal(read_video(path).numpy(), video)
+    assert np.array_equal(load_clip(path, 81, 8, 8, fps=16, min_side=1).numpy(), video)
+    held = video.copy()
+    held[10:30], held[40:53] = held[10], held[40]  # runs of 20 and 13 frames, each merged into one GIF frame
+    path = write_video(tmp_path / "held.gif", held, fps=16)
+    assert len(_delays(path)) == 81 - 19 - 12 and np.array_equal(read_video(path).numpy(), held)
+    assert _delays(write_video(tmp_path / "toy.gif", _numbered(4), fps=8)) == [130, 120, 130, 120]
+    tick = _gif(tmp_path / "tick.gif", [0, 1, 2], [12, 12, 1])  # 0.25 s: one GIF tick of slack for the 0.25 s target
+    assert _levels(load_clip(tick, 3, 8, 8, fps=8, min_side=1)) == [0, 1, 2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import os
 import uuid
@@ -31,7 +32,8 @@ class VideoReadError(ValueError):
 def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float = 8, scale: int = 1) -> Path:
     """Write uint8 frames `[T, H, W, 3]` to .mp4, .webm or .gif (chosen by the suffix).
 
-    `fps` may be fractional (29.97): mp4/webm store it as a fraction, GIF frame delays are whole 1/100 s.
+    `fps` may be fractional (29.97): mp4/webm store it as a fraction; GIF frame delays are whole 1/100 s, rounded
+    so that the clip lasts frames / fps (6 and 7 cs at 16 fps).
     `scale` repeats pixels (nearest neighbour) so that tiny toy videos are watchable.
     mp4/webm (yuv420p) need even sizes after scaling. The file is written beside `path` and then renamed
     over it, so a failed write leaves an existing file as it was.
@@ -67,7 +69,11 @@ def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
     from PIL import Image
 
     images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    # delays are whole centiseconds: frame i ends at round((i + 1) * 100 / fps), so the clip lasts frames / fps
+    # (6 cs each at 16 fps made 81 frames 4.86 s long); Pillow adds the delays of the identical frames it merges
+    ends = [math.floor((i + 1) * 100 / fps + 0.5) for i in range(len(images))]
+    delays = [10 * (end - start) for start, end in zip([0, *ends], ends)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=delays, loop=0)
 
 
 def _write_av(path: Path, frames: np.ndarray, fps: float) -> None:
@@ -173,12 +179,21 @@ def read_video(
                       f"looks truncated, and only what was decoded is used", stacklevel=2)  # fmt: skip
     # GIF writers merge identical consecutive frames into one longer frame: show each frame
     # for as many base periods as it lasts, as a viewer would.
-    shortest = min((d for d in durations if d > 0), default=0)
-    repeats = [max(1, round(d / shortest)) if shortest else 1 for d in durations]
-    shown = np.repeat(np.arange(len(decoded)), repeats)  # the decoded frame at each position of the clip
+    shown = np.repeat(np.arange(len(decoded)), _repeats(durations))  # the decoded frame at each clip position
     if num_frames is not None:
         shown = shown[torch.linspace(0, len(shown) - 1, num_frames).round().long().numpy()]
     return torch.stack([decoded[i] for i in shown])
+
+
+def _repeats(durations: list[int]) -> list[int]:
+    """How many base periods each frame shows for. GIF delays are whole centiseconds, so a rate is written as uneven
+    delays (6 and 7 cs at 16 fps): the period is the mean of the frames shorter than 1.5 times the shortest (the
+    unmerged ones), so that a long merged run of 6.25 cs frames is not taken for more frames of 6 cs."""
+    shortest = min((d for d in durations if d > 0), default=0)
+    if not shortest:
+        return [1] * len(durations)
+    period = float(np.mean([d for d in durations if 0 < d < 1.5 * shortest]))
+    return [max(1, round(d / period)) for d in durations]
 
 
 def _ends_with_gif_trailer(path: str | Path) -> bool:
