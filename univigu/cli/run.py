@@ -340,10 +340,10 @@ def export(
         raise typer.BadParameter(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", param_hint="--dtype")
     if target.exists() and target.resolve() == source.resolve():
         raise typer.BadParameter("is SOURCE itself: its weights would be rewritten in place", param_hint="TARGET")
-    if source.resolve() in target.resolve().parents:
+    if target.resolve() in source.resolve().parents:
         raise typer.BadParameter(f"{target} contains SOURCE ({source}), which replacing it would delete; name a "
                                  f"folder outside it", param_hint="TARGET")  # fmt: skip
-    if target.resolve() in source.resolve().parents:
+    if source.resolve() in target.resolve().parents:
         raise typer.BadParameter(f"{target} is inside SOURCE ({source}); name a folder outside it",
                                  param_hint="TARGET")  # fmt: skip
     if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
