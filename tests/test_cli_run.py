@@ -219,8 +219,8 @@ def test_the_command_line_shows_warnings_as_messages(monkeypatch):
 
 
 def test_file_names_and_sidecar_records(tmp_path):
-    """slug: lower-case words joined by '-', at most 48 characters, "sample" when nothing is left, and a hash of
-    the prompt after them when they lost anything; save_sample scales a small video up to about 128 pixels;
+    """slug: lower-case words joined by '-', at most 48 characters, "sample" when nothing is left, and '--' and a
+    hash of the prompt after them when they lost anything; save_sample scales a small video up to about 128 pixels;
     run_record's seconds are per sample, its fps the model's."""
     from types import SimpleNamespace
 
@@ -229,9 +229,9 @@ def test_file_names_and_sidecar_records(tmp_path):
     from univigu.outputs import run_record, save_sample, slug
 
     assert slug("a red circle moving right") == "a-red-circle-moving-right"
-    assert slug("A red circle, moving RIGHT!") == "a-red-circle-moving-right-3442b54b"
-    assert slug("word " * 30).startswith(("word-" * 10)[:48] + "-") and len(slug("word " * 30)) == 48 + 9
-    assert slug("")[:7] == slug("?!")[:7] == "sample-" and slug("") != slug("?!")
+    assert slug("A red circle, moving RIGHT!") == "a-red-circle-moving-right--3442b54b"
+    assert slug("word " * 30) == ("word-" * 10)[:48].rstrip("-") + "--" + slug("word " * 30)[-8:]
+    assert slug("")[:8] == slug("?!")[:8] == "sample--" and slug("") != slug("?!")
     video = np.zeros((2, 32, 32, 3), np.uint8)
     video[1] = 255
     files = save_sample(tmp_path, "clip", video, {"fps": 4, "files": {"trajectory": "t.html"}})
@@ -375,13 +375,15 @@ def test_an_output_folder_that_cannot_be_written_fails_before_any_work(checkpoin
 
 def test_different_prompts_get_different_names():
     """A prompt whose slug loses nothing keeps its plain name (a rerun replaces its own files); one whose slug
-    lost case, punctuation, other characters or its end gets a short hash of the exact prompt."""
+    lost case, punctuation, other characters or its end gets '--' and a short hash of the exact prompt."""
     from univigu.outputs import slug
 
     assert slug("a red circle moves right") == "a-red-circle-moves-right"
-    assert slug("🎉") != slug("🔴") and slug("🎉").startswith("sample-") and slug("🎉") == slug("🎉")
+    assert slug("🎉") != slug("🔴") and slug("🎉").startswith("sample--") and slug("🎉") == slug("🎉")
     assert slug("A red circle!") != slug("a red circle") == "a-red-circle"
-    assert slug("A red circle!").startswith("a-red-circle-") and slug("a-red-circle") != "a-red-circle"
+    assert slug("A red circle!").startswith("a-red-circle--") and slug("a-red-circle") != "a-red-circle"
+    # the hash follows '--', which a plain prompt's name cannot hold: a prompt ending in those hex digits differs
+    assert slug("A red circle!") != slug("a red circle " + slug("A red circle!")[-8:])
     long = "a red circle moves right and a blue square grows slowly "
     assert slug(long + "left") != slug(long + "right") and len(slug(long + "left")) <= 60
 

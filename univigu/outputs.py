@@ -13,14 +13,16 @@ import numpy as np
 
 
 def slug(text: str, limit: int = 48) -> str:
-    """A file-name-safe form of a prompt: lower case words joined by '-' (at most `limit` characters, "sample"
-    when empty). Distinct prompts get distinct names: when the words lose anything of the exact prompt (case,
-    punctuation, other characters, spacing, the end past `limit`), a short hash of the prompt follows them
-    ("A red circle!" -> "a-red-circle-" + 8 hex digits); a plain prompt ("a red circle") keeps its bare name."""
+    """A file-name-safe form of a prompt: lower case words joined by single '-'. Distinct prompts get distinct
+    names: a plain prompt ("a red circle", at most `limit` characters) keeps its bare name; when the words lose
+    anything of the exact prompt (case, punctuation, other characters, spacing, the end past `limit`), '--' and 8
+    hex digits of a hash of the prompt follow the first `limit` characters of them ("sample" when none are left):
+    "A red circle!" -> "a-red-circle--" + 8 hex digits. A bare name never holds '--', so the two kinds never meet;
+    a name is at most `limit` + 10 characters."""
     words = "-".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
     if words.replace("-", " ") == text and 0 < len(words) <= limit:
         return words
-    return f"{words[:limit].rstrip('-') or 'sample'}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return f"{words[:limit].rstrip('-') or 'sample'}--{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def save_sample(out: str | Path, stem: str, video: np.ndarray | None, record: dict[str, Any]) -> dict[str, str]:
