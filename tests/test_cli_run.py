@@ -272,6 +272,12 @@ def test_seed_guidance_negative_prompt_and_text_update_reach_the_sampler_itself(
     for out in ("g", "j"):
         (sidecar,) = (tmp_path / out).glob("*.json")
         assert json.loads(sidecar.read_text())["negative_prompt"] == "a blue square"
+    for command in ("generate", "joint"):  # no guidance: the negative prompt is not used, and not recorded
+        unguided = runner.invoke(app, [command, "a red circle", *model, "--guidance", "1", "--out",
+                                       str(tmp_path / f"{command}-1")])  # fmt: skip
+        assert unguided.exit_code == 0, unguided.output
+        (sidecar,) = (tmp_path / f"{command}-1").glob("*.json")
+        assert json.loads(sidecar.read_text())["negative_prompt"] == ""
     long = runner.invoke(app, ["generate", "a red circle", *model, "--negative-prompt", " ".join(["red"] * 40),
                                "--out", str(tmp_path / "g")])  # fmt: skip
     assert long.exit_code == 2 and "--negative-prompt: the negative prompt is 40 tokens long" in said(long)

@@ -320,6 +320,19 @@ def test_negative_prompt_is_the_null_pass_condition(pipe):
             getattr(pipe, method)(prompts, num_steps=1, negative_prompt=["a", "b"], progress=False)
 
 
+def test_a_negative_prompt_without_guidance_warns(pipe):
+    """At guidance scale 1 there is no null pass: a negative prompt would be ignored silently, so it warns."""
+    import warnings
+
+    for method in ("text_to_video", "generate"):
+        with pytest.warns(UserWarning, match="negative_prompt has no effect without guidance"):
+            getattr(pipe, method)(["a red circle"], num_steps=1, guidance_scale=1, negative_prompt="a blue square",
+                                  progress=False)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            getattr(pipe, method)(["a red circle"], num_steps=1, guidance_scale=1, progress=False)
+
+
 def test_prompt_limits_are_exact(pipe, tiny_parts):
     """check_prompts: a prompt of prompt_length - 1 tokens (the end token fills the canvas) passes, one more does
     not; a prompt canvas longer than the prompt encoder's max_length, by even one, is refused."""

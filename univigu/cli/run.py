@@ -156,8 +156,9 @@ def generate(
                                               guidance_scale=guidance, negative_prompt=negative_prompt,
                                               trajectory=trajectory is not None)  # fmt: skip
     for i, (prompt, video) in enumerate(zip(prompts, result.videos)):
+        # at guidance scale 1 the negative prompt is not used (the pipeline warns): it is not recorded
         record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": pipe._scale(guidance),
-                  "negative_prompt": negative_prompt,
+                  "negative_prompt": negative_prompt if pipe._scale(guidance) != 1 else "",
                   **run_record(pipe, path, seed, len(times), load, seconds, len(prompts))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"text to video: {prompt}", record, times)  # fmt: skip
@@ -233,7 +234,8 @@ def joint(
                                               text_update=text_update, trajectory=trajectory is not None)  # fmt: skip
     for i, (prompt, video, text) in enumerate(zip(prompts, result.videos, result.texts)):
         record = {"task": "joint", "prompt": prompt, "caption": text, "guidance_scale": pipe._scale(guidance),
-                  "negative_prompt": negative_prompt, "text_update": text_update or pipe.config.text_update,
+                  "negative_prompt": negative_prompt if pipe._scale(guidance) != 1 else "",
+                  "text_update": text_update or pipe.config.text_update,
                   **run_record(pipe, path, seed, len(times), load, seconds, len(prompts))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"joint generation: {prompt}", record, times)  # fmt: skip

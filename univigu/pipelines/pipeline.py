@@ -498,8 +498,12 @@ class UniViGUPipeline:
 
     def _guidance(self, scale: float, negative_prompt: str, null_text: bool = False) -> Guidance | None:
         """Guidance away from `negative_prompt` (the empty prompt: plain classifier-free guidance); with
-        `null_text` (T2V) it is also the null pass's text stream."""
+        `null_text` (T2V) it is also the null pass's text stream. At scale 1 there is no null pass: a negative
+        prompt then warns that it is not used."""
         if scale == 1.0:
+            if negative_prompt:
+                warnings.warn("negative_prompt has no effect without guidance (guidance scale 1); it is not used",
+                              stacklevel=3)  # fmt: skip
             return None
         tokens, mask = self.text_canvas.encode([negative_prompt]) if null_text else (None, None)
         return Guidance(null_states=self._prompt_states([negative_prompt]), scale=scale,
