@@ -388,3 +388,20 @@ def test_loading_a_missing_or_bad_folder_is_a_clear_error_and_never_uses_the_net
     with pytest.raises(FileNotFoundError, match=f"no config.json in {tmp_path / 'm'}"):
         UniViGUTransformer.from_pretrained(tmp_path / "m")
     assert attempts == []
+
+
+def test_the_typo_hint_skips_config_keys_our_loaders_handle(wan, tmp_path):
+    """A Wan transformer folder whose weights do not match its config: the hint names the typo'd key, not the
+    `rope_theta` that set_rope_theta records and load_wan_transformer puts back."""
+    from diffusers import WanTransformer3DModel
+
+    from univigu.models.transformer import check_checkpoint
+    from univigu.models.wan import set_rope_theta
+
+    set_rope_theta(wan, 10.0).save_pretrained(tmp_path / "w")
+    config_file = tmp_path / "w" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["rope_theta"] == 10.0
+    config_file.write_text(json.dumps({**{k: v for k, v in config.items() if k != "num_layers"}, "num_layer": 1}))
+    with pytest.raises(ValueError, match=r"does not take \(typos\?\): \['num_layer'\]$"):
+        check_checkpoint(WanTransformer3DModel, tmp_path / "w")

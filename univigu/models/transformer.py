@@ -168,8 +168,10 @@ def check_checkpoint(cls: type[ModelMixin], folder: Path, kwargs: dict | None = 
         lines = [f"checkpoint {folder} does not match the {cls.__name__} its config describes:"]
         lines += [f"  missing keys ({len(missing)}): {_key_summary(missing)}"] if missing else []
         lines += [f"  unexpected keys ({len(unexpected)}): {_key_summary(unexpected)}"] if unexpected else []
-        # diffusers drops config keys the class does not take (a typo'd "num_layer": the default size, then this)
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in cls._get_init_keys(cls))
+        # diffusers drops config keys the class does not take (a typo'd "num_layer": the default size, then this);
+        # rope_theta is not one: our loaders put it back (set_rope_theta / load_wan_transformer, models/wan.py)
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in cls._get_init_keys(cls)
+                         and k not in ("rope_theta",))  # fmt: skip
         lines += [f"  {cls.config_name} keys {cls.__name__} does not take (typos?): {unknown}"] if unknown else []
         if shapes:
             more = [f"    ... and {len(shapes) - 8} more"] if len(shapes) > 8 else []
