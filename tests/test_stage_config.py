@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from univigu.cli import app
 from univigu.cli.train import CONFIG_DIR
-from univigu.training.stages import load_config
+from univigu.training.stages import _parse_yaml, load_config
 
 BASE = CONFIG_DIR / "base.yaml"
 
@@ -111,6 +111,9 @@ def test_bad_yaml_files_name_the_file(tmp_path):
     twice.write_text("stage: base\ntrain:\n  lr: 1.0e-3\n  max_steps: 2\n  lr: 5.0e-4\n")
     with pytest.raises(ValueError, match=f"CONFIG {twice} is not valid YAML: key 'lr' is given twice(.|\n)*line 5"):
         load_config(twice)
+    # YAML merge keys still merge (a key the mapping repeats overrides the merged one: not "given twice")
+    data = _parse_yaml("defaults: &d {lr: 1.0e-3, max_steps: 3}\ntrain: {<<: *d, max_steps: 5}\n", "x")
+    assert data["train"] == {"lr": 1.0e-3, "max_steps": 5}
 
 
 def test_the_cli_refuses_them_before_making_the_run_folder(tmp_path):

@@ -84,7 +84,10 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     # more steps for an earlier stage: the later ones started from its old export, so the run is refused as it is
     stale = runner.invoke(app, [*args, "--resume", "--recall.train.max_steps=3"])
     assert stale.exit_code == 2 and "stage recall would train from 2 to 3 steps, but" in _flat(stale.output)
-    assert "refine started from its earlier export" in _flat(stale.output)
+    assert "refine already holds a run begun before this recall export" in _flat(stale.output)
+    # refine trained further in the toy default chain (base, refine) would continue a run begun from recall
+    other = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--resume", *small, "--refine.train.max_steps=3"])
+    assert other.exit_code == 2 and f"began from {tmp_path / 'recall' / 'final'}" in _flat(other.output)
     # more steps for a finished stage: it continues from its checkpoint (as train --resume does)
     longer = runner.invoke(app, [*args, "--resume", "--refine.train.max_steps=3"])
     assert longer.exit_code == 0 and "refine: 2 steps done, continuing to 3" in longer.output, longer.output
@@ -130,8 +133,9 @@ def test_train_one_stage_then_resume_further(tmp_path):
 
     shutil.rmtree(out / "checkpoints")
     final = (out / "final" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
-    fresh = runner.invoke(app, args)
-    assert fresh.exit_code == 2 and "holds a finished run" in _flat(fresh.output), fresh.output
+    for again in (args, [*args, "--resume", "--train.max_steps=4"]):  # --resume would start afresh: refused too
+        refused = runner.invoke(app, again)
+        assert refused.exit_code == 2 and "and no checkpoint to continue it from" in _flat(refused.output)
     assert (out / "final" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == final
     assert steps == [int(line.split(",")[0]) for line in (out / "losses.csv").read_text().splitlines()[1:]]
     assert (out / "stage_config.yaml").read_text() == record

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -377,6 +379,21 @@ def test_damaged_training_state_falls_back_to_the_previous_checkpoint(ema_run, t
     assert [r["step"] for r in rows] == list(range(11, 21))
 
 
+def test_resume_compares_the_run_config_key_by_key(tmp_path: Path) -> None:
+    """run_config (a stage's data, model...): a changed, added or removed key, lists included, is a ResumeError
+    naming it; a key unset on one side and None on the other is no change; the same config resumes."""
+    run = {"model": {"patch_size": [4, 2, 2], "num_layers": 1}, "mix": {}, "data": {"kind": "world"}}
+    Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=4), run_config=run).train()
+    for now, said in (({**run, "model": {"num_layers": 1}}, "run.model.patch_size: checkpoint [4, 2, 2] -> now None"),
+                      ({**run, "mix": {"v2t": 2.0}}, "run.mix.v2t: checkpoint None -> now 2.0"),
+                      (None, "run.data.kind: checkpoint 'world' -> now None")):  # fmt: skip
+        with pytest.raises(ResumeError, match=re.escape(said)):
+            Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=5), run_config=now).train(resume=True)
+    same = {**run, "mix": {"cond_dropout": None}, "model": {"num_layers": 1, "patch_size": (4, 2, 2)}}
+    rows = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=5), run_config=same).train(resume=True)
+    assert [r["step"] for r in rows] == [5]
+
+
 def test_resume_refuses_a_model_of_another_shape_before_any_step(tmp_path: Path) -> None:
     Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=10)).train()
     task = MLPTask(dim=4)
@@ -459,7 +476,8 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
 
     tmp = root / f".tmp_{ckpt.step_dir_name(step)}"
     tmp.mkdir(parents=True)
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+    state = {"step": step, "micro_batches": step, "bad_total": 0, "bad_streak": 0, "elapsed": 1.0}
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
     (tmp / "config.json").write_text(json.dumps({"num_processes": 1, "ema_decay": None}))
     save_file({"w": torch.zeros(2, 3)}, tmp / "model.safetensors")
     for name in ("optimizer.bin", "random_states_0.pkl", "generator_0.pt"):  # torch.save, as accelerate writes them
@@ -503,7 +521,9 @@ def test_damage_checks_each_file_the_run_saves(tmp_path: Path) -> None:
     path = _fake_checkpoint(tmp_path / "plain", 10)
     assert ckpt.damage(path) is None  # no EMA: no ema.pt, and that is no damage
     (path / "model.safetensors").unlink()
-    assert ckpt.damage(path) == "no model weights (model.safetensors or pytorch_model_fsdp_0/)"
+    assert ckpt.damage(path) == "no model weights (model.safetensors or pytorch_model_fsdp*)"
+    (path / "trainer_state.json").write_text("[]")  # valid JSON, but not what resuming reads
+    assert ckpt.damage(path).startswith("trainer_state.json lacks ['step', ")
     # FSDP, 2 processes, EMA: sharded folders, one generator, RNG state and EMA shard per process
     path = _fake_checkpoint(tmp_path / "fsdp", 10)
     (path / "config.json").write_text(json.dumps({"num_processes": 2, "ema_decay": 0.99}))
@@ -529,7 +549,15 @@ def test_damage_checks_each_file_the_run_saves(tmp_path: Path) -> None:
         shard.unlink()
     assert ckpt.damage(path) == "optimizer_0/ is empty"
     (path / "optimizer_0").rmdir()
-    assert ckpt.damage(path) == "no optimizer state (optimizer.bin or optimizer_0/)"
+    assert ckpt.damage(path) == "no optimizer state (optimizer.bin, optimizer_0/ ...)"
+    # FSDP with full state dicts (accelerate's default state_dict_type): single files, EMA still per process
+    for folder in ("pytorch_model_fsdp_0",):
+        shutil.rmtree(path / folder)
+    torch.save({}, path / "pytorch_model_fsdp.bin")
+    torch.save({}, path / "optimizer.bin")
+    assert ckpt.damage(path) is None
+    (path / "ema_1.pt").unlink()
+    assert ckpt.damage(path) == "no ema_1.pt (the run keeps an EMA)"
 
 
 def test_replace_dir_swaps_the_whole_folder(tmp_path: Path) -> None:

@@ -42,20 +42,43 @@ def _steps_done(final: Path, stage: str) -> int | None:
 
 
 def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> None:
-    """A resumed train-all: once a stage trains (further, or afresh), the stages after it would start from its new
-    export, so a later one already trained (or begun) from its old export is refused, not kept or overwritten."""
-    stages = list(stage_configs)
-    for i, stage in enumerate(stages):
+    """A resumed train-all continues a stage's run only if it began from the export this chain gives it (a run begun
+    in another --stages chain is refused), and once a stage trains (further, or afresh), a later stage's run, begun
+    from its old export, is refused too. Finished stages that are kept as they are pass."""
+    import yaml
+
+    from univigu.training.checkpoint import list_checkpoints
+
+    def has_run(stage: str) -> bool:  # a folder with only a refused run's record holds no run
+        return (out / stage / "final").exists() or bool(list_checkpoints(out / stage / "checkpoints"))
+
+    def finished(stage: str) -> bool:
         done = _steps_done(out / stage / "final", stage)
-        if done is not None and done >= stage_configs[stage].train.max_steps:
+        return done is not None and done >= stage_configs[stage].train.max_steps
+
+    stages = list(stage_configs)
+    for stage, cfg in stage_configs.items():
+        record = out / stage / "stage_config.yaml"
+        if cfg.init_from is None or finished(stage) or not has_run(stage) or not record.is_file():
             continue
-        stale = [s for s in stages[i + 1:] if (out / s).is_dir() and any((out / s).iterdir())]
+        began = (yaml.safe_load(record.read_text()) or {}).get("init_from")
+        if began is not None and Path(began).resolve() != Path(cfg.init_from).resolve():
+            raise typer.BadParameter(f"{out / stage} began from {began}, and this chain ({', '.join(stages)}) would "
+                                     f"continue it from {cfg.init_from}: move it away to train it again, or resume "
+                                     "with the stages it was trained in", param_hint="--stages / --resume")  # fmt: skip
+    for i, stage in enumerate(stages):
+        if finished(stage):
+            continue
+        done = _steps_done(out / stage / "final", stage)
+        stale = [s for s in stages[i + 1:] if has_run(s)]
         if stale:
             trains = "from scratch" if done is None else f"from {done} to {stage_configs[stage].train.max_steps} steps"
+            keep = f", or resume with {stage}'s steps unchanged" if done is not None else ""
             raise typer.BadParameter(
-                f"stage {stage} would train {trains}, but {', '.join(str(out / s) for s in stale)} started from its "
-                f"earlier export: move or delete {'them' if len(stale) > 1 else 'it'} to train again from the new "
-                f"{stage}, or resume with {stage}'s steps unchanged", param_hint="--resume")  # fmt: skip
+                f"stage {stage} would train {trains}, but {', '.join(str(out / s) for s in stale)} already "
+                f"{'hold runs' if len(stale) > 1 else 'holds a run'} begun before this {stage} export: move "
+                f"{'them' if len(stale) > 1 else 'it'} away to train again from the new {stage}{keep}",
+                param_hint="--resume")  # fmt: skip
         return
 
 

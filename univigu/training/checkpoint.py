@@ -124,9 +124,11 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
         return {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
 
 
-# what `Trainer.save_checkpoint` writes besides the JSON files: accelerate's model and optimizer state (FSDP: sharded
-# folders), per process its RNG states and the task generator, and with EMA the averaged weights
-_FSDP_MODEL, _FSDP_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"
+# what `Trainer.save_checkpoint` writes besides the JSON files: accelerate's model and optimizer state (FSDP, by its
+# state_dict_type: sharded folders pytorch_model_fsdp_0/ and optimizer_0/, or pytorch_model_fsdp*.bin and
+# optimizer*.bin files), per process its RNG states and the task generator, and with EMA the averaged weights
+_FSDP_MODEL, _OPTIMIZER = "pytorch_model_fsdp", "optimizer"
+_TRAINER_STATE = ("step", "micro_batches", "bad_total", "bad_streak", "elapsed")
 _TORCH_SAVED = (".pt", ".bin", ".pkl")  # torch.save files (accelerate writes optimizer.bin and the RNG .pkl so too)
 
 
@@ -152,19 +154,21 @@ def damage(path: Path) -> str | None:
             return f"no {name}"
         except ValueError:
             return f"{name} is not valid JSON"
-    config = records["config.json"]
+    config, state = records["config.json"], records["trainer_state.json"]
     if not isinstance(config, dict):
         return "config.json is not a JSON object"
+    if not isinstance(state, dict) or any(key not in state for key in _TRAINER_STATE):
+        return f"trainer_state.json lacks {[k for k in _TRAINER_STATE if not isinstance(state, dict) or k not in state]}"
     try:
         weight_shapes(path)
     except (SafetensorError, OSError) as error:  # a truncated file, an unreadable one
         return f"model.safetensors is unreadable: {error}"
     names = {p.name for p in path.iterdir()}
-    fsdp = _FSDP_MODEL in names
+    fsdp = any(name.startswith(_FSDP_MODEL) for name in names)
     if not fsdp and "model.safetensors" not in names:
-        return f"no model weights (model.safetensors or {_FSDP_MODEL}/)"
-    if "optimizer.bin" not in names and _FSDP_OPTIMIZER not in names:
-        return f"no optimizer state (optimizer.bin or {_FSDP_OPTIMIZER}/)"
+        return f"no model weights (model.safetensors or {_FSDP_MODEL}*)"
+    if not any(name.startswith(_OPTIMIZER) for name in names):
+        return f"no optimizer state ({_OPTIMIZER}.bin, {_OPTIMIZER}_0/ ...)"
     processes = config.get("num_processes", 1)
     if type(processes) is not int or processes < 1:
         return f"config.json: num_processes is {processes!r}, not a count"
@@ -179,7 +183,7 @@ def damage(path: Path) -> str | None:
                 return f"no {name} (the run keeps an EMA)"
     for name in sorted(names):
         item = path / name
-        if item.is_dir() and name in (_FSDP_MODEL, _FSDP_OPTIMIZER):  # torch.distributed.checkpoint folders
+        if item.is_dir() and name.startswith((_FSDP_MODEL, _OPTIMIZER)):  # torch.distributed.checkpoint folders
             shards = {p.name for p in item.iterdir()}
             if not shards:
                 return f"{name}/ is empty"

@@ -339,7 +339,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged by PyYAML, may repeat keys
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):  # PyYAML's own error for it
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
                                                         key_node.start_mark)  # fmt: skip
@@ -454,13 +458,18 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     """Train one stage and export its pipeline folder (`output_dir/final`); returns that folder."""
     cfg.check_inputs()
     out = Path(cfg.train.output_dir)
-    if resume is False and (out / "final").exists():  # a finished run whose checkpoints were deleted, say
-        raise FileExistsError(f"{out} holds a finished run ({out / 'final'}): pass --resume to continue it, or use "
-                              "a fresh output_dir")  # fmt: skip
+    if (out / "final").exists():  # a finished run: continued from its checkpoints, never trained over
+        if not ckpt.list_checkpoints(out / "checkpoints"):  # deleted to free the disk, say: --resume would restart
+            raise FileExistsError(f"{out} holds a finished run ({out / 'final'}) and no checkpoint to continue it "
+                                  "from: use a fresh output_dir (or move final/ away to train again here)")  # fmt: skip
+        if resume is False:
+            raise FileExistsError(f"{out} holds a finished run ({out / 'final'}): pass --resume to continue it, or "
+                                  "use a fresh output_dir")  # fmt: skip
     torch.manual_seed(cfg.train.seed)  # new weights (base, MoE text layers) start the same on every process and run
     task, tokenizer, pipe_cfg = build_task(cfg)
     dataset, collate_fn = _dataset(cfg)
-    trainer = Trainer(task, dataset, cfg.train, collate_fn=collate_fn, run_config=_run_config(cfg, dataset))
+    trainer = Trainer(task, dataset, cfg.train, collate_fn=collate_fn,
+                      run_config=_run_config(cfg, dataset, pipe_cfg))  # fmt: skip
 
     def record() -> None:  # once the run is checked: a refused one leaves the folder's record as it was
         if trainer.accelerator.is_main_process:
@@ -487,13 +496,18 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     return final
 
 
-def _run_config(cfg: StageConfig, dataset: Any) -> dict[str, Any]:
+def _run_config(cfg: StageConfig, dataset: Any, pipe_cfg: PipelineConfig) -> dict[str, Any]:
     """What a resumed stage must share with its checkpoints besides the trainer's config: the rest of the stage
-    config but its paths (a run moved to another disk, with its inputs, resumes; the weights are the checkpoint's),
-    and a latent cache's rows (its shards and counts: the data itself)."""
+    config as it takes effect (defaults and inherited values filled in), but its paths (a run moved to another disk,
+    with its inputs, resumes; the weights are the checkpoint's), and a latent cache's rows (its shards and counts:
+    the data itself)."""
     run = _plain({k: v for k, v in asdict(cfg).items() if k not in ("train", "init_from")})
     run["data"].pop("path", None)
-    if isinstance(dataset, LatentCacheDataset):  # the same shards, in the same order: the same samples per step
+    run["data"]["kind"] = cfg.data.get("kind", "world")
+    if cfg.stage != "base":  # the text flow the task was built with (unset: the previous stage's)
+        run["flow"].update(text_source=pipe_cfg.text_source, text_exponent=pipe_cfg.text_exponent)
+    if isinstance(dataset, LatentCacheDataset):
+        run["data"]["bucket"] = dataset.bucket  # the same shards, in the same order: the same samples per step
         run["cache_rows"] = dataset.index["buckets"][dataset.bucket]
     return run
 

@@ -496,16 +496,15 @@ class Trainer:
     def _load(self, path: Path) -> None:
         acc = self.accelerator
         saved = json.loads((path / "config.json").read_text())
-        now = self._config_record()
+        now = json.loads(json.dumps(self._config_record()))  # as saved: tuples read back as lists
         if "run" not in saved:  # a checkpoint from before run configs were recorded
             now.pop("run", None)
-        run_now = _flatten(now.pop("run", {}), "run.")
-        saved = {**saved, **_flatten(saved.pop("run", {}), "run.")}
-        now.update(run_now)
-        diff = {k: (saved.get(k), v) for k, v in now.items() if k not in _FREE_KEYS and saved.get(k) != v}
-        diff.update({k: (v, None) for k, v in saved.items() if k.startswith("run.") and k not in run_now})
-        # JSON turns tuples into lists
-        diff = {k: d for k, d in diff.items() if not (isinstance(d[0], list) and tuple(d[0]) == tuple(d[1]))}
+        saved, now = ({**{k: v for k, v in d.items() if k != "run"}, **_flatten(d.get("run", {}), "run.")}
+                      for d in (saved, now))  # fmt: skip
+        # a key absent on one side reads None (unset); a trainer key the checkpoint has and this version lacks is
+        # no change, a run key is
+        keys = sorted(set(now) | {k for k in saved if k.startswith("run.")})
+        diff = {k: (saved.get(k), now.get(k)) for k in keys if k not in _FREE_KEYS and saved.get(k) != now.get(k)}
         if diff:
             lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in diff.items())
             raise ResumeError(f"cannot resume from {path}: the config changes the training math:\n{lines}")
