@@ -122,6 +122,10 @@ def test_messages_and_step_defaults_of_the_app():
     steps = [b.value for b in blocks.blocks.values() if getattr(b, "label", None) == "sampling steps"]
     c = demo.pipe.config
     assert steps == [c.num_steps, c.caption_steps, c.num_steps] and c.caption_steps != c.num_steps
+    # the seed widgets take what the seed check takes (0 to 2**64 - 1), as the CLI does
+    seeds = [b for b in blocks.blocks.values() if getattr(b, "label", None) == "seed"]
+    assert seeds and all((b.minimum, b.maximum) == (0, 2**64 - 1) for b in seeds)
+    assert app_module._seed_steps(2**64 - 1, None) == (2**64 - 1, None)
 
 
 def test_demo_methods_draw_samples_with_the_asked_seed_steps_and_guidance(tiny_parts, tmp_path, monkeypatch):

@@ -231,6 +231,12 @@ def test_a_cut_gif_reads_what_is_left_with_a_warning(tmp_path, fraction):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_video(good).shape[0] == 40
+    padded = tmp_path / "padded.gif"  # a whole GIF with a trailing newline or padding is not cut
+    for tail in (b"\n", b"\r\n", b"\0\0 \t"):
+        padded.write_bytes(good.read_bytes() + tail)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert read_video(padded).shape[0] == 40
     cut = tmp_path / "cut.gif"
     cut.write_bytes(good.read_bytes()[: int(good.stat().st_size * fraction)])
     with pytest.warns(UserWarning, match=r"cut.gif: decoded \d+ frames .* no GIF trailer; the file looks truncated"):

@@ -183,7 +183,7 @@ def build_app(demo: Demo):
 
     def controls(method: str, guidance: bool = True) -> list:
         with gr.Row():
-            seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=2**63 - 1)
+            seed = gr.Number(value=0, precision=0, label="seed", minimum=0, maximum=2**64 - 1)
             steps = gr.Slider(1, 100, value=c.steps_for(method), step=1, label="sampling steps")  # captions: 50
             scale = gr.Slider(1.0, 10.0, value=c.guidance_scale, step=0.5, label="guidance scale", visible=guidance)
         return [seed, steps, scale] if guidance else [seed, steps]

@@ -197,7 +197,15 @@ def _repeats(durations: list[int]) -> list[int]:
 
 
 def _ends_with_gif_trailer(path: str | Path) -> bool:
-    """Whether the file ends with the byte 0x3B (';') that ends every whole GIF."""
+    """Whether the file ends with the byte 0x3B (';') that ends every whole GIF, before any padding (NUL bytes,
+    white space: a GIF with a trailing newline is whole)."""
     with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b";"
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - 4096)
+            f.seek(start)
+            left = f.read(end - start).rstrip(b"\0\r\n \t")
+            if left:
+                return left.endswith(b";")
+            end = start
+    return False
