@@ -325,9 +325,10 @@ def test_a_negative_prompt_without_guidance_warns(pipe):
     import warnings
 
     for method in ("text_to_video", "generate"):
-        with pytest.warns(UserWarning, match="negative_prompt has no effect without guidance"):
+        with pytest.warns(UserWarning, match="negative_prompt has no effect without guidance") as record:
             getattr(pipe, method)(["a red circle"], num_steps=1, guidance_scale=1, negative_prompt="a blue square",
                                   progress=False)  # fmt: skip
+        assert record[0].filename == __file__  # the caller's line
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             getattr(pipe, method)(["a red circle"], num_steps=1, guidance_scale=1, progress=False)

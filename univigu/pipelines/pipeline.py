@@ -503,7 +503,7 @@ class UniViGUPipeline:
         if scale == 1.0:
             if negative_prompt:
                 warnings.warn("negative_prompt has no effect without guidance (guidance scale 1); it is not used",
-                              stacklevel=3)  # fmt: skip
+                              stacklevel=4)  # fmt: skip
             return None
         tokens, mask = self.text_canvas.encode([negative_prompt]) if null_text else (None, None)
         return Guidance(null_states=self._prompt_states([negative_prompt]), scale=scale,
