@@ -185,3 +185,21 @@ def test_joint_page_settings_line_names_the_run_not_its_files_or_fps(joint_page)
     settings = re.search(r'<p id="settings">(.*?)</p>', (joint_page / "page.html").read_text()).group(1)
     assert "<b>seed</b> 3" in settings and "<b>steps</b> 4" in settings
     assert "<b>fps</b>" not in settings and "<b>files</b>" not in settings
+
+
+def test_the_pages_gifs_last_as_long_as_the_clip():
+    """The page's GIFs play at the model's fps: whole-centisecond delays adding up to frames / fps (81 frames at 16
+    fps: 5.06 s, where 6 cs each made 4.86 s)."""
+    import base64
+    import io
+
+    from PIL import Image, ImageSequence
+
+    from univigu.data.video_io import gif_delays
+    from univigu.viewer import gif_uri
+
+    assert sum(gif_delays(81, 16)) == 5060 and set(gif_delays(81, 16)) == {60, 70}
+    assert gif_delays(16, 8) == [130, 120] * 8
+    frames = np.stack([np.full((4, 4, 3), 3 * i, np.uint8) for i in range(81)])  # distinct: nothing merged
+    gif = Image.open(io.BytesIO(base64.b64decode(gif_uri(frames, fps=16).split(",", 1)[1])))
+    assert sum(frame.info["duration"] for frame in ImageSequence.Iterator(gif)) == 5060

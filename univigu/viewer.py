@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from univigu.data.video_io import gif_delays
+
 if TYPE_CHECKING:
     from univigu.data.tokenizer import TextCanvas
 
@@ -61,7 +63,7 @@ def gif_uri(video: np.ndarray, fps: int = 8) -> str:
     pixelated: a quarter of the bytes of a scaled GIF, none of the blur)."""
     images = [Image.fromarray(np.ascontiguousarray(f)) for f in video]
     return _data_uri(images[0], format="GIF", save_all=True, append_images=images[1:],
-                     duration=int(1000 / fps), loop=0)  # fmt: skip
+                     duration=gif_delays(len(images), fps), loop=0)  # fmt: skip
 
 
 def strip_uri(video: np.ndarray) -> str:

@@ -65,15 +65,19 @@ def write_video(path: str | Path, frames: np.ndarray | torch.Tensor, fps: float 
     return path
 
 
+def gif_delays(num_frames: int, fps: float) -> list[int]:
+    """Per-frame GIF delays in ms for `num_frames` frames at `fps`. GIF delays are whole centiseconds: frame i ends
+    at round((i + 1) * 100 / fps), so the clip lasts num_frames / fps (6 cs each at 16 fps made 81 frames 4.86 s)."""
+    ends = [math.floor((i + 1) * 100 / fps + 0.5) for i in range(num_frames)]
+    return [10 * (end - start) for start, end in zip([0, *ends], ends)]
+
+
 def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
     from PIL import Image
 
     images = [Image.fromarray(f) for f in frames]
-    # delays are whole centiseconds: frame i ends at round((i + 1) * 100 / fps), so the clip lasts frames / fps
-    # (6 cs each at 16 fps made 81 frames 4.86 s long); Pillow adds the delays of the identical frames it merges
-    ends = [math.floor((i + 1) * 100 / fps + 0.5) for i in range(len(images))]
-    delays = [10 * (end - start) for start, end in zip([0, *ends], ends)]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=delays, loop=0)
+    # Pillow adds the delays of the identical frames it merges
+    images[0].save(path, save_all=True, append_images=images[1:], duration=gif_delays(len(images), fps), loop=0)
 
 
 def _write_av(path: Path, frames: np.ndarray, fps: float) -> None:
