@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from univigu.cli.model import _interleaved_medians
+from univigu.evaluation.timing import interleaved_medians
 from univigu.models import build_model
 from univigu.models.transformer import ATTENTION_BACKENDS, WAN_CONFIG_KEYS, keep_attention_checkpointing
 
@@ -93,7 +93,7 @@ def _latency(model, video, prompt, tokens, t_noisy, t_clean, args, dtype, sync) 
         "unified joint step": lambda: model(v, tokens, t_noisy, t_noisy, p),
     }
     with torch.no_grad():
-        latency = _interleaved_medians(runs, args.steps, args.warmup, sync)
+        latency = interleaved_medians(runs, args.steps, args.warmup, sync)
         parity = (runs["wan (diffusers)"]()[0].float() - runs["unified, no text"]()[0].float()).abs().max().item()
     del wan
     if device.type == "cuda":

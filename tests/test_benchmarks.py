@@ -28,3 +28,17 @@ def test_wan_scale_benchmark_runs_and_profiles(tmp_path):
     assert profile["seconds"]["matmul"] > 0 and profile["seconds"]["attention"] > 0
     assert profile["seconds"]["optimizer"] > 0  # fused AdamW is one named kernel
     assert "| matmul |" in (tmp_path / "result.md").read_text()
+
+
+def test_interleaved_medians_alternate_the_functions_and_take_medians(monkeypatch):
+    """Each round runs every function once, in turn (load bursts hit all alike); warmup rounds are not timed; the
+    result is each function's median, syncing around every call."""
+    from univigu.evaluation import timing
+
+    clock, calls, syncs = iter(range(1000)), [], []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    medians = timing.interleaved_medians(fns, steps=3, warmup=1, sync=lambda: syncs.append(1))
+    assert calls == ["a", "b"] * 4 and len(syncs) == 2 * 2 * 3
+    assert medians == {"a": 1, "b": 1}  # each timed call spans one tick of the fake clock
+    assert timing.synchronizer("cpu")() is None

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
 import typer
 
 from univigu.cli.run import _pipeline, out_file, resolve_device
+from univigu.evaluation.timing import interleaved_medians, synchronizer
 
 app = typer.Typer(help="Inspect and benchmark the unified transformer.", no_args_is_help=True)
 
@@ -74,32 +73,6 @@ def _torch_dtype(dtype: str):
     return getattr(torch, dtype)
 
 
-def _synchronizer(device: str) -> Callable[[], None]:
-    """What waits for queued device work before a clock is read (CUDA runs asynchronously)."""
-    import torch
-
-    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-
-
-def _interleaved_medians(fns: dict[str, Callable[[], object]], steps: int, warmup: int,
-                         sync: Callable[[], None] = lambda: None) -> dict[str, float]:  # fmt: skip
-    """Median seconds per function. Rounds alternate between the functions, so a burst of load from
-    other processes on a shared CPU hits all of them alike instead of skewing one. `sync` waits for
-    queued device work (CUDA runs asynchronously)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(steps):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 @app.command()
 def bench(
     preset: str = typer.Option("tiny", help="Preset name (the tiny one is meant for this CPU)."),
@@ -147,7 +120,7 @@ def bench(
     prompt = torch.randn(batch, prompt_len, cfg.text_dim, generator=g).to(device, torch_dtype)
     tokens = torch.randint(0, cfg.text_vocab_size, (batch, text_len), generator=g).to(device)
     t_clean = torch.zeros(batch, device=device)
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
 
     runs = {
         "wan (diffusers)": lambda: (wan(video, t_video, prompt, return_dict=False)[0], None),
@@ -167,8 +140,8 @@ def bench(
     with torch.no_grad():
         parity = (runs["wan (diffusers)"]()[0] - runs["unified, no text"]()[0]).abs().max().item()
     with torch.no_grad():
-        fwd = _interleaved_medians(runs, steps, warmup, sync)
-    fwd_bwd = _interleaved_medians({k: (lambda run=run: train_step(run)) for k, run in runs.items()}, steps, warmup,
+        fwd = interleaved_medians(runs, steps, warmup, sync)
+    fwd_bwd = interleaved_medians({k: (lambda run=run: train_step(run)) for k, run in runs.items()}, steps, warmup,
                                    sync)  # fmt: skip
     rows = {
         name: {"forward_ms": 1e3 * fwd[name], "forward_backward_ms": 1e3 * fwd_bwd[name],
@@ -265,7 +238,7 @@ def bench_v2t(
     tokens = torch.randint(0, vocab, (batch, text_len), generator=g).to(device)
     t_noised, t_clean = torch.full((batch,), 500.0, device=device), torch.zeros(batch, device=device)
     text_flow = TextFlow(vocab)
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
 
     texts = {}
 
@@ -292,7 +265,7 @@ def bench_v2t(
         if graphs:
             v2t(True, 2, cuda_graph=False)
             runs[f"V2T {steps} steps, cached, no CUDA graph"] = lambda: v2t(True, cuda_graph=False)
-        times = _interleaved_medians(runs, repeats, 0, sync)
+        times = interleaved_medians(runs, repeats, 0, sync)
     cached_texts_equal = bool(torch.equal(texts[True, None], texts[False, None]))
     forward, no_text, uncached, cached = (times[name] for name in list(runs)[:4])
     n_video = math.prod(n // p for n, p in zip((frames, height, width), cfg.patch_size))
