@@ -195,6 +195,20 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, wan, tmp_p
     assert got.keys() == want.keys()
     assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-5
 
+    # the cache records what its latents mean; a stage from a Wan folder whose VAE differs is refused before step 1
+    from univigu.data.latent_cache import CacheError
+    from univigu.training.stages import build_task
+
+    assert index["latent_space"] == components.codec.latent_space()
+    other = tmp_path / "other_vae_cache"
+    shutil.copytree(out, other)
+    tampered = json.loads((other / "index.json").read_text())
+    tampered["latent_space"]["latents_std"][0] *= 2
+    (other / "index.json").write_text(json.dumps(tampered))
+    moved = [a.replace(str(out), str(other)) for a in stage]
+    with pytest.raises(CacheError, match="holds latents of another VAE than .*cache the videos again"):
+        build_task(load_config(None, [*moved, f"train.output_dir={tmp_path / 'other_run'}"]))
+
 
 
 def _captions(folder, rows) -> None:

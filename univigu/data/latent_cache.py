@@ -250,10 +250,11 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                       "digest_version": DIGEST_VERSION}, done)  # fmt: skip
         bar.update(len(chunk_records))
     bar.close()
-    return _write_index(out, settings, len(chunks), log)
+    return _write_index(out, settings, len(chunks), log, wan.codec.latent_space())
 
 
-def _write_index(out: Path, settings: CacheSettings, num_chunks: int, log: Callable[[str], None]) -> dict:
+def _write_index(out: Path, settings: CacheSettings, num_chunks: int, log: Callable[[str], None],
+                 latent_space: dict[str, Any]) -> dict:  # fmt: skip
     """index.json and skipped.jsonl from every chunk's done file."""
     buckets: dict[str, dict] = {}
     skipped, notes = [], []
@@ -270,7 +271,8 @@ def _write_index(out: Path, settings: CacheSettings, num_chunks: int, log: Calla
     for entry in buckets.values():
         with safe_open(out / entry["shards"][0], "pt") as f:
             entry["latent_shape"] = f.get_slice("latents").get_shape()[1:]
-    index = {"version": 1, "settings": asdict(settings), "prompt_dim": prompt_dim, "buckets": buckets,
+    index = {"version": 1, "settings": asdict(settings), "latent_space": latent_space, "prompt_dim": prompt_dim,
+             "buckets": buckets,
              "num_videos": sum(sum(b["counts"]) for b in buckets.values()), "num_skipped": len(skipped),
              "notes": notes}  # fmt: skip
     with (out / "skipped.jsonl").open("w") as f:

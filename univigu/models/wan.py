@@ -143,6 +143,12 @@ class WanVAECodec:
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.vae.save_pretrained(path)
 
+    def latent_space(self) -> dict[str, Any]:
+        """What a latent means: the VAE's channels and the per-channel normalisation (a latent cache records it, so
+        that a stage does not train on latents of another VAE)."""
+        cfg = self.vae.config
+        return {"z_dim": cfg.z_dim, "latents_mean": list(cfg.latents_mean), "latents_std": list(cfg.latents_std)}
+
     def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         shape = (1, self.channels, 1, 1, 1)
         mean = torch.tensor(self.vae.config.latents_mean, device=like.device, dtype=torch.float32).view(shape)

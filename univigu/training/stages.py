@@ -28,7 +28,7 @@ import yaml
 
 from univigu.data.codec import PixelCodec
 from univigu.data.dataset import WorldDataset, collate
-from univigu.data.latent_cache import LatentCacheDataset, LatentCodec, collate_latents
+from univigu.data.latent_cache import CacheError, LatentCacheDataset, LatentCodec, collate_latents
 from univigu.data.tokenizer import TextCanvas, build_world_tokenizer
 from univigu.data.world import OBJECT_COLOURS, MOTIONS, SHAPES, Scene, WorldConfig, WorldObject
 from univigu.flow.regimes import RegimeMix
@@ -413,6 +413,10 @@ def build_task(cfg: StageConfig) -> tuple[torch.nn.Module, Any, PipelineConfig]:
     if cfg.data.get("kind") == "latent_cache":
         cache = _dataset(cfg)[0]
         cache.check_texts(text_canvas)
+        made_by, ours = cache.index.get("latent_space"), getattr(previous.codec, "latent_space", None)
+        if made_by is not None and ours is not None and made_by != ours():  # caches before it was recorded: trusted
+            raise CacheError(f"{cfg.data['path']} holds latents of another VAE than {cfg.init_from}'s (channels or "
+                             "normalisation differ): cache the videos again with init_from's Wan folder")  # fmt: skip
         pipe_cfg = dataclasses.replace(pipe_cfg, **dict(zip(("frames", "height", "width"), cache.frame_size)))
         if cache.index["settings"].get("fps"):  # the rate its clips were sampled at: videos play at their speed
             pipe_cfg = dataclasses.replace(pipe_cfg, fps=round(cache.index["settings"]["fps"]))
