@@ -427,6 +427,12 @@ def test_a_rerun_naming_the_videos_folder_otherwise_resumes(video_dir, wan, tmp_
     output, again = cache(tmp_path / "moved")
     assert "chunk 1: its records changed since it was cached (or the videos folder is named otherwise" in output
     assert [n for n in stamps if again[n] != stamps[n]] == ["chunk_00001_16x16.safetensors"]
+    # a video replaced under the same name (another size) is encoded again, and only its chunk
+    stamps = again
+    shutil.copy(video_dir / "good1.mp4", tmp_path / "moved" / "good0.mp4")
+    output, again = cache(tmp_path / "moved")
+    assert "chunk 0: its records changed" in output
+    assert [n for n in stamps if again[n] != stamps[n]] == ["chunk_00000_16x16.safetensors"]
 
 
 def test_videos_go_to_the_bucket_nearest_in_log_aspect_ratio():

@@ -119,11 +119,12 @@ DIGEST_VERSION = 2  # done files without "digest_version" hold _legacy_digest
 
 
 def _digest(records: list[VideoRecord], videos: Path | None = None) -> str:
-    """What a chunk's records are: each video's path relative to the `videos` folder, its prompt and caption.
-    Relative, not the folder as typed: a rerun naming it otherwise (absolute after relative) or the same folder
-    moved or mounted elsewhere resumes, where the VAE would redo hours of identical work (the shards' records keep
-    the path of the run that wrote them). A video outside the folder (an absolute path in the captions file), or
-    records given without their folder: its resolved absolute path."""
+    """What a chunk's records are: each video's path relative to the `videos` folder, its size in bytes (a video
+    replaced under the same name is encoded again), its prompt and caption. Relative, not the folder as typed: a
+    rerun naming it otherwise (absolute after relative) or the same folder moved or mounted elsewhere resumes, where
+    the VAE would redo hours of identical work (the shards' records keep the path of the run that wrote them). A
+    video outside the folder (an absolute path in the captions file), or records given without their folder: its
+    resolved absolute path."""
 
     def key(path: Path) -> str:
         if videos is not None:
@@ -133,7 +134,10 @@ def _digest(records: list[VideoRecord], videos: Path | None = None) -> str:
                 pass
         return path.resolve().as_posix()
 
-    text = json.dumps([DIGEST_VERSION, [[key(r.path), r.prompt, r.caption] for r in records]])
+    def size(path: Path) -> int | None:  # None: missing (skipped, and listed, each run alike)
+        return path.stat().st_size if path.is_file() else None
+
+    text = json.dumps([DIGEST_VERSION, [[key(r.path), size(r.path), r.prompt, r.caption] for r in records]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
