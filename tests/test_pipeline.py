@@ -566,3 +566,13 @@ def test_load_video_reads_a_file_as_the_models_input(pipe, videos, tmp_path):
     with pytest.raises(VideoReadError, match="too short"):
         pipe.load_video(tmp_path / "short.gif")
     assert pipe.video_to_text(frames, num_steps=1, progress=False).texts  # what it returns is what captions take
+
+
+def test_a_non_finite_sample_warns_rather_than_passing_for_a_video(pipe):
+    """A guidance scale that overflows float32 (finite itself, so accepted) samples NaN, which decodes black: the
+    call warns, naming the videos; a sane scale does not."""
+    with pytest.warns(UserWarning, match=r"videos \[0, 1\] came out non-finite .* guidance scale overflows"):
+        pipe.text_to_video(["a red circle", "a blue square"], num_steps=1, guidance_scale=1e300, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.text_to_video(["a red circle"], num_steps=1, guidance_scale=3.0, progress=False)

@@ -526,6 +526,10 @@ class UniViGUPipeline:
         return step, frames, tokens
 
     def _output(self, video: Tensor | None, text: Tensor | None, frames, tokens) -> UniViGUPipelineOutput:
+        if video is not None and not torch.isfinite(video).all():  # it would decode to a flat black video
+            bad = [i for i, row in enumerate(video) if not torch.isfinite(row).all()]
+            warnings.warn(f"videos {bad} came out non-finite (NaN / inf) and decode black: too large a guidance "
+                          "scale overflows, as can float16 weights", stacklevel=3)  # fmt: skip
         return UniViGUPipelineOutput(
             videos=None if video is None else self.codec.decode(video).cpu().numpy(),
             texts=None if text is None else self.text_canvas.decode(text.cpu()),
