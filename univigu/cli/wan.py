@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from univigu.cli.run import resolve_device
+from univigu.cli.run import refuse_existing, resolve_device, write_replacing
 
 
 def cache_latents(
@@ -75,8 +75,6 @@ def convert_official(
                                    "conversion is written)."),  # fmt: skip
 ) -> None:
     """Map an official Uni-ViGU state dict to UniViGUTransformer; any unmapped key is an error."""
-    import shutil
-
     from univigu.models.convert import ConversionError, convert_official_state_dict, load_official_state_dict
     from univigu.models.wan import is_wan_folder
 
@@ -97,9 +95,7 @@ def convert_official(
     if wan is not None and wan.resolve() in out.parents:
         raise typer.BadParameter(f"{out_dir} is inside the --wan folder ({wan}); name a folder outside it",
                                  param_hint="OUT_DIR")  # fmt: skip
-    if out_dir.exists() and (out_dir.is_file() or any(out_dir.iterdir())) and not overwrite:
-        raise typer.BadParameter(f"{out_dir} exists; pass --overwrite to replace it, or name a new folder",
-                                 param_hint="OUT_DIR")  # fmt: skip
+    refuse_existing(out_dir, overwrite, "OUT_DIR")
     if wan is not None and vocab_size is None:
         from univigu.data.tokenizer import load_tokenizer
 
@@ -113,23 +109,15 @@ def convert_official(
     typer.echo(f"mapped {len(report.mapped)} tensors; dropped {len(report.dropped)} (recomputed buffers): "
                f"{report.dropped}")  # fmt: skip
     typer.echo(f"config: {report.config}")
-    # written beside OUT_DIR and swapped in whole (as `univigu export` does): a failed write leaves it as it was,
-    # and nothing of an older folder (a pipeline's transformer/, VAE) stays beside the new weights to be loaded
-    from univigu.cli.run import out_dir as make_dir
-    from univigu.training.checkpoint import replace_dir
-
-    staging = make_dir(out_dir.parent) / f".{out_dir.name}.convert-tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    # nothing of an older folder (a pipeline's transformer/, VAE) stays beside the new weights to be loaded
     if wan is None:
-        model.save_pretrained(staging)
+        write_replacing(out_dir, model.save_pretrained, "convert")
     else:
         from univigu.pipelines import UniViGUPipeline
 
         # as the released script samples: captions with an all-zero condition, T2V guidance keeps the prompt tokens,
         # joint generation re-samples the text by its linear rule (docs/METHOD.md section 4)
-        UniViGUPipeline.from_wan(wan, transformer=model, caption_condition="zeros", guidance_text="prompt",
-                                 text_update="linear-resample").save_pretrained(staging)  # fmt: skip
-    if out_dir.is_file():
-        out_dir.unlink()
-    replace_dir(staging, out_dir)
+        write_replacing(out_dir, lambda folder: UniViGUPipeline.from_wan(
+            wan, transformer=model, caption_condition="zeros", guidance_text="prompt", text_update="linear-resample",
+        ).save_pretrained(folder), "convert")  # fmt: skip
     typer.echo(f"wrote {out_dir}")

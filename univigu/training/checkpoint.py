@@ -157,8 +157,9 @@ def damage(path: Path) -> str | None:
     config, state = records["config.json"], records["trainer_state.json"]
     if not isinstance(config, dict):
         return "config.json is not a JSON object"
-    if not isinstance(state, dict) or any(key not in state for key in _TRAINER_STATE):
-        return f"trainer_state.json lacks {[k for k in _TRAINER_STATE if not isinstance(state, dict) or k not in state]}"
+    lacking = [key for key in _TRAINER_STATE if not isinstance(state, dict) or key not in state]
+    if lacking:
+        return f"trainer_state.json lacks {lacking}"
     try:
         weight_shapes(path)
     except (SafetensorError, OSError) as error:  # a truncated file, an unreadable one
