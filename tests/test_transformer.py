@@ -395,7 +395,7 @@ def test_the_typo_hint_skips_config_keys_our_loaders_handle(wan, tmp_path):
     `rope_theta` that set_rope_theta records and load_wan_transformer puts back."""
     from diffusers import WanTransformer3DModel
 
-    from univigu.models.transformer import check_checkpoint
+    from univigu.models.loading import check_checkpoint
     from univigu.models.wan import set_rope_theta
 
     set_rope_theta(wan, 10.0).save_pretrained(tmp_path / "w")

@@ -132,7 +132,7 @@ def test_training_forward_with_gradient_checkpointing():
 def test_layout_errors_are_clear():
     with pytest.raises(ValueError, match="attention_layout must be one of"):
         UniViGUTransformer(**CONFIG, attention_layout="causal")
-    full, (video, prompt, prompt_mask, text_mask) = _model("full"), _inputs()
+    full, (video, prompt, prompt_mask, _) = _model("full"), _inputs()
     with pytest.raises(ValueError, match="encode_video needs attention_layout='video_prefix'"):
         full.encode_video(video, prompt, prompt_mask)
     with pytest.raises(ValueError, match="use_cache=True needs"):

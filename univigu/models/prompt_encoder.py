@@ -12,7 +12,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from univigu.models.transformer import StrictLoading
+from univigu.models.loading import StrictLoading
 
 
 class PromptEncoder(StrictLoading, ModelMixin, ConfigMixin):

@@ -58,7 +58,7 @@ def load_wan_transformer(path: str | os.PathLike, torch_dtype: torch.dtype | Non
     from diffusers import WanTransformer3DModel
     from diffusers.utils import logging
 
-    from univigu.models.transformer import check_checkpoint
+    from univigu.models.loading import check_checkpoint
 
     level = logging.get_verbosity()
     logging.set_verbosity_error()  # diffusers warns that `rope_theta` is not a constructor argument
