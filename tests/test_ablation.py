@@ -19,7 +19,8 @@ from univigu.cli import app
 from univigu.evaluation.ablation import SHIPPED_BASE, plan, run, stage_budget
 from univigu.evaluation.report import _stats, compare, verdict
 from univigu.models.transformer import parameter_breakdown
-from univigu.training.stages import build_task, load_config
+from univigu.training.config import load_config
+from univigu.training.stages import build_task
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ablations"
 TOY = Path(__file__).resolve().parents[1] / "univigu" / "configs" / "toy"

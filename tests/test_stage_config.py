@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from univigu.cli import app
 from univigu.cli.train import CONFIG_DIR
-from univigu.training.stages import _parse_yaml, load_config
+from univigu.training.config import _parse_yaml, load_config
 
 BASE = CONFIG_DIR / "base.yaml"
 
@@ -140,7 +140,7 @@ def test_a_stage_from_a_pipeline_checks_the_world_against_it(override, message):
 
 
 def test_prompt_canvas_must_hold_the_longest_prompt_and_its_end_token():
-    from univigu.training.stages import _longest_world_prompt
+    from univigu.training.config import _longest_world_prompt
 
     longest = _longest_world_prompt()
     with pytest.raises(ValueError, match=f"prompt_length {longest} is too short"):
@@ -149,8 +149,6 @@ def test_prompt_canvas_must_hold_the_longest_prompt_and_its_end_token():
 
 
 def test_data_seed_and_world_reach_the_stage_dataset():
-    from univigu.training.stages import _dataset
-
-    ds = _dataset(load_config(BASE, ["data_seed=7", "dataset_size=12"]))[0]
+    ds = load_config(BASE, ["data_seed=7", "dataset_size=12"]).dataset()[0]
     assert (ds.seed, ds.size, ds.split) == (7, 12, "train")
     assert ds[3]["caption"] == ds.world.scenes("train", [3], 7)[0].caption

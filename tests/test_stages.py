@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 from univigu import UniViGUPipeline
 from univigu.cli import app
 from univigu.cli.train import CONFIG_DIR
-from univigu.training.stages import load_config
+from univigu.training.config import load_config
 
 runner = CliRunner()
 

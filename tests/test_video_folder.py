@@ -168,7 +168,8 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, wan, tmp_p
 
     # the same trainer trains the unified model on the cache: 3 steps, a pipeline with the VAE comes out
     from univigu import UniViGUPipeline
-    from univigu.training.stages import load_config, run_stage
+    from univigu.training.config import load_config
+    from univigu.training.stages import run_stage
 
     stage = [
         "stage=recall", f"init_from={wan}", f"data={{kind: latent_cache, path: '{out}', bucket: 16x16}}",
@@ -273,7 +274,8 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
     # the folder loaded as an already-unified pipeline, without the mask row its text source needs)
     from univigu.data.tokenizer import load_tokenizer
     from univigu.models.wan import load_wan_transformer
-    from univigu.training.stages import build_task, load_config
+    from univigu.training.config import load_config
+    from univigu.training.stages import build_task
 
     recall = ["stage=recall", f"init_from={wan}", f"data={{kind: latent_cache, path: '{out}'}}",
               "pipeline={text_length: 8}"]  # fmt: skip
@@ -466,7 +468,7 @@ def test_toy_world_data_on_a_wan_folder_is_refused_before_training(wan):
     """A toy-world stage config with a Wan2.1 init_from would fail at its first step (16-frame world videos, Wan's
     4k+1 VAE); it is refused when the inputs are checked, pointing at the latent cache."""
     from univigu.cli.train import CONFIG_DIR
-    from univigu.training.stages import load_config
+    from univigu.training.config import load_config
 
     cfg = load_config(CONFIG_DIR / "recall.yaml", [f"init_from={wan}"])
     with pytest.raises(ValueError, match="is a Wan2.1 folder, and the stage trains on the toy world"):

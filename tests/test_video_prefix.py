@@ -167,7 +167,8 @@ def test_pipeline_video_to_text_uses_the_cache(tiny_parts):
 
 
 def test_stage_config_carries_the_layout(tmp_path):
-    from univigu.training.stages import build_task, load_config
+    from univigu.training.config import load_config
+    from univigu.training.stages import build_task
 
     cfg = load_config("univigu/configs/toy/recall.yaml", ["--init_from=univigu/assets/toy-base",
                                                           "--attention_layout=video_prefix"])  # fmt: skip

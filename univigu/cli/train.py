@@ -98,7 +98,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
 ) -> None:
     """Train one stage. Extra arguments override the YAML: `--train.max_steps=100 --mix.v2t=2`."""
-    from univigu.training.stages import load_config
+    from univigu.training.config import load_config
 
     try:
         cfg = load_config(config, ctx.args)
@@ -122,7 +122,7 @@ def train_all(
     """Train the stages in order, each starting from the previous one's export (the toy default skips
     Knowledge Recall: at the same budget, refine alone captions better in the toy world).
     Extra `stage.key=value` arguments override one stage: `--base.train.max_steps=10`."""
-    from univigu.training.stages import STAGES, load_config
+    from univigu.training.config import STAGES, load_config
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     if not chosen or any(s not in STAGES for s in chosen) or chosen != sorted(chosen, key=STAGES.index) \

@@ -285,7 +285,8 @@ def _train_job(spec: dict[str, Any], p: dict[str, Any], out: Path, device: str) 
     """Train an arm's stages (resuming a stage whose run was cut), evaluate the final pipeline, and
     for learning curves the V2T accuracy of every saved checkpoint (EMA weights)."""
     from univigu.evaluation.evaluate import evaluate
-    from univigu.training.stages import load_config, run_stage
+    from univigu.training.config import load_config
+    from univigu.training.stages import run_stage
 
     settings, seed = p["settings"], spec["seed"]
     arm_dir = out / "arms" / spec["arm"] / f"seed{seed}"

@@ -9,6 +9,8 @@ knows nothing else about it.
 - `UnifiedTask` (stages `recall` and `refine`): the unified model on the regime mix T2V /
   V2T / joint; the text target is the prompt (Knowledge Recall) or the detailed caption
   (Capability Refinement). The prompt encoder is frozen, as umT5 is.
+- `CachedLatentTask`: `UnifiedTask` on a latent cache (VAE latents and prompt states made by
+  `univigu cache-latents`), for Wan-scale training.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from univigu.data.codec import PixelCodec
+from univigu.data.latent_cache import LatentCodec
 from univigu.data.tokenizer import TextCanvas
 from univigu.flow.regimes import V2T, RegimeMix, TrainingBatch, make_training_batch, select_prompt, unified_loss
 from univigu.flow.text import TextFlow, uniform_draw
@@ -161,3 +164,16 @@ class UnifiedTask(nn.Module):
             velocity, logits, tb, self.text_flow, self.video_weight, self.text_weight, self.text_loss, self.video_flow
         )
         return {"loss": loss, **logs}
+
+
+class CachedLatentTask(UnifiedTask):
+    """`UnifiedTask` on a latent cache: the batch holds the VAE latents ("video") and the prompt states
+    ("prompt_states"), so neither the VAE nor the prompt encoder runs (the encoder is not even held)."""
+
+    def __init__(self, transformer, prompt_encoder, *args, null_states: torch.Tensor, **kwargs) -> None:
+        super().__init__(transformer, torch.nn.Identity(), *args, codec=LatentCodec(), **kwargs)
+        self.register_buffer("null_states", null_states, persistent=False)  # [1, S, D]: the empty prompt
+
+    def prompt_conditions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's cached prompt states `[B, S, D]` and the cache's empty-prompt states `[1, S, D]`."""
+        return batch["prompt_states"].to(self.null_states.device), self.null_states
