@@ -97,6 +97,15 @@ def test_ablate_smoke_end_to_end_resumes_and_regenerates_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     md = (report / "ablations.md").read_text()
     assert "SMOKE RUN" in md and f"--out {out}" in md
+    # what was measured: the batch the arms trained at (smoke: 2) and which shipped models, by weights digest
+    from univigu.evaluation.ablation import SHIPPED_BASE, SHIPPED_MODEL, model_provenance
+
+    base = model_provenance(SHIPPED_BASE)
+    assert "steps at batch 2 from" in md
+    assert f"- Base generator: `univigu/assets/toy-base`, transformer weights sha256 {base['weights_sha256']}" in md
+    model = model_provenance(SHIPPED_MODEL)
+    assert f"- Finished model (sampling studies): `univigu/assets/toy-model`, transformer weights sha256 " \
+           f"{model['weights_sha256']} (base {model['trained']['base']['steps']} steps" in md
     summary = json.loads((report / "ablations.json").read_text())
     assert [c["claim"] for c in summary["claims"]] == [1, 2, 3, 4]
     assert all(c["verdict"] in ("supported", "not supported", "inconclusive") for c in summary["claims"])

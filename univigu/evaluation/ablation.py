@@ -19,6 +19,7 @@ must agree), so the default recipe is trained once per seed and serves every stu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -163,7 +164,9 @@ def run(folder: str | Path, out: str | Path, device: str = "cpu", jobs: int = 1,
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     with _sole_run(out):
-        record = {**p, "command": command, "device": device, "jobs": [asdict(j) for j in todo]}
+        models = {"base": p["settings"]["base"] or SHIPPED_BASE, "model": p["settings"]["model"] or SHIPPED_MODEL}
+        record = {**p, "command": command, "device": device, "jobs": [asdict(j) for j in todo],
+                  "models": {role: model_provenance(path) for role, path in models.items()}}  # fmt: skip
         (out / "plan.json").write_text(json.dumps(record, indent=2))
         done = {j.name for j in todo if (out / "results" / f"{j.name}.json").exists()}
         failed: set[str] = set()
@@ -259,6 +262,18 @@ def run_job(job: Job, p: dict[str, Any], out: str, device: str) -> float:
     return time.perf_counter() - start
 
 
+def model_provenance(path: str | Path) -> dict[str, Any]:
+    """Which model a run used, for its report: the path, a digest of its transformer's weights (the shipped models
+    are retrained from time to time: a report names the ones it measured) and the stages it was trained with."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for weights in sorted((path / "transformer").glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    config = json.loads((path / "model_index.json").read_text()).get("config", {})
+    shown = f"univigu/{path.resolve().relative_to(PACKAGE)}" if path.resolve().is_relative_to(PACKAGE) else str(path)
+    return {"path": shown, "weights_sha256": digest.hexdigest()[:16], "trained": config.get("extra", {})}
+
+
 def _eval_kwargs(p: dict[str, Any]) -> dict[str, Any]:
     return {"split": "test", "n": 128, "seed": 0, "batch_size": 128, **p["settings"]["eval"]}
 
@@ -309,7 +324,8 @@ def _train_job(spec: dict[str, Any], p: dict[str, Any], out: Path, device: str) 
         offset += steps
         init = str(final)
     results = evaluate(_pipeline(arm_dir / "refine" / "final", device), **_eval_kwargs(p))
-    return {"arm": spec["arm"], "seed": seed, "eval": results, "curve": curve, "train_minutes": minutes}
+    return {"arm": spec["arm"], "seed": seed, "eval": results, "curve": curve, "train_minutes": minutes,
+            "batch_size": cfg.train.batch_size}
 
 
 def _checkpoint_pipelines(cfg, device: str):

@@ -280,14 +280,14 @@ def write_report(out: str | Path, folder: str | Path) -> Path:
         f"Made by `{plan.get('command') or 'univigu ablate'}` (then `univigu ablate-report` rewrites this file from "
         f"the results), device {plan.get('device')}; raw results and every aggregate: `ablations.json`.",
         "",
-        f"Budget: each arm trains {_budget(settings)} steps at batch 32 from "
-        f"{'the shipped base generator' if not settings['base'] else settings['base']} (scratch: the same "
+        f"Budget: each arm trains {_budget(settings)} steps at {_batch(data)} from "
+        f"{'the base generator' if not settings['base'] else settings['base']} (scratch: the same "
         f"architecture, fresh weights), seeds {settings['seeds']} (train.seed = data_seed); every model is "
         f"evaluated with `univigu eval`'s code on the {settings['eval'].get('split', 'test')} split, "
         f"n = {settings['eval'].get('n')}, evaluation seed {settings['eval'].get('seed', 0)} (the same scenes "
-        f"and noise for all). {len(data['results'])} jobs, {seconds / 60:.1f} job-minutes in all. The shipped "
-        "model itself had 200 recall + 800 refine steps after a 1,000-step base.",
+        f"and noise for all). {len(data['results'])} jobs, {seconds / 60:.1f} job-minutes in all.",
         "",
+        *_models(plan),
         "Accuracies in percentage points, mean ± standard deviation over seeds.",
         "",
         "## Verdicts",
@@ -309,6 +309,24 @@ def write_report(out: str | Path, folder: str | Path) -> Path:
                "sweeps": {m: _sweep_series(b) for m, b in data["sweeps"].items()}}  # fmt: skip
     (folder / "ablations.json").write_text(json.dumps(summary, indent=2, default=str))
     return folder / "ablations.md"
+
+
+def _batch(data: dict[str, Any]) -> str:
+    """The batch the arms trained at, as their results record it (results made before they did: not known)."""
+    sizes = sorted({r["batch_size"] for r in data["results"].values() if "batch_size" in r})
+    return f"batch {', '.join(map(str, sizes))}" if sizes else "the stage configs' batch"
+
+
+def _models(plan: dict[str, Any]) -> list[str]:
+    """Lines naming the base generator and finished model the run measured (plans made before they were recorded:
+    none)."""
+    roles = {"base": "Base generator", "model": "Finished model (sampling studies)"}
+    lines = []
+    for role, info in plan.get("models", {}).items():
+        trained = ", ".join(f"{stage} {s['steps']} steps" for stage, s in info["trained"].items() if "steps" in s)
+        lines.append(f"- {roles[role]}: `{info['path']}`, transformer weights sha256 {info['weights_sha256']}"
+                     f"{f' ({trained})' if trained else ''}.")  # fmt: skip
+    return lines + [""] if lines else []
 
 
 def _budget(settings: dict[str, Any]) -> str:
