@@ -53,7 +53,10 @@ def test_check_oracle_prints_and_writes_json(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())["results"]
     assert data["clean"]["all"] >= 0.99 and "noise 0.1 + blur 3x3" in data
-    assert "noise 0.1 + blur 3x3" in result.output
+    assert "noise 0.1 + blur 3x3" in result.output and "2x2 blocks" in result.output
+    assert data["2x2 blocks"]["colour"] >= 0.95  # the videos a pixel_downsample 2 pipeline decodes to
+    plain = runner.invoke(app, ["world", "check-oracle", "--n", "4", "--downsample", "1", "--json", str(out)])
+    assert plain.exit_code == 0 and "blocks" not in json.loads(out.read_text())["results"]
 
 
 def test_bench_reports_throughput():

@@ -79,12 +79,17 @@ def contact_sheet(videos, captions: list[str], path: Path, columns: int = 8, sca
 @app.command("check-oracle")
 def check_oracle(
     n: int = typer.Option(1000, "--n", min=1, help="Number of freshly rendered test videos."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the test scenes and the noise."),
     noise: float = typer.Option(0.1, help="Gaussian pixel noise std, in 0..1 units."),
     blur: int = typer.Option(3, help="Box blur size in pixels (applied before the noise)."),
+    downsample: int = typer.Option(2, min=1, help="Also on videos reduced to d x d pixel blocks, as a toy "
+                                   "pipeline with pixel_downsample d sees and decodes them."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results here."),
 ) -> None:
-    """Oracle attribute accuracy on clean, noisy, blurred and noisy+blurred test videos."""
+    """Oracle attribute accuracy on clean, noisy, blurred, noisy+blurred and block-reduced test videos."""
+    import torch
+
+    from univigu.data.codec import PixelCodec
     from univigu.data.oracle import Oracle
     from univigu.data.world import World, accuracy, attribute_matches, degrade
 
@@ -97,6 +102,9 @@ def check_oracle(
         f"blur {blur}x{blur}": degrade(videos, blur=blur),
         f"noise {noise} + blur {blur}x{blur}": degrade(videos, noise_std=noise, blur=blur, seed=seed + 1),
     }
+    if downsample > 1:
+        codec = PixelCodec(downsample)
+        conditions[f"{downsample}x{downsample} blocks"] = codec.decode(codec.encode(torch.from_numpy(videos))).numpy()
     results = {}
     for name, vids in conditions.items():
         preds = oracle(vids)

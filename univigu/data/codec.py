@@ -16,7 +16,8 @@ class PixelCodec:
 
     downsample d > 1 averages d x d pixel blocks and decodes by repeating them: the toy world's stand-in for a
     VAE's spatial compression. At d = 2 the transformer denoises 4x fewer values, and the world's oracle still
-    reads 99% of the attributes of 2x-reduced videos (shape 99.2%, colour and motion 100%)."""
+    reads the attributes of 2x-reduced videos as well as of the originals (shape 99.8%, the rest 100%:
+    `univigu world check-oracle --n 1000`)."""
 
     channels = 3
 
