@@ -32,6 +32,7 @@ def joint_page(checkpoint, tmp_path_factory):
     result = runner.invoke(app, ["joint", "a red circle moves right", "--model", str(checkpoint), "--seed", "3",
                                  "--out", str(out), "--trajectory", str(out / "page.html")])  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert f"(trajectory: {out / 'page.html'})" in result.output  # said where, as generate does
     return out
 
 

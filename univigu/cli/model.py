@@ -80,7 +80,8 @@ def bench(
     steps: int = typer.Option(3, min=1, help="Timed steps (the median is reported)."),
     warmup: int = typer.Option(1, min=0, help="Untimed steps first."),
     frames: int = typer.Option(16, min=1, help="Video frames (pixel/latent frames, not patches)."),
-    size: int = typer.Option(32, min=1, help="Video height and width."),
+    size: int = typer.Option(32, min=1, help="Height and width of the transformer's input (square): pixels for "
+                             "the toy presets, VAE latents for the Wan ones (480p: 60x104)."),  # fmt: skip
     text_len: int = typer.Option(64, min=1, help="Text tokens in the text stream (T2V: the clean prompt)."),
     prompt_len: int = typer.Option(16, min=1, help="Prompt states the cross-attention sees."),
     device: str = typer.Option("cpu", callback=resolve_device, help="torch device, e.g. cuda."),

@@ -231,7 +231,8 @@ def joint(
     device: str = typer.Option(None, help=DEVICE_HELP),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
     steps: int = typer.Option(None, min=1, help=STEPS_HELP),
-    guidance: float = typer.Option(None, callback=_finite),
+    guidance: float = typer.Option(None, callback=_finite, help="Classifier-free guidance scale on the video "
+                                   "(default: the model's)."),  # fmt: skip
     negative_prompt: str = typer.Option("", help=NEGATIVE_HELP),
     text_update: str = typer.Option(None, help="'ctmc' or the released 'linear-resample' (default: the model's)."),
     out: Path = typer.Option(Path("outputs/joint"), callback=out_dir, help="Output folder."),
@@ -259,17 +260,20 @@ def joint(
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"joint generation: {prompt}", record, times)  # fmt: skip
         files = save_sample(out, f"{slug(prompt)}_joint_seed{seed}_{i}", video, record)
-        typer.echo(f"{prompt!r} -> {files['gif']}, {files['mp4']}, {files['json']}\n  caption: {text}")
+        typer.echo(f"{prompt!r} -> {files['gif']}, {files['mp4']}, {files['json']}"
+                   + (f" (trajectory: {files['trajectory']})" if trajectory else "") + f"\n  caption: {text}")
 
 
 def evaluate(
     checkpoint: Path = typer.Argument(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
-    split: str = typer.Option("test", help="test or heldout (or val)."),
-    n: int = typer.Option(256, "--n", min=1), seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
+    split: str = typer.Option("test", help="World split: test, heldout (attribute pairs never seen in training), "
+                              "val or train."),  # fmt: skip
+    n: int = typer.Option(256, "--n", min=1, help="Scenes per task."), seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
     steps: int = typer.Option(None, min=1, help=STEPS_HELP),
-    batch_size: int = typer.Option(64, min=1),
-    base: Path = typer.Option(None, help="Base generator folder, to compare T2V accuracy before recall."),
+    batch_size: int = typer.Option(64, min=1, help="Samples per batch."),
+    base: Path = typer.Option(None, help="Base generator folder: its T2V accuracy too, and the unified model's drop "
+                              "from it (is generation kept?)."),  # fmt: skip
     tasks: str = typer.Option("t2v,v2t,joint", help="Comma-separated subset of t2v, v2t, joint."),
     json_out: Path = typer.Option(None, "--json", callback=out_file, help="Write the results here."),
 ) -> None:
@@ -349,7 +353,7 @@ def demo(
 
 def export(
     source: Path = typer.Argument(..., help="Pipeline folder to copy."),
-    target: Path = typer.Argument(..., help="New pipeline folder (must not exist, unless --overwrite)."),
+    target: Path = typer.Argument(..., help="New pipeline folder (absent or empty, unless --overwrite)."),
     dtype: str = typer.Option("float16", help="Stored weight dtype: float16, bfloat16 or float32."),
     overwrite: bool = typer.Option(False, help="Replace TARGET if it exists (it is replaced whole, only once the "
                                    "copy is written)."),  # fmt: skip
@@ -379,7 +383,7 @@ def serve(
     model: Path = typer.Option(None, help=MODEL_HELP),
     device: str = typer.Option(None, help=DEVICE_HELP),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 opens the app to the network)."),
-    port: int = typer.Option(7860, min=1, max=65535),
+    port: int = typer.Option(7860, min=1, max=65535, help="Port to serve on."),
     out: Path = typer.Option(Path("outputs/serve"), callback=out_dir, help="Output folder."),
 ) -> None:
     """The local demo app (Gradio; install with `pip install 'univigu\\[app]'`): text to video, video to text

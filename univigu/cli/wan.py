@@ -65,7 +65,7 @@ def cache_latents(
 def convert_official(
     checkpoint: Path = typer.Argument(..., help="Released Uni-ViGU checkpoint (.pth / .pt / .safetensors)."),
     out_dir: Path = typer.Argument(..., help="Where to write our transformer folder (config.json + safetensors), "
-                                   "or with --wan a whole pipeline folder (must not exist, unless --overwrite)."),  # fmt: skip
+                                   "or with --wan a whole pipeline folder (absent or empty, unless --overwrite)."),  # fmt: skip
     attention_head_dim: int = typer.Option(128, min=6, help="Head size (not readable from the shapes); Wan's is 128."),
     vocab_size: int | None = typer.Option(None, help="Text vocabulary size (default: the --wan tokenizer's, else "
                                           "vocab_embed rows; one more row means a mask token)."),  # fmt: skip
@@ -74,7 +74,8 @@ def convert_official(
     overwrite: bool = typer.Option(False, help="Replace OUT_DIR if it exists (it is replaced whole, only once the "
                                    "conversion is written)."),  # fmt: skip
 ) -> None:
-    """Map an official Uni-ViGU state dict to UniViGUTransformer; any unmapped key is an error."""
+    """Map an official Uni-ViGU state dict to a UniViGUTransformer folder (with --wan: a whole pipeline folder);
+    any unmapped key is an error."""
     from univigu.models.convert import ConversionError, convert_official_state_dict, load_official_state_dict
     from univigu.models.wan import is_wan_folder
 

@@ -23,7 +23,8 @@ def render(
     split: str = typer.Option("train", help="train, val, test or heldout."),
     seed: int = typer.Option(0, help="World seed."),
     out: Path = typer.Option(Path("outputs/world"), help="Output folder."),
-    height: int = typer.Option(32), width: int = typer.Option(32), frames: int = typer.Option(16),
+    height: int = typer.Option(32, help="Frame height in pixels."), width: int = typer.Option(32, help="Frame width "
+                               "in pixels."), frames: int = typer.Option(16, help="Frames per video."),  # fmt: skip
     fmt: str = typer.Option("mp4,gif", "--format", help="Comma-separated: mp4, gif, webm."),
     scale: int = typer.Option(4, min=1, help="Pixel repeat factor for the written files."),
 ) -> None:
@@ -122,8 +123,9 @@ def check_oracle(
 @app.command()
 def bench(
     n: int = typer.Option(8192, "--n", min=1, help="Videos to sample and render."),
-    batch: int = typer.Option(1024, min=1),
-    height: int = typer.Option(32), width: int = typer.Option(32), frames: int = typer.Option(16),
+    batch: int = typer.Option(1024, min=1, help="Videos rendered per call."),
+    height: int = typer.Option(32, help="Frame height in pixels."), width: int = typer.Option(32, help="Frame width "
+                               "in pixels."), frames: int = typer.Option(16, help="Frames per video."),  # fmt: skip
 ) -> None:
     """Scene sampling + rendering throughput on one thread (videos/s).
 
