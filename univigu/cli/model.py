@@ -112,8 +112,10 @@ def bench(
     cfg = model.config
     wan = WanTransformer3DModel(**{k: cfg[k] for k in WAN_CONFIG_KEYS})
     wan.load_state_dict({k: v for k, v in model.state_dict().items() if not model.is_text_parameter(k)})
-    model.to(device, torch_dtype)
-    wan.to(device, torch_dtype)
+    for module in (model, wan):
+        module.to(device)
+        if torch_dtype != torch.float32:  # diffusers warns about any cast to a dtype, float32 included
+            module.to(torch_dtype)
 
     g = torch.Generator().manual_seed(0)
     video = torch.randn(batch, cfg.in_channels, frames, size, size, generator=g).to(device, torch_dtype)
