@@ -10,6 +10,8 @@
 #   RECALL_STEPS  default 200 (0: refine straight from the base, the toy default recipe);
 #   REFINE_STEPS  default 600; N test samples, default 256
 #   TASKS         eval tasks, default v2t,t2v,joint (v2t is the one that matters)
+# SEQUENTIAL=1 runs the four one after another with every thread (for eval times comparable between layouts on
+# a CPU); OUT/table.txt and OUT/result.json hold the results.
 # About 3 minutes on one H200 with the defaults; `... cpu /tmp/q 2 2 8 v2t` checks it on a CPU.
 set -euo pipefail
 usage="usage: $0 DEVICE OUT [RECALL_STEPS] [REFINE_STEPS] [N] [TASKS]"
@@ -22,8 +24,10 @@ tasks=${6:-v2t,t2v,joint}
 cd "$(dirname "$0")/.."  # the repo root: configs and the shipped base are relative to it
 base=univigu/assets/toy-base
 configs=univigu/configs/toy
+sequential=${SEQUENTIAL:-0}
 if [ "$device" = cpu ]; then
-    export ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1  # 4 runs share the cores
+    export ACCELERATE_USE_CPU=1
+    [ "$sequential" = 1 ] || export OMP_NUM_THREADS=1  # 4 runs share the cores
 fi
 mkdir -p "$out"
 python=$(command -v python || command -v python3)
@@ -52,12 +56,16 @@ start=$SECONDS
 pids=()
 for layout in full video_prefix; do
     for seed in 0 1; do
-        run "$layout" "$seed" &
-        pids+=($!)
+        if [ "$sequential" = 1 ]; then
+            run "$layout" "$seed" || { echo "a run failed; see $out/$layout-seed$seed/log.txt" >&2; exit 1; }
+        else
+            run "$layout" "$seed" &
+            pids+=($!)
+        fi
     done
 done
 failed=0
-for pid in "${pids[@]}"; do
+for pid in "${pids[@]+"${pids[@]}"}"; do
     wait "$pid" || failed=1
 done
 if [ "$failed" = 1 ]; then
@@ -67,11 +75,14 @@ if [ "$failed" = 1 ]; then
 fi
 echo "trained and evaluated 4 runs in $((SECONDS - start)) s (recall $recall_steps + refine $refine_steps steps)"
 
-"$python" - "$out" <<'PY' | tee "$out/table.txt"
-import json, statistics, sys
+"$python" - "$out" "$0 $*" "$sequential" <<'PY' | tee "$out/table.txt"
+import json, platform, statistics, sys
+from datetime import date
 from pathlib import Path
 
-out = Path(sys.argv[1])
+import torch
+
+out, command, sequential = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 rows = []
 for layout in ("full", "video_prefix"):
     for seed in (0, 1):
@@ -90,4 +101,9 @@ mean = {lay: statistics.mean(r[2] for r in rows if r[0] == lay) for lay in ("ful
 gap = mean["video_prefix"] - mean["full"]
 print(f"mean V2T accuracy: full {mean['full']:.1f}%, video_prefix {mean['video_prefix']:.1f}%; "
       f"video_prefix - full = {gap:+.1f} points ({'within' if gap >= -2 else 'NOT within'} 2 points)")
+keys = ("layout", "seed", "v2t_percent", "bleu4", "cider", "t2v_percent", "joint_consistency_percent", "eval_seconds")
+result = {"command": ("SEQUENTIAL=1 " if sequential else "") + command, "date": date.today().isoformat(),
+          "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+          "runs": [{k: None if v != v else v for k, v in zip(keys, row)} for row in rows]}  # NaN: task not run
+(out / "result.json").write_text(json.dumps(result, indent=2))
 PY
