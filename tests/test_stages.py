@@ -50,7 +50,7 @@ def test_missing_inputs_are_usage_errors(tmp_path):
     assert result.exit_code == 2 and "no model_index.json" in _flat(result.output) and not (tmp_path / "run").exists()
     cache = [*(f"--base.{o}" for o in SMALL), "--refine.data={kind: latent_cache, path: nowhere}"]
     result = runner.invoke(app, ["train-all", "--out", str(tmp_path / "all"), *cache])
-    assert result.exit_code == 2 and "data.path nowhere: no index.json" in _flat(result.output)
+    assert result.exit_code == 2 and "data.path: nowhere is not a latent cache (no index.json)" in _flat(result.output)
 
 
 def test_train_all_chains_the_stages_and_resumes(tmp_path):

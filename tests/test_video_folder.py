@@ -437,6 +437,47 @@ def test_a_rerun_naming_the_videos_folder_otherwise_resumes(video_dir, wan, tmp_
     assert [n for n in stamps if again[n] != stamps[n]] == ["chunk_00000_16x16.safetensors"]
 
 
+def test_a_chunk_whose_shards_are_gone_or_whose_redo_was_cut_is_encoded_again(video_dir, wan, tmp_path, monkeypatch):
+    """A chunk is trusted only while its shard files are there; a chunk being encoded again loses its done record
+    and the index first, so a run cut mid-redo (then the change undone) encodes it again instead of indexing a
+    deleted shard, and training meanwhile is told the cache is unfinished."""
+    from univigu.data import latent_cache
+    from univigu.data.latent_cache import LatentCacheDataset
+
+    videos, out = tmp_path / "videos", tmp_path / "cache"
+    videos.mkdir()
+    rows = [("good0.mp4", "a red cat", "a red cat runs"), ("good1.mp4", "a dog", "a dog runs")]
+    for name, *_ in rows:
+        shutil.copy(video_dir / name, videos / name)
+    _captions(videos, rows)
+    args = ["cache-latents", str(wan), str(videos), str(out), "--frames", str(FRAMES), "--fps", "4", "--size",
+            f"{HEIGHT}x{WIDTH}", "--shard-size", "1", "--dtype", "float32"]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 0
+    shard = out / "shards" / "chunk_00001_16x16.safetensors"
+    reference = shard.read_bytes()
+
+    shard.unlink()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "chunk 1: its shard files ['chunk_00001_16x16.safetensors'] are gone" in \
+        result.output, result.output  # fmt: skip
+    assert shard.read_bytes() == reference and len(LatentCacheDataset(out)) == 2
+
+    def cut(tensors, path, metadata):  # the run killed as it writes the chunk's new shard
+        raise KeyboardInterrupt
+
+    _captions(videos, [rows[0], ("good1.mp4", "a dog", "a dog runs fast")])
+    monkeypatch.setattr(latent_cache, "_atomic_save", cut)
+    assert runner.invoke(app, args).exit_code != 0
+    monkeypatch.undo()
+    assert not (out / "shards" / "chunk_00001.done.json").exists() and not shard.exists()
+    with pytest.raises(FileNotFoundError, match="run has not finished"):
+        LatentCacheDataset(out)
+    _captions(videos, rows)  # the change undone: the chunk is not trusted on its old record
+    assert runner.invoke(app, args).exit_code == 0
+    data = LatentCacheDataset(out)
+    assert shard.read_bytes() == reference and [data[i]["caption"] for i in range(2)] == [r[2] for r in rows]
+
+
 def test_videos_go_to_the_bucket_nearest_in_log_aspect_ratio():
     """log ratio: 2:1 is nearer 3.5:1 (x1.75) than 1:1 (x2), though nearer 1:1 by the difference of ratios."""
     from univigu.data.latent_cache import nearest_bucket

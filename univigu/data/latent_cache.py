@@ -205,17 +205,26 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
         if done.exists():
             previous = json.loads(done.read_text())
             recorded, legacy = previous.get("records", digest), previous.get("digest_version", 1) < DIGEST_VERSION
-            if recorded == digest or (legacy and recorded == _legacy_digest(chunk_records)):
+            same = recorded == digest or (legacy and recorded == _legacy_digest(chunk_records))
+            missing = sorted(name for name in previous["shards"] if not (out / "shards" / name).exists())
+            if same and not missing:
                 if recorded != digest:  # resumed by the paths as typed then: from now on, by the new digest
                     _atomic_json({**previous, "records": digest, "digest_version": DIGEST_VERSION}, done)
                 bar.update(len(chunk_records))
                 continue
-            why = "its records changed since it was cached"
-            if legacy:
+            if same:
+                why = f"its shard files {missing} are gone"
+            else:
+                why = "its records changed since it was cached"
+            if legacy and not same:
                 why += (" (or the videos folder is named otherwise than in the run that cached it: this chunk was "
                         "cached before chunks were matched by the paths in the folder; name the folder as then, "
                         "e.g. relative or absolute, to keep the cached chunks)")  # fmt: skip
             log(f"chunk {chunk}: {why}; encoding it again")
+            # the chunk's record and the index go first: a run killed while the chunk is redone leaves nothing that
+            # names its old shards (a rerun encodes it again; training meanwhile is told to finish the cache)
+            done.unlink()
+            (out / "index.json").unlink(missing_ok=True)
             for name in previous["shards"]:
                 (out / "shards" / name).unlink(missing_ok=True)
         groups: dict[tuple[int, int], list[tuple[VideoRecord, Tensor]]] = defaultdict(list)
@@ -298,6 +307,9 @@ class LatentCacheDataset(Dataset):
         self.path = Path(path)
         index_file = self.path / "index.json"
         if not index_file.exists():
+            if (self.path / "settings.json").exists():  # a run that was cut, or is redoing changed chunks
+                raise FileNotFoundError(f"{self.path}: its `univigu cache-latents` run has not finished (no "
+                                        "index.json yet): run it again to finish the cache")  # fmt: skip
             raise FileNotFoundError(f"{self.path} is not a latent cache (no index.json); build one with "
                                     "`univigu cache-latents`")  # fmt: skip
         self.index = json.loads(index_file.read_text())

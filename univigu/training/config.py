@@ -137,10 +137,10 @@ class StageConfig:
             raise FileNotFoundError(f"init_from {self.init_from}: no model_index.json there (the previous stage's "
                                     "`final` folder, or a Wan2.1 diffusers folder)")  # fmt: skip
         if self.data.get("kind") == "latent_cache":
-            if not (Path(self.data["path"]) / "index.json").is_file():
-                raise FileNotFoundError(f"data.path {self.data['path']}: no index.json there (see univigu "
-                                        "cache-latents)")  # fmt: skip
-            self.dataset()  # the bucket: CacheError naming the cache's buckets
+            try:
+                self.dataset()  # an unfinished cache, or the bucket: CacheError naming the cache's buckets
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"data.path: {error}") from None
         elif self.stage != "base" and self.init_from is not None:
             self._check_world_fits(Path(self.init_from) / "model_index.json")
 
