@@ -503,6 +503,18 @@ def test_checkpoint_listing_order_latest_pointer_and_rotation(tmp_path: Path) ->
     (root / ".tmp_step_2000000").mkdir()
     ckpt.rotate(root, keep_last=1)
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_1000000"] and not list(root.glob(".tmp_*"))
+    # a kill mid-delete leaves a temp dir (removed by the next rotation), never part of a checkpoint under its name
+    _fake_checkpoint(root, 1_000_001)
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.rotate(root, keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_1000001"]
+    assert [p.name for p in root.glob(".tmp_*")] == [".tmp_step_1000000.deleted"]
 
 
 def test_damage_names_a_missing_or_broken_file(tmp_path: Path) -> None:

@@ -109,7 +109,8 @@ def find_latest(root: Path) -> Path | None:
 def rotate(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (and leftover temp dirs)."""
     for p in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(p)
+        # renamed out of the checkpoints first: a kill mid-delete leaves a temp dir, never a half checkpoint
+        os.replace(p, root / f".tmp_{p.name}.deleted")
     for p in root.glob(".tmp_*"):
         shutil.rmtree(p, ignore_errors=True)
 
