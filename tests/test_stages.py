@@ -73,6 +73,11 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     # resume: finished stages are kept, nothing is retrained
     again = runner.invoke(app, args + ["--resume"])
     assert again.exit_code == 0 and again.output.count("already done") == 3
+    # a re-export of base killed between its two renames (the old export aside, the new one not in yet): put back
+    (tmp_path / "base" / "final").rename(tmp_path / "base" / ".tmp_final.old")
+    again = runner.invoke(app, args + ["--resume"])
+    assert again.exit_code == 0 and again.output.count("already done") == 3, again.output
+    assert (tmp_path / "base" / "final" / "model_index.json").is_file()
     # the toy default skips recall: base then refine
     small = [f"--{s}.{o}" for s in ("base", "refine") for o in SMALL]
     default = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--resume", *small])

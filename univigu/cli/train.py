@@ -122,6 +122,7 @@ def train_all(
     """Train the stages in order, each starting from the previous one's export (the toy default skips
     Knowledge Recall: at the same budget, refine alone captions better in the toy world).
     Extra `stage.key=value` arguments override one stage: `--base.train.max_steps=10`."""
+    from univigu.training.checkpoint import restore_interrupted
     from univigu.training.config import STAGES, load_config
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
@@ -147,6 +148,8 @@ def train_all(
             raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
         previous = out / stage / "final"
     if resume:
+        for stage in stage_configs:  # a stage's export cut between its two renames: the export before it
+            restore_interrupted(out / stage / "final")
         _check_later_stages_start_from_this_run(out, stage_configs)
     for stage, cfg in stage_configs.items():
         final = out / stage / "final"

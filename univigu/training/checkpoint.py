@@ -75,6 +75,14 @@ def replace_dir(tmp: Path, final: Path) -> None:
     _remove(aside)
 
 
+def restore_interrupted(final: Path) -> None:
+    """Put back the folder a `replace_dir` into `final` moved aside, when a kill between its two renames left no
+    `final`: the state before that replace (what replaced it is written again by whatever was replacing it)."""
+    aside = _aside(final)
+    if aside.is_dir() and not (final.exists() or final.is_symlink()):
+        os.replace(aside, final)
+
+
 def publish(tmp: Path, final: Path) -> None:
     """Atomically turn the complete temp dir `tmp` into `final`, then point `latest` at it."""
     replace_dir(tmp, final)  # re-saving a step (e.g. after a resume that failed to log) replaces it
@@ -96,7 +104,8 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def find_latest(root: Path) -> Path | None:
-    """The checkpoint `latest` names; else (killed between rename and pointer) the newest dir."""
+    """The checkpoint `latest` names (after a kill between a checkpoint's rename and the pointer's update: the one
+    before, from which the resume is as exact); without a pointer, or one naming a missing folder, the newest."""
     pointer = root / LATEST
     if pointer.is_file():
         target = root / pointer.read_text().strip()

@@ -122,6 +122,7 @@ def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     """Train one stage and export its pipeline folder (`output_dir/final`); returns that folder."""
     cfg.check_inputs()
     out = Path(cfg.train.output_dir)
+    ckpt.restore_interrupted(out / "final")  # an export cut between its two renames: the one before it
     if (out / "final").exists():  # a finished run: continued from its checkpoints, never trained over
         if not ckpt.list_checkpoints(out / "checkpoints"):  # deleted to free the disk, say: --resume would restart
             raise FileExistsError(f"{out} holds a finished run ({out / 'final'}) and no checkpoint to continue it "
