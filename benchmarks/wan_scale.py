@@ -122,6 +122,9 @@ def main() -> None:
                         "(diffusers' compile_repeated_blocks), compile time excluded from the step time")
     parser.add_argument("--memory-budget", type=float, default=None, help="with --compile: the fraction of the "
                         "activations the compiled backward may keep (torch._functorch activation_memory_budget)")
+    parser.add_argument("--text-padding", type=int, default=0, help="training step: mask this many text positions "
+                        "as padding (training passes a mask whenever a batch holds a T2V row with a short prompt; "
+                        "V2T and joint rows have none)")
     parser.add_argument("--skip-latency", action="store_true", help="only the training step")
     parser.add_argument("--profile", action="store_true", help="profile one more training step: time per kernel "
                         "category (attention, matmul, optimizer, other) and the costliest kernels")
@@ -156,9 +159,13 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
+    text_mask = None
+    if args.text_padding:
+        text_mask = torch.arange(args.text_len, device=device).expand(b, -1) < args.text_len - args.text_padding
+
     def loss_fn():
         with autocast:
-            velocity, logits = model(video, tokens, t_noisy, t_noisy, prompt)
+            velocity, logits = model(video, tokens, t_noisy, t_noisy, prompt, text_mask)
             return velocity.float().square().mean() + F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -211,7 +218,7 @@ def main() -> None:
         "peak_tflops": peak_tflops, "mfu": achieved / peak_tflops if peak_tflops else None,
         "peak_memory_gib": peak_mem, "gradient_checkpointing": args.checkpointing,
         "attention_backend": args.attention_backend, "compile": args.compile, "memory_budget": args.memory_budget,
-        "profile": profiled,
+        "text_padding": args.text_padding, "profile": profiled,
     }  # fmt: skip
     lines = [
         f"{machine}, {device} {args.dtype}, torch {torch.__version__}, {result['date']}; preset {args.preset}, "
@@ -231,7 +238,8 @@ def main() -> None:
         ]
     lines += [
         f"training step (fp32 weights, {'bf16 autocast' if args.dtype == 'bfloat16' else 'float32'}, checkpointing "
-        f"{args.checkpointing}, {'compiled blocks, ' if args.compile else ''}AdamW): {step_s:.3f} s, {achieved:.3g} TFLOP/s model FLOPs "
+        f"{args.checkpointing}, {'compiled blocks, ' if args.compile else ''}"
+        f"{f'{args.text_padding} text positions masked, ' if args.text_padding else ''}AdamW): {step_s:.3f} s, {achieved:.3g} TFLOP/s model FLOPs "
         f"({3 * forward_flops / 1e12:.3g} TFLOP per step)"
         + (f", MFU {100 * result['mfu']:.1f}% of {peak_tflops:.0f}" if peak_tflops else "")
         + (f", peak memory {peak_mem:.1f} GiB" if peak_mem is not None else ""),

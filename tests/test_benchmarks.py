@@ -12,7 +12,7 @@ ROOT = Path(__file__).parents[1]
 def test_wan_scale_benchmark_runs_and_profiles(tmp_path):
     args = ["--preset", "tiny", "--layers", "2", "--latent", "4", "16", "16", "--text-len", "16", "--prompt-len", "8",
             "--steps", "1", "--warmup", "1", "--train-steps", "1", "--device", "cpu", "--dtype", "float32",
-            "--profile", "--out", str(tmp_path)]  # fmt: skip
+            "--profile", "--text-padding", "4", "--out", str(tmp_path)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "wan_scale.py"), *args], env=env,
                          capture_output=True, text=True)  # fmt: skip
@@ -28,6 +28,7 @@ def test_wan_scale_benchmark_runs_and_profiles(tmp_path):
     assert profile["seconds"]["matmul"] > 0 and profile["seconds"]["attention"] > 0
     assert profile["seconds"]["optimizer"] > 0  # fused AdamW is one named kernel
     assert "| matmul |" in (tmp_path / "result.md").read_text()
+    assert result["text_padding"] == 4 and "4 text positions masked" in (tmp_path / "result.md").read_text()
 
 
 def test_interleaved_medians_alternate_the_functions_and_take_medians(monkeypatch):

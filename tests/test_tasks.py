@@ -89,6 +89,27 @@ def test_unified_task_gives_v2t_rows_the_null_prompt_and_t2v_rows_the_prompt(tin
         assert torch.allclose(states, null_states if expect_null else prompt_states), mix
 
 
+def test_the_text_mask_reaches_the_model_only_where_a_row_has_padding(tiny_parts):
+    """V2T and joint rows generate every text position: no mask is passed (the fastest attention kernels take
+    none), and the loss is the one an all-True mask gives; a T2V row's prompt padding is masked."""
+    p = tiny_parts
+    batch = _batch(4)
+    for mix, masked in ((RegimeMix(t2v=0, v2t=1, joint=1, cond_dropout=0.0), False),
+                        (RegimeMix(t2v=1, v2t=0, joint=0, cond_dropout=0.0), True)):  # fmt: skip
+        task = _unified_task(p, mix)
+        with _Spy(p["unified"]) as spy, torch.no_grad():
+            loss = task(batch, generator=torch.Generator().manual_seed(0))["loss"]
+        (args, _), = spy.calls
+        assert (args[5] is not None) == masked, mix
+        if masked:
+            assert not args[5].all()  # the prompts are shorter than the canvas
+        else:
+            with torch.no_grad():
+                with_mask = p["unified"](*args[:5], torch.ones_like(args[1], dtype=torch.bool), None)
+                without = p["unified"](*args[:5], None, None)
+            assert torch.allclose(with_mask[0], without[0], atol=1e-6) and torch.isfinite(loss)
+
+
 def test_caption_condition_zeros_trains_v2t_rows_on_the_all_zero_condition(tiny_parts):
     """caption_condition "zeros" (a converted official checkpoint captions so): V2T rows are trained on all-zero
     states, while T2V rows whose condition is dropped keep the empty prompt's (guidance's null pass)."""
