@@ -74,7 +74,8 @@ def _profile(step, device: torch.device, sync) -> dict:
     return {"seconds": by_category, "total_s": sum(seconds.values()), "top": [[k[:120], v] for k, v in top]}
 
 
-def _latency(model, video, prompt, tokens, t_noisy, t_clean, args, dtype, sync) -> tuple[dict, float]:
+def _latency(model, video, prompt, tokens, text_mask, t_noisy, t_clean, args, dtype,
+             sync) -> tuple[dict, float]:  # fmt: skip
     """Median per-step forward seconds of Wan and the unified model's regimes, and the no-text parity."""
     from diffusers import WanTransformer3DModel
 
@@ -92,6 +93,8 @@ def _latency(model, video, prompt, tokens, t_noisy, t_clean, args, dtype, sync) 
         "unified V2T step": lambda: model(v, tokens, t_clean, t_noisy, p),
         "unified joint step": lambda: model(v, tokens, t_noisy, t_noisy, p),
     }
+    if text_mask is not None:  # the pipeline's T2V: the clean prompt in the text stream, its padding masked
+        runs["unified T2V step, padded prompt"] = lambda: model(v, tokens, t_noisy, t_clean, p, text_mask)
     with torch.no_grad():
         latency = interleaved_medians(runs, args.steps, args.warmup, sync)
         parity = (runs["wan (diffusers)"]()[0].float() - runs["unified, no text"]()[0].float()).abs().max().item()
@@ -122,9 +125,9 @@ def main() -> None:
                         "(diffusers' compile_repeated_blocks), compile time excluded from the step time")
     parser.add_argument("--memory-budget", type=float, default=None, help="with --compile: the fraction of the "
                         "activations the compiled backward may keep (torch._functorch activation_memory_budget)")
-    parser.add_argument("--text-padding", type=int, default=0, help="training step: mask this many text positions "
-                        "as padding (training passes a mask whenever a batch holds a T2V row with a short prompt; "
-                        "V2T and joint rows have none)")
+    parser.add_argument("--text-padding", type=int, default=0, help="mask this many text positions as padding: in "
+                        "the training step (training passes a mask whenever a batch holds a T2V row with a short "
+                        "prompt; V2T and joint rows have none) and in one more T2V latency row (the pipeline's T2V)")
     parser.add_argument("--skip-latency", action="store_true", help="only the training step")
     parser.add_argument("--profile", action="store_true", help="profile one more training step: time per kernel "
                         "category (attention, matmul, optimizer, other) and the costliest kernels")
@@ -146,11 +149,14 @@ def main() -> None:
     prompt = torch.randn(b, args.prompt_len, cfg.text_dim, generator=g, device=device)
     tokens = torch.randint(0, cfg.text_vocab_size, (b, args.text_len), generator=g, device=device)
     t_noisy, t_clean = torch.full((b,), 700.0, device=device), torch.zeros(b, device=device)
+    text_mask = None  # the last --text-padding text positions are padding (a prompt shorter than the text stream)
+    if args.text_padding:
+        text_mask = torch.arange(args.text_len, device=device).expand(b, -1) < args.text_len - args.text_padding
 
     # ---- per-step latency, weights and activations in `dtype` ----
     latency, parity = {}, None
     if not args.skip_latency:
-        latency, parity = _latency(model, video, prompt, tokens, t_noisy, t_clean, args, dtype, sync)
+        latency, parity = _latency(model, video, prompt, tokens, text_mask, t_noisy, t_clean, args, dtype, sync)
 
     # ---- one training step: float32 weights, bf16 autocast, checkpointing, AdamW ----
     model.float().train()
@@ -158,10 +164,6 @@ def main() -> None:
         model.enable_gradient_checkpointing(keep_attention_checkpointing if args.checkpointing == "keep_attention" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-
-    text_mask = None
-    if args.text_padding:
-        text_mask = torch.arange(args.text_len, device=device).expand(b, -1) < args.text_len - args.text_padding
 
     def loss_fn():
         with autocast:
@@ -213,6 +215,8 @@ def main() -> None:
         "latency_ms": {k: 1e3 * s for k, s in latency.items()},
         "t2v_over_wan": latency["unified T2V step"] / latency["wan (diffusers)"] if latency else None,
         "no_text_over_wan": latency["unified, no text"] / latency["wan (diffusers)"] if latency else None,
+        "t2v_padded_over_wan": (latency["unified T2V step, padded prompt"] / latency["wan (diffusers)"]
+                                if "unified T2V step, padded prompt" in latency else None),
         "parity_max_abs_diff": parity,
         "train_step_s": step_s, "train_forward_tflop": forward_flops / 1e12, "train_tflops_achieved": achieved,
         "peak_tflops": peak_tflops, "mfu": achieved / peak_tflops if peak_tflops else None,

@@ -20,7 +20,9 @@ def test_wan_scale_benchmark_runs_and_profiles(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["parity_max_abs_diff"] == 0.0  # float32: the unified model without text is Wan
     assert set(result["latency_ms"]) == {"wan (diffusers)", "unified, no text", "unified T2V step",
-                                         "unified V2T step", "unified joint step"}  # fmt: skip
+                                         "unified V2T step", "unified joint step",
+                                         "unified T2V step, padded prompt"}  # fmt: skip
+    assert result["t2v_padded_over_wan"] > 0
     assert result["train_step_s"] > 0 and result["train_forward_tflop"] > 0 and result["mfu"] is None  # no GPU peak
     profile = result["profile"]
     assert set(profile["seconds"]) == {"attention", "matmul", "optimizer", "other"}
