@@ -124,7 +124,7 @@ def test_caption_condition_zeros_trains_v2t_rows_on_the_all_zero_condition(tiny_
             task(batch, generator=torch.Generator().manual_seed(0))
         (args, _), = spy.calls
         assert torch.equal(args[4], expected), mix
-    with pytest.raises(ValueError, match="caption_condition must be 'empty_prompt' or 'zeros'"):
+    with pytest.raises(ValueError, match=r"caption_condition must be one of \('empty_prompt', 'zeros'\)"):
         _unified_task(p, RegimeMix(), caption_condition="null")
 
 
@@ -143,7 +143,7 @@ def test_guidance_text_prompt_keeps_the_prompt_in_dropped_rows_text_stream(tiny_
         (args, _), = spy.calls
         assert torch.equal(args[1], tokens), guidance_text
         assert torch.allclose(args[4], task.encode_prompts([""]).expand(4, -1, -1))
-    with pytest.raises(ValueError, match="guidance_text must be 'empty_prompt' or 'prompt'"):
+    with pytest.raises(ValueError, match=r"guidance_text must be one of \('empty_prompt', 'prompt'\)"):
         _unified_task(p, RegimeMix(), guidance_text="none")
 
 

@@ -26,6 +26,10 @@ from univigu.flow.video import VideoFlow, video_timestep
 
 T2V, V2T, JOINT = 0, 1, 2
 REGIME_NAMES = ("t2v", "v2t", "joint")
+# V2T's prompt condition: the empty prompt's states (ours) or all zeros (the released script's)
+CAPTION_CONDITIONS = ("empty_prompt", "zeros")
+# the text stream of T2V's guidance null pass: the empty prompt's tokens (ours) or the prompt's (the released script's)
+GUIDANCE_TEXTS = ("empty_prompt", "prompt")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from univigu.checks import check_finite, check_int, check_positive
 from univigu.data.codec import PixelCodec
 from univigu.data.tokenizer import TextCanvas, load_tokenizer
+from univigu.flow.regimes import CAPTION_CONDITIONS, GUIDANCE_TEXTS
 from univigu.flow.samplers import TEXT_UPDATES, Guidance, sample_t2v, sample_t2vt, sample_v2t
 from univigu.flow.text import TextFlow
 from univigu.flow.video import NUM_TRAIN_TIMESTEPS, PREDICTIONS, velocity_from_output
@@ -81,8 +82,7 @@ class PipelineConfig:
         check_finite("guidance_scale", self.guidance_scale)
         for name, valid in (("text_source", ("uniform", "mask")), ("video_prediction", PREDICTIONS),
                             ("text_update", TEXT_UPDATES),
-                            ("caption_condition", ("empty_prompt", "zeros")),
-                            ("guidance_text", ("empty_prompt", "prompt"))):  # fmt: skip
+                            ("caption_condition", CAPTION_CONDITIONS), ("guidance_text", GUIDANCE_TEXTS)):  # fmt: skip
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {getattr(self, name)!r}")
 

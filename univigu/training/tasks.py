@@ -25,7 +25,9 @@ from torch import Tensor, nn
 from univigu.data.codec import PixelCodec
 from univigu.data.latent_cache import LatentCodec
 from univigu.data.tokenizer import TextCanvas
-from univigu.flow.regimes import V2T, RegimeMix, TrainingBatch, make_training_batch, select_prompt, unified_loss
+from univigu.flow.regimes import (
+    CAPTION_CONDITIONS, GUIDANCE_TEXTS, V2T, RegimeMix, TrainingBatch, make_training_batch, select_prompt, unified_loss,
+)
 from univigu.flow.text import TextFlow, uniform_draw
 from univigu.flow.video import VideoFlow, video_timestep
 
@@ -99,10 +101,10 @@ class UnifiedTask(nn.Module):
         super().__init__()
         if text_target not in ("prompt", "caption"):
             raise ValueError(f"text_target must be 'prompt' or 'caption', got {text_target!r}")
-        if caption_condition not in ("empty_prompt", "zeros"):
-            raise ValueError(f"caption_condition must be 'empty_prompt' or 'zeros', got {caption_condition!r}")
-        if guidance_text not in ("empty_prompt", "prompt"):
-            raise ValueError(f"guidance_text must be 'empty_prompt' or 'prompt', got {guidance_text!r}")
+        for name, value, valid in (("caption_condition", caption_condition, CAPTION_CONDITIONS),
+                                   ("guidance_text", guidance_text, GUIDANCE_TEXTS)):  # fmt: skip
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
         self.transformer, self.prompt_encoder = transformer, prompt_encoder.requires_grad_(False).eval()
         self.prompt_canvas, self.text_canvas = prompt_canvas, text_canvas
         self.video_flow, self.text_flow, self.mix = video_flow, text_flow, mix
