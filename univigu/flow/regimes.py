@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from univigu.checks import check_finite
@@ -114,7 +113,7 @@ def make_training_batch(
 
     # video: one noise level per sample, clean (s = 0) for V2T
     s = torch.where(is_v2t, 0.0, video_flow.sample_time(b, generator, device))
-    noise = randn_tensor(x0.shape, generator, device).to(x0.dtype)
+    noise = torch.randn(x0.shape, generator=generator, device=gdev).to(device=device, dtype=x0.dtype)
     video = video_flow.add_noise(x0, s, noise)
     velocity_target = video_flow.velocity_target(x0, noise)
 

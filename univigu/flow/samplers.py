@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -254,6 +253,11 @@ class _TextSteps:
             self._logits = step()
 
 
+def _video_noise(shape: tuple[int, ...], generator, device, dtype) -> Tensor:
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
+
+
 @torch.no_grad()
 def sample_t2v(
     model: Model,
@@ -281,7 +285,7 @@ def sample_t2v(
     """
     device = prompt_states.device
     g = make_generator(generator, device)
-    video = noise.to(device, dtype) if noise is not None else randn_tensor(tuple(video_shape), g, device, dtype)
+    video = noise.to(device, dtype) if noise is not None else _video_noise(tuple(video_shape), g, device, dtype)
     return _sample(
         model, video, prompt_tokens.to(device), generate_video=True, generate_text=False,
         prompt_states=prompt_states, prompt_mask=prompt_mask, text_mask=text_mask, text_flow=None,
@@ -371,7 +375,7 @@ def sample_t2vt(
     """
     device = prompt_states.device
     g = make_generator(generator, device)
-    video = noise.to(device, dtype) if noise is not None else randn_tensor(tuple(video_shape), g, device, dtype)
+    video = noise.to(device, dtype) if noise is not None else _video_noise(tuple(video_shape), g, device, dtype)
     text = _init_text(text_flow, video.shape[0], text_length, text_mask, pad_id, g, device)
     return _sample(
         model, video, text, generate_video=True, generate_text=True,

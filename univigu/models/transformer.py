@@ -36,7 +36,6 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -563,7 +562,10 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
         self.scale_shift_table_t = nn.Parameter(self.scale_shift_table.detach().clone())
         like = self.proj_out.weight  # device/dtype of the ordinary (not fp32-kept) weights
         v, d = self.text_vocab_out, like.shape[1]
-        self.text_embedding.weight = nn.Parameter(randn_tensor((v, d), generator, like.device, like.dtype) * embedding_std)
+        draw_on = generator.device if generator is not None else like.device
+        self.text_embedding.weight = nn.Parameter(
+            torch.randn(v, d, generator=generator, device=draw_on, dtype=like.dtype).to(like.device) * embedding_std
+        )
         self.text_proj_out.weight = nn.Parameter(torch.zeros(v, d, device=like.device, dtype=like.dtype))
         self.text_proj_out.bias = nn.Parameter(torch.zeros(v, device=like.device, dtype=like.dtype))
         if self.text_norm is not None:

@@ -19,7 +19,6 @@ import dataclasses
 from typing import Any, Callable, Literal
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 from univigu.data.codec import PixelCodec
@@ -56,7 +55,8 @@ class GeneratorTask(nn.Module):
         """Condition dropout [B], noise levels [B] and noise `shape` for shape[0] samples."""
         dropped = uniform_draw(shape[:1], generator, device) < self.cond_dropout
         s = self.video_flow.sample_time(shape[0], generator, device)
-        return dropped, s, randn_tensor(shape, generator, device)
+        gdev = generator.device if generator is not None else device
+        return dropped, s, torch.randn(shape, generator=generator, device=gdev).to(device)
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                 sample_seeds: list[int] | None = None) -> dict[str, Tensor]:  # fmt: skip
