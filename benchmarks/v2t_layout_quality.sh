@@ -57,7 +57,8 @@ pids=()
 for layout in full video_prefix; do
     for seed in 0 1; do
         if [ "$sequential" = 1 ]; then
-            run "$layout" "$seed" || { echo "a run failed; see $out/$layout-seed$seed/log.txt" >&2; exit 1; }
+            run "$layout" "$seed" &  # a background subshell keeps set -e (a `run || ...` would not)
+            wait $! || { echo "a run failed; see $out/$layout-seed$seed/log.txt" >&2; exit 1; }
         else
             run "$layout" "$seed" &
             pids+=($!)

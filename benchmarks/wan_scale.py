@@ -133,6 +133,8 @@ def main() -> None:
                         "category (attention, matmul, optimizer, other) and the costliest kernels")
     parser.add_argument("--out", type=Path, default=None, help="directory for result.json and result.md")
     args = parser.parse_args()
+    if not 0 <= args.text_padding < args.text_len:
+        parser.error(f"--text-padding must be in [0, --text-len), got {args.text_padding}")
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -126,6 +126,21 @@ def test_ablate_smoke_end_to_end_resumes_and_regenerates_the_report(tmp_path):
     assert (tmp_path / "again" / "ablations.md").read_text() == md
 
 
+def test_a_run_resumed_with_other_model_weights_is_refused(tmp_path):
+    """A run records the weights it measured; resuming it after the shipped models were retrained would report
+    old and new results as one."""
+    from univigu.evaluation.ablation import SHIPPED_BASE, _check_same_models, model_provenance
+
+    models = {"base": model_provenance(SHIPPED_BASE)}
+    plan = tmp_path / "plan.json"
+    _check_same_models(plan, models)  # a fresh run
+    plan.write_text(json.dumps({"models": models}))
+    _check_same_models(plan, models)  # the same weights
+    plan.write_text(json.dumps({"models": {"base": {**models["base"], "weights_sha256": "0" * 16}}}))
+    with pytest.raises(RuntimeError, match="begun with other base weights"):
+        _check_same_models(plan, models)
+
+
 def test_killed_ablate_takes_its_workers_along_and_a_rerun_finishes_its_job(tmp_path):
     configs, out = tmp_path / "configs", tmp_path / "run"
     configs.mkdir()

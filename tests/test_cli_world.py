@@ -57,6 +57,8 @@ def test_check_oracle_prints_and_writes_json(tmp_path):
     assert data["2x2 blocks"]["colour"] >= 0.95  # the videos a pixel_downsample 2 pipeline decodes to
     plain = runner.invoke(app, ["world", "check-oracle", "--n", "4", "--downsample", "1", "--json", str(out)])
     assert plain.exit_code == 0 and "blocks" not in json.loads(out.read_text())["results"]
+    bad = runner.invoke(app, ["world", "check-oracle", "--n", "4", "--downsample", "3"])
+    assert bad.exit_code == 2 and "must divide the world's 32x32 frames" in bad.output
 
 
 def test_bench_reports_throughput():

@@ -514,7 +514,7 @@ def test_checkpoint_listing_order_latest_pointer_and_rotation(tmp_path: Path) ->
         with pytest.raises(KeyboardInterrupt):
             ckpt.rotate(root, keep_last=1)
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_1000001"]
-    assert [p.name for p in root.glob(".tmp_*")] == [".tmp_step_1000000.deleted"]
+    assert [p.name for p in root.glob(".tmp_*")] == [".tmp_deleting_step_1000000"]
 
 
 def test_damage_names_a_missing_or_broken_file(tmp_path: Path) -> None:
@@ -647,6 +647,35 @@ def test_replace_dir_after_a_kill_between_its_renames(tmp_path: Path) -> None:
     _folder(tmp, "new")
     ckpt.replace_dir(tmp, final)
     assert _contents(final) == "new" and not aside.exists()
+    # a resume puts the whole old folder back (restore_interrupted); a second process finding it done is fine
+    os.replace(final, aside)
+    ckpt.restore_interrupted(final)
+    ckpt.restore_interrupted(final)
+    assert _contents(final) == "new" and not aside.exists()
+
+
+def test_an_aside_cut_mid_delete_is_never_restored(tmp_path: Path, monkeypatch) -> None:
+    """The old folder is renamed out of the aside name before it is deleted: a kill mid-delete leaves no partial
+    folder under that name for `restore_interrupted` to take for a whole one."""
+    import shutil
+
+    final, tmp = tmp_path / "final", tmp_path / ".final.tmp"
+    _folder(final, "old")
+    _folder(tmp, "new")
+    rmtree = shutil.rmtree
+
+    def killed_mid_delete(path, *args, **kwargs):
+        next(Path(path).iterdir()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.replace_dir(tmp, final)  # the new folder is in; the old one dies half deleted
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert _contents(final) == "new" and not ckpt._aside(final).exists()
+    shutil.rmtree(final)  # then the target goes (moved away by hand, say): nothing half-deleted comes back
+    ckpt.restore_interrupted(final)
+    assert not final.exists()
 
 
 def test_sampler_order_follows_its_seed() -> None:

@@ -95,6 +95,9 @@ def check_oracle(
     from univigu.data.world import World, accuracy, attribute_matches, degrade
 
     world, oracle = World(), Oracle()
+    if world.config.height % downsample or world.config.width % downsample:
+        raise typer.BadParameter(f"must divide the world's {world.config.height}x{world.config.width} frames, got "
+                                 f"{downsample}", param_hint="--downsample")  # fmt: skip
     scenes = world.scenes("test", range(n), seed)
     videos = world.render(scenes)
     conditions = {

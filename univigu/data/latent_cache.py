@@ -223,8 +223,8 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
             log(f"chunk {chunk}: {why}; encoding it again")
             # the chunk's record and the index go first: a run killed while the chunk is redone leaves nothing that
             # names its old shards (a rerun encodes it again; training meanwhile is told to finish the cache)
-            done.unlink()
             (out / "index.json").unlink(missing_ok=True)
+            done.unlink()
             for name in previous["shards"]:
                 (out / "shards" / name).unlink(missing_ok=True)
         groups: dict[tuple[int, int], list[tuple[VideoRecord, Tensor]]] = defaultdict(list)

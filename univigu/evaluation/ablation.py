@@ -165,8 +165,9 @@ def run(folder: str | Path, out: str | Path, device: str = "cpu", jobs: int = 1,
     (out / "logs").mkdir(exist_ok=True)
     with _sole_run(out):
         models = {"base": p["settings"]["base"] or SHIPPED_BASE, "model": p["settings"]["model"] or SHIPPED_MODEL}
-        record = {**p, "command": command, "device": device, "jobs": [asdict(j) for j in todo],
-                  "models": {role: model_provenance(path) for role, path in models.items()}}  # fmt: skip
+        models = {role: model_provenance(path) for role, path in models.items()}
+        _check_same_models(out / "plan.json", models)
+        record = {**p, "command": command, "device": device, "jobs": [asdict(j) for j in todo], "models": models}
         (out / "plan.json").write_text(json.dumps(record, indent=2))
         done = {j.name for j in todo if (out / "results" / f"{j.name}.json").exists()}
         failed: set[str] = set()
@@ -268,10 +269,25 @@ def model_provenance(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     digest = hashlib.sha256()
     for weights in sorted((path / "transformer").glob("*.safetensors")):
-        digest.update(weights.read_bytes())
+        with open(weights, "rb") as f:  # the files' bytes in order, read in chunks (a Wan-size base is GBs)
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
     config = json.loads((path / "model_index.json").read_text()).get("config", {})
     shown = f"univigu/{path.resolve().relative_to(PACKAGE)}" if path.resolve().is_relative_to(PACKAGE) else str(path)
     return {"path": shown, "weights_sha256": digest.hexdigest()[:16], "trained": config.get("extra", {})}
+
+
+def _check_same_models(plan_file: Path, models: dict[str, Any]) -> None:
+    """A resumed run must measure the models its finished jobs measured (the shipped ones are retrained from time to
+    time): RuntimeError naming the role whose weights changed."""
+    if not plan_file.exists():
+        return
+    before = json.loads(plan_file.read_text()).get("models")
+    changed = [role for role in models if before and before.get(role, {}).get("weights_sha256") !=
+               models[role]["weights_sha256"]]  # fmt: skip
+    if changed:
+        raise RuntimeError(f"{plan_file.parent} was begun with other {' and '.join(changed)} weights than now (the "
+                           "shipped models were retrained?): use a fresh --out, or the models it began with")
 
 
 def _eval_kwargs(p: dict[str, Any]) -> dict[str, Any]:

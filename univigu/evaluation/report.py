@@ -323,7 +323,8 @@ def _models(plan: dict[str, Any]) -> list[str]:
     roles = {"base": "Base generator", "model": "Finished model (sampling studies)"}
     lines = []
     for role, info in plan.get("models", {}).items():
-        trained = ", ".join(f"{stage} {s['steps']} steps" for stage, s in info["trained"].items() if "steps" in s)
+        trained = ", ".join(f"{stage} {s['steps']} steps" for stage, s in info["trained"].items()
+                            if isinstance(s, dict) and "steps" in s)  # fmt: skip
         lines.append(f"- {roles[role]}: `{info['path']}`, transformer weights sha256 {info['weights_sha256']}"
                      f"{f' ({trained})' if trained else ''}.")  # fmt: skip
     return lines + [""] if lines else []

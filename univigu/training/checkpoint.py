@@ -54,15 +54,25 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _discard(path: Path) -> None:
+    """Delete a folder by first renaming it out of its name: a kill mid-delete leaves a `.tmp_deleting_*` folder
+    (removed by the next discard of the same path, or `rotate`), never part of a folder under its own name."""
+    doomed = path.with_name(f".tmp_deleting_{path.name}")
+    _remove(doomed)
+    if path.exists() or path.is_symlink():
+        os.replace(path, doomed)
+        _remove(doomed)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Turn the complete temp dir `tmp` into `final`, replacing any old `final` whole: the old one is renamed aside,
     the new one renamed in, and only then the old one deleted. A kill at any point leaves either the old folder or
     the new one whole, except between the two renames, where there is no folder and the old one lies whole aside
-    (`.tmp_<name>.old`); an error in a rename puts the old one back. The aside left by an earlier kill is removed
-    first."""
+    (`.tmp_<name>.old`, whole until it is discarded); an error in a rename puts the old one back. The aside left
+    by an earlier kill is discarded first."""
     fsync_tree(tmp)
     aside = _aside(final)
-    _remove(aside)  # a kill left it: the old folder of an earlier replace, or part of it
+    _discard(aside)  # a kill between the renames of an earlier replace left it
     if final.exists() or final.is_symlink():
         os.replace(final, aside)
     try:
@@ -72,7 +82,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
             os.replace(aside, final)
         raise
     _fsync_dir(final.parent)
-    _remove(aside)
+    _discard(aside)
 
 
 def restore_interrupted(final: Path) -> None:
@@ -80,7 +90,11 @@ def restore_interrupted(final: Path) -> None:
     `final`: the state before that replace (what replaced it is written again by whatever was replacing it)."""
     aside = _aside(final)
     if aside.is_dir() and not (final.exists() or final.is_symlink()):
-        os.replace(aside, final)
+        try:
+            os.replace(aside, final)
+        except OSError:  # every process of a run restores: another one may have put it back first
+            if not final.is_dir():
+                raise
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -118,8 +132,7 @@ def find_latest(root: Path) -> Path | None:
 def rotate(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (and leftover temp dirs)."""
     for p in list_checkpoints(root)[:-keep_last]:
-        # renamed out of the checkpoints first: a kill mid-delete leaves a temp dir, never a half checkpoint
-        os.replace(p, root / f".tmp_{p.name}.deleted")
+        _discard(p)  # a kill mid-delete leaves a temp dir, never a half checkpoint
     for p in root.glob(".tmp_*"):
         shutil.rmtree(p, ignore_errors=True)
 
