@@ -66,9 +66,15 @@ def test_two_process_ddp_matches_one_process(base, tmp_path):
     assert ddp.stdout.count("stage recall done") == 1  # said once, not once per process
     assert (tmp_path / "ddp" / "checkpoints" / "step_000003" / "generator_1.pt").exists()  # really 2 processes
     univigu(*_recall(base, tmp_path / "one", *common, "--train.batch_size=4"))
+    # both continued one more step from their checkpoints (a DDP resume read the wrapper's names and was refused)
+    more = ["--train.max_steps=4", "--train.save_every=3", "--resume"]
+    ddp = subprocess.run([*launch, *_recall(base, tmp_path / "ddp", *more, "--train.batch_size=2")],
+                         env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)  # fmt: skip
+    assert ddp.returncode == 0 and "resumed from" in ddp.stdout + ddp.stderr, ddp.stderr[-3000:]
+    univigu(*_recall(base, tmp_path / "one", *more, "--train.batch_size=4"))
     for column in ("loss", "text", "video"):
         got, want = losses(tmp_path / "ddp", column), losses(tmp_path / "one", column)
-        assert list(got) == list(want) == [1, 2, 3]
+        assert list(got) == list(want) == [1, 2, 3, 4]
         for step in want:
             assert got[step] == pytest.approx(want[step], abs=1e-4), (column, step)
 

@@ -481,7 +481,7 @@ class Trainer:
         saved = ckpt.weight_shapes(path)
         if saved is None:  # FSDP shards: no header to read
             return
-        now = self.model.state_dict()
+        now = self.accelerator.unwrap_model(self.model).state_dict()  # DDP's wrapper prefixes every name
         kept = {v.data_ptr() for k, v in now.items() if k in saved}  # tied weights are saved once
         changed = [f"{k}: checkpoint {list(saved[k])} -> now {list(v.shape)}"
                    for k, v in now.items() if k in saved and tuple(v.shape) != saved[k]]  # fmt: skip
