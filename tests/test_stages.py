@@ -1,3 +1,7 @@
+import os
+import sys
+
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -108,10 +112,19 @@ def test_train_one_stage_then_resume_further(tmp_path):
     out = tmp_path / "base"
     args = ["train", str(CONFIG_DIR / "base.yaml"), f"--train.output_dir={out}"] + [f"--{o}" for o in SMALL]
     assert runner.invoke(app, args).exit_code == 0
+    # another run writing the folder (a killed launcher's workers live on): refused; a lock left by a process that
+    # is gone is taken over, and released at the end
+    (out / "run.lock").write_text(str(os.getppid()))
+    busy = runner.invoke(app, args + ["--train.max_steps=3", "--resume"])
+    assert busy.exit_code == 2 and f"is in use by another univigu train (process {os.getppid()})" in \
+        _flat(busy.output), busy.output  # fmt: skip
+    gone = psutil.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / "run.lock").write_text(str(gone.pid))
     longer = runner.invoke(app, args + ["--train.max_steps=3", "--resume"])
     assert longer.exit_code == 0, longer.output
     steps = [int(line.split(",")[0]) for line in (out / "losses.csv").read_text().splitlines()[1:]]
-    assert steps == [1, 2, 3]
+    assert steps == [1, 2, 3] and not (out / "run.lock").exists()
     bad = runner.invoke(app, ["train", str(CONFIG_DIR / "base.yaml"), "--train.nope=1"])
     assert bad.exit_code != 0 and "train.nope" in bad.output
     # the same folder again without --resume, or resumed with a config that changes the math: usage errors that

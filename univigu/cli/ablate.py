@@ -17,8 +17,9 @@ def ablate(
     report: Path = typer.Option(None, help="Folder for ablations.md, ablations.json, plots (default: OUT/report)."),
 ) -> None:
     """Run the ablations of the paper's claims (jobs whose results exist are skipped), then write the report."""
-    from univigu.evaluation.ablation import RunFolderInUse, run
+    from univigu.evaluation.ablation import run
     from univigu.evaluation.report import write_report
+    from univigu.training.checkpoint import RunFolderInUse
 
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter(f"device must be cuda or cpu, got {device!r}", param_hint="--device")

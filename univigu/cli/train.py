@@ -17,11 +17,12 @@ def _run(cfg, resume: bool) -> Path:
     latent cache the stage cannot use, is a usage error (each is found before any step runs)."""
     from univigu.data.latent_cache import CacheError
     from univigu.training import ResumeError
+    from univigu.training.checkpoint import RunFolderInUse
     from univigu.training.stages import run_stage
 
     try:
         return run_stage(cfg, resume=resume)
-    except (FileExistsError, ResumeError) as error:
+    except (FileExistsError, ResumeError, RunFolderInUse) as error:
         raise typer.BadParameter(str(error), param_hint="--resume / train.output_dir") from error
     except CacheError as error:
         raise typer.BadParameter(str(error), param_hint="data / pipeline") from error

@@ -25,17 +25,17 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context, parent_process
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-import psutil  # installed with accelerate
 import yaml
+
+from univigu.training.checkpoint import sole_run
 
 PACKAGE = Path(__file__).resolve().parents[1]
 SHIPPED_BASE = PACKAGE / "assets" / "toy-base"
@@ -163,7 +163,7 @@ def run(folder: str | Path, out: str | Path, device: str = "cpu", jobs: int = 1,
     p, todo = plan(folder, smoke)
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    with _sole_run(out):
+    with sole_run(out, "univigu ablate"):
         models = {"base": p["settings"]["base"] or SHIPPED_BASE, "model": p["settings"]["model"] or SHIPPED_MODEL}
         models = {role: model_provenance(path) for role, path in models.items()}
         _check_same_models(out / "plan.json", models)
@@ -202,30 +202,6 @@ def run(folder: str | Path, out: str | Path, device: str = "cpu", jobs: int = 1,
                         failed.add(job.name)
                         log(f"FAILED {job.name}: {error!r} (log: {out / 'logs' / (job.name + '.log')})")
     return {**p, "done": sorted(done), "failed": sorted(failed), "seconds": round(time.perf_counter() - start, 1)}
-
-
-class RunFolderInUse(ValueError):
-    """OUT holds a live run's lock."""
-
-
-@contextmanager
-def _sole_run(out: Path) -> Iterator[None]:
-    """Hold OUT/run.lock (this process's PID) while running: two runs would train the same arms into the
-    same folders. A lock whose process is gone (a killed run, its workers gone with it) is taken over."""
-    lock = out / "run.lock"
-    try:
-        with open(lock, "x") as f:
-            f.write(str(os.getpid()))
-    except FileExistsError:
-        owner = lock.read_text().strip()
-        if not owner.isdigit() or psutil.pid_exists(int(owner)):
-            raise RunFolderInUse(f"{out} is in use by another univigu ablate (process {owner or '?'}): wait for "
-                                 f"it or stop it (if no such run is left, delete {lock})") from None
-        lock.write_text(str(os.getpid()))
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def _init_worker(device: str, threads: int) -> None:

@@ -12,7 +12,11 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import psutil  # installed with accelerate
 
 from safetensors import SafetensorError, safe_open
 
@@ -62,6 +66,33 @@ def _discard(path: Path) -> None:
     if path.exists() or path.is_symlink():
         os.replace(path, doomed)
         _remove(doomed)
+
+
+class RunFolderInUse(ValueError):
+    """A run folder holds a live run's lock."""
+
+
+@contextmanager
+def sole_run(out: Path, command: str) -> Iterator[None]:
+    """Hold OUT/run.lock (this process's PID) while running: two runs in one folder would write the same files (a
+    resume started beside the workers of a killed launcher, which torch's launcher leaves running, say). A lock
+    whose process is gone is taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / "run.lock"
+    try:
+        with open(lock, "x") as f:
+            f.write(str(os.getpid()))
+    except FileExistsError:
+        owner = lock.read_text().strip()
+        if not owner.isdigit() or psutil.pid_exists(int(owner)):
+            raise RunFolderInUse(f"{out} is in use by another {command} (process {owner or '?'}): wait for it or "
+                                 f"stop it (a killed launcher's workers keep running: kill that process; if no such "
+                                 f"run is left, delete {lock})") from None  # fmt: skip
+        lock.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

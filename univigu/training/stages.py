@@ -13,7 +13,9 @@ that the next stage's `init_from` names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -119,9 +121,21 @@ def _video_flow(cfg: StageConfig, pipe_cfg: PipelineConfig) -> VideoFlow:
 
 
 def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
-    """Train one stage and export its pipeline folder (`output_dir/final`); returns that folder."""
+    """Train one stage and export its pipeline folder (`output_dir/final`); returns that folder. The output folder
+    is locked for the run (`RunFolderInUse` while another run writes there)."""
     cfg.check_inputs()
     out = Path(cfg.train.output_dir)
+    main = os.environ.get("RANK", "0") == "0"  # the launcher's rank: the accelerator does not exist yet
+    fresh = not out.exists()
+    try:
+        with ckpt.sole_run(out, "univigu train") if main else contextlib.nullcontext():
+            return _run_stage(cfg, out, resume)
+    finally:
+        if fresh and main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused run leaves no folder behind
+
+
+def _run_stage(cfg: StageConfig, out: Path, resume: bool | str) -> Path:
     ckpt.restore_interrupted(out / "final")  # an export cut between its two renames: the one before it
     if (out / "final").exists():  # a finished run: continued from its checkpoints, never trained over
         if not ckpt.list_checkpoints(out / "checkpoints"):  # deleted to free the disk, say: --resume would restart
