@@ -186,6 +186,19 @@ def test_kill9_resume_is_exact(tmp_path: Path) -> None:
     assert torch.equal(torch.load(a / "ema.pt")["net.0.weight"], torch.load(b / "ema.pt")["net.0.weight"])
 
 
+def test_a_checkpoint_saved_by_fsdp_is_refused_by_a_run_without_it(tmp_path: Path) -> None:
+    """A checkpoint written in another layout (FSDP shards, FSDP whole weights, plain) failed deep inside
+    accelerate's loader, naming a missing file; it is a ResumeError naming both layouts."""
+    Trainer(MLPTask(), Regression(), config(tmp_path / "run", max_steps=10)).train()
+    step = tmp_path / "run" / "checkpoints" / "step_000010"
+    trainer = Trainer(MLPTask(), Regression(), config(tmp_path / "run", max_steps=20))
+    trainer._check_layout(step)  # its own layout
+    (step / "pytorch_model_fsdp_0").mkdir()
+    with pytest.raises(ResumeError, match=r"saved by FSDP as shards \(SHARDED_STATE_DICT\), and this run saves "
+                                          "without FSDP"):  # fmt: skip
+        trainer._check_layout(step)
+
+
 class SimulatedKill(Exception):
     pass
 

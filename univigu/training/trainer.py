@@ -475,6 +475,28 @@ class Trainer:
         hint = f"resume from the one before it, {previous}" if previous is not None else "start in a new output_dir"
         raise ResumeError(f"cannot resume from {path}: the checkpoint is damaged or incomplete ({problem}); {hint}")
 
+    def _layout(self) -> str:
+        """How this run writes its checkpoints: "plain" (one model file), or FSDP's "sharded" or "full" state."""
+        if not self.fsdp:
+            return "plain"
+        kind = str(self.accelerator.state.fsdp_plugin.state_dict_type).upper()
+        return "sharded" if "SHARDED" in kind else "full"
+
+    def _check_layout(self, path: Path) -> None:
+        """The checkpoint was written as this run writes them (another launch config fails deep inside accelerate's
+        loader, naming a missing file)."""
+        if (path / "pytorch_model_fsdp_0").is_dir():
+            saved = "sharded"
+        elif any(path.glob("pytorch_model_fsdp*.bin")):
+            saved = "full"
+        else:
+            saved = "plain"
+        names = {"plain": "without FSDP", "sharded": "by FSDP as shards (SHARDED_STATE_DICT)",
+                 "full": "by FSDP as whole weights (FULL_STATE_DICT)"}  # fmt: skip
+        if saved != self._layout():
+            raise ResumeError(f"cannot resume from {path}: it was saved {names[saved]}, and this run saves "
+                              f"{names[self._layout()]}: launch it with the accelerate config it was trained with")
+
     def _check_weights(self, path: Path) -> None:
         """The checkpoint's weights have this model's names and shapes (a changed model or pipeline size would
         otherwise fail inside load_state_dict, listing every key)."""
@@ -511,6 +533,7 @@ class Trainer:
         if saved["max_steps"] != now["max_steps"]:
             warnings.warn(f"max_steps changed {saved['max_steps']} -> {now['max_steps']}: "
                           "the cosine schedule is stretched from here on")  # fmt: skip
+        self._check_layout(path)
         self._check_weights(path)
         acc.load_state(str(path))
         self.generator.set_state(torch.load(path / f"generator_{acc.process_index}.pt"))
@@ -533,7 +556,8 @@ class Trainer:
 
 def _previous_checkpoint(path: Path) -> Path | None:
     """The newest undamaged checkpoint of an earlier step than `path`, beside it."""
-    earlier = [p for p in ckpt.list_checkpoints(path.parent) if p.name < path.name]
+    ckpts = ckpt.list_checkpoints(path.parent)  # in step order (names compare wrongly past step 999,999)
+    earlier = ckpts[: ckpts.index(path)] if path in ckpts else []
     return next((p for p in reversed(earlier) if ckpt.damage(p) is None), None)
 
 
