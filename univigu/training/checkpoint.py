@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil  # installed with accelerate
-
 from safetensors import SafetensorError, safe_open
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
