@@ -45,3 +45,36 @@ def test_interleaved_medians_alternate_the_functions_and_take_medians(monkeypatc
     assert calls == ["a", "b"] * 4 and len(syncs) == 2 * 2 * 3
     assert medians == {"a": 1, "b": 1}  # each timed call spans one tick of the fake clock
     assert timing.synchronizer("cpu")() is None
+
+
+def test_the_h100_training_table_is_its_result_files():
+    """Each row of benchmarks/README.md's H100 training-step table (flags -> step, MFU, peak memory) is the stored
+    result.json with those flags: the memory-budget rows were once swapped by hand."""
+    import re
+
+    results = []
+    for path in (ROOT / "benchmarks" / "results" / "h100").glob("*/result.json"):
+        r = json.loads(path.read_text())
+        if "train_step_s" in r and r.get("gradient_checkpointing"):
+            results.append(r)
+    rows = [line for line in (ROOT / "benchmarks" / "README.md").read_text().splitlines()
+            if line.startswith("| `--checkpointing") and "out of memory" not in line]  # fmt: skip
+    assert len(rows) >= 8
+
+    def option(flags: str, name: str) -> str | None:
+        found = re.search(rf"--{name} (\S+)", flags)
+        return found[1] if found else None
+
+    for row in rows:
+        flags, step, mfu, memory = [cell.strip() for cell in row.strip("|").split("|")]
+        flags = re.search(r"`([^`]*)`", flags).group(1)
+        budget = option(flags, "memory-budget")
+        want = {"gradient_checkpointing": option(flags, "checkpointing"),
+                "attention_backend": option(flags, "attention-backend") or "native",
+                "compile": "--compile" in flags, "memory_budget": budget and float(budget)}  # fmt: skip
+        match = [r for r in results if all(r.get(k, False if k == "compile" else None) == v for k, v in want.items())]
+        assert len(match) == 1, (row, want)
+        r = match[0]
+        assert step.strip("*") == f"{r['train_step_s']:.3f} s", row
+        assert mfu.strip("*") == f"{100 * r['mfu']:.1f}%", row
+        assert memory == f"{r['peak_memory_gib']:.1f} GiB", row
