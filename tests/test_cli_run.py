@@ -66,7 +66,7 @@ def test_caption_reads_files_and_reports_bad_ones(checkpoints, tmp_path):
     path = write_video(tmp_path / "clip.mp4", video)
     result = runner.invoke(app, ["caption", str(path), "--model", str(checkpoints / "unified"), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    sidecar = json.loads((tmp_path / "clip_caption_seed0.json").read_text())
+    sidecar = json.loads((tmp_path / "clip_caption_seed0_0.json").read_text())
     assert sidecar["caption"] is not None and sidecar["steps"] == 3  # the caption_steps it ran, not num_steps
     (tmp_path / "bad.mp4").write_bytes(b"junk" * 50)
     bad = runner.invoke(app, ["caption", str(tmp_path / "bad.mp4"), "--model", str(checkpoints / "unified")])

@@ -210,8 +210,9 @@ def caption(
         frames = np.stack([pipe.load_video(v) for v in videos])
     except VideoReadError as error:
         raise typer.BadParameter(str(error), param_hint="VIDEOS") from error
-    names = [Path(v).stem for v in videos]  # two clip.mp4 from two folders must not share a sidecar
-    stems = [f"{name}_caption_seed{seed}" + (f"_{i}" if names.count(name) > 1 else "") for i, name in enumerate(names)]
+    # with the video's position, as generate names its samples: a caption's noise depends on it (and two clip.mp4
+    # from two folders must not share a sidecar)
+    stems = [f"{Path(v).stem}_caption_seed{seed}_{i}" for i, v in enumerate(videos)]
     with _prompt_errors("--instruction"):
         result, seconds, times = timed_sample(pipe, "video_to_text", frames, seed=seed, num_steps=steps,
                                               instruction=instruction, trajectory=trajectory is not None)  # fmt: skip
