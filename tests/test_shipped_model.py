@@ -53,3 +53,17 @@ def test_shipped_model_samples_in_bfloat16():
     assert named.transformer.proj_out.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"torch_dtype must be one of \['bfloat16', 'float16', 'float32'\]"):
         univigu.UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL, torch_dtype="auto")
+
+
+def test_readme_table_is_the_shipped_evaluation():
+    """The README's table of the shipped model is its card's eval_test.json (`univigu eval`'s output), figure for
+    figure, so a retrained model cannot ship with the old numbers."""
+    result = json.loads((Path(univigu.DEFAULT_MODEL) / "eval_test.json").read_text())
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f}%"
+
+    row = (f"| {pct(result['t2v']['all'])} | {pct(result['t2v_base']['all'])} | {pct(result['v2t']['all'])} | "
+           f"{result['v2t']['bleu4']:.3f} | {result['v2t']['cider']:.3f} | {pct(result['joint']['consistency'])} |")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert row in readme, row
