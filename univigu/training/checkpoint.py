@@ -195,6 +195,14 @@ def _zip_problem(file: Path) -> str | None:
         return f"{file.name} is truncated or unreadable: {error}"
 
 
+def layout(path: Path) -> str:
+    """How checkpoint `path` holds its model: "plain" (model.safetensors), or FSDP's "sharded" (a
+    torch.distributed.checkpoint folder) or "full" (whole-weight .bin files)."""
+    if (path / f"{_FSDP_MODEL}_0").is_dir():
+        return "sharded"
+    return "full" if any(path.glob(f"{_FSDP_MODEL}*.bin")) else "plain"
+
+
 def damage(path: Path) -> str | None:
     """What makes checkpoint `path` unloadable (a missing or truncated file), or None. A kill cannot cause it
     (see `publish`), a full disk or a copy gone wrong can. Cheap: file headers and zip directories are read,

@@ -485,17 +485,12 @@ class Trainer:
     def _check_layout(self, path: Path) -> None:
         """The checkpoint was written as this run writes them (another launch config fails deep inside accelerate's
         loader, naming a missing file)."""
-        if (path / "pytorch_model_fsdp_0").is_dir():
-            saved = "sharded"
-        elif any(path.glob("pytorch_model_fsdp*.bin")):
-            saved = "full"
-        else:
-            saved = "plain"
+        saved, now = ckpt.layout(path), self._layout()
         names = {"plain": "without FSDP", "sharded": "by FSDP as shards (SHARDED_STATE_DICT)",
                  "full": "by FSDP as whole weights (FULL_STATE_DICT)"}  # fmt: skip
-        if saved != self._layout():
+        if saved != now:
             raise ResumeError(f"cannot resume from {path}: it was saved {names[saved]}, and this run saves "
-                              f"{names[self._layout()]}: launch it with the accelerate config it was trained with")
+                              f"{names[now]}: launch it with the accelerate config it was trained with")
 
     def _check_weights(self, path: Path) -> None:
         """The checkpoint's weights have this model's names and shapes (a changed model or pipeline size would
