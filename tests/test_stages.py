@@ -180,7 +180,7 @@ def test_a_killed_export_leaves_the_old_final_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(UniViGUPipeline, "save_pretrained", save)
     run_stage(load_config(CONFIG_DIR / "base.yaml", [*args, "--train.max_steps=3"]), resume=True)
     assert UniViGUPipeline.from_pretrained(out / "final").config.extra["base"]["steps"] == 3
-    assert not (out / ".final.tmp").exists()
+    assert not (out / ".final.export-tmp").exists()
 
 
 def test_train_all_reads_its_configs_folder(tmp_path):

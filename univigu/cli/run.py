@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,18 +105,6 @@ def refuse_existing(target: Path, overwrite: bool, param_hint: str) -> None:
     if target.exists() and (target.is_file() or any(target.iterdir())) and not overwrite:
         raise typer.BadParameter(f"{target} exists; pass --overwrite to replace it, or name a new folder",
                                  param_hint=param_hint)  # fmt: skip
-
-
-def write_replacing(target: Path, write: Callable[[Path], None], tag: str) -> None:
-    """`write(folder)` into a staging folder beside `target`, then swapped in whole for it (a file or folder there
-    is replaced): a failed write leaves the target as it was, and nothing of an older folder stays beside the new
-    files to be loaded."""
-    from univigu.training.checkpoint import replace_dir
-
-    staging = out_dir(target.parent) / f".{target.name}.{tag}-tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    write(staging)
-    replace_dir(staging, target)
 
 
 def _finite(param: typer.CallbackParam, value: float | None) -> float | None:
@@ -375,6 +362,9 @@ def export(
     refuse_existing(target, overwrite, "TARGET")
     pipe, _ = _pipeline(source, "cpu", param_hint="SOURCE")
     # nothing of an older folder (its card, evaluations) stays beside the new weights
+    from univigu.training.checkpoint import write_replacing
+
+    out_dir(target.parent)
     write_replacing(target, lambda folder: pipe.save_pretrained(folder, dtype=getattr(torch, dtype)), "export")
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     typer.echo(f"wrote {target} ({size / 2**20:.1f} MiB, {dtype} weights)")

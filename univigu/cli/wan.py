@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from univigu.cli.run import refuse_existing, resolve_device, write_replacing
+from univigu.cli.run import out_dir as make_dir
+from univigu.cli.run import refuse_existing, resolve_device
 
 
 def cache_latents(
@@ -111,6 +112,9 @@ def convert_official(
                f"{report.dropped}")  # fmt: skip
     typer.echo(f"config: {report.config}")
     # nothing of an older folder (a pipeline's transformer/, VAE) stays beside the new weights to be loaded
+    from univigu.training.checkpoint import write_replacing
+
+    make_dir(out_dir.parent)
     if wan is None:
         write_replacing(out_dir, model.save_pretrained, "convert")
     else:

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,6 +113,16 @@ def replace_dir(tmp: Path, final: Path) -> None:
         raise
     _fsync_dir(final.parent)
     _discard(aside)
+
+
+def write_replacing(target: Path, write: Callable[[Path], None], tag: str) -> None:
+    """`write(folder)` into a staging folder beside `target` (`.<name>.<tag>-tmp`), then swapped in whole for it by
+    `replace_dir` (a file or folder there is replaced): a failed write leaves the target as it was, and nothing of
+    an older folder stays beside the new files to be loaded."""
+    staging = target.parent / f".{target.name}.{tag}-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    replace_dir(staging, target)
 
 
 def restore_interrupted(final: Path) -> None:

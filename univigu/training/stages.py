@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -167,10 +166,8 @@ def _run_stage(cfg: StageConfig, out: Path, resume: bool | str) -> Path:
             trainer.elapsed / 60, 1), "init_from": cfg.init_from}}  # fmt: skip
         prompt_encoder, codec = getattr(task, "export_parts", (task.prompt_encoder, None))
         # written aside and swapped in whole: a kill mid-export must not leave a mixed folder that reads as done
-        staging = out / ".final.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        UniViGUPipeline(task.transformer, prompt_encoder, tokenizer, pipe_cfg, codec=codec).save_pretrained(staging)
-        ckpt.replace_dir(staging, final)
+        pipe = UniViGUPipeline(task.transformer, prompt_encoder, tokenizer, pipe_cfg, codec=codec)
+        ckpt.write_replacing(final, pipe.save_pretrained, "export")
     trainer.accelerator.wait_for_everyone()  # no process leaves (and tears down the process group) mid-export
     return final
 
