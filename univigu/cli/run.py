@@ -161,10 +161,11 @@ def generate(
         result, seconds, times = timed_sample(pipe, "text_to_video", prompts, seed=seed, num_steps=steps,
                                               guidance_scale=guidance, negative_prompt=negative_prompt,
                                               trajectory=trajectory is not None)  # fmt: skip
+    scale = pipe._scale(guidance)
+    negative_prompt = negative_prompt if scale != 1 else ""  # unused without guidance (the pipeline warns)
     for i, (prompt, video) in enumerate(zip(prompts, result.videos)):
-        # at guidance scale 1 the negative prompt is not used (the pipeline warns): it is not recorded
-        record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": pipe._scale(guidance),
-                  "negative_prompt": negative_prompt if pipe._scale(guidance) != 1 else "",
+        record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": scale,
+                  "negative_prompt": negative_prompt,
                   **run_record(pipe, path, seed, len(times), load, seconds, len(prompts))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
                                             f"text to video: {prompt}", record, times)  # fmt: skip
@@ -240,9 +241,11 @@ def joint(
         result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps,
                                               guidance_scale=guidance, negative_prompt=negative_prompt,
                                               text_update=text_update, trajectory=trajectory is not None)  # fmt: skip
+    scale = pipe._scale(guidance)
+    negative_prompt = negative_prompt if scale != 1 else ""  # unused without guidance (the pipeline warns)
     for i, (prompt, video, text) in enumerate(zip(prompts, result.videos, result.texts)):
-        record = {"task": "joint", "prompt": prompt, "caption": text, "guidance_scale": pipe._scale(guidance),
-                  "negative_prompt": negative_prompt if pipe._scale(guidance) != 1 else "",
+        record = {"task": "joint", "prompt": prompt, "caption": text, "guidance_scale": scale,
+                  "negative_prompt": negative_prompt,
                   "text_update": text_update or pipe.config.text_update,
                   **run_record(pipe, path, seed, len(times), load, seconds, len(prompts))}  # fmt: skip
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(prompts)), pipe, result, i,
@@ -257,7 +260,8 @@ def evaluate(
     device: str = typer.Option(None, help=DEVICE_HELP),
     split: str = typer.Option("test", help="World split: test, heldout (attribute pairs never seen in training), "
                               "val or train."),  # fmt: skip
-    n: int = typer.Option(256, "--n", min=1, help="Scenes per task."), seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
+    n: int = typer.Option(256, "--n", min=1, help="Scenes per task."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
     steps: int = typer.Option(None, min=1, help=STEPS_HELP),
     batch_size: int = typer.Option(64, min=1, help="Samples per batch."),
     base: Path = typer.Option(None, help="Base generator folder: its T2V accuracy too, and the unified model's drop "

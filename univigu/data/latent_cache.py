@@ -216,10 +216,10 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                 why = f"its shard files {missing} are gone"
             else:
                 why = "its records changed since it was cached"
-            if legacy and not same:
-                why += (" (or the videos folder is named otherwise than in the run that cached it: this chunk was "
-                        "cached before chunks were matched by the paths in the folder; name the folder as then, "
-                        "e.g. relative or absolute, to keep the cached chunks)")  # fmt: skip
+                if legacy:
+                    why += (" (or the videos folder is named otherwise than in the run that cached it: this chunk "
+                            "was cached before chunks were matched by the paths in the folder; name the folder as "
+                            "then, e.g. relative or absolute, to keep the cached chunks)")  # fmt: skip
             log(f"chunk {chunk}: {why}; encoding it again")
             # the chunk's record and the index go first: a run killed while the chunk is redone leaves nothing that
             # names its old shards (a rerun encodes it again; training meanwhile is told to finish the cache)
