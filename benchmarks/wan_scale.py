@@ -93,7 +93,7 @@ def _latency(model, video, prompt, tokens, text_mask, t_noisy, t_clean, args, dt
         "unified V2T step": lambda: model(v, tokens, t_clean, t_noisy, p),
         "unified joint step": lambda: model(v, tokens, t_noisy, t_noisy, p),
     }
-    if text_mask is not None:  # the pipeline's T2V: the clean prompt in the text stream, its padding masked
+    if text_mask is not None:  # the pipeline's T2V batching prompts of several lengths (guidance's null pass too)
         runs["unified T2V step, padded prompt"] = lambda: model(v, tokens, t_noisy, t_clean, p, text_mask)
     with torch.no_grad():
         latency = interleaved_medians(runs, args.steps, args.warmup, sync)
@@ -127,7 +127,8 @@ def main() -> None:
                         "activations the compiled backward may keep (torch._functorch activation_memory_budget)")
     parser.add_argument("--text-padding", type=int, default=0, help="mask this many text positions as padding: in "
                         "the training step (training passes a mask whenever a batch holds a T2V row with a short "
-                        "prompt; V2T and joint rows have none) and in one more T2V latency row (the pipeline's T2V)")
+                        "prompt; V2T and joint rows have none) and in one more T2V latency row (the pipeline's T2V when a "
+                        "batch holds prompts of several lengths, as guidance's batched null pass does)")
     parser.add_argument("--skip-latency", action="store_true", help="only the training step")
     parser.add_argument("--profile", action="store_true", help="profile one more training step: time per kernel "
                         "category (attention, matmul, optimizer, other) and the costliest kernels")

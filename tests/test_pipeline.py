@@ -290,8 +290,10 @@ def test_unified_guidance_null_pass_reads_the_empty_prompt_in_both_streams(pipe)
     assert not torch.equal(tokens, null_tokens)
     (video, text, _, _, prompt_states, text_mask, _), = _guided_t2v_calls(pipe, prompts)
     assert video.shape[0] == text.shape[0] == 4  # one batched pass: conditional, then null
-    assert torch.equal(text[:2], tokens) and torch.equal(text_mask[:2], mask)
-    assert torch.equal(text[2:], null_tokens) and torch.equal(text_mask[2:], null_mask)
+    n = text.shape[1]  # the canvas less the padding no row holds
+    assert n == mask.sum(1).max() < mask.shape[1] and not mask[:, n:].any()
+    assert torch.equal(text[:2], tokens[:, :n]) and torch.equal(text_mask[:2], mask[:, :n])
+    assert torch.equal(text[2:], null_tokens[:, :n]) and torch.equal(text_mask[2:], null_mask[:, :n])
     assert torch.allclose(prompt_states[:2, : states.shape[1]], states)
     assert torch.allclose(prompt_states[2:, : null_states.shape[1]], null_states)
 
@@ -305,7 +307,8 @@ def test_negative_prompt_is_the_null_pass_condition(pipe):
     neg_states = pipe._prompt_states([negative] * 2)
     assert not torch.allclose(neg_states, pipe._prompt_states([""] * 2))
     (_, text, _, _, prompt_states, text_mask, _), = _guided_t2v_calls(pipe, prompts, negative_prompt=negative)
-    assert torch.equal(text[2:], neg_tokens) and torch.equal(text_mask[2:], neg_mask)
+    n = text.shape[1]
+    assert torch.equal(text[2:], neg_tokens[:, :n]) and torch.equal(text_mask[2:], neg_mask[:, :n])
     assert torch.allclose(prompt_states[2:, : neg_states.shape[1]], neg_states)
     (_, _, _, _, joint_states, _, _), = _guided_t2v_calls(pipe, prompts, "generate", negative_prompt=negative)
     assert torch.allclose(joint_states[2:, : neg_states.shape[1]], neg_states)
@@ -374,7 +377,8 @@ def test_guidance_text_prompt_keeps_the_prompt_in_the_null_pass(pipe):
     config = dataclasses.replace(pipe.config, guidance_text="prompt")
     released = UniViGUPipeline(pipe.transformer, pipe.prompt_encoder, pipe.tokenizer, config)
     (_, text, _, _, prompt_states, _, _), = _guided_t2v_calls(released, prompts)
-    assert torch.equal(text[:2], tokens) and torch.equal(text[2:], tokens)
+    n = text.shape[1]
+    assert torch.equal(text[:2], tokens[:, :n]) and torch.equal(text[2:], tokens[:, :n])
     null_states = pipe._prompt_states([""] * 2)
     assert torch.allclose(prompt_states[2:, : null_states.shape[1]], null_states)
     with pytest.raises(ValueError, match=r"guidance_text must be one of \('empty_prompt', 'prompt'\)"):

@@ -216,9 +216,30 @@ def test_guidance_null_pass_can_take_the_empty_prompt_text(batched):
     model = RecordsText()
     guidance = Guidance(torch.zeros(1, 4, 8), scale=4.0, batched=batched, null_text=null_text, null_text_mask=null_mask)
     sample_t2v(model, tokens, torch.ones(B, 4, 8), (B, 3), text_mask=mask, guidance=guidance, num_steps=2, generator=0)
-    texts, masks = (torch.cat(model.texts), torch.cat(model.masks))
-    assert (texts == 5).all(dim=1).sum() == 2 * B and (texts == null_text).all(dim=1).sum() == 2 * B
-    assert masks.sum() == 2 * B * L + 2 * B * 1
+    # what each row reads (the positions its mask keeps): the prompt, or the null pass's one token
+    read = [row[m].tolist() for text, mask in zip(model.texts, model.masks)
+            for row, m in zip(text, torch.ones_like(text, dtype=torch.bool) if mask is None else mask)]  # fmt: skip
+    assert len(read) == 2 * 2 * B
+    assert read.count([5] * L) == 2 * B and read.count([1]) == 2 * B
+
+
+def test_t2v_drops_the_padding_no_row_holds():
+    """T2V's text stream loses the trailing positions that are padding in every row, and its mask once no padding
+    is left: the model sees the same keys, so the video is the same, with fewer tokens and (one prompt) no mask."""
+    tokens = torch.full((2, L), 5, dtype=torch.long)
+    mask = torch.arange(L)[None] < torch.tensor([[2], [3]])  # 2 and 3 real tokens of L
+    seen = RecordsText()
+    sample_t2v(seen, tokens, torch.ones(2, 4, 8), (2, 3), text_mask=mask, num_steps=2, generator=0)
+    assert [t.shape[1] for t in seen.texts] == [3, 3] and torch.equal(seen.masks[0], mask[:, :3])
+    seen = RecordsText()
+    sample_t2v(seen, tokens[:1], torch.ones(1, 4, 8), (1, 3), text_mask=mask[:1], num_steps=2, generator=0)
+    assert [t.shape[1] for t in seen.texts] == [2, 2] and seen.masks == [None, None]
+    # guided: the null text trimmed on its own, the two stacked with a mask only where one is shorter
+    seen = RecordsText()
+    guidance = Guidance(torch.zeros(1, 4, 8), scale=4.0, null_text=tokens[:1], null_text_mask=torch.arange(L)[None] < 1)
+    sample_t2v(seen, tokens[:1], torch.ones(1, 4, 8), (1, 3), text_mask=mask[:1], guidance=guidance, num_steps=1,
+               generator=0)  # fmt: skip
+    assert seen.texts[0].shape == (2, 2) and seen.masks[0].tolist() == [[True, True], [True, False]]
 
 
 def test_linear_resample_keeps_source_at_first_step():
@@ -268,6 +289,16 @@ def test_with_the_real_transformer():
     assert torch.allclose(runs[0].video, runs[1].video, atol=1e-4)
     assert torch.equal(runs[0].text, runs[1].text)
     assert (runs[0].text < vocab).all()
+
+    # what T2V's trimming relies on: padding is no key, so the velocity is the same without it (and without a
+    # mask once no row has padding left)
+    tokens, video, zero = torch.randint(0, vocab, (b, 6)), torch.randn(shape), torch.zeros(b)
+    text_mask = torch.arange(6)[None] < torch.tensor([[2], [4]])
+    with torch.no_grad():
+        padded = model(video, tokens, zero + 500, zero, prompt, text_mask, prompt_mask)[0]
+        trimmed = model(video, tokens[:, :4], zero + 500, zero, prompt, text_mask[:, :4], prompt_mask)[0]
+        one = model(video[:1], tokens[:1, :2], zero[:1] + 500, zero[:1], prompt[:1], None, prompt_mask[:1])[0]
+    assert torch.allclose(padded, trimmed, atol=1e-5) and torch.allclose(padded[:1], one, atol=1e-5)
 
     g = torch.Generator().manual_seed(0)
     x0, target = torch.randn(shape, generator=g), torch.randint(0, vocab, (b, 6), generator=g)

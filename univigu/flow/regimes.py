@@ -151,7 +151,8 @@ def make_training_batch(
 
 
 def pad_prompt(states: Tensor, mask: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
-    """Pad prompt states [B, S, D] (and mask [B, S], None = all real) with masked zeros to S = length."""
+    """Pad prompt states [B, S, D] or tokens [B, S] (and mask [B, S], None = all real) with masked zeros to
+    S = length."""
     b, s = states.shape[:2]
     if mask is None:
         mask = torch.ones(b, s, dtype=torch.bool, device=states.device)

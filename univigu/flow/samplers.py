@@ -15,7 +15,7 @@ velocity only; the text logits come from the conditional pass.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
@@ -36,7 +36,7 @@ TEXT_UPDATES = ("ctmc", "linear-resample")  # the joint sampler's text rules (se
 @dataclass
 class SampleOutput:
     video: Tensor  # [B, ...] final video latent (the input video for V2T)
-    text: Tensor  # [B, L] long final tokens (the input prompt tokens for T2V)
+    text: Tensor  # [B, L] long final tokens (T2V: the prompt tokens, less the padding no row holds)
     times: Tensor  # [N] noise level s at which each step started
     video_trajectory: Tensor | None = None  # [N, B, ...] clean-video estimate after each step (on CPU)
     text_trajectory: Tensor | None = None  # [N, B, L] tokens after each step (on CPU)
@@ -94,22 +94,33 @@ def _forward(
         v_cond, logits = tuple(model(video, text, t_video, t_text, prompt_states, text_mask, prompt_mask))[:2]
         v_null = tuple(model(video, null_text, t_video, t_text, null_states, null_text_mask, null_mask))[0]
         return guide(v_cond, v_null, guidance.scale), logits
-    if prompt_mask is None and null_mask is None and null_states.shape == prompt_states.shape:
-        states, masks = torch.cat([prompt_states, null_states]), None
-    else:  # different prompt lengths: pad both with masked zeros to stack them
-        n = max(prompt_states.shape[1], null_states.shape[1])
-        (ps, pm), (ns, nm) = pad_prompt(prompt_states, prompt_mask, n), pad_prompt(null_states, null_mask, n)
-        states, masks = torch.cat([ps, ns]), torch.cat([pm, nm])
-    if text_mask is None and null_text_mask is None:
-        text_masks = None
-    else:
-        ones = torch.ones_like(text, dtype=torch.bool)
-        text_masks = torch.cat([ones if text_mask is None else text_mask, ones if null_text_mask is None else null_text_mask])
+    states, masks = _stack(prompt_states, prompt_mask, null_states, null_mask)
+    texts, text_masks = _stack(text, text_mask, null_text, null_text_mask)
     two = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
-    velocity, logits = tuple(model(two(video), torch.cat([text, null_text]), two(t_video), two(t_text), states,
-                                   text_masks, masks))[:2]  # fmt: skip
+    velocity, logits = tuple(model(two(video), texts, two(t_video), two(t_text), states, text_masks, masks))[:2]
     v_cond, v_null = velocity.chunk(2)
     return guide(v_cond, v_null, guidance.scale), logits[:b]
+
+
+def _stack(x: Tensor, mask: Tensor | None, null_x: Tensor, null_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The conditional and null inputs (tokens [B, L] or states [B, S, D]) as one batch [2B, ...] with its
+    mask (None when neither has one): the shorter padded with masked zeros."""
+    if mask is None and null_mask is None and x.shape[1] == null_x.shape[1]:
+        return torch.cat([x, null_x]), None
+    n = max(x.shape[1], null_x.shape[1])
+    (x, mask), (null_x, null_mask) = pad_prompt(x, mask, n), pad_prompt(null_x, null_mask, n)
+    return torch.cat([x, null_x]), torch.cat([mask, null_mask])
+
+
+def _trim_padding(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Tokens [B, L] and mask without the trailing positions no row holds (and without the mask when no position
+    left is padding). Exact: padding is a key no query sees, and T2V reads no text output."""
+    if mask is None:
+        return tokens, None
+    held = mask.any(0).nonzero()
+    n = int(held.max()) + 1 if len(held) else mask.shape[1]
+    tokens, mask = tokens[:, :n], mask[:, :n]
+    return tokens, None if mask.all() else mask
 
 
 def _sample(
@@ -280,14 +291,19 @@ def sample_t2v(
     """Text to video: the text stream holds the clean prompt tokens (t_text = 0), the video goes from
     noise to clean with Euler on the shifted grid, guided by `guidance` (null prompt condition).
 
-    prompt_tokens [B, L] long with text_mask [B, L]; prompt_states [B, S, D] with prompt_mask [B, S];
-    video_shape the full [B, ...] latent shape (or pass `noise` [B, ...]).
+    prompt_tokens [B, L] long with text_mask [B, L] (the positions no row holds are dropped, as is the mask when
+    nothing is left padded: exact, and unmasked attention can take the flash kernels); prompt_states [B, S, D]
+    with prompt_mask [B, S]; video_shape the full [B, ...] latent shape (or pass `noise` [B, ...]).
     """
     device = prompt_states.device
     g = make_generator(generator, device)
     video = noise.to(device, dtype) if noise is not None else _video_noise(tuple(video_shape), g, device, dtype)
+    prompt_tokens, text_mask = _trim_padding(prompt_tokens.to(device), text_mask)
+    if guidance is not None and guidance.null_text is not None:
+        null_text, null_text_mask = _trim_padding(guidance.null_text, guidance.null_text_mask)
+        guidance = replace(guidance, null_text=null_text, null_text_mask=null_text_mask)
     return _sample(
-        model, video, prompt_tokens.to(device), generate_video=True, generate_text=False,
+        model, video, prompt_tokens, generate_video=True, generate_text=False,
         prompt_states=prompt_states, prompt_mask=prompt_mask, text_mask=text_mask, text_flow=None,
         text_update="ctmc", guidance=guidance, num_steps=num_steps, shift=shift, generator=g,
         callback=callback, progress=progress, return_trajectory=return_trajectory,
