@@ -78,3 +78,21 @@ def test_the_h100_training_table_is_its_result_files():
         assert step.strip("*") == f"{r['train_step_s']:.3f} s", row
         assert mfu.strip("*") == f"{100 * r['mfu']:.1f}%", row
         assert memory == f"{r['peak_memory_gib']:.1f} GiB", row
+
+
+def test_train_sweep_runs_each_configuration_and_tabulates(tmp_path):
+    """benchmarks/train_sweep.sh at a CPU size: each named configuration in its folder, a failed one (the masked
+    configuration's 200 padded positions do not fit a 16-token text stream) listed as failed, the sweep going on."""
+    size = "--preset tiny --layers 2 --latent 4 16 16 --text-len 16 --prompt-len 8 --device cpu --dtype float32"
+    env = {**os.environ, "SIZE": size, "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "benchmarks" / "train_sweep.sh")
+    res = subprocess.run(["bash", script, str(tmp_path), "compile_none_b0.3_pad200", "keep_attention"], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "keep_attention" / "result.json").read_text())
+    assert result["gradient_checkpointing"] == "keep_attention" and result["train_step_s"] > 0
+    rows = (tmp_path / "summary.md").read_text().splitlines()[2:]
+    assert rows[0].startswith("| compile_none_b0.3_pad200 | failed")
+    assert rows[1] == f"| keep_attention | {result['train_step_s']:.3f} s |  |  |"
+    res = subprocess.run(["bash", script, str(tmp_path / "x"), "no_such"], env=env, capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown configuration no_such" in res.stderr

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The training step at Wan2.1-1.3B, 480x832x81 (21x60x104 latents) + 256 text tokens, 512 prompt tokens, bf16, in
+# the configurations that bound its MFU (benchmarks/README.md's training table), each in OUT/<name>/result.json,
+# then OUT/summary.md (name, step, MFU, peak memory). About 2 minutes a configuration on one H100 / H200.
+#   bash benchmarks/train_sweep.sh OUT [NAME ...]      # names from the list below; default: all
+# SIZE overrides the size and device flags (the tests run it on a CPU at a tiny size); a configuration that fails
+# (out of memory, a timeout of PER_RUN_S seconds) is listed as failed and the sweep goes on.
+set -uo pipefail
+out=${1:?usage: benchmarks/train_sweep.sh OUT [NAME ...]}
+shift
+cd "$(dirname "$0")/.."
+python=$(command -v python || command -v python3)
+size=${SIZE:---device cuda --dtype bfloat16 --latent 21 60 104 --text-len 256 --prompt-len 512}
+declare -A flags=(
+    [compile_none_b0.3]="--checkpointing none --compile --memory-budget 0.3 --profile"  # the best on an H100
+    [compile_none_b0.6]="--checkpointing none --compile --memory-budget 0.6"
+    [compile_none]="--checkpointing none --compile"  # out of memory on an H100 (78 GiB)
+    [compile_none_b0.3_pad200]="--checkpointing none --compile --memory-budget 0.3 --text-padding 200"  # masked
+    [keep_attention]="--checkpointing keep_attention"  # the Wan configs' choice
+)
+names=("$@")
+[ ${#names[@]} -eq 0 ] && names=(compile_none_b0.3 compile_none_b0.6 compile_none compile_none_b0.3_pad200 keep_attention)
+for name in "${names[@]}"; do
+    [ -n "${flags[$name]+x}" ] || { echo "unknown configuration $name (known: ${!flags[*]})" >&2; exit 2; }
+done
+mkdir -p "$out"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+for name in "${names[@]}"; do
+    mkdir -p "$out/$name"
+    # shellcheck disable=SC2086  # the flag strings are word lists
+    PYTHONPATH=.:${PYTHONPATH:-} timeout "${PER_RUN_S:-300}" "$python" benchmarks/wan_scale.py --skip-latency \
+        --train-steps 2 $size ${flags[$name]} --out "$out/$name" > "$out/$name/log.txt" 2>&1
+    echo "$name: rc $?"
+done
+"$python" - "$out" "${names[@]}" <<'EOF' | tee "$out/summary.md"
+import json, sys
+from pathlib import Path
+
+out, names = Path(sys.argv[1]), sys.argv[2:]
+print("| configuration | step | MFU | peak memory |\n|---|---|---|---|")
+for name in names:
+    path = out / name / "result.json"
+    if not path.exists():
+        print(f"| {name} | failed (see {name}/log.txt) | | |")
+        continue
+    r = json.loads(path.read_text())
+    mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    memory = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB"
+    print(f"| {name} | {r['train_step_s']:.3f} s | {mfu} | {memory} |")
+EOF
