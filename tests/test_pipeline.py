@@ -134,6 +134,8 @@ def test_empty_batches_and_bad_call_arguments_are_clear_errors(pipe, videos):
     for scale in (float("nan"), float("inf")):  # NaN sampled an all-black video and an empty caption
         with pytest.raises(ValueError, match=f"guidance_scale must be a finite number, got {scale}"):
             pipe.generate(prompt, guidance_scale=scale, progress=False)
+    assert pipe.resolve_guidance_scale(None) == pipe.config.guidance_scale != 0.5  # what the CLI records
+    assert pipe.resolve_guidance_scale(0.5) == 0.5
     for seed in ("1", 1.5):  # were AttributeErrors in the samplers
         with pytest.raises(TypeError, match=f"seed must be an int or a torch.Generator, got {type(seed).__name__}"):
             pipe.text_to_video(prompt, seed=seed, progress=False)

@@ -63,7 +63,7 @@ class Demo:
         result, seconds, times = self._sample("text_to_video", [prompt], seed=seed, num_steps=steps,
                                               guidance_scale=guidance, progress=progress)  # fmt: skip
         stem = f"{slug(prompt)}_seed{seed}"
-        record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": self.pipe._scale(guidance),
+        record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": self.pipe.resolve_guidance_scale(guidance),
                   **self._record(seed, len(times), seconds)}  # fmt: skip
         record["files"] = save_trajectory(self.out / f"{stem}.html", self.pipe, result, 0,
                                           f"text to video: {prompt}", record, times)  # fmt: skip
@@ -100,7 +100,7 @@ class Demo:
                                               guidance_scale=guidance, progress=progress)  # fmt: skip
         stem = f"{slug(prompt)}_joint_seed{seed}"
         record = {"task": "joint", "prompt": prompt, "caption": result.texts[0],
-                  "guidance_scale": self.pipe._scale(guidance), **self._record(seed, len(times), seconds)}  # fmt: skip
+                  "guidance_scale": self.pipe.resolve_guidance_scale(guidance), **self._record(seed, len(times), seconds)}  # fmt: skip
         record["files"] = save_trajectory(self.out / f"{stem}.html", self.pipe, result, 0,
                                           f"joint generation: {prompt}", record, times)  # fmt: skip
         files = save_sample(self.out, stem, result.videos[0], record)

@@ -161,7 +161,7 @@ def generate(
         result, seconds, times = timed_sample(pipe, "text_to_video", prompts, seed=seed, num_steps=steps,
                                               guidance_scale=guidance, negative_prompt=negative_prompt,
                                               trajectory=trajectory is not None)  # fmt: skip
-    scale = pipe._scale(guidance)
+    scale = pipe.resolve_guidance_scale(guidance)
     negative_prompt = negative_prompt if scale != 1 else ""  # unused without guidance (the pipeline warns)
     for i, (prompt, video) in enumerate(zip(prompts, result.videos)):
         record = {"task": "text_to_video", "prompt": prompt, "guidance_scale": scale,
@@ -241,7 +241,7 @@ def joint(
         result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps,
                                               guidance_scale=guidance, negative_prompt=negative_prompt,
                                               text_update=text_update, trajectory=trajectory is not None)  # fmt: skip
-    scale = pipe._scale(guidance)
+    scale = pipe.resolve_guidance_scale(guidance)
     negative_prompt = negative_prompt if scale != 1 else ""  # unused without guidance (the pipeline warns)
     for i, (prompt, video, text) in enumerate(zip(prompts, result.videos, result.texts)):
         record = {"task": "joint", "prompt": prompt, "caption": text, "guidance_scale": scale,

@@ -107,7 +107,7 @@ def prompt_sensitivity(
         t_video, t_text = torch.full((n,), s * 1000.0, device=device), torch.zeros(n, device=device)
         errors = {}
         for name, (tokens, states, mask) in conditions.items():
-            velocity = pipeline._model(x_s, tokens, t_video, t_text, states, mask)[0]  # the pipeline's parameterization
+            velocity = pipeline.velocity_model(x_s, tokens, t_video, t_text, states, mask)[0]  # the pipeline's parameterization
             errors[name] = float((clean_estimate(x_s, velocity, s) - x0).square().mean())
         level = {"error": errors["true"]}
         level.update({name: errors[name] / errors["true"] - 1 for name in (*SWAPPABLE_VALUES, "empty")})

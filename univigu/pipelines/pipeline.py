@@ -295,7 +295,8 @@ class UniViGUPipeline:
         self.unified = isinstance(transformer, UniViGUTransformer)
         self._progress_disabled = False
         model = transformer if self.unified else _WanAsUnified(transformer, self.text_canvas.vocab_size)
-        self._model = _AsVelocity(model, self.config.video_prediction, self.config.video_sigma_data)
+        # the samplers' model: (video, text, ...) -> (velocity, logits), whatever the transformer predicts
+        self.velocity_model = _AsVelocity(model, self.config.video_prediction, self.config.video_sigma_data)
         self._check_fit(transformer)
 
     # ---- loading and saving ------------------------------------------------------------------------
@@ -563,12 +564,13 @@ class UniViGUPipeline:
         self.check_prompts(prompts, text_stream=True)
         null_text = self._null_text_stream
         self._check_negative_prompt(negative_prompt, text_stream=null_text)
-        seed, steps, scale = _seed(seed), self.config.steps_for("text_to_video", num_steps), self._scale(guidance_scale)
+        seed, steps = _seed(seed), self.config.steps_for("text_to_video", num_steps)
+        scale = self.resolve_guidance_scale(guidance_scale)
         states = self._prompt_states(prompts)
         tokens, mask = self.text_canvas.encode(prompts)
         step, frames, _ = self._recorder(video=return_trajectory, text=False, callback=callback)
         out = sample_t2v(
-            self._model, tokens.to(self.device), states, self._video_shape(len(prompts)),
+            self.velocity_model, tokens.to(self.device), states, self._video_shape(len(prompts)),
             text_mask=mask.to(self.device), guidance=self._guidance(scale, negative_prompt, null_text=null_text),
             num_steps=steps, shift=self.config.shift, generator=seed,
             callback=step, progress=self._progress(progress),
@@ -608,7 +610,7 @@ class UniViGUPipeline:
             states = torch.zeros_like(states)
         step, _, toks = self._recorder(video=False, text=return_trajectory, callback=callback)
         # a video_prefix model runs the clean video once, then only the text per step (exact)
-        model = self.transformer if self.transformer.caches_clean_video else self._model
+        model = self.transformer if self.transformer.caches_clean_video else self.velocity_model
         out = sample_v2t(
             model, x, states, self.text_flow, self.config.text_length, pad_id=self.text_canvas.pad_id,
             num_steps=steps, shift=self.config.text_shift,
@@ -632,11 +634,12 @@ class UniViGUPipeline:
         prompts = _prompt_list(prompts)
         self.check_prompts(prompts)
         self._check_negative_prompt(negative_prompt)
-        seed, steps, scale = _seed(seed), self.config.steps_for("generate", num_steps), self._scale(guidance_scale)
+        seed, steps = _seed(seed), self.config.steps_for("generate", num_steps)
+        scale = self.resolve_guidance_scale(guidance_scale)
         states = self._prompt_states(prompts)
         step, frames, toks = self._recorder(video=return_trajectory, text=return_trajectory, callback=callback)
         out = sample_t2vt(
-            self._model, states, self.text_flow, self._video_shape(len(prompts)), self.config.text_length,
+            self.velocity_model, states, self.text_flow, self._video_shape(len(prompts)), self.config.text_length,
             pad_id=self.text_canvas.pad_id, guidance=self._guidance(scale, negative_prompt),
             text_update=text_update or self.config.text_update, num_steps=steps,
             shift=self.config.shift, generator=seed, callback=step, progress=self._progress(progress),
@@ -645,7 +648,7 @@ class UniViGUPipeline:
 
     # ---- checks ------------------------------------------------------------------------------------
 
-    def _scale(self, guidance_scale: float | None) -> float:
+    def resolve_guidance_scale(self, guidance_scale: float | None) -> float:
         """The guidance scale a call runs with: any finite number (0: unconditional, 1: no guidance, < 0 pushes
         away from the prompt), else the config's."""
         if guidance_scale is None:
