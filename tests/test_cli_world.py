@@ -1,5 +1,7 @@
 import json
+import re
 
+import pytest
 from typer.testing import CliRunner
 
 from univigu.cli import app
@@ -61,13 +63,25 @@ def test_check_oracle_prints_and_writes_json(tmp_path):
     assert bad.exit_code == 2 and "must divide the world's 32x32 frames" in bad.output
 
 
-def test_bench_reports_throughput():
-    result = runner.invoke(app, ["world", "bench", "--n", "64", "--batch", "32"])
+def test_bench_reports_throughput(monkeypatch):
+    """It renders n videos of the asked size in batches (after one warm-up batch) and reports their rate."""
+    from univigu.data.world import World
+
+    rendered = []
+    render = World.render
+    monkeypatch.setattr(World, "render", lambda self, scenes: rendered.append(render(self, scenes).shape))
+    result = runner.invoke(app, ["world", "bench", "--n", "80", "--batch", "32", "--height", "24", "--frames", "4"])
     assert result.exit_code == 0, result.output
-    assert "videos/s" in result.output
+    assert [shape[0] for shape in rendered] == [32, 32, 32, 16] and {s[1:] for s in rendered} == {(4, 24, 32, 3)}
+    rate = re.search(r"80 videos of 4x24x32 in ([\d.]+)s on one thread: (\d+) videos/s", result.output)
+    assert rate and int(rate[2]) == pytest.approx(80 / float(rate[1]), rel=0.3)  # the printed time is rounded
 
 
 def test_tokenizer_command(tmp_path):
+    from univigu.data.tokenizer import build_world_tokenizer, load_tokenizer
+
     result = runner.invoke(app, ["world", "tokenizer", str(tmp_path / "tok")])
-    assert result.exit_code == 0 and (tmp_path / "tok" / "tokenizer.json").exists()
+    assert result.exit_code == 0, result.output
+    saved, built = load_tokenizer(tmp_path / "tok"), build_world_tokenizer()
+    assert saved.get_vocab() == built.get_vocab() and f"wrote a {len(built)}-token world tokenizer" in result.output
 

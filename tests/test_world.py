@@ -4,11 +4,16 @@ import torch
 
 from univigu.data.dataset import WorldDataset, collate
 from univigu.data.world import (
+    BACKGROUNDS,
     MOTIONS,
     OBJECT_COLOURS,
     SHAPES,
+    SIZE_RADIUS,
+    TRAVEL,
+    Scene,
     World,
     WorldConfig,
+    WorldObject,
     attribute_matches,
     parse_caption,
     render_videos,
@@ -133,10 +138,26 @@ def test_dataset_yields_video_prompt_caption_attributes():
         ds[10]
 
 
-def test_render_videos_matches_world_render():
-    world = World()
-    scenes = world.scenes("train", range(4))
-    assert np.array_equal(render_videos(scenes), world.render(scenes))
+def test_render_videos_draws_known_scenes():
+    """Hand-made scenes in a 24x40 world of 5 frames: the background everywhere but the objects, a still circle
+    the same in every frame, a square moving right by TRAVEL * width over the clip, in its own colour."""
+    config = WorldConfig(height=24, width=40, frames=5)
+    still = WorldObject("red", "circle", "large", "still", None, "center", x=20.0, y=12.0)
+    moving = WorldObject("blue", "square", "small", "right", "slow", "middle left", x=8.0, y=12.0)
+    video = render_videos([Scene("gray", (still,)), Scene("white", (moving,))], config)
+    assert video.shape == (2, 5, 24, 40, 3)
+    red, blue, gray, white = (OBJECT_COLOURS["red"], OBJECT_COLOURS["blue"], BACKGROUNDS["gray"],
+                              BACKGROUNDS["white"])  # fmt: skip
+    assert (video[0, :, 12, 20] == red).all() and (video[0, :, 0, 0] == gray).all()
+    assert (video[0] == video[0, :1]).all()  # still
+    radius = SIZE_RADIUS["large"] * 24  # pixels: the circle covers about pi r^2 of them
+    covered = (video[0, 0] == red).all(-1).sum()
+    assert abs(covered - np.pi * radius**2) < 0.1 * np.pi * radius**2
+    assert set(map(tuple, video[0, 0].reshape(-1, 3))) == {red, gray}
+    end_x = 8 + TRAVEL["slow"] * 40  # 18
+    assert (video[1, 0, 12, 8] == blue).all() and (video[1, 0, 12, int(end_x)] == white).all()
+    assert (video[1, -1, 12, int(end_x)] == blue).all() and (video[1, -1, 12, 8] == white).all()
+    assert np.array_equal(World(config).render([Scene("gray", (still,))]), video[:1])
 
 
 @pytest.mark.parametrize("caption", [None, 3, ["a red circle."]])
