@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from univigu import PipelineConfig, UniViGUPipeline, World, write_video
 from univigu.cli import app
+from univigu.data.video_io import read_video
 from cli_text import said
 
 runner = CliRunner()
@@ -67,7 +68,10 @@ def test_caption_reads_files_and_reports_bad_ones(checkpoints, tmp_path):
     result = runner.invoke(app, ["caption", str(path), "--model", str(checkpoints / "unified"), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     sidecar = json.loads((tmp_path / "clip_caption_seed0_0.json").read_text())
-    assert sidecar["caption"] is not None and sidecar["steps"] == 3  # the caption_steps it ran, not num_steps
+    assert sidecar["steps"] == 3  # the caption_steps it ran, not num_steps
+    pipe = UniViGUPipeline.from_pretrained(checkpoints / "unified")
+    assert sidecar["caption"] == pipe.video_to_text(pipe.load_video(path), seed=0, progress=False).texts[0]
+    assert f"clip.mp4: {sidecar['caption']}" in result.output
     (tmp_path / "bad.mp4").write_bytes(b"junk" * 50)
     bad = runner.invoke(app, ["caption", str(tmp_path / "bad.mp4"), "--model", str(checkpoints / "unified")])
     assert bad.exit_code != 0 and "cannot decode" in bad.output
@@ -91,8 +95,13 @@ def test_joint_writes_video_and_caption(checkpoints, tmp_path):
     result = runner.invoke(app, ["joint", "a blue square grows", "--model", str(checkpoints / "unified"),
                                  "--out", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 0, result.output
-    sidecar = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert sidecar["task"] == "joint" and isinstance(sidecar["caption"], str)
+    sidecar = json.loads((tmp_path / "a-blue-square-grows_joint_seed0_0.json").read_text())
+    expected = UniViGUPipeline.from_pretrained(checkpoints / "unified").generate("a blue square grows", seed=0,
+                                                                                progress=False)  # fmt: skip
+    assert sidecar["task"] == "joint" and sidecar["caption"] == expected.texts[0]
+    assert f"caption: {expected.texts[0]}" in result.output
+    gif = read_video(tmp_path / "a-blue-square-grows_joint_seed0_0.gif").numpy()
+    assert np.abs(gif[:, ::4, ::4].astype(int) - expected.videos[0]).mean() < 15  # 4x; palette rounding: ~8 (another video: ~110)
 
 
 def test_eval_reports_every_number(checkpoints, tmp_path):
