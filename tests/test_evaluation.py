@@ -106,3 +106,52 @@ def test_coevolution_shuffled_baseline_mismatches_pairs():
     assert out["num_steps"] == 2 and out["consistency"][-1] > 0.99 and out["consistency"][0] < out["consistency"][-1]
     assert out["video"][-1] == 1.0 and out["text"][-1] == 1.0
     assert out["shuffled"] < out["consistency"][-1] - 0.2
+
+
+class _WorldPipeline:
+    """A stub pipeline that answers from the world itself: the prompt's own scene rendered, its true caption.
+    `shift` answers with the scene `shift` places on instead (a model that gets the pairing wrong); `reverse`
+    pairs joint generation's videos with their batch's captions reversed."""
+
+    def __init__(self, n: int, shift: int = 0, reverse: bool = False):
+        from univigu import PipelineConfig
+
+        self.config = PipelineConfig()
+        self.world = World.sized_like(self.config)
+        self.scenes = self.world.scenes("test", range(n + shift + 1), 0)
+        self.shift, self.reverse = shift, reverse
+
+    def _scenes(self, seed: int, count: int):
+        return self.scenes[seed + self.shift : seed + self.shift + count]  # seed = 0 + the batch's start
+
+    def text_to_video(self, prompts, seed, num_steps, progress):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(videos=self.world.render(self._scenes(seed, len(prompts))))
+
+    def video_to_text(self, videos, seed, num_steps, progress):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(texts=[s.caption for s in self._scenes(seed, len(videos))])
+
+    def generate(self, prompts, seed, num_steps, progress, text_update):
+        from types import SimpleNamespace
+
+        scenes = self._scenes(seed, len(prompts))
+        return SimpleNamespace(videos=self.world.render(scenes), texts=[s.caption for s in scenes[:: -1 if self.reverse else 1]])
+
+
+def test_evaluate_scores_a_model_that_answers_with_the_truth_perfectly():
+    """evaluate end to end on known answers: the true videos and captions score (near) 1 on every task, a
+    pipeline answering with the next scene scores lower on each, and joint consistency compares each video with
+    its own caption."""
+    n = 12
+    truth = evaluate(_WorldPipeline(n), n=n, batch_size=5, base_pipeline=_WorldPipeline(n, shift=1))
+    assert truth["t2v"]["all"] > 0.99 and truth["v2t"]["all"] == 1.0 and truth["v2t"]["bleu4"] > 0.99
+    assert truth["t2v_base"]["all"] < 0.8 and truth["t2v_drop_from_base"] == truth["t2v_base"]["all"] - truth["t2v"]["all"]
+    assert truth["joint"]["t2v"] > 0.99 and truth["joint"]["consistency"] > 0.99
+    reversed_pairs = evaluate(_WorldPipeline(n, reverse=True), n=n, batch_size=5, tasks=("joint",))
+    assert reversed_pairs["joint"]["consistency"] < 0.8 and reversed_pairs["joint"]["t2v"] > 0.99
+    wrong = evaluate(_WorldPipeline(n, shift=1), n=n, batch_size=5, tasks=("t2v", "v2t"))
+    assert wrong["t2v"]["all"] < 0.8 and wrong["v2t"]["all"] < 0.8 and wrong["v2t"]["cider"] < truth["v2t"]["cider"]
+    assert "joint" not in wrong and truth["n"] == n and truth["split"] == "test"
