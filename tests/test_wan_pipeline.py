@@ -150,6 +150,22 @@ def test_cpu_offload_moves_components_only_while_they_run(wan_dir):
     assert moves == [("vae", "cuda"), ("vae", "cpu")] * 2
 
 
+def test_pipeline_to_and_cpu_offload_move_each_component(wan_dir):
+    from univigu import UniViGUPipeline
+
+    pipe = UniViGUPipeline.from_wan(wan_dir, frames=FRAMES, height=HEIGHT, width=WIDTH, text_length=8)
+    moves = []
+    for name, part in (("transformer", pipe.transformer), ("vae", pipe.codec.vae),
+                       ("umt5", pipe.prompt_encoder.encoder)):  # fmt: skip
+        part.to = lambda device, name=name, part=part: (moves.append((name, str(device))), part)[1]  # no GPU here
+    assert pipe.enable_model_cpu_offload("cuda") is pipe
+    assert moves == [("transformer", "cuda"), ("vae", "cpu"), ("umt5", "cpu")]
+    moves.clear()  # .to moves all three (the prompt encoder as a whole)
+    pipe.prompt_encoder.to = lambda device: (moves.append(("prompt_encoder", str(device))), pipe.prompt_encoder)[1]
+    assert pipe.to("cuda") is pipe
+    assert moves == [("transformer", "cuda"), ("prompt_encoder", "cuda"), ("vae", "cuda")]
+
+
 def test_accelerate_fsdp_configs_wrap_our_block():
     from pathlib import Path
 
