@@ -146,12 +146,16 @@ def test_trains_logs_rotates_and_exports_ema(tmp_path: Path) -> None:
 
 def test_one_process_trains_in_one_precision_then_another(tmp_path: Path) -> None:
     # train-all runs its stages in one process; accelerate alone would refuse a second precision
-    runs = {}
+    runs, computed_in = {}, {}
     for precision in ("bf16", "no"):
-        trainer = Trainer(MLPTask(), Regression(), config(tmp_path / precision, max_steps=2, mixed_precision=precision))
+        task = MLPTask()
+        seen = computed_in[precision] = set()
+        task.net[0].register_forward_hook(lambda module, args, out, seen=seen: seen.add(out.dtype))
+        trainer = Trainer(task, Regression(), config(tmp_path / precision, max_steps=2, mixed_precision=precision))
         runs[precision] = trainer.train()
         assert trainer.accelerator.mixed_precision == precision
-    assert runs["bf16"][-1]["loss"] != runs["no"][-1]["loss"]  # the bf16 run did compute in bf16
+    assert computed_in == {"bf16": {torch.bfloat16}, "no": {torch.float32}}  # each run's matmuls, in its precision
+    assert runs["bf16"][-1]["loss"] != runs["no"][-1]["loss"]
 
 
 def test_kill9_resume_is_exact(tmp_path: Path) -> None:
