@@ -251,12 +251,21 @@ def test_bf16_autocast(model):
 
 
 def test_pixel_preset_forward():
+    """The tiny (pixel-space) preset: shapes, its mask row in the logits, and each row of a batch as it is alone."""
     torch.manual_seed(0)
-    model = build_model("tiny", num_layers=1, text_vocab_size=20, text_mask_row=True)
-    video = torch.randn(2, 3, 2, 16, 16)
-    velocity, logits = model(video, torch.randint(0, 21, (2, 3)), torch.tensor([10.0, 900.0]), torch.zeros(2),
-                             torch.randn(2, 4, 128))  # fmt: skip
-    assert velocity.shape == video.shape and logits.shape == (2, 3, 21)
+    model = build_model("tiny", num_layers=1, text_vocab_size=20, text_mask_row=True).eval()
+    with torch.no_grad():  # the zero-initialised output layers would give all-zero outputs
+        model.proj_out.weight.normal_(std=0.1)
+        model.text_proj_out.weight.normal_(std=0.1)
+    args = (torch.randn(2, 3, 2, 16, 16), torch.randint(0, 21, (2, 3)), torch.tensor([10.0, 900.0]), torch.zeros(2),
+            torch.randn(2, 4, 128))  # fmt: skip
+    with torch.no_grad():
+        velocity, logits = model(*args)[:2]
+        alone = [model(*(a[i : i + 1] for a in args))[:2] for i in range(2)]
+    assert velocity.shape == args[0].shape and logits.shape == (2, 3, 21)
+    assert velocity.abs().sum() > 0 and logits.abs().sum() > 0
+    for i, (v, l) in enumerate(alone):
+        assert torch.allclose(velocity[i : i + 1], v, atol=1e-5) and torch.allclose(logits[i : i + 1], l, atol=1e-5)
 
 
 def test_save_load_roundtrip_sharded(model, tmp_path):
