@@ -55,6 +55,10 @@ def test_missing_inputs_are_usage_errors(tmp_path):
     cache = [*(f"--base.{o}" for o in SMALL), "--refine.data={kind: latent_cache, path: nowhere}"]
     result = runner.invoke(app, ["train-all", "--out", str(tmp_path / "all"), *cache])
     assert result.exit_code == 2 and "data.path: nowhere is not a latent cache (no index.json)" in _flat(result.output)
+    result = runner.invoke(app, ["train", str(CONFIG_DIR / "base.yaml"), "--dataset_size=3", "--train.batch_size=4",
+                                 f"--train.output_dir={tmp_path / 'run'}"])  # fmt: skip
+    assert result.exit_code == 2 and "dataset_size holds 3 videos, fewer than one step takes" in _flat(result.output)
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_all_chains_the_stages_and_resumes(tmp_path):

@@ -252,11 +252,15 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
 
     (tmp_path / "stage.yaml").write_text(f"stage: recall\ninit_from: {wan}\ntext_target: caption\n"
                                          f"data: {{kind: latent_cache, path: '{out}'}}\n")  # fmt: skip
-    train = ["train", str(tmp_path / "stage.yaml"), "--train.max_steps=1", f"--train.output_dir={tmp_path / 'run'}"]
+    train = ["train", str(tmp_path / "stage.yaml"), "--train.max_steps=1", f"--train.output_dir={tmp_path / 'run'}",
+             "--train.batch_size=2"]  # fmt: skip
     result = runner.invoke(app, [*train, "--pipeline.text_length=4"])
     assert result.exit_code == 2 and "Raise pipeline.text_length" in said(result), result.output
     result = runner.invoke(app, [*train, "--data.bucket=32x32"])
     assert result.exit_code == 2 and "has no bucket '32x32'" in said(result), result.output
+    result = runner.invoke(app, [*train, "--train.batch_size=3"])  # a step would take more videos than it has
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"bucket '16x16' of {out} holds 2 videos, fewer than one step takes (train.batch_size 3 x 1" in said(result)
     assert not (tmp_path / "run").exists()  # nothing written
 
     # the shipped Wan-scale stage configs, pointed at this cache and tiny folder: recall, then refine

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,11 +139,22 @@ class StageConfig:
                                     "`final` folder, or a Wan2.1 diffusers folder)")  # fmt: skip
         if self.data.get("kind") == "latent_cache":
             try:
-                self.dataset()  # an unfinished cache, or the bucket: CacheError naming the cache's buckets
+                cache = self.dataset()[0]  # an unfinished cache, or the bucket: CacheError naming the buckets
             except FileNotFoundError as error:
                 raise FileNotFoundError(f"data.path: {error}") from None
-        elif self.stage != "base" and self.init_from is not None:
-            self._check_world_fits(Path(self.init_from) / "model_index.json")
+            self._check_holds_a_batch(len(cache), f"bucket {cache.bucket!r} of {self.data['path']}")
+        else:
+            self._check_holds_a_batch(self.dataset_size, "dataset_size")
+            if self.stage != "base" and self.init_from is not None:
+                self._check_world_fits(Path(self.init_from) / "model_index.json")
+
+    def _check_holds_a_batch(self, videos: int, what: str) -> None:
+        """Each step takes train.batch_size videos on every process (WORLD_SIZE, set by the launcher)."""
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if videos < self.train.batch_size * processes:
+            raise ValueError(f"{what} holds {videos} videos, fewer than one step takes (train.batch_size "
+                             f"{self.train.batch_size} x {processes} processes): lower train.batch_size, or "
+                             "train on more videos")  # fmt: skip
 
     def dataset(self) -> tuple[Any, Any]:
         """(dataset, collate_fn) of the stage's data source: the toy world rendered on the fly, or a latent cache."""
