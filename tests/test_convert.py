@@ -146,8 +146,9 @@ def test_with_a_wan_folder_the_output_is_a_pipeline(tmp_path):
                                         text_rope_halves=True, text_norm_weight=True)  # fmt: skip
     torch.save(official_state_dict(model), tmp_path / "unified.pth")
     args = ["convert-official", str(tmp_path / "unified.pth"), str(tmp_path / "pipe"), "--attention-head-dim", "12"]
-    result = runner.invoke(app, [*args, "--wan", str(wan)])
+    result = runner.invoke(app, [*args[:3], "--wan", str(wan)])  # the head size read from its transformer
     assert result.exit_code == 0, result.output
+    assert "'attention_head_dim': 12" in result.output and "warning" not in result.output
     pipe = UniViGUPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.unified and pipe.config.text_source == "mask" and (tmp_path / "pipe" / "vae").is_dir()
     assert pipe.config.caption_condition == "zeros"  # the released script's V2T condition
@@ -166,8 +167,12 @@ def test_with_a_wan_folder_the_output_is_a_pipeline(tmp_path):
     torch.save(official_state_dict(other), tmp_path / "unified.pth")
     refused = runner.invoke(app, [*args, "--vocab-size", str(vocab)])
     assert refused.exit_code == 2 and "pass --overwrite" in said(refused), refused.output
-    result = runner.invoke(app, [*args, "--vocab-size", str(vocab), "--overwrite"])
+    result = runner.invoke(app, [*args, "--overwrite"])  # no tokenizer: the vocabulary is a guess, and says so
     assert result.exit_code == 0, result.output
+    assert f"'text_vocab_size': {vocab + 1}, 'text_mask_row': False" in result.output
+    assert f"convert with --vocab-size {vocab}, or with --wan" in said(result)
+    result = runner.invoke(app, [*args, "--vocab-size", str(vocab), "--overwrite"])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
     assert not (tmp_path / "pipe" / "transformer").exists() and not (tmp_path / "pipe" / "vae").exists()
     got = UniViGUTransformer.from_pretrained(tmp_path / "pipe").state_dict()
     assert all(torch.equal(got[k], v) for k, v in other.state_dict().items())

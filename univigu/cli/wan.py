@@ -67,7 +67,8 @@ def convert_official(
     checkpoint: Path = typer.Argument(..., help="Released Uni-ViGU checkpoint (.pth / .pt / .safetensors)."),
     out_dir: Path = typer.Argument(..., help="Where to write our transformer folder (config.json + safetensors), "
                                    "or with --wan a whole pipeline folder (absent or empty, unless --overwrite)."),  # fmt: skip
-    attention_head_dim: int = typer.Option(128, min=6, help="Head size (not readable from the shapes); Wan's is 128."),
+    attention_head_dim: int | None = typer.Option(None, min=6, help="Head size (not readable from the shapes; "
+                                                  "default: the --wan transformer's, else 128, Wan2.1's)."),  # fmt: skip
     vocab_size: int | None = typer.Option(None, help="Text vocabulary size (default: the --wan tokenizer's, else "
                                           "vocab_embed rows; one more row means a mask token)."),  # fmt: skip
     wan: Path | None = typer.Option(None, help="Wan2.1 diffusers folder: write a pipeline folder with its VAE, umT5 "
@@ -102,6 +103,10 @@ def convert_official(
         from univigu.data.tokenizer import load_tokenizer
 
         vocab_size = len(load_tokenizer(wan / "tokenizer"))
+    if attention_head_dim is None:
+        wan_config = wan / "transformer" / "config.json" if wan is not None else None
+        attention_head_dim = json.loads(wan_config.read_text())["attention_head_dim"] if wan_config else 128
+    guessed_vocabulary = vocab_size is None
     try:
         model, report = convert_official_state_dict(load_official_state_dict(checkpoint), attention_head_dim,
                                                     vocab_size)  # fmt: skip
@@ -111,6 +116,11 @@ def convert_official(
     typer.echo(f"mapped {len(report.mapped)} tensors; dropped {len(report.dropped)} (recomputed buffers): "
                f"{report.dropped}")  # fmt: skip
     typer.echo(f"config: {report.config}")
+    if guessed_vocabulary:  # the embedding's rows are the vocabulary, or the vocabulary and a mask token
+        n = report.config["text_vocab_size"]
+        typer.echo(f"warning: the text vocabulary was read as vocab_embed's {n} rows, with no mask row; if the "
+                   f"model's tokenizer has {n - 1} tokens (the last row a mask token), convert with --vocab-size "
+                   f"{n - 1}, or with --wan (its tokenizer settles it)", err=True)  # fmt: skip
     # nothing of an older folder (a pipeline's transformer/, VAE) stays beside the new weights to be loaded
     from univigu.training.checkpoint import write_replacing
 
