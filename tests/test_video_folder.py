@@ -176,7 +176,8 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, wan, tmp_p
         "pipeline={text_length: 8}", "text_target=caption", "train.max_steps=3", "train.batch_size=2",
         "train.log_every=1", "train.save_every=3", "train.gradient_checkpointing=true",
     ]  # fmt: skip
-    final = run_stage(load_config(None, [*stage, f"train.output_dir={tmp_path / 'run'}"]))
+    with pytest.warns(UserWarning, match="1 of the 3 cached videos have their prompt as their caption"):  # good1
+        final = run_stage(load_config(None, [*stage, f"train.output_dir={tmp_path / 'run'}"]))
     losses = (tmp_path / "run" / "losses.csv").read_text().splitlines()
     assert len(losses) == 4 and all(np.isfinite(float(v)) for v in losses[-1].split(",")[1:3])
     pipe = UniViGUPipeline.from_pretrained(final)
@@ -347,6 +348,14 @@ def test_cache_edge_cases_text_limit_batch_size_captions_and_stale_shards(video_
     index = json.loads((out / "index.json").read_text())
     assert (index["num_videos"], index["num_skipped"]) == (1, 1)
     assert LatentCacheDataset(out)[0]["caption"] == seven
+    # a stage training no caption (recall) checks only the prompts against its text stream
+    from univigu.data.latent_cache import CacheError
+    from univigu.data.tokenizer import TextCanvas, load_tokenizer
+
+    canvas = TextCanvas(load_tokenizer(wan / "tokenizer"), 5)  # holds the 3-token prompt, not the 7-token caption
+    LatentCacheDataset(out).check_texts(canvas, ("prompt",))
+    with pytest.raises(CacheError, match="caption is 7 tokens long; the text stream holds 4"):
+        LatentCacheDataset(out).check_texts(canvas)
 
     again = runner.invoke(app, [*args, "--batch-size", "2"])
     assert again.exit_code == 0 and "records changed" not in again.output, again.output
@@ -549,3 +558,16 @@ def test_a_variable_frame_rate_mp4_with_b_frames_is_long_enough(tmp_path):
         assert [round((level - 20) / 12) for level in clip.float().mean((1, 2, 3)).tolist()] == want
     with pytest.raises(VideoReadError, match=r"too short: 2\.51 s decoded, 22 frames at 8 fps need more than 2\.61"):
         load_clip(path, 22, 16, 16, fps=8, min_side=1)
+
+
+def test_a_text_given_once_is_named_once_when_too_long(wan):
+    """A captions row with one text uses it as prompt and caption: a skip names it once, not as two texts."""
+    from univigu.data.latent_cache import _too_long
+    from univigu.data.tokenizer import load_tokenizer
+    from univigu.data.video_folder import VideoRecord
+
+    records = [VideoRecord(Path("one.mp4"), "a red cat runs", "a red cat runs"),
+               VideoRecord(Path("two.mp4"), "a red cat runs", "a red cat runs left")]  # fmt: skip
+    why = _too_long(records, load_tokenizer(wan / "tokenizer"), 4)
+    assert why[0].startswith("one.mp4: prompt (also its caption) is 4 tokens long; the text stream holds 3")
+    assert why[1].startswith("two.mp4: prompt is 4 tokens and caption is 5 tokens long")

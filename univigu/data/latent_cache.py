@@ -147,21 +147,23 @@ def _legacy_digest(records: list[VideoRecord]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _too_long(records: list[VideoRecord], tokenizer: Any, text_length: int,
-              prompt_length: int | None = None) -> dict[int, str]:  # fmt: skip
-    """{position in records: why} for records whose prompt or caption the text stream cannot hold, or (given
+def _too_long(records: list[VideoRecord], tokenizer: Any, text_length: int, prompt_length: int | None = None,
+              kinds: tuple[str, ...] = ("prompt", "caption")) -> dict[int, str]:  # fmt: skip
+    """{position in records: why} for records whose texts of `kinds` the text stream cannot hold, or (given
     `prompt_length`) whose prompt umT5 would have to truncate: `generate` refuses such a prompt (PromptError), so
     training on its cut states would teach what no prompt at inference gives."""
     limit = text_length - 1  # the end token
     counts = {kind: [len(ids) for ids in tokenizer([getattr(r, kind) for r in records],
                                                     add_special_tokens=False)["input_ids"]]
-              for kind in ("prompt", "caption")}  # fmt: skip
+              for kind in kinds}  # fmt: skip
     if prompt_length is not None:  # counted as encode_prompts encodes it: whitespace runs collapsed
         encoded = tokenizer([" ".join(r.prompt.split()) for r in records], add_special_tokens=False)["input_ids"]
     reasons = {}
     for i, record in enumerate(records):
         why = []
         long = [f"{kind} is {counts[kind][i]} tokens" for kind in counts if counts[kind][i] > limit]
+        if len(long) == 2 and record.prompt == record.caption:  # a record with one text uses it for both
+            long = [f"prompt (also its caption) is {counts['prompt'][i]} tokens"]
         if long:
             why.append(f"{' and '.join(long)} long; the text stream holds {limit} (text length {text_length}, end "
                        "token included)")  # fmt: skip
@@ -336,16 +338,21 @@ class LatentCacheDataset(Dataset):
         h, w = map(int, self.bucket.split("x"))
         return self.index["settings"]["frames"], h, w
 
-    def check_texts(self, canvas: Any) -> None:
-        """Raise `CacheError` naming the cached prompts / captions longer than `canvas` (a `TextCanvas`) holds, so a
-        stage fails before its first step, not at the batch that holds one. Free when the cache was made for a
-        text stream no longer than this one (longer texts were skipped then)."""
+    def records(self) -> list[VideoRecord]:
+        """The bucket's records (video, prompt, caption), in its order."""
+        shards = dict.fromkeys(shard for shard, _ in self.rows)
+        return [VideoRecord(Path(r["video"]), r["prompt"], r["caption"]) for s in shards for r in self._records_of(s)]
+
+    def check_texts(self, canvas: Any, kinds: tuple[str, ...] = ("prompt", "caption")) -> None:
+        """Raise `CacheError` naming the cached texts of `kinds` (a stage that trains no caption reads only prompts)
+        longer than `canvas` (a `TextCanvas`) holds, so a stage fails before its first step, not at the batch that
+        holds one. Free when the cache was made for a text stream no longer than this one (longer texts were
+        skipped then)."""
         made = self.index["settings"].get("text_length")
         if made is not None and made <= canvas.length:
             return
-        shards = dict.fromkeys(shard for shard, _ in self.rows)
-        records = [VideoRecord(Path(r["video"]), r["prompt"], r["caption"]) for s in shards for r in self._records_of(s)]
-        reasons = list(_too_long(records, canvas.tokenizer, canvas.length).values())
+        records = self.records()
+        reasons = list(_too_long(records, canvas.tokenizer, canvas.length, kinds=kinds).values())
         if reasons:
             raise CacheError(f"{len(reasons)} of the {len(records)} cached videos have a text the stage's text stream "
                              f"cannot hold, e.g. {reasons[0]}. Raise pipeline.text_length (--pipeline.text_length=N), "

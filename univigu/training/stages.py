@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,12 @@ def build_task(cfg: StageConfig) -> tuple[torch.nn.Module, Any, PipelineConfig]:
     task_cls, extra = UnifiedTask, {"codec": previous.codec}  # the video space the previous stage learned
     if cfg.data.get("kind") == "latent_cache":
         cache = cfg.dataset()[0]
-        cache.check_texts(text_canvas)
+        cache.check_texts(text_canvas, ("prompt", "caption") if cfg.text_target == "caption" else ("prompt",))
+        same = sum(r.prompt == r.caption for r in cache.records()) if cfg.text_target == "caption" else 0
+        if same:  # a captions file row with one text uses it for both
+            warnings.warn(f"{same} of the {len(cache)} cached videos have their prompt as their caption (their "
+                          "captions file row gave one text): this stage trains it as their detailed caption",
+                          stacklevel=2)  # fmt: skip
         made_by, ours = cache.index.get("latent_space"), getattr(previous.codec, "latent_space", None)
         if made_by is not None and ours is not None and made_by != ours():  # caches before it was recorded: trusted
             raise CacheError(f"{cfg.data['path']} holds latents of another VAE than {cfg.init_from}'s (channels or "
