@@ -148,12 +148,17 @@ def test_train_one_stage_then_resume_further(tmp_path):
         assert changed.exit_code == 2 and said in _flat(changed.output), changed.output
     same = runner.invoke(app, [*args, f"--train.output_dir={out.resolve()}", "--train.max_steps=3", "--resume"])
     assert same.exit_code == 0, same.output  # nothing changed: it is done already
+    # the run's own stage_config.yaml holds its overrides: resumed from it, none needs repeating
+    more = runner.invoke(app, ["train", str(out / "stage_config.yaml"), "--resume", "--train.max_steps=4"])
+    assert more.exit_code == 0, more.output
+    steps = [int(line.split(",")[0]) for line in (out / "losses.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4] and "max_steps: 4" in (record := (out / "stage_config.yaml").read_text())
     # its checkpoints deleted (to free the disk), the finished run is still not trained over
     import shutil
 
     shutil.rmtree(out / "checkpoints")
     final = (out / "final" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
-    for again in (args, [*args, "--resume", "--train.max_steps=4"]):  # --resume would start afresh: refused too
+    for again in (args, [*args, "--resume", "--train.max_steps=5"]):  # --resume would start afresh: refused too
         refused = runner.invoke(app, again)
         assert refused.exit_code == 2 and "and no checkpoint to continue it from" in _flat(refused.output)
     assert (out / "final" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == final
