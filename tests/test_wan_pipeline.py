@@ -166,6 +166,29 @@ def test_pipeline_to_and_cpu_offload_move_each_component(wan_dir):
     assert moves == [("transformer", "cuda"), ("prompt_encoder", "cuda"), ("vae", "cuda")]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_to_a_dtype_casts_as_loading_in_it_does(wan_dir, dtype):
+    """pipe.to(dtype) (diffusers' call) gives each weight the dtype from_pretrained(torch_dtype=dtype) loads it in:
+    diffusers' float32-kept modules at any dtype, umT5's only at float16; the VAE stays float32."""
+    import univigu
+    from univigu import UniViGUPipeline
+
+    sizes = dict(frames=FRAMES, height=HEIGHT, width=WIDTH, text_length=8)
+    loads = {"wan": lambda **k: UniViGUPipeline.from_wan(wan_dir, **sizes, **k),
+             "toy": lambda **k: UniViGUPipeline.from_pretrained(univigu.DEFAULT_MODEL, **k)}  # fmt: skip
+    for name, load in loads.items():
+        loaded, cast = load(torch_dtype=dtype), load().to("cpu", dtype)
+        for part in ("transformer", "prompt_encoder"):
+            want = {k: v.dtype for k, v in getattr(loaded, part).state_dict().items()}
+            assert {k: v.dtype for k, v in getattr(cast, part).state_dict().items()} == want, (name, part)
+        assert cast.dtype == loaded.dtype == dtype
+    assert {v.dtype for v in cast.transformer.state_dict().values()} == {dtype, torch.float32}  # norms kept
+    wan = loads["wan"]().to(dtype=dtype)
+    assert {v.dtype for v in wan.codec.vae.state_dict().values()} == {torch.float32}
+    assert wan.to(torch.float32).dtype == torch.float32
+    assert {v.dtype for v in wan.prompt_encoder.state_dict().values()} == {torch.float32}
+
+
 def test_accelerate_fsdp_configs_wrap_our_block():
     from pathlib import Path
 

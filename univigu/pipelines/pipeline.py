@@ -188,6 +188,24 @@ def _load_part(name: str, folder: Path, torch_dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"{folder}: the {name} does not load from it: {error}") from error
 
 
+def _cast_as_loaded(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast `module`'s floating weights to `dtype` in place, as its models' from_pretrained(torch_dtype=dtype) loads
+    them: diffusers keeps the name parts a model lists in `_keep_in_fp32_modules` in float32 at any dtype,
+    transformers only at float16 (its `_keep_in_fp32_modules_strict` at bfloat16 too)."""
+    from transformers import PreTrainedModel
+
+    keep = set()
+    for owner in module.modules():
+        if isinstance(owner, PreTrainedModel):
+            keep |= set(owner._keep_in_fp32_modules or ()) if dtype == torch.float16 else set()
+            keep |= set(owner._keep_in_fp32_modules_strict or ()) if dtype != torch.float32 else set()
+        else:
+            keep |= set(getattr(owner, "_keep_in_fp32_modules", None) or ())
+    for path, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if keep.intersection(path.split(".")) else dtype)
+
+
 class PromptError(ValueError):
     """A prompt (or V2T instruction, or negative prompt) longer than the model reads, or no prompts at all;
     `argument`: "negative_prompt" when it is the negative prompt, else "prompts"."""
@@ -418,13 +436,31 @@ class UniViGUPipeline:
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
         return path
 
-    def to(self, device: str | torch.device) -> "UniViGUPipeline":
-        """Move the transformer, the prompt encoder and a VAE to `device`; returns the pipeline."""
-        self.transformer.to(device)
-        self.prompt_encoder.to(device)
-        if hasattr(self.codec, "vae"):
-            self.codec.vae.to(device)
+    def to(self, *args: str | torch.device | torch.dtype, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> "UniViGUPipeline":  # fmt: skip
+        """Move the transformer, the prompt encoder and a VAE to a device and / or cast the first two to a dtype, as
+        diffusers' pipelines take them (`pipe.to("cuda")`, `pipe.to(torch.bfloat16)`, `pipe.to("cuda",
+        torch.bfloat16)`). A cast gives what `from_pretrained(torch_dtype=dtype)` loads: the modules a class keeps in
+        float32 (its `_keep_in_fp32_modules`: norms, time embeddings) stay so, as does a VAE. Returns the pipeline."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        if dtype is not None:
+            for part in (self.transformer, self.prompt_encoder):
+                _cast_as_loaded(part, _float_dtype(dtype))
+        if device is not None:
+            self.transformer.to(device)
+            self.prompt_encoder.to(device)
+            if hasattr(self.codec, "vae"):
+                self.codec.vae.to(device)
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's compute dtype (diffusers' `ModelMixin.dtype`: float32-kept modules aside)."""
+        return self.transformer.dtype
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         """Show (or, `disable=True`, hide) the sampling progress bar of calls that do not say (diffusers' name)."""
