@@ -52,6 +52,22 @@ def test_sampling_options_reach_the_sampler(checkpoints, tmp_path):
     assert sidecar["instruction"] == "what moves" and sidecar["steps"] == 2
 
 
+def test_video_size_options(checkpoints, tmp_path):
+    """--frames / --height / --width replace the model's video size (generate, joint); one the model cannot take
+    is a usage error naming the nearest size it can."""
+    model = ["--model", str(checkpoints / "unified"), "--out", str(tmp_path)]
+    for command in (["generate", "a red circle"], ["joint", "a red circle"]):
+        result = runner.invoke(app, [*command, *model, "--frames", "8", "--height", "16", "--width", "24"])
+        assert result.exit_code == 0, result.output
+        gif = next(p for p in tmp_path.glob("*.gif") if command[0] != "joint" or "_joint_" in p.name)
+        frames, h, w, _ = read_video(gif).shape  # written scaled up by a whole factor
+        assert frames == 8 and h % 16 == 0 and w == h // 16 * 24, (h, w)
+        for p in tmp_path.glob("*"):
+            p.unlink()
+    bad = runner.invoke(app, ["generate", "a red circle", *model, "--height", "30"])
+    assert bad.exit_code == 2 and "--height" in said(bad) and "got 30 (nearest valid: 32)" in said(bad), bad.output
+
+
 def test_generate_in_bfloat16(checkpoints, tmp_path):
     model = ["--model", str(checkpoints / "unified"), "--out", str(tmp_path)]
     result = runner.invoke(app, ["generate", "a red circle moves right", *model, "--dtype", "bfloat16"])

@@ -44,9 +44,11 @@ def resolve_device(device: str | None) -> str:
 
 
 def _pipeline(model: Path | None, device: str | None = None, param_hint: str = "--model", unified: str | None = None,
-              dtype: str = "float32", offload: bool = False):  # fmt: skip
+              dtype: str = "float32", offload: bool = False, frames: int | None = None, height: int | None = None,
+              width: int | None = None):  # fmt: skip
     """Load a pipeline folder (default: the shipped model) in `dtype`, with the VAE and umT5 offloaded to the CPU
-    when `offload`; `unified`: what needs a unified model, for the usage error a base generator gets."""
+    when `offload`, sampling videos of `frames` x `height` x `width` where given (else the folder's); `unified`: what
+    needs a unified model, for the usage error a base generator gets."""
     import torch
 
     from univigu import DEFAULT_MODEL
@@ -56,11 +58,13 @@ def _pipeline(model: Path | None, device: str | None = None, param_hint: str = "
         raise typer.BadParameter(f"one of {list(DTYPES)}, got {dtype!r}", param_hint="--dtype")
     path = Path(model) if model else Path(DEFAULT_MODEL)
     device = resolve_device(device)
+    sizes = {k: v for k, v in (("frames", frames), ("height", height), ("width", width)) if v is not None}
     try:
         pipe = UniViGUPipeline.from_pretrained(path, device="cpu" if offload else device,
-                                               torch_dtype=getattr(torch, dtype))  # fmt: skip
-    except (FileNotFoundError, ValueError) as error:
-        raise typer.BadParameter(str(error), param_hint=param_hint) from error
+                                               torch_dtype=getattr(torch, dtype), **sizes)  # fmt: skip
+    except (FileNotFoundError, ValueError) as error:  # a size the model cannot take names itself
+        hint = " / ".join([param_hint, *(f"--{k}" for k in sizes)])
+        raise typer.BadParameter(str(error), param_hint=hint) from error
     if offload:
         try:
             pipe.enable_model_cpu_offload(device)
@@ -137,6 +141,8 @@ def _trajectory_path(base: Path | None, i: int, n: int) -> Path | None:
 
 
 NEGATIVE_HELP = "What guidance steers away from: the null pass's prompt (default: the empty prompt)."
+FRAMES_HELP = "Frames per video (default: the model's; a Wan VAE takes 4k+1)."
+SIZE_HELP = "Pixels (default: the model's; a multiple of the VAE's downsampling x the patch size)."
 TRAJECTORY_HELP = "Write the denoising-trajectory viewer here (one self-contained HTML page; _0, _1, ... for several)."
 
 
@@ -152,10 +158,12 @@ def generate(
     out: Path = typer.Option(Path("outputs/generate"), callback=out_dir, help="Output folder."),
     trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
     dtype: str = typer.Option("float32", help=DTYPE_HELP), offload: bool = typer.Option(False, help=OFFLOAD_HELP),
+    frames: int = typer.Option(None, min=1, help=FRAMES_HELP), height: int = typer.Option(None, min=1, help=SIZE_HELP),
+    width: int = typer.Option(None, min=1, help=SIZE_HELP),
 ) -> None:
     """Text to video."""
     load = time.perf_counter()
-    pipe, path = _pipeline(model, device, dtype=dtype, offload=offload)
+    pipe, path = _pipeline(model, device, dtype=dtype, offload=offload, frames=frames, height=height, width=width)
     load = time.perf_counter() - load
     with _prompt_errors("PROMPTS"):
         result, seconds, times = timed_sample(pipe, "text_to_video", prompts, seed=seed, num_steps=steps,
@@ -227,6 +235,8 @@ def joint(
     out: Path = typer.Option(Path("outputs/joint"), callback=out_dir, help="Output folder."),
     trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
     dtype: str = typer.Option("float32", help=DTYPE_HELP), offload: bool = typer.Option(False, help=OFFLOAD_HELP),
+    frames: int = typer.Option(None, min=1, help=FRAMES_HELP), height: int = typer.Option(None, min=1, help=SIZE_HELP),
+    width: int = typer.Option(None, min=1, help=SIZE_HELP),
 ) -> None:
     """Joint generation: a video and its caption per prompt, denoised together."""
     from univigu.flow.samplers import TEXT_UPDATES
@@ -235,7 +245,8 @@ def joint(
         raise typer.BadParameter(f"must be one of {list(TEXT_UPDATES)}, got {text_update!r}",
                                  param_hint="--text-update")  # fmt: skip
     load = time.perf_counter()
-    pipe, path = _pipeline(model, device, unified="joint generation", dtype=dtype, offload=offload)
+    pipe, path = _pipeline(model, device, unified="joint generation", dtype=dtype, offload=offload, frames=frames,
+                           height=height, width=width)  # fmt: skip
     load = time.perf_counter() - load
     with _prompt_errors("PROMPTS"):
         result, seconds, times = timed_sample(pipe, "generate", prompts, seed=seed, num_steps=steps,
