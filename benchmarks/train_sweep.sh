@@ -27,6 +27,7 @@ mkdir -p "$out"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 for name in "${names[@]}"; do
     mkdir -p "$out/$name"
+    rm -f "$out/$name/result.json"  # a configuration failing this time must not show an earlier run's figures
     # shellcheck disable=SC2086  # the flag strings are word lists
     PYTHONPATH=.:${PYTHONPATH:-} timeout "${PER_RUN_S:-300}" "$python" benchmarks/wan_scale.py --skip-latency \
         --train-steps 2 $size ${flags[$name]} --out "$out/$name" > "$out/$name/log.txt" 2>&1

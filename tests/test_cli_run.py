@@ -62,6 +62,8 @@ def test_video_size_options(checkpoints, tmp_path):
         gif = next(p for p in tmp_path.glob("*.gif") if command[0] != "joint" or "_joint_" in p.name)
         frames, h, w, _ = read_video(gif).shape  # written scaled up by a whole factor
         assert frames == 8 and h % 16 == 0 and w == h // 16 * 24, (h, w)
+        sidecar = json.loads(gif.with_suffix(".json").read_text())
+        assert (sidecar["frames"], sidecar["height"], sidecar["width"]) == (8, 16, 24)  # to sample it again
         for p in tmp_path.glob("*"):
             p.unlink()
     bad = runner.invoke(app, ["generate", "a red circle", *model, "--height", "30"])
@@ -265,10 +267,10 @@ def test_file_names_and_sidecar_records(tmp_path):
         assert gif.size == (128, 128) and gif.info["duration"] == 250
     assert json.loads((tmp_path / "clip.json").read_text())["files"] == {**{k: files[k] for k in ("gif", "mp4")},
                                                                           "trajectory": "t.html"}  # fmt: skip
-    pipe = SimpleNamespace(transformer=SimpleNamespace(dtype=torch.bfloat16), config=SimpleNamespace(fps=16))
+    pipe = SimpleNamespace(dtype=torch.bfloat16, config=SimpleNamespace(fps=16, frames=8, height=16, width=24))
     record = run_record(pipe, "m", seed=3, steps=5, load_s=1.234, sample_s=3.0, n=4)
-    assert record == {"seed": 3, "steps": 5, "model": "m", "dtype": "bfloat16", "load_seconds": 1.23, "seconds": 0.75,
-                      "fps": 16}  # fmt: skip
+    assert record == {"seed": 3, "steps": 5, "model": "m", "dtype": "bfloat16", "frames": 8, "height": 16,
+                      "width": 24, "load_seconds": 1.23, "seconds": 0.75, "fps": 16}  # fmt: skip
 
 
 def test_seed_guidance_negative_prompt_and_text_update_reach_the_sampler_itself(checkpoints, tmp_path, monkeypatch):

@@ -144,8 +144,8 @@ class _WorldPipeline:
 
 def test_evaluate_scores_a_model_that_answers_with_the_truth_perfectly():
     """evaluate end to end on known answers: the true videos and captions score (near) 1 on every task, a
-    pipeline answering with the next scene scores lower on each, and joint consistency compares each video with
-    its own caption."""
+    pipeline answering with the next scene scores lower on T2V and V2T, and joint consistency compares each video
+    with its own caption."""
     n = 12
     truth = evaluate(_WorldPipeline(n), n=n, batch_size=5, base_pipeline=_WorldPipeline(n, shift=1))
     assert truth["t2v"]["all"] > 0.99 and truth["v2t"]["all"] == 1.0 and truth["v2t"]["bleu4"] > 0.99

@@ -225,7 +225,8 @@ def test_guidance_null_pass_can_take_the_empty_prompt_text(batched):
 
 def test_t2v_drops_the_padding_no_row_holds():
     """T2V's text stream loses the trailing positions that are padding in every row, and its mask once no padding
-    is left: the model sees the same keys, so the video is the same, with fewer tokens and (one prompt) no mask."""
+    is left: fewer tokens and (one unguided prompt) no mask; that the velocity is the same without them is
+    test_with_the_real_transformer's."""
     tokens = torch.full((2, L), 5, dtype=torch.long)
     mask = torch.arange(L)[None] < torch.tensor([[2], [3]])  # 2 and 3 real tokens of L
     seen = RecordsText()

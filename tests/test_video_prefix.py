@@ -170,9 +170,9 @@ def test_pipeline_video_to_text_uses_the_cache(tiny_parts):
     assert seen == [0, 1, 2] and out.token_trajectory.shape == (3, 2, pipe.config.text_length)
     # the uncached reference, by hand
     x = pipe.codec.encode(torch.as_tensor(np.asarray(videos)))
-    ref = sample_v2t(pipe.velocity_model, x, pipe.encode_prompts(["what moves"] * 2), pipe.text_flow, pipe.config.text_length,
-                     pad_id=pipe.text_canvas.pad_id, num_steps=3, shift=pipe.config.text_shift, generator=0,
-                     use_cache=False)  # fmt: skip
+    ref = sample_v2t(pipe.velocity_model, x, pipe.encode_prompts(["what moves"] * 2), pipe.text_flow,
+                     pipe.config.text_length, pad_id=pipe.text_canvas.pad_id, num_steps=3,
+                     shift=pipe.config.text_shift, generator=0, use_cache=False)  # fmt: skip
     assert out.texts == pipe.text_canvas.decode(ref.text)
 
 

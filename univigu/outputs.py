@@ -47,8 +47,10 @@ def run_record(pipe: Any, model: str | Path, seed: int, steps: int, load_s: floa
                n: int = 1) -> dict[str, Any]:  # fmt: skip
     """Sidecar fields of every run: seed, the steps it ran, model, its dtype and timings (loading; sampling per
     sample)."""
-    return {"seed": seed, "steps": steps, "model": str(model), "dtype": str(pipe.transformer.dtype).split(".")[-1],
-            "load_seconds": round(load_s, 2), "seconds": round(sample_s / n, 2), "fps": pipe.config.fps}  # fmt: skip
+    c = pipe.config
+    return {"seed": seed, "steps": steps, "model": str(model), "dtype": str(pipe.dtype).split(".")[-1],
+            "frames": c.frames, "height": c.height, "width": c.width, "load_seconds": round(load_s, 2),
+            "seconds": round(sample_s / n, 2), "fps": c.fps}  # fmt: skip
 
 
 def timed_sample(

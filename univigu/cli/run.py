@@ -63,7 +63,7 @@ def _pipeline(model: Path | None, device: str | None = None, param_hint: str = "
         pipe = UniViGUPipeline.from_pretrained(path, device="cpu" if offload else device,
                                                torch_dtype=getattr(torch, dtype), **sizes)  # fmt: skip
     except (FileNotFoundError, ValueError) as error:  # a size the model cannot take names itself
-        hint = " / ".join([param_hint, *(f"--{k}" for k in sizes)])
+        hint = " / ".join([param_hint, *(f"--{k}" for k in sizes if k in str(error))])
         raise typer.BadParameter(str(error), param_hint=hint) from error
     if offload:
         try:

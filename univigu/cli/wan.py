@@ -68,7 +68,7 @@ def convert_official(
     out_dir: Path = typer.Argument(..., help="Where to write our transformer folder (config.json + safetensors), "
                                    "or with --wan a whole pipeline folder (absent or empty, unless --overwrite)."),  # fmt: skip
     attention_head_dim: int | None = typer.Option(None, min=6, help="Head size (not readable from the shapes; "
-                                                  "default: the --wan transformer's, else 128, Wan2.1's)."),  # fmt: skip
+                                                  "default: the --wan transformer's, else Wan2.1's 128)."),
     vocab_size: int | None = typer.Option(None, help="Text vocabulary size (default: the --wan tokenizer's, else "
                                           "vocab_embed rows; one more row means a mask token)."),  # fmt: skip
     wan: Path | None = typer.Option(None, help="Wan2.1 diffusers folder: write a pipeline folder with its VAE, umT5 "
@@ -103,9 +103,12 @@ def convert_official(
         from univigu.data.tokenizer import load_tokenizer
 
         vocab_size = len(load_tokenizer(wan / "tokenizer"))
-    if attention_head_dim is None:
-        wan_config = wan / "transformer" / "config.json" if wan is not None else None
-        attention_head_dim = json.loads(wan_config.read_text())["attention_head_dim"] if wan_config else 128
+    if attention_head_dim is None and wan is not None:  # a default: the checkpoint's transformer replaces Wan's
+        try:
+            attention_head_dim = json.loads((wan / "transformer" / "config.json").read_text()).get("attention_head_dim")
+        except (OSError, ValueError) as error:
+            raise typer.BadParameter(f"cannot read its transformer/config.json: {error}", param_hint="--wan") from error
+    attention_head_dim = attention_head_dim or 128
     guessed_vocabulary = vocab_size is None
     try:
         model, report = convert_official_state_dict(load_official_state_dict(checkpoint), attention_head_dim,

@@ -107,7 +107,8 @@ def prompt_sensitivity(
         t_video, t_text = torch.full((n,), s * 1000.0, device=device), torch.zeros(n, device=device)
         errors = {}
         for name, (tokens, states, mask) in conditions.items():
-            velocity = pipeline.velocity_model(x_s, tokens, t_video, t_text, states, mask)[0]  # the pipeline's parameterization
+            # the pipeline's parameterization (velocity, whatever the transformer predicts)
+            velocity = pipeline.velocity_model(x_s, tokens, t_video, t_text, states, mask)[0]
             errors[name] = float((clean_estimate(x_s, velocity, s) - x0).square().mean())
         level = {"error": errors["true"]}
         level.update({name: errors[name] / errors["true"] - 1 for name in (*SWAPPABLE_VALUES, "empty")})

@@ -104,7 +104,7 @@ def _forward(
 
 def _stack(x: Tensor, mask: Tensor | None, null_x: Tensor, null_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """The conditional and null inputs (tokens [B, L] or states [B, S, D]) as one batch [2B, ...] with its
-    mask (None when neither has one): the shorter padded with masked zeros."""
+    mask (None when neither has one and their lengths agree): the shorter padded with masked zeros."""
     if mask is None and null_mask is None and x.shape[1] == null_x.shape[1]:
         return torch.cat([x, null_x]), None
     n = max(x.shape[1], null_x.shape[1])

@@ -198,7 +198,8 @@ def _cast_as_loaded(module: nn.Module, dtype: torch.dtype) -> None:
     for owner in module.modules():
         if isinstance(owner, PreTrainedModel):
             keep |= set(owner._keep_in_fp32_modules or ()) if dtype == torch.float16 else set()
-            keep |= set(owner._keep_in_fp32_modules_strict or ()) if dtype != torch.float32 else set()
+            strict = getattr(owner, "_keep_in_fp32_modules_strict", None)  # transformers >= 4.56
+            keep |= set(strict or ()) if dtype != torch.float32 else set()
         else:
             keep |= set(getattr(owner, "_keep_in_fp32_modules", None) or ())
     for path, tensor in [*module.named_parameters(), *module.named_buffers()]:

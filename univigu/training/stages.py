@@ -97,7 +97,7 @@ def build_task(cfg: StageConfig) -> tuple[torch.nn.Module, Any, PipelineConfig]:
         cache = cfg.dataset()[0]
         cache.check_texts(text_canvas, ("prompt", "caption") if cfg.text_target == "caption" else ("prompt",))
         same = sum(r.prompt == r.caption for r in cache.records()) if cfg.text_target == "caption" else 0
-        if same:  # a captions file row with one text uses it for both
+        if same and os.environ.get("RANK", "0") == "0":  # a captions file row with one text uses it for both
             warnings.warn(f"{same} of the {len(cache)} cached videos have their prompt as their caption (their "
                           "captions file row gave one text): this stage trains it as their detailed caption",
                           stacklevel=2)  # fmt: skip
