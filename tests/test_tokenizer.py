@@ -75,3 +75,10 @@ def test_a_tokenizer_without_mask_token_gets_the_extra_id_vocab_size():
     ids, _ = canvas.encode(["a red cat"])
     assert ids[0].tolist() == [3, 4, 5, 1, 0, 0, 0, 0]
     assert canvas.decode(torch.tensor([[3, 6, 4, 6, 5, 1, 6, 0]])) == ["a red cat"]
+
+
+def test_unknown_words_are_named_as_written():
+    from univigu.data.tokenizer import unknown_words
+
+    tok = build_world_tokenizer()
+    assert unknown_words(tok, ["a red Zebra circle, Okapi.", "a red circle"]) == [["Zebra", "Okapi"], []]

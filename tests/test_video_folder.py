@@ -141,7 +141,12 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, wan, tmp_p
     assert sorted(s["video"].rsplit("/", 1)[1] for s in skipped) == ["corrupt.mp4", "dot.gif", "short.mp4",
                                                                       "truncated.mp4"]  # fmt: skip
     assert result.output.count("skipped:") == 4 and "1x1 pixels" in result.output
-    assert [n["video"].rsplit("/", 1)[1] for n in index["notes"]] == ["gray.mkv"]
+    notes = [(n["video"].rsplit("/", 1)[1], n["note"]) for n in index["notes"]]
+    assert [video for video, note in notes if note.startswith("grayscale")] == ["gray.mkv"]
+    # words umT5's vocabulary (the fixture's, tiny) lacks: cached as <unk>, and said so for each video cached
+    unknown = dict((video, note) for video, note in notes if note.startswith("words its tokenizer does not know"))
+    assert sorted(unknown) == ["good0.mp4", "good1.mp4", "gray.mkv", "tall.mp4"]
+    assert unknown["good1.mp4"] == "words its tokenizer does not know, read as <unk>: 'bar'"  # once, not per use
 
     from univigu.data.latent_cache import LatentCacheDataset
     from univigu.models.wan import WanComponents

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from univigu.data.tokenizer import unknown_words
 from univigu.data.video_folder import VideoRecord, load_clip
 from univigu.data.video_io import VideoReadError, open_video
 from univigu.models.wan import WAN_PROMPT_LENGTH
@@ -232,6 +233,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
         groups: dict[tuple[int, int], list[tuple[VideoRecord, Tensor]]] = defaultdict(list)
         skipped, notes = [], []
         too_long = _too_long(chunk_records, wan.tokenizer, settings.text_length, WAN_PROMPT_LENGTH)
+        unknown = unknown_words(wan.tokenizer, [f"{r.prompt} {r.caption}" for r in chunk_records])
         for i, record in enumerate(chunk_records):
             if i in too_long:
                 skipped.append({"video": str(record.path), "reason": too_long[i]})
@@ -247,6 +249,11 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                 continue
             if pix_fmt.startswith("gray"):
                 notes.append({"video": str(record.path), "note": f"grayscale ({pix_fmt}), expanded to RGB"})
+            if unknown[i]:  # cached as they read (generate warns of them too)
+                words = ", ".join(repr(w[:40]) for w in list(dict.fromkeys(unknown[i]))[:10])
+                notes.append({"video": str(record.path),
+                              "note": f"words its tokenizer does not know, read as {wan.tokenizer.unk_token}: {words}"})
+                log(f"note: {record.path}: {notes[-1]['note']}")
             groups[bucket].append((record, clip))
         shards = {}
         for bucket, items in groups.items():

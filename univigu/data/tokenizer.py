@@ -43,6 +43,15 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def unknown_words(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[str]]:
+    """Per text, the words `tokenizer` reads as its unknown token, as written (a fast tokenizer: its offsets)."""
+    if tokenizer.unk_token_id is None:
+        return [[] for _ in texts]
+    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    return [[text[a:b].strip() for t, (a, b) in zip(ids, spans) if t == tokenizer.unk_token_id]
+            for text, ids, spans in zip(texts, encoded["input_ids"], encoded["offset_mapping"])]  # fmt: skip
+
+
 @dataclass
 class TextCanvas:
     """A fixed-length text canvas: tokens, then one end token, then padding.

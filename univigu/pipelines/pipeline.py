@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from univigu.checks import check_finite, check_int, check_positive
 from univigu.data.codec import PixelCodec
-from univigu.data.tokenizer import TextCanvas, load_tokenizer
+from univigu.data.tokenizer import TextCanvas, load_tokenizer, unknown_words
 from univigu.flow.regimes import CAPTION_CONDITIONS, GUIDANCE_TEXTS
 from univigu.flow.samplers import TEXT_UPDATES, Guidance, sample_t2v, sample_t2vt, sample_v2t
 from univigu.flow.text import TextFlow
@@ -504,13 +504,12 @@ class UniViGUPipeline:
         tokenizer, limit = self.prompt_canvas.tokenizer, self.prompt_canvas.length - 1
         if text_stream:
             limit = min(limit, self.text_canvas.length - 1)
-        encoded = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
-        unknown: list[str] = []
-        for i, (prompt, ids, spans) in enumerate(zip(prompts, encoded["input_ids"], encoded["offset_mapping"])):
+        encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
             if len(ids) > limit:
                 raise PromptError(f"prompt {i} is {len(ids)} tokens long; this model reads at most {limit}: "
                                   f"{prompt[:80]!r}{'...' if len(prompt) > 80 else ''}")  # fmt: skip
-            unknown += [prompt[a:b].strip() for t, (a, b) in zip(ids, spans) if t == tokenizer.unk_token_id]
+        unknown = [word for words in unknown_words(tokenizer, prompts) for word in words]
         if unknown:  # a few, each cut short: a 100,000-character word must not become a 100 KB warning
             distinct = list(dict.fromkeys(unknown))
             shown = [repr(w if len(w) <= 40 else w[:40] + "...") for w in distinct[:10]]
