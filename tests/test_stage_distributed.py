@@ -71,6 +71,7 @@ def test_two_process_ddp_matches_one_process(base, tmp_path):
     ddp = subprocess.run([*launch, *_recall(base, tmp_path / "ddp", *more, "--train.batch_size=2")],
                          env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)  # fmt: skip
     assert ddp.returncode == 0 and "resumed from" in ddp.stdout + ddp.stderr, ddp.stderr[-3000:]
+    assert (ddp.stdout + ddp.stderr).count("max_steps changed 3 -> 4") == 1  # said once, not once per process
     univigu(*_recall(base, tmp_path / "one", *more, "--train.batch_size=4"))
     for column in ("loss", "text", "video"):
         got, want = losses(tmp_path / "ddp", column), losses(tmp_path / "one", column)

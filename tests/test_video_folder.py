@@ -166,7 +166,8 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, wan, tmp_p
     # a rerun skips finished chunks: delete one shard's done marker, only that chunk is redone
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
     (out / "shards" / "chunk_00001.done.json").unlink()
-    assert runner.invoke(app, args).exit_code == 0
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0 and "2 of 3 chunks were cached by an earlier run" in said(rerun), rerun.output
     again = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
     assert [n for n in stamps if again[n] != stamps[n]] == [n for n in stamps if n.startswith("chunk_00001")]
     assert json.loads((out / "index.json").read_text())["num_videos"] == 4

@@ -200,6 +200,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
 
     chunks = range(0, len(records), settings.shard_size)
     bar = tqdm(total=len(records), desc="cache-latents", unit="video")
+    redone = 0  # chunks this run encoded (the rest were cached by an earlier run)
     for start in chunks:
         chunk = start // settings.shard_size
         chunk_records = records[start : start + settings.shard_size]
@@ -230,6 +231,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
             done.unlink()
             for name in previous["shards"]:
                 (out / "shards" / name).unlink(missing_ok=True)
+        redone += 1
         groups: dict[tuple[int, int], list[tuple[VideoRecord, Tensor]]] = defaultdict(list)
         skipped, notes = [], []
         too_long = _too_long(chunk_records, wan.tokenizer, settings.text_length, WAN_PROMPT_LENGTH)
@@ -272,6 +274,8 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                       "digest_version": DIGEST_VERSION}, done)  # fmt: skip
         bar.update(len(chunk_records))
     bar.close()
+    if redone < len(chunks):
+        log(f"{len(chunks) - redone} of {len(chunks)} chunks were cached by an earlier run (kept as they were)")
     return _write_index(out, settings, len(chunks), log, wan.codec.latent_space())
 
 

@@ -470,7 +470,8 @@ class Trainer:
             return path
         previous = _previous_checkpoint(path)
         if resume is True and previous is not None:  # the steps after it are simply trained again
-            warnings.warn(f"checkpoint {path} is damaged ({problem}): resuming from {previous}")
+            if self.accelerator.is_main_process:  # once, not once per process
+                warnings.warn(f"checkpoint {path} is damaged ({problem}): resuming from {previous}")
             return previous
         hint = f"resume from the one before it, {previous}" if previous is not None else "start in a new output_dir"
         raise ResumeError(f"cannot resume from {path}: the checkpoint is damaged or incomplete ({problem}); {hint}")
@@ -525,7 +526,7 @@ class Trainer:
         if diff:
             lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in diff.items())
             raise ResumeError(f"cannot resume from {path}: the config changes the training math:\n{lines}")
-        if saved["max_steps"] != now["max_steps"]:
+        if saved["max_steps"] != now["max_steps"] and acc.is_main_process:  # once, not once per process
             warnings.warn(f"max_steps changed {saved['max_steps']} -> {now['max_steps']}: "
                           "the cosine schedule is stretched from here on")  # fmt: skip
         self._check_layout(path)
