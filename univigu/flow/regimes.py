@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from univigu.checks import check_finite
-from univigu.flow.text import TextFlow, text_timestep, uniform_draw
+from univigu.flow.text import TextFlow, normal_draw, text_timestep, uniform_draw
 from univigu.flow.video import VideoFlow, video_timestep
 
 T2V, V2T, JOINT = 0, 1, 2
@@ -113,7 +113,7 @@ def make_training_batch(
 
     # video: one noise level per sample, clean (s = 0) for V2T
     s = torch.where(is_v2t, 0.0, video_flow.sample_time(b, generator, device))
-    noise = torch.randn(x0.shape, generator=generator, device=gdev).to(device=device, dtype=x0.dtype)
+    noise = normal_draw(tuple(x0.shape), generator, device).to(x0.dtype)
     video = video_flow.add_noise(x0, s, noise)
     velocity_target = video_flow.velocity_target(x0, noise)
 

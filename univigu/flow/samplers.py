@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from univigu.flow.regimes import pad_prompt
-from univigu.flow.text import TextFlow, text_timestep, uniform_draw
+from univigu.flow.text import TextFlow, normal_draw, text_timestep, uniform_draw
 from univigu.flow.video import clean_estimate, euler_step, guide, time_grid, video_timestep
 
 Model = Callable[..., tuple[Tensor, Tensor]]
@@ -264,11 +264,6 @@ class _TextSteps:
             self._logits = step()
 
 
-def _video_noise(shape: tuple[int, ...], generator, device, dtype) -> Tensor:
-    gdev = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
-
-
 @torch.no_grad()
 def sample_t2v(
     model: Model,
@@ -297,7 +292,7 @@ def sample_t2v(
     """
     device = prompt_states.device
     g = make_generator(generator, device)
-    video = noise.to(device, dtype) if noise is not None else _video_noise(tuple(video_shape), g, device, dtype)
+    video = noise.to(device, dtype) if noise is not None else normal_draw(tuple(video_shape), g, device, dtype)
     prompt_tokens, text_mask = _trim_padding(prompt_tokens.to(device), text_mask)
     if guidance is not None and guidance.null_text is not None:
         null_text, null_text_mask = _trim_padding(guidance.null_text, guidance.null_text_mask)
@@ -391,7 +386,7 @@ def sample_t2vt(
     """
     device = prompt_states.device
     g = make_generator(generator, device)
-    video = noise.to(device, dtype) if noise is not None else _video_noise(tuple(video_shape), g, device, dtype)
+    video = noise.to(device, dtype) if noise is not None else normal_draw(tuple(video_shape), g, device, dtype)
     text = _init_text(text_flow, video.shape[0], text_length, text_mask, pad_id, g, device)
     return _sample(
         model, video, text, generate_video=True, generate_text=True,

@@ -53,6 +53,13 @@ def uniform_draw(shape: tuple[int, ...], generator: torch.Generator | None, devi
     return torch.rand(shape, generator=generator, device=gdev).to(device)
 
 
+def normal_draw(shape: tuple[int, ...], generator: torch.Generator | None, device,
+                dtype: torch.dtype = torch.float32) -> Tensor:  # fmt: skip
+    """N(0, 1) in `dtype`, drawn on the generator's device as `uniform_draw` is, moved to device."""
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev, dtype=dtype).to(device)
+
+
 @dataclass
 class TextFlow:
     """Mixture-path discrete flow over a vocabulary of `vocab_size` ids (0 .. V-1).

@@ -27,7 +27,7 @@ from univigu.data.tokenizer import TextCanvas
 from univigu.flow.regimes import (
     CAPTION_CONDITIONS, GUIDANCE_TEXTS, V2T, RegimeMix, TrainingBatch, make_training_batch, select_prompt, unified_loss,
 )
-from univigu.flow.text import TextFlow, uniform_draw
+from univigu.flow.text import TextFlow, normal_draw, uniform_draw
 from univigu.flow.video import VideoFlow, video_timestep
 
 
@@ -55,8 +55,7 @@ class GeneratorTask(nn.Module):
         """Condition dropout [B], noise levels [B] and noise `shape` for shape[0] samples."""
         dropped = uniform_draw(shape[:1], generator, device) < self.cond_dropout
         s = self.video_flow.sample_time(shape[0], generator, device)
-        gdev = generator.device if generator is not None else device
-        return dropped, s, torch.randn(shape, generator=generator, device=gdev).to(device)
+        return dropped, s, normal_draw(shape, generator, device)
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None,
                 sample_seeds: list[int] | None = None) -> dict[str, Tensor]:  # fmt: skip
