@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -30,7 +29,9 @@ def _run(cfg, resume: bool) -> Path:
 
 def _say(text: str) -> None:
     """Print once per run, not once per process (accelerate / torchrun set RANK)."""
-    if os.environ.get("RANK", "0") == "0":
+    from univigu.training.stages import is_main_process
+
+    if is_main_process():
         typer.echo(text)
 
 

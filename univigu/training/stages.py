@@ -97,7 +97,7 @@ def build_task(cfg: StageConfig) -> tuple[torch.nn.Module, Any, PipelineConfig]:
         cache = cfg.dataset()[0]
         cache.check_texts(text_canvas, ("prompt", "caption") if cfg.text_target == "caption" else ("prompt",))
         same = sum(r.prompt == r.caption for r in cache.records()) if cfg.text_target == "caption" else 0
-        if same and os.environ.get("RANK", "0") == "0":  # a captions file row with one text uses it for both
+        if same and is_main_process():  # a captions file row with one text uses it for both
             warnings.warn(f"{same} of the {len(cache)} cached videos have their prompt as their caption (their "
                           "captions file row gave one text): this stage trains it as their detailed caption",
                           stacklevel=2)  # fmt: skip
@@ -125,12 +125,17 @@ def _video_flow(cfg: StageConfig, pipe_cfg: PipelineConfig) -> VideoFlow:
                      loss_space=flow.video_loss, sigma_data=pipe_cfg.video_sigma_data)  # fmt: skip
 
 
+def is_main_process() -> bool:
+    """Whether this is the launcher's rank 0 (or there is no launcher): what says so before an Accelerator exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_stage(cfg: StageConfig, resume: bool | str = False) -> Path:
     """Train one stage and export its pipeline folder (`output_dir/final`); returns that folder. The output folder
     is locked for the run (`RunFolderInUse` while another run writes there)."""
     cfg.check_inputs()
     out = Path(cfg.train.output_dir)
-    main = os.environ.get("RANK", "0") == "0"  # the launcher's rank: the accelerator does not exist yet
+    main = is_main_process()
     fresh = not out.exists()
     try:
         with ckpt.sole_run(out, "univigu train") if main else contextlib.nullcontext():
