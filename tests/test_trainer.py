@@ -158,6 +158,33 @@ def test_one_process_trains_in_one_precision_then_another(tmp_path: Path) -> Non
     assert runs["bf16"][-1]["loss"] != runs["no"][-1]["loss"]
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_and_a_resume_elsewhere_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:  # fmt: skip
+    import univigu.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: native)
+    trainer = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=2, save_every=2, mixed_precision="auto"))
+    trainer.train()
+    want = "bf16" if native else "no"
+    assert trainer.accelerator.mixed_precision == want == trainer.config.mixed_precision
+    saved = json.loads((tmp_path / "checkpoints" / "step_000002" / "config.json").read_text())
+    assert saved["mixed_precision"] == want  # what was used, not "auto"
+    # the same run resumed on a machine where auto means the other precision: the math would change
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: not native)
+    again = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=3, save_every=2, mixed_precision="auto"))
+    with pytest.raises(ResumeError, match=f"mixed_precision: checkpoint '{want}'"):
+        again.train(resume=True)
+
+
+def test_native_bf16_follows_torch_probes() -> None:
+    from univigu.training.trainer import native_bf16
+
+    cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16(torch.device("cpu")) == cpu
+    assert native_bf16(torch.device("meta")) is False
+
+
 def test_kill9_resume_is_exact(tmp_path: Path) -> None:
     ref, out = tmp_path / "ref", tmp_path / "killed"
     common = ["--max-steps", "50", "--save-every", "10", "--ema", "0.9"]
