@@ -57,6 +57,30 @@ def test_generate_returns_video_and_text(pipe):
     assert heuristic.videos.shape == out.videos.shape
 
 
+def test_calling_the_pipeline_runs_the_task_its_arguments_name_in_diffusers_names(pipe, videos):
+    prompt = "a red circle moves right"
+    generator = torch.Generator().manual_seed(5)
+    t2v = pipe(prompt, num_inference_steps=2, generator=generator, progress=False)
+    want = pipe.text_to_video(prompt, num_steps=2, seed=torch.Generator().manual_seed(5), progress=False)
+    assert np.array_equal(t2v.videos, want.videos) and t2v.texts is None
+    assert not np.array_equal(t2v.videos, pipe(prompt, num_inference_steps=3, generator=5, progress=False).videos)
+    joint = pipe(prompt, joint=True, generator=4, progress=False)
+    want = pipe.generate(prompt, seed=4, progress=False)
+    assert np.array_equal(joint.videos, want.videos) and joint.texts == want.texts
+    v2t = pipe(video=videos, generator=1, progress=False)
+    assert v2t.texts == pipe.video_to_text(videos, seed=1, progress=False).texts and v2t.videos is None
+    asked = pipe("the red circle", videos, generator=1, progress=False)
+    assert asked.texts == pipe.video_to_text(videos, seed=1, instruction="the red circle", progress=False).texts
+    for call, message in [(lambda: pipe(), "pass a prompt"),
+                          (lambda: pipe(video=videos, joint=True), "joint=True generates the video"),
+                          (lambda: pipe(prompt, generator=1, seed=1), "seed= or generator="),
+                          (lambda: pipe(prompt, num_inference_steps=2, num_steps=2), "num_steps= or num_inference_steps="),
+                          (lambda: pipe([prompt], videos), "prompt is the instruction"),
+                          (lambda: pipe("the", videos, instruction="the"), "prompt is the instruction")]:  # fmt: skip
+        with pytest.raises(TypeError, match=message):
+            call()
+
+
 def test_config_sets_caption_steps_and_joint_text_update(tiny_parts, videos):
     p = tiny_parts
     cfg = PipelineConfig(num_steps=2, caption_steps=4, text_update="linear-resample")

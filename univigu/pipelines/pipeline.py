@@ -298,6 +298,7 @@ class UniViGUPipeline:
     >>> pipe.text_to_video(["a red circle moves right"], seed=0).videos  # uint8 [1, T, H, W, 3]
     >>> pipe.video_to_text(videos, seed=0).texts
     >>> out = pipe.generate(["a blue square grows"], seed=0)  # out.videos and out.texts
+    >>> pipe("a red circle moves right", num_inference_steps=20, generator=torch.Generator().manual_seed(0))
     """
 
     def __init__(self, transformer: nn.Module, prompt_encoder: PromptEncoder, tokenizer: Any,
@@ -681,6 +682,32 @@ class UniViGUPipeline:
             shift=self.config.shift, generator=seed, callback=step, progress=self._progress(progress),
         )  # fmt: skip
         return self._output(out.video, out.text, frames, toks)
+
+    def __call__(self, prompt: list[str] | str | None = None, video: np.ndarray | Tensor | None = None, *,
+                 joint: bool = False, num_inference_steps: int | None = None,
+                 generator: int | torch.Generator | None = None, **kwargs: Any) -> UniViGUPipelineOutput:  # fmt: skip
+        """diffusers' calling convention over the three tasks: `pipe(prompt)` is `text_to_video`,
+        `pipe(prompt, joint=True)` is `generate` (a video and its caption), `pipe(video=videos)` is
+        `video_to_text` (with `prompt`, a str, as its instruction). num_inference_steps and generator are
+        diffusers' names for num_steps and seed (either name, not both); other keywords go to the method."""
+        for ours, theirs, value in (("num_steps", "num_inference_steps", num_inference_steps),
+                                    ("seed", "generator", generator)):  # fmt: skip
+            if value is not None:
+                if ours in kwargs:
+                    raise TypeError(f"pass {ours}= or {theirs}=, not both")
+                kwargs[ours] = value
+        if video is not None:
+            if joint:
+                raise TypeError("joint=True generates the video: pass a prompt, not a video")
+            if prompt is not None:
+                if not isinstance(prompt, str) or "instruction" in kwargs:  # one condition, as in video_to_text
+                    raise TypeError("with a video, prompt is the instruction: one str (not also instruction=), "
+                                    f"got {type(prompt).__name__}")  # fmt: skip
+                kwargs["instruction"] = prompt
+            return self.video_to_text(video, **kwargs)
+        if prompt is None:
+            raise TypeError("pass a prompt (text to video; joint=True: with its caption) or video= (video to text)")
+        return (self.generate if joint else self.text_to_video)(prompt, **kwargs)
 
     # ---- checks ------------------------------------------------------------------------------------
 
