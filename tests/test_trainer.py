@@ -158,6 +158,29 @@ def test_one_process_trains_in_one_precision_then_another(tmp_path: Path) -> Non
     assert runs["bf16"][-1]["loss"] != runs["no"][-1]["loss"]
 
 
+class PartTask(MLPTask):
+    """Logs a term only some forward calls carry, as (sum, count): call c carries `carried[c]` samples of value c."""
+
+    def __init__(self, carried: dict[int, int]) -> None:
+        super().__init__()
+        self.carried = carried
+
+    def forward(self, batch, generator):
+        out = super().forward(batch, generator)
+        n = self.carried.get(self.calls, 0)
+        return {**out, "part": (torch.tensor(float(self.calls * n)), float(n))}
+
+
+def test_a_term_some_steps_lack_is_averaged_over_the_samples_carrying_it_and_nan_where_none_did(tmp_path: Path):
+    # 2 micro-batches per step, a row every 2 steps: calls 1-4 make row 1, 5-8 row 2, 9-12 row 3
+    task = PartTask({1: 3, 4: 1, 6: 2})
+    Trainer(task, Regression(), config(tmp_path, max_steps=6, grad_accum=2, log_every=2, save_every=6)).train()
+    rows = read_csv(tmp_path / "losses.csv")
+    assert rows[0]["part"] == pytest.approx((1 * 3 + 4 * 1) / 4)  # not the mean of the steps' 1.0 and 4.0
+    assert rows[1]["part"] == pytest.approx(6.0)  # one step had none: not averaged in as 0
+    assert np.isnan(rows[2]["part"])  # no sample carried it
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_where_the_device_computes_it_and_a_resume_elsewhere_is_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:  # fmt: skip

@@ -17,7 +17,8 @@ A task is an `nn.Module` whose forward is `task(batch, generator=g) -> dict`:
 - the dict holds `"loss"` (a scalar tensor to minimise) and any other scalar logs (tensors or
   floats, the same keys on every call and process); logs are averaged over micro-batches and
   processes. A log given as a pair `(sum, count)` (a term only some samples carry) is logged as
-  its total sum over its total count across micro-batches and processes.
+  its total sum over its total count across micro-batches, processes and the steps of a log row
+  (NaN in a row where no sample carried it).
 
 Trainable parameters are those with `requires_grad=True` when the Trainer is built.
 
@@ -310,7 +311,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process,
                    dynamic_ncols=True, desc="train")  # fmt: skip
         rows: list[dict[str, float]] = []
-        window: dict[str, list[float]] = {}
+        window: dict[str, list[float]] = {}  # key -> [sum, weight] over the good steps since the last row
         keys = {"loss": None, "grad_norm": None}  # ordered set: CSV column order
         t0 = time.perf_counter() - self.elapsed
         while self.step < cfg.max_steps:
@@ -318,11 +319,13 @@ class Trainer:
             self.step += 1
             self.elapsed = time.perf_counter() - t0
             keys.update(dict.fromkeys(stats))
-            if not skipped:  # logs average the good steps of the window
-                for k, v in {**stats, "grad_norm": grad_norm}.items():
-                    window.setdefault(k, []).append(v)
+            if not skipped:  # logs average the good steps of the window, a pair log over the samples carrying it
+                for k, (total, weight) in {**stats, "grad_norm": (grad_norm, 1.0)}.items():
+                    kept = window.setdefault(k, [0.0, 0.0])
+                    kept[0], kept[1] = kept[0] + total, kept[1] + weight
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                means = {k: sum(v) / len(v) for k, v in window.items()}
+                # a term no sample of the window carried is NaN ("nan" in losses.csv), not 0
+                means = {k: total / weight for k, (total, weight) in window.items() if weight > 0}
                 row = {"step": self.step, **{k: means.get(k, math.nan) for k in keys},
                        "lr": lr, "bad_steps": self.bad_total, "time": self.elapsed}  # fmt: skip
                 window = {}
@@ -384,8 +387,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ internals
 
-    def _train_step(self, data) -> tuple[dict[str, float], float, float, bool]:
-        """One optimizer step over grad_accum micro-batches: (logs, grad norm, lr, skipped)."""
+    def _train_step(self, data) -> tuple[dict[str, tuple[float, float]], float, float, bool]:
+        """One optimizer step over grad_accum micro-batches: (logs as (sum, weight), grad norm, lr, skipped)."""
         cfg, acc = self.config, self.accelerator
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -415,7 +418,7 @@ class Trainer:
         # one all-reduce for the logs and the NaN flag, so every process takes the same branch
         packed = acc.reduce(torch.stack([bad, *(sums[k] for k in keys), *(counts[k] for k in keys)]), reduction="sum")
         totals, weights = packed[1 : 1 + len(keys)], packed[1 + len(keys) :]
-        stats = {k: float(s / w) if w > 0 else 0.0 for k, s, w in zip(keys, totals, weights)}
+        stats = {k: (float(s), float(w)) for k, s, w in zip(keys, totals, weights)}
         grad_norm = float("nan")
         skip = bool(packed[0] > 0)
         if not skip:
