@@ -143,7 +143,8 @@ def test_fsdp_bf16_with_checkpointing_trains(base, tmp_path):
     """The shipped FSDP config as is (bf16 weights in compute) with the trainer's selective checkpointing: the
     bf16 losses follow the float32 ones of one process."""
     common = ["--train.max_steps=2", "--train.save_every=2"]
-    _fsdp(base, tmp_path / "bf16", *common, "--train.batch_size=2", "--train.gradient_checkpointing=keep_attention")
+    _fsdp(base, tmp_path / "bf16", *common, "--train.batch_size=2", "--train.gradient_checkpointing=keep_attention",
+          "--train.mixed_precision=bf16")  # the toy stages' auto is float32 on a CPU without native bf16
     univigu(*_recall(base, tmp_path / "fp32", *common, "--train.batch_size=4", "--train.mixed_precision=no"))
     got, want = losses(tmp_path / "bf16"), losses(tmp_path / "fp32")
     assert list(got) == list(want) == [1, 2]

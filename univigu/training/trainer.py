@@ -74,8 +74,10 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, send_to_device, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import (
+    DistributedDataParallelKwargs, DistributedType, parse_flag_from_env, send_to_device, set_seed,
+)  # fmt: skip
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -220,7 +222,9 @@ class Trainer:
         """`run_config`: what else the run's losses depend on (a stage's data, mix, flow...), as JSON values;
         saved with each checkpoint, and a resume that changes it is a ResumeError, as for `config`."""
         if config.mixed_precision == "auto":  # the checkpoints record what was used: resuming elsewhere is checked
-            native = native_bf16(PartialState().device)
+            # the device accelerate will pick, found without it (a PartialState made here broke CPU multi-process runs)
+            on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+            native = native_bf16(torch.device("cuda" if on_gpu else "cpu"))
             config = replace(config, mixed_precision="bf16" if native else "no")
         self.config = cfg = config
         self.run_config = json.loads(json.dumps(run_config)) if run_config is not None else None
