@@ -86,7 +86,8 @@ def trained(request, one_thread):
     mix = RegimeMix(t2v=1.0, v2t=1.0, joint=2.0, cond_dropout=0.1)
     model = ToyNet(text_flow.num_logits)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    steps, start = 2500, time.perf_counter()
+    # a fixed number of steps, not a time budget: the same model on any machine (600 already pass every check)
+    steps, start = 1000, time.perf_counter()
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for step in range(steps):
         x0, text = _data(512, g)
@@ -100,8 +101,6 @@ def trained(request, one_thread):
         loss.backward()
         opt.step()
         sched.step()
-        if time.perf_counter() - start > 30:  # two models, ~60 s of training in all
-            break
     elapsed = time.perf_counter() - start
     print(f"\n[toy {source}-{text_loss}] trained {step + 1} steps in {elapsed:.1f}s, last loss {loss.item():.3f}")
     return model.eval(), text_flow
