@@ -200,12 +200,16 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_and_a_resume_e
         again.train(resume=True)
 
 
-def test_native_bf16_follows_torch_probes() -> None:
+def test_native_bf16_follows_torch_probes(monkeypatch: pytest.MonkeyPatch) -> None:
     from univigu.training.trainer import native_bf16
 
     cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert native_bf16(torch.device("cpu")) == cpu
     assert native_bf16(torch.device("meta")) is False
+    asked = []  # a GPU that only emulates bf16 (a V100) says yes unless asked for native support
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or including_emulation)  # fmt: skip
+    assert native_bf16(torch.device("cuda")) is False and asked == [False]
 
 
 def test_kill9_resume_is_exact(tmp_path: Path) -> None:

@@ -199,8 +199,8 @@ def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 matmuls natively, so that bf16 autocast speeds training up: a CUDA device
     with bf16, or a CPU with AVX512-BF16 or AMX. Elsewhere oneDNN converts around every bf16 matmul (on an
     AVX2-only CPU a toy recall step took 13x longer under bf16 autocast than in float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not by emulation (a V100 "supports" bf16 so)
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":  # torch's own probes (private, hence read with a fallback)
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
