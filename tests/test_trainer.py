@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -198,6 +199,17 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_and_a_resume_e
     again = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=3, save_every=2, mixed_precision="auto"))
     with pytest.raises(ResumeError, match=f"mixed_precision: checkpoint '{want}'"):
         again.train(resume=True)
+
+
+def test_an_fsdp_launch_that_accelerate_runs_unsharded_says_so(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp.yaml` sets
+    with pytest.warns(UserWarning, match=r"FSDP config, but accelerate shards only across GPUs: this run \(NO, 1 "):
+        trainer = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=1))
+    assert not trainer.fsdp
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(MLPTask(), Regression(), config(tmp_path / "plain", max_steps=1))
 
 
 def test_native_bf16_follows_torch_probes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -245,6 +245,10 @@ class Trainer:
             raise RuntimeError(
                 "launched as several processes but accelerate sees one; on CPU set ACCELERATE_USE_CPU=1"
             )
+        if parse_flag_from_env("ACCELERATE_USE_FSDP") and not self.fsdp and acc.is_main_process:
+            warnings.warn(f"launched with an FSDP config, but accelerate shards only across GPUs: this run "
+                          f"({acc.distributed_type.value}, {acc.num_processes} process(es)) keeps whole weights on "
+                          "each", stacklevel=2)  # fmt: skip
         if cfg.gradient_checkpointing:
             enabled = [
                 m for m in task.modules()
