@@ -85,7 +85,7 @@ def test_caption_reads_files_and_reports_bad_ones(checkpoints, tmp_path):
     path = write_video(tmp_path / "clip.mp4", video)
     result = runner.invoke(app, ["caption", str(path), "--model", str(checkpoints / "unified"), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    sidecar = json.loads((tmp_path / "clip_caption_seed0_0.json").read_text())
+    sidecar = json.loads(next(tmp_path.glob("clip--*_caption_seed0_0.json")).read_text())
     assert sidecar["steps"] == 3  # the caption_steps it ran, not num_steps
     pipe = UniViGUPipeline.from_pretrained(checkpoints / "unified")
     assert sidecar["caption"] == pipe.video_to_text(pipe.load_video(path), seed=0, progress=False).texts[0]
@@ -219,15 +219,22 @@ def test_bad_options_fail_before_any_work(checkpoints, tmp_path):
 
 
 def test_caption_keeps_every_sidecar_of_same_named_files(checkpoints, tmp_path):
+    """Two folders' clip.mp4, clip.mp4 and clip.gif, one clip asked with and without an instruction, each in a call
+    of its own (the sample's position in the call is 0 for all): no sidecar replaces another; a rerun replaces its
+    own."""
     video = np.ascontiguousarray(World().render(World().scenes("test", [0]))[0])
     paths = [write_video(tmp_path / d / "clip.mp4", video) for d in ("d1", "d2") if (tmp_path / d).mkdir() is None]
-    out = tmp_path / "out"
-    result = runner.invoke(app, ["caption", *map(str, paths), "--model", str(checkpoints / "unified"),
-                                 "--out", str(out), "--steps", "1"])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    paths.append(write_video(tmp_path / "d1" / "clip.gif", video))
+    out, model = tmp_path / "out", ["--model", str(checkpoints / "unified"), "--out", str(tmp_path / "out")]
+    calls = [[str(p)] for p in paths] + [[str(paths[0]), "--instruction", "the red circle"], [str(paths[0])]]
+    for args in calls:
+        result = runner.invoke(app, ["caption", *args, *model, "--steps", "1"])
+        assert result.exit_code == 0, result.output
     sidecars = sorted(out.glob("*.json"))
-    assert [p.name for p in sidecars] == ["clip_caption_seed0_0.json", "clip_caption_seed0_1.json"]
-    assert [json.loads(p.read_text())["video"] for p in sidecars] == [str(p) for p in paths]
+    assert len(sidecars) == 4 and all(p.name.startswith("clip--") for p in sidecars)
+    records = [json.loads(p.read_text()) for p in sidecars]
+    asked = sorted((r["video"], r["instruction"] or "") for r in records)
+    assert asked == sorted([(str(p), "") for p in paths] + [(str(paths[0]), "the red circle")])
 
 
 def test_the_command_line_shows_warnings_as_messages(monkeypatch):

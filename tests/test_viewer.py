@@ -87,7 +87,8 @@ def test_generate_and_caption_trajectories(checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     page = (tmp_path / "c.html").read_text()
     assert 'id="final-video"' in page and 'id="video-strip"' not in page  # the input video; no estimates
-    assert json.loads((tmp_path / "clip_caption_seed0_0.json").read_text())["files"]["trajectory"].endswith("c.html")
+    sidecar = next(tmp_path.glob("clip--*_caption_seed0_0.json"))
+    assert json.loads(sidecar.read_text())["files"]["trajectory"].endswith("c.html")
 
 
 def _chromium():

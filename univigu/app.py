@@ -73,7 +73,7 @@ class Demo:
     def video_to_text(self, video: str, seed: int = 0, steps: int | None = None, instruction: str = "",
                       progress: Any = None) -> tuple[str, str, str]:  # fmt: skip
         """A caption for the video file at `video`: (caption, sidecar JSON, trajectory page)."""
-        from univigu.outputs import save_sample, save_trajectory
+        from univigu.outputs import caption_stem, save_sample, save_trajectory
 
         if not video:
             raise ValueError("upload a video, or render a world sample first")
@@ -81,7 +81,7 @@ class Demo:
         frames = self.pipe.load_video(video)  # as training clips are made; too short: a message
         result, seconds, times = self._sample("video_to_text", frames[None], seed=seed, num_steps=steps,
                                               instruction=instruction or None, progress=progress)  # fmt: skip
-        stem = f"{Path(video).stem}_caption_seed{seed}"
+        stem = caption_stem(video, seed, instruction or None)
         record = {"task": "video_to_text", "video": Path(video).name, "caption": result.texts[0],
                   "instruction": instruction or None, **self._record(seed, len(times), seconds)}  # fmt: skip
         record["files"] = save_trajectory(self.out / f"{stem}.html", self.pipe, result, 0,

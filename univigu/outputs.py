@@ -25,6 +25,14 @@ def slug(text: str, limit: int = 48) -> str:
     return f"{words[:limit].rstrip('-') or 'sample'}--{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
+def caption_stem(video: str | Path, seed: int, instruction: str | None = None) -> str:
+    """The name of a caption's files: the video file's stem, '--' and 8 hex digits of a hash of its full path and
+    the instruction (clip.mp4 and clip.gif, two folders' clip.mp4, or one clip asked two questions never share
+    files; a rerun of the same replaces its own), then the seed: "clip--1a2b3c4d_caption_seed0"."""
+    key = str(Path(video).resolve()) + ("" if instruction is None else "\n" + instruction)
+    return f"{Path(video).stem}--{hashlib.sha256(key.encode()).hexdigest()[:8]}_caption_seed{seed}"
+
+
 def save_sample(out: str | Path, stem: str, video: np.ndarray | None, record: dict[str, Any]) -> dict[str, str]:
     """Write `stem.gif`, `stem.mp4` (uint8 video `[T, H, W, 3]`, when given) and `stem.json` (the record plus
     the written files, under "files") in `out`. Returns the files by kind (gif, mp4, json)."""

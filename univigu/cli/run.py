@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from univigu.outputs import run_record, save_sample, save_trajectory, slug, timed_sample
+from univigu.outputs import caption_stem, run_record, save_sample, save_trajectory, slug, timed_sample
 
 MODEL_HELP = "Pipeline folder (default: the shipped toy-world model, univigu.DEFAULT_MODEL)."
 DEVICE_HELP = "torch device (default: cuda when available, else cpu)."
@@ -206,9 +206,8 @@ def caption(
         frames = np.stack([pipe.load_video(v) for v in videos])
     except VideoReadError as error:
         raise typer.BadParameter(str(error), param_hint="VIDEOS") from error
-    # with the video's position, as generate names its samples: a caption's noise depends on it (and two clip.mp4
-    # from two folders must not share a sidecar)
-    stems = [f"{Path(v).stem}_caption_seed{seed}_{i}" for i, v in enumerate(videos)]
+    # with the video's position, as generate names its samples: a caption's noise depends on it
+    stems = [f"{caption_stem(v, seed, instruction)}_{i}" for i, v in enumerate(videos)]
     with _prompt_errors("--instruction"):
         result, seconds, times = timed_sample(pipe, "video_to_text", frames, seed=seed, num_steps=steps,
                                               instruction=instruction, trajectory=trajectory is not None)  # fmt: skip
