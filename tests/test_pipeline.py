@@ -69,14 +69,13 @@ def test_calling_the_pipeline_runs_the_task_its_arguments_name_in_diffusers_name
     assert np.array_equal(joint.videos, want.videos) and joint.texts == want.texts
     v2t = pipe(video=videos, generator=1, progress=False)
     assert v2t.texts == pipe.video_to_text(videos, seed=1, progress=False).texts and v2t.videos is None
-    asked = pipe("the red circle", videos, generator=1, progress=False)
+    asked = pipe(video=videos, instruction="the red circle", generator=1, progress=False)
     assert asked.texts == pipe.video_to_text(videos, seed=1, instruction="the red circle", progress=False).texts
     for call, message in [(lambda: pipe(), "pass a prompt"),
-                          (lambda: pipe(video=videos, joint=True), "joint=True generates the video"),
+                          (lambda: pipe(video=videos, joint=True), "with a video, pass no prompt"),
                           (lambda: pipe(prompt, generator=1, seed=1), "seed= or generator="),
                           (lambda: pipe(prompt, num_inference_steps=2, num_steps=2), "num_steps= or num_inference_steps="),
-                          (lambda: pipe([prompt], videos), "prompt is the instruction"),
-                          (lambda: pipe("the", videos, instruction="the"), "prompt is the instruction")]:  # fmt: skip
+                          (lambda: pipe(prompt, videos), "a question about the video is instruction=")]:  # fmt: skip
         with pytest.raises(TypeError, match=message):
             call()
 

@@ -688,7 +688,7 @@ class UniViGUPipeline:
                  generator: int | torch.Generator | None = None, **kwargs: Any) -> UniViGUPipelineOutput:  # fmt: skip
         """diffusers' calling convention over the three tasks: `pipe(prompt)` is `text_to_video`,
         `pipe(prompt, joint=True)` is `generate` (a video and its caption), `pipe(video=videos)` is
-        `video_to_text` (with `prompt`, a str, as its instruction). num_inference_steps and generator are
+        `video_to_text` (a question with it: instruction=). num_inference_steps and generator are
         diffusers' names for num_steps and seed (either name, not both); other keywords go to the method."""
         for ours, theirs, value in (("num_steps", "num_inference_steps", num_inference_steps),
                                     ("seed", "generator", generator)):  # fmt: skip
@@ -697,13 +697,9 @@ class UniViGUPipeline:
                     raise TypeError(f"pass {ours}= or {theirs}=, not both")
                 kwargs[ours] = value
         if video is not None:
-            if joint:
-                raise TypeError("joint=True generates the video: pass a prompt, not a video")
-            if prompt is not None:
-                if not isinstance(prompt, str) or "instruction" in kwargs:  # one condition, as in video_to_text
-                    raise TypeError("with a video, prompt is the instruction: one str (not also instruction=), "
-                                    f"got {type(prompt).__name__}")  # fmt: skip
-                kwargs["instruction"] = prompt
+            if joint or prompt is not None:  # a prompt does not describe a video to caption: no silent reading of it
+                raise TypeError("with a video, pass no prompt (nor joint=True): a question about the video is "
+                                "instruction=")  # fmt: skip
             return self.video_to_text(video, **kwargs)
         if prompt is None:
             raise TypeError("pass a prompt (text to video; joint=True: with its caption) or video= (video to text)")
