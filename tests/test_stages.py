@@ -3,6 +3,7 @@ import sys
 
 import psutil
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from univigu import UniViGUPipeline
@@ -112,10 +113,13 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     assert not fresh.exists()  # the base stage did not train first
 
 
-def test_train_one_stage_then_resume_further(tmp_path):
+def test_train_one_stage_then_resume_further(tmp_path, monkeypatch):
     out = tmp_path / "base"
-    args = ["train", str(CONFIG_DIR / "base.yaml"), f"--train.output_dir={out}"] + [f"--{o}" for o in SMALL]
+    monkeypatch.chdir(tmp_path)  # a relative output_dir, as the configs' default is
+    args = ["train", str(CONFIG_DIR / "base.yaml"), "--train.output_dir=base"] + [f"--{o}" for o in SMALL]
     assert runner.invoke(app, args).exit_code == 0
+    # recorded absolute: read from another folder, the record must still name this run (resumed from it below)
+    assert yaml.safe_load((out / "stage_config.yaml").read_text())["train"]["output_dir"] == str(out.resolve())
     # another run writing the folder (a killed launcher's workers live on): refused; a lock left by a process that
     # is gone is taken over, and released at the end
     (out / "run.lock").write_text(str(os.getppid()))
@@ -148,9 +152,12 @@ def test_train_one_stage_then_resume_further(tmp_path):
         assert changed.exit_code == 2 and said in _flat(changed.output), changed.output
     same = runner.invoke(app, [*args, f"--train.output_dir={out.resolve()}", "--train.max_steps=3", "--resume"])
     assert same.exit_code == 0, same.output  # nothing changed: it is done already
-    # the run's own stage_config.yaml holds its overrides: resumed from it, none needs repeating
+    # the run's own stage_config.yaml holds its overrides: resumed from it, none needs repeating, from any folder
+    monkeypatch.chdir(tmp_path.parent)
     more = runner.invoke(app, ["train", str(out / "stage_config.yaml"), "--resume", "--train.max_steps=4"])
     assert more.exit_code == 0, more.output
+    assert not (tmp_path.parent / "base").exists()
+    monkeypatch.chdir(tmp_path)
     steps = [int(line.split(",")[0]) for line in (out / "losses.csv").read_text().splitlines()[1:]]
     record = (out / "stage_config.yaml").read_text()  # what the checks below must leave as it is
     assert steps == [1, 2, 3, 4] and "max_steps: 4" in record

@@ -163,7 +163,7 @@ def _run_stage(cfg: StageConfig, out: Path, resume: bool | str) -> Path:
     def record() -> None:  # once the run is checked: a refused one leaves the folder's record as it was
         if trainer.accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "stage_config.yaml").write_text(yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
+            (out / "stage_config.yaml").write_text(yaml.safe_dump(_portable(cfg), sort_keys=False))
 
     trainer.train(resume=resume, on_start=record)
     state = trainer.final_state_dict()  # EMA weights where on; FSDP shards gathered on the main process
@@ -197,6 +197,18 @@ def _run_config(cfg: StageConfig, dataset: Any, pipe_cfg: PipelineConfig) -> dic
         run["data"]["bucket"] = dataset.bucket  # the same shards, in the same order: the same samples per step
         run["cache_rows"] = dataset.index["buckets"][dataset.bucket]
     return run
+
+
+def _portable(cfg: StageConfig) -> dict[str, Any]:
+    """The stage config as saved beside its run, its paths absolute: `univigu train OUT/stage_config.yaml --resume`
+    continues this run from any working folder (a relative output_dir would start a new run where it is read)."""
+    record = _plain(asdict(cfg))
+    record["train"]["output_dir"] = str(Path(cfg.train.output_dir).resolve())
+    if cfg.init_from is not None:
+        record["init_from"] = str(Path(cfg.init_from).resolve())
+    if "path" in cfg.data:
+        record["data"]["path"] = str(Path(cfg.data["path"]).resolve())
+    return record
 
 
 def _plain(value: Any) -> Any:
