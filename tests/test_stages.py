@@ -3,6 +3,7 @@ import sys
 
 import psutil
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -10,6 +11,7 @@ from univigu import UniViGUPipeline
 from univigu.cli import app
 from univigu.cli.train import CONFIG_DIR
 from univigu.training.config import load_config
+from univigu.training.trainer import native_bf16
 
 runner = CliRunner()
 
@@ -196,7 +198,8 @@ def test_a_killed_export_leaves_the_old_final_whole(tmp_path, monkeypatch):
     assert after == before
     monkeypatch.setattr(UniViGUPipeline, "save_pretrained", save)
     run_stage(load_config(CONFIG_DIR / "base.yaml", [*args, "--train.max_steps=3"]), resume=True)
-    assert UniViGUPipeline.from_pretrained(out / "final").config.extra["base"]["steps"] == 3
+    made = UniViGUPipeline.from_pretrained(out / "final").config.extra["base"]
+    assert made["steps"] == 3 and made["mixed_precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "no")
     assert not (out / ".final.export-tmp").exists()
 
 

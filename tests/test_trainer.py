@@ -184,12 +184,14 @@ def test_a_term_some_steps_lack_is_averaged_over_the_samples_carrying_it_and_nan
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_where_the_device_computes_it_and_a_resume_elsewhere_is_refused(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:  # fmt: skip
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, native: bool) -> None:  # fmt: skip
     import univigu.training.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "native_bf16", lambda device: native)
     trainer = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=2, save_every=2, mixed_precision="auto"))
+    capsys.readouterr()
     trainer.train()
+    assert f"train ({'bf16' if native else 'float32'})" in capsys.readouterr().err  # the progress bar says which
     want = "bf16" if native else "no"
     assert trainer.accelerator.mixed_precision == want == trainer.config.mixed_precision
     saved = json.loads((tmp_path / "checkpoints" / "step_000002" / "config.json").read_text())
@@ -197,8 +199,22 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_and_a_resume_e
     # the same run resumed on a machine where auto means the other precision: the math would change
     monkeypatch.setattr(trainer_module, "native_bf16", lambda device: not native)
     again = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=3, save_every=2, mixed_precision="auto"))
-    with pytest.raises(ResumeError, match=f"mixed_precision: checkpoint '{want}'"):
+    with pytest.raises(ResumeError, match=f"mixed_precision: checkpoint '{want}'") as refused:
         again.train(resume=True)
+    assert f"train.mixed_precision={want} continues in the checkpoint's precision (auto picks bf16 only" in \
+        str(refused.value)  # fmt: skip
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import univigu.training.trainer as trainer_module
+
+    for native in (False, True):
+        monkeypatch.setattr(trainer_module, "native_bf16", lambda device: native)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            Trainer(MLPTask(), Regression(), config(tmp_path / str(native), max_steps=1, mixed_precision="bf16"))
+        slow = [w for w in said if "bf16 autocast on a CPU without native bf16" in str(w.message)]
+        assert len(slow) == (0 if native else 1)
 
 
 def test_an_fsdp_launch_that_accelerate_runs_unsharded_says_so(tmp_path: Path, monkeypatch) -> None:

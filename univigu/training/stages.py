@@ -174,7 +174,8 @@ def _run_stage(cfg: StageConfig, out: Path, resume: bool | str) -> Path:
         task.load_state_dict(state)
         # minutes of training in all (a resumed run's earlier part included), not of this call
         pipe_cfg.extra = {**pipe_cfg.extra, cfg.stage: {"steps": cfg.train.max_steps, "minutes": round(
-            trainer.elapsed / 60, 1), "init_from": cfg.init_from}}  # fmt: skip
+            trainer.elapsed / 60, 1), "init_from": cfg.init_from,
+            "mixed_precision": trainer.config.mixed_precision}}  # fmt: skip
         prompt_encoder, codec = getattr(task, "export_parts", (task.prompt_encoder, None))
         # written aside and swapped in whole: a kill mid-export must not leave a mixed folder that reads as done
         pipe = UniViGUPipeline(task.transformer, prompt_encoder, tokenizer, pipe_cfg, codec=codec)

@@ -197,8 +197,8 @@ class TrainerConfig:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 matmuls natively, so that bf16 autocast speeds training up: a CUDA device
-    with bf16, or a CPU with AVX512-BF16 or AMX. Elsewhere oneDNN converts around every bf16 matmul (on an
-    AVX2-only CPU a toy recall step took 13x longer under bf16 autocast than in float32)."""
+    with bf16, or a CPU with AVX512-BF16 or AMX. Elsewhere bf16 autocast is slower than float32 (on an AVX2-only
+    CPU a toy recall step took 13x longer)."""
     if device.type == "cuda":  # not by emulation (a V100 "supports" bf16 so)
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":  # torch's own probes (private, hence read with a fallback)
@@ -221,10 +221,11 @@ class Trainer:
                  run_config: dict[str, Any] | None = None) -> None:  # fmt: skip
         """`run_config`: what else the run's losses depend on (a stage's data, mix, flow...), as JSON values;
         saved with each checkpoint, and a resume that changes it is a ResumeError, as for `config`."""
-        if config.mixed_precision == "auto":  # the checkpoints record what was used: resuming elsewhere is checked
-            # the device accelerate will pick, found without it (a PartialState made here broke CPU multi-process runs)
-            on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
-            native = native_bf16(torch.device("cuda" if on_gpu else "cpu"))
+        # the device accelerate will pick, found without it (a PartialState made here broke CPU multi-process runs)
+        on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+        native = native_bf16(torch.device("cuda" if on_gpu else "cpu"))
+        self.auto_precision = config.mixed_precision == "auto"
+        if self.auto_precision:  # the checkpoints record what was used: resuming elsewhere is checked
             config = replace(config, mixed_precision="bf16" if native else "no")
         self.config = cfg = config
         self.run_config = json.loads(json.dumps(run_config)) if run_config is not None else None
@@ -245,6 +246,10 @@ class Trainer:
             raise RuntimeError(
                 "launched as several processes but accelerate sees one; on CPU set ACCELERATE_USE_CPU=1"
             )
+        if cfg.mixed_precision == "bf16" and acc.device.type == "cpu" and not native and acc.is_main_process:
+            warnings.warn("bf16 autocast on a CPU without native bf16 (AVX512-BF16 or AMX) is slow (13x slower "
+                          "steps on an AVX2-only CPU); mixed_precision auto or no trains in float32",
+                          stacklevel=2)  # fmt: skip
         if parse_flag_from_env("ACCELERATE_USE_FSDP") and not self.fsdp and acc.is_main_process:
             warnings.warn(f"launched with an FSDP config, but accelerate shards only across GPUs: this run "
                           f"({acc.distributed_type.value}, {acc.num_processes} process(es)) keeps whole weights on "
@@ -316,8 +321,9 @@ class Trainer:
         data = iter(self._dataloader())
         csv_log = _CsvLog(self.output_dir / "losses.csv", self.step) if acc.is_main_process else None
         tb = self._tensorboard() if acc.is_main_process else None
+        precision = {"no": "float32"}.get(cfg.mixed_precision, cfg.mixed_precision)  # "no": no autocast
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process,
-                   dynamic_ncols=True, desc="train")  # fmt: skip
+                   dynamic_ncols=True, desc=f"train ({precision})")  # fmt: skip
         rows: list[dict[str, float]] = []
         window: dict[str, list[float]] = {}  # key -> [sum, weight] over the good steps since the last row
         keys = {"loss": None, "grad_norm": None}  # ordered set: CSV column order
@@ -553,6 +559,10 @@ class Trainer:
         diff = {k: (saved.get(k), now.get(k)) for k in keys if k not in _FREE_KEYS and saved.get(k) != now.get(k)}
         if diff:
             lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in diff.items())
+            if "mixed_precision" in diff:
+                auto = " (auto picks bf16 only where the device computes it natively)" if self.auto_precision else ""
+                lines += (f"\n  train.mixed_precision={diff['mixed_precision'][0]} continues in the checkpoint's "
+                          f"precision{auto}")  # fmt: skip
             raise ResumeError(f"cannot resume from {path}: the config changes the training math:\n{lines}")
         if saved["max_steps"] != now["max_steps"] and acc.is_main_process:  # once, not once per process
             warnings.warn(f"max_steps changed {saved['max_steps']} -> {now['max_steps']}: "
