@@ -99,6 +99,7 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     stale = runner.invoke(app, [*args, "--resume", "--recall.train.max_steps=3"])
     assert stale.exit_code == 2 and "stage recall would train from 2 to 3 steps, but" in _flat(stale.output)
     assert "refine already holds a run begun before this recall export" in _flat(stale.output)
+    assert "or resume with recall's steps unchanged (--recall.train.max_steps=2)" in _flat(stale.output)
     # refine trained further in the toy default chain (base, refine) would continue a run begun from recall
     other = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--resume", *small, "--refine.train.max_steps=3"])
     assert other.exit_code == 2 and f"began from {tmp_path / 'recall' / 'final'}" in _flat(other.output)

@@ -75,7 +75,8 @@ def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> N
         stale = [s for s in stages[i + 1:] if has_run(s)]
         if stale:
             trains = "from scratch" if done is None else f"from {done} to {stage_configs[stage].train.max_steps} steps"
-            keep = f", or resume with {stage}'s steps unchanged" if done is not None else ""
+            unchanged = f"--{stage}.train.max_steps={done}"
+            keep = "" if done is None else f", or resume with {stage}'s steps unchanged ({unchanged})"
             raise typer.BadParameter(
                 f"stage {stage} would train {trains}, but {', '.join(str(out / s) for s in stale)} already "
                 f"{'hold runs' if len(stale) > 1 else 'holds a run'} begun before this {stage} export: move "
