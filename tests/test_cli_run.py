@@ -133,6 +133,8 @@ def test_eval_reports_every_number(checkpoints, tmp_path):
         assert key in data
     assert 0 <= data["v2t"]["all"] <= 1 and "bleu4" in data["v2t"] and "cider" in data["v2t"]
     assert "T2V prompt-attribute accuracy" in result.output
+    assert data["caption_steps"] != data["num_steps"]  # the model's caption_steps: said beside the video's
+    assert f"n=4, {data['num_steps']} steps ({data['caption_steps']} for captions)" in result.output
 
 
 def test_eval_of_a_base_generator_leaves_out_what_it_cannot_do(checkpoints, tmp_path):
@@ -147,7 +149,11 @@ def test_eval_of_a_base_generator_leaves_out_what_it_cannot_do(checkpoints, tmp_
 
 def test_missing_model_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["generate", "a red circle moves right", "--model", str(tmp_path)])
-    assert result.exit_code != 0 and "model_index.json" in result.output
+    assert result.exit_code != 0 and "model_index.json" in result.output and "training run" not in said(result)
+    (tmp_path / "final").mkdir()  # a training run's folder: its pipeline is named
+    (tmp_path / "final" / "model_index.json").write_text("{}")
+    result = runner.invoke(app, ["generate", "a red circle moves right", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and f"it holds a training run, whose pipeline is {tmp_path / 'final'}" in said(result)
 
 
 def test_demo_writes_the_three_tasks(checkpoints, tmp_path):

@@ -89,6 +89,7 @@ def test_generate_and_caption_trajectories(checkpoint, tmp_path):
     assert 'id="final-video"' in page and 'id="video-strip"' not in page  # the input video; no estimates
     sidecar = next(tmp_path.glob("clip--*_caption_seed0_0.json"))
     assert json.loads(sidecar.read_text())["files"]["trajectory"].endswith("c.html")
+    assert f"-> {sidecar} (trajectory: {tmp_path / 'c.html'})" in result.output  # where both went
 
 
 def _chromium():

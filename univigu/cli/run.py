@@ -217,8 +217,9 @@ def caption(
         record["files"] = save_trajectory(_trajectory_path(trajectory, i, len(videos)), pipe, result, i,
                                             f"video to text: {Path(video).name}", record, times,
                                             video=frames[i])  # fmt: skip
-        save_sample(out, stems[i], None, record)
-        typer.echo(f"{video}: {text}")
+        files = save_sample(out, stems[i], None, record)
+        typer.echo(f"{video}: {text}\n  -> {files['json']}"
+                   + (f" (trajectory: {files['trajectory']})" if trajectory else ""))  # fmt: skip
 
 
 def joint(

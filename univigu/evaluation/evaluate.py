@@ -209,6 +209,8 @@ def summary_table(results: dict[str, Any]) -> str:
         rows.append(("joint T2V prompt accuracy", results["joint"]["t2v"]))
     width = max(len(r[0]) for r in rows) if rows else 0
     head = f"{results['split']} split, n={results['n']}, {results['num_steps']} steps"
+    if "v2t" in results and results.get("caption_steps", results["num_steps"]) != results["num_steps"]:
+        head += f" ({results['caption_steps']} for captions)"
     lines = [head] + [f"{name:<{width}}  {value * 100:6.2f}" if "BLEU" not in name and "CIDEr" not in name
                       else f"{name:<{width}}  {value:6.3f}" for name, value in rows]  # fmt: skip
     return "\n".join(lines)

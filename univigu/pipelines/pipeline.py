@@ -332,7 +332,10 @@ class UniViGUPipeline:
         if is_wan_release(path):
             return cls.from_wan(path, device=device, torch_dtype=torch_dtype, **config)
         if not index_file.exists():
-            raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json)")
+            final = path / "final"  # a training run's folder holds its pipeline there
+            inside = f"; it holds a training run, whose pipeline is {final}" if (final / "model_index.json").is_file() \
+                else ""  # fmt: skip
+            raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json){inside}")
         index = _read_index(index_file)
         missing = [key for key in ("transformer", "prompt_encoder", "config") if key not in index]
         if missing:
