@@ -30,7 +30,8 @@ def test_world_render_writes_videos_jsonl_and_sheet(tmp_path):
 
 def test_world_render_bad_split_is_clear(tmp_path):
     result = runner.invoke(app, ["world", "render", "--split", "nope", "--out", str(tmp_path)])
-    assert result.exit_code != 0 and "split" in result.output
+    assert result.exit_code == 2 and "Invalid value for --split: one of ['train', 'val', 'test', 'heldout'], got " \
+        "'nope'" in said(result)  # fmt: skip
 
 
 def test_world_render_sizes_and_formats(tmp_path):

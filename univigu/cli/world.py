@@ -30,12 +30,14 @@ def render(
 ) -> None:
     """Write videos, samples.jsonl (prompt, caption, attributes) and a contact sheet."""
     from univigu.data.video_io import VIDEO_FORMATS, write_video
-    from univigu.data.world import World
+    from univigu.data.world import SPLITS, World
 
     formats = [ext.strip().lstrip(".") for ext in fmt.split(",") if ext.strip()]
     if not formats or set(formats) - set(VIDEO_FORMATS):
         raise typer.BadParameter(f"a comma-separated subset of {', '.join(VIDEO_FORMATS)}, got {fmt!r}",
                                  param_hint="--format")  # fmt: skip
+    if split not in SPLITS:
+        raise typer.BadParameter(f"one of {list(SPLITS)}, got {split!r}", param_hint="--split")
     try:
         world = World(_config(height, width, frames))
         scenes = world.scenes(split, range(n), seed)
