@@ -316,8 +316,11 @@ def _train_job(spec: dict[str, Any], p: dict[str, Any], out: Path, device: str) 
         offset += steps
         init = str(final)
     results = evaluate(_pipeline(arm_dir / "refine" / "final", device), **_eval_kwargs(p))
+    # the precision each stage trained in, as its export records it (auto: bf16 only where the device has it)
+    precision = {stage: json.loads((arm_dir / stage / "final" / "model_index.json").read_text())["config"]["extra"]
+                 [stage].get("mixed_precision") for stage, _ in spec["stages"]}  # fmt: skip
     return {"arm": spec["arm"], "seed": seed, "eval": results, "curve": curve, "train_minutes": minutes,
-            "batch_size": cfg.train.batch_size}
+            "batch_size": cfg.train.batch_size, "mixed_precision": precision}
 
 
 def _checkpoint_pipelines(cfg, device: str):

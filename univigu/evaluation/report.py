@@ -312,9 +312,14 @@ def write_report(out: str | Path, folder: str | Path) -> Path:
 
 
 def _batch(data: dict[str, Any]) -> str:
-    """The batch the arms trained at, as their results record it (results made before they did: not known)."""
+    """The batch and precision the arms trained at, as their results record them (results made before they did:
+    not known)."""
     sizes = sorted({r["batch_size"] for r in data["results"].values() if "batch_size" in r})
-    return f"batch {', '.join(map(str, sizes))}" if sizes else "the stage configs' batch"
+    names = {"no": "float32", None: "unrecorded precision"}
+    precisions = sorted({names.get(v, v) for r in data["results"].values()
+                         for v in r.get("mixed_precision", {}).values()})  # fmt: skip
+    batch = f"batch {', '.join(map(str, sizes))}" if sizes else "the stage configs' batch"
+    return batch + (f" in {', '.join(precisions)}" if precisions else "")
 
 
 def _models(plan: dict[str, Any]) -> list[str]:
