@@ -78,6 +78,10 @@ def test_calling_the_pipeline_runs_the_task_its_arguments_name_in_diffusers_name
                           (lambda: pipe(prompt, videos), "a question about the video is instruction=")]:  # fmt: skip
         with pytest.raises(TypeError, match=message):
             call()
+    with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
+        pipe(prompt, num_inference_steps=0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or an int seed, got str"):
+        pipe(prompt, generator="0")
 
 
 def test_config_sets_caption_steps_and_joint_text_update(tiny_parts, videos):

@@ -693,6 +693,11 @@ class UniViGUPipeline:
         `pipe(prompt, joint=True)` is `generate` (a video and its caption), `pipe(video=videos)` is
         `video_to_text` (a question with it: instruction=). num_inference_steps and generator are
         diffusers' names for num_steps and seed (either name, not both); other keywords go to the method."""
+        if num_inference_steps is not None:  # checked here, so that an error names the argument given
+            num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1)
+        if generator is not None and (isinstance(generator, bool) or
+                                      not isinstance(generator, (torch.Generator, numbers.Integral))):  # fmt: skip
+            raise TypeError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
         for ours, theirs, value in (("num_steps", "num_inference_steps", num_inference_steps),
                                     ("seed", "generator", generator)):  # fmt: skip
             if value is not None:
