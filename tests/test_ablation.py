@@ -232,3 +232,12 @@ def test_smoke_merges_its_eval_settings_into_the_full_ones(tmp_path):
     settings = load_plan(tmp_path, smoke=True)["settings"]
     assert settings["eval"] == {"split": "heldout", "n": 2} and settings["seeds"] == [0]
     assert load_plan(tmp_path)["settings"]["eval"] == {"split": "heldout", "n": 64}
+
+
+def test_the_report_names_the_training_precision_and_says_when_some_results_do_not_record_it():
+    from univigu.evaluation.report import _batch
+
+    new = {"batch_size": 2, "mixed_precision": {"recall": "no", "refine": "no"}}
+    assert _batch({"results": {"a": new}}) == "batch 2 in float32"
+    assert _batch({"results": {"a": new, "old": {"batch_size": 2}}}) == "batch 2 in float32, unrecorded precision"
+    assert _batch({"results": {"old": {"batch_size": 2}}}) == "batch 2"  # results from before it was recorded

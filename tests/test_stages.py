@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 
 import psutil
@@ -114,6 +115,18 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
         bad = runner.invoke(app, ["train-all", "--out", str(fresh), *small, *extra])
         assert bad.exit_code == 2 and message in _flat(bad.output), bad.output
     assert not fresh.exists()  # the base stage did not train first
+    # the whole chain moved to another folder (its records name the old, gone paths): it resumes there
+    moved = tmp_path.with_name(tmp_path.name + "_moved")
+    shutil.move(tmp_path, moved)
+    args = [a if a != str(tmp_path) else str(moved) for a in args]
+    further = runner.invoke(app, [*args, "--resume", "--refine.train.max_steps=4"])
+    assert further.exit_code == 0 and "refine: 3 steps done, continuing to 4" in further.output, further.output
+    # one stage resumed from its own record after the move: refused, naming the folder to pass
+    record = moved / "base" / "stage_config.yaml"
+    stray = runner.invoke(app, ["train", str(record), "--resume", "--train.max_steps=5"])
+    unwrapped = "".join(stray.output.replace("│", "").split())  # rich breaks long paths mid-word
+    assert stray.exit_code == 2 and f"wastherunmoved?pass--train.output_dir={moved / 'base'}" in unwrapped
+    assert not tmp_path.exists()  # nothing started where the run was
 
 
 def test_train_one_stage_then_resume_further(tmp_path, monkeypatch):

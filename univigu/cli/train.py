@@ -64,7 +64,9 @@ def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> N
         if cfg.init_from is None or finished(stage) or not has_run(stage) or not record.is_file():
             continue
         began = (yaml.safe_load(record.read_text()) or {}).get("init_from")
-        if began is not None and Path(began).resolve() != Path(cfg.init_from).resolve():
+        # a run moved with its chain recorded paths that are gone: the same stage's export is the same chain
+        moved = not Path(began or ".").exists() and Path(began or ".").parts[-2:] == Path(cfg.init_from).parts[-2:]
+        if began is not None and Path(began).resolve() != Path(cfg.init_from).resolve() and not moved:
             raise typer.BadParameter(f"{out / stage} began from {began}, and this chain ({', '.join(stages)}) would "
                                      f"continue it from {cfg.init_from}: move it away to train it again, or resume "
                                      "with the stages it was trained in", param_hint="--stages / --resume")  # fmt: skip
@@ -105,6 +107,17 @@ def train(
 
     try:
         cfg = load_config(config, ctx.args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error), param_hint="CONFIG / overrides") from error
+    # a run's own record (its paths absolute), read after the run was moved: it would resume (or start) elsewhere
+    run_dir = config.resolve().parent
+    given = any(a.lstrip("-").startswith("train.output_dir") for a in ctx.args)
+    if resume and config.name == "stage_config.yaml" and (run_dir / "checkpoints").is_dir() and not given \
+            and Path(cfg.train.output_dir).resolve() != run_dir:
+        raise typer.BadParameter(f"{config} records a run in {cfg.train.output_dir}, and it lies in {run_dir}: was "
+                                 f"the run moved? pass --train.output_dir={run_dir} (and --init_from= if what it "
+                                 "began from moved too)", param_hint="CONFIG")  # fmt: skip
+    try:
         cfg.check_inputs()
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error), param_hint="CONFIG / overrides") from error

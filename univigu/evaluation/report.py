@@ -316,10 +316,10 @@ def _batch(data: dict[str, Any]) -> str:
     not known)."""
     sizes = sorted({r["batch_size"] for r in data["results"].values() if "batch_size" in r})
     names = {"no": "float32", None: "unrecorded precision"}
-    precisions = sorted({names.get(v, v) for r in data["results"].values()
-                         for v in r.get("mixed_precision", {}).values()})  # fmt: skip
+    trained = [r for r in data["results"].values() if "batch_size" in r]  # the train jobs
+    precisions = sorted({names.get(v, v) for r in trained for v in r.get("mixed_precision", {None: None}).values()})
     batch = f"batch {', '.join(map(str, sizes))}" if sizes else "the stage configs' batch"
-    return batch + (f" in {', '.join(precisions)}" if precisions else "")
+    return batch + (f" in {', '.join(precisions)}" if precisions not in ([], ["unrecorded precision"]) else "")
 
 
 def _models(plan: dict[str, Any]) -> list[str]:
