@@ -80,7 +80,7 @@ def test_calling_the_pipeline_runs_the_task_its_arguments_name_in_diffusers_name
             call()
     with pytest.raises(ValueError, match="num_inference_steps must be an int >= 1, got 0"):
         pipe(prompt, num_inference_steps=0)
-    with pytest.raises(TypeError, match="generator must be a torch.Generator or an int seed, got str"):
+    with pytest.raises(TypeError, match="generator must be an int or a torch.Generator, got str"):
         pipe(prompt, generator="0")
 
 

@@ -64,9 +64,11 @@ def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> N
         if cfg.init_from is None or finished(stage) or not has_run(stage) or not record.is_file():
             continue
         began = (yaml.safe_load(record.read_text()) or {}).get("init_from")
+        if began is None:
+            continue
         # a run moved with its chain recorded paths that are gone: the same stage's export is the same chain
-        moved = not Path(began or ".").exists() and Path(began or ".").parts[-2:] == Path(cfg.init_from).parts[-2:]
-        if began is not None and Path(began).resolve() != Path(cfg.init_from).resolve() and not moved:
+        moved = not Path(began).exists() and Path(began).parts[-2:] == Path(cfg.init_from).parts[-2:]
+        if Path(began).resolve() != Path(cfg.init_from).resolve() and not moved:
             raise typer.BadParameter(f"{out / stage} began from {began}, and this chain ({', '.join(stages)}) would "
                                      f"continue it from {cfg.init_from}: move it away to train it again, or resume "
                                      "with the stages it was trained in", param_hint="--stages / --resume")  # fmt: skip

@@ -315,10 +315,10 @@ def _train_job(spec: dict[str, Any], p: dict[str, Any], out: Path, device: str) 
                 curve.append({"step": offset + step, "stage": stage, "v2t": v2t})
         offset += steps
         init = str(final)
-    results = evaluate(_pipeline(arm_dir / "refine" / "final", device), **_eval_kwargs(p))
-    # the precision each stage trained in, as its export records it (auto: bf16 only where the device has it)
-    precision = {stage: json.loads((arm_dir / stage / "final" / "model_index.json").read_text())["config"]["extra"]
-                 [stage].get("mixed_precision") for stage, _ in spec["stages"]}  # fmt: skip
+    pipe = _pipeline(arm_dir / "refine" / "final", device)
+    results = evaluate(pipe, **_eval_kwargs(p))
+    # the precision each stage trained in, as the exports record it (auto: bf16 only where the device has it)
+    precision = {stage: pipe.config.extra[stage].get("mixed_precision") for stage, _ in spec["stages"]}
     return {"arm": spec["arm"], "seed": seed, "eval": results, "curve": curve, "train_minutes": minutes,
             "batch_size": cfg.train.batch_size, "mixed_precision": precision}
 

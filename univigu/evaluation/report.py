@@ -314,9 +314,9 @@ def write_report(out: str | Path, folder: str | Path) -> Path:
 def _batch(data: dict[str, Any]) -> str:
     """The batch and precision the arms trained at, as their results record them (results made before they did:
     not known)."""
-    sizes = sorted({r["batch_size"] for r in data["results"].values() if "batch_size" in r})
-    names = {"no": "float32", None: "unrecorded precision"}
     trained = [r for r in data["results"].values() if "batch_size" in r]  # the train jobs
+    sizes = sorted({r["batch_size"] for r in trained})
+    names = {"no": "float32", None: "unrecorded precision"}
     precisions = sorted({names.get(v, v) for r in trained for v in r.get("mixed_precision", {None: None}).values()})
     batch = f"batch {', '.join(map(str, sizes))}" if sizes else "the stage configs' batch"
     return batch + (f" in {', '.join(precisions)}" if precisions not in ([], ["unrecorded precision"]) else "")

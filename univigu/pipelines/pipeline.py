@@ -109,14 +109,15 @@ class PipelineConfig:
         return self.num_steps
 
 
-def _seed(seed: Any) -> int | torch.Generator:
-    """An int seed, or a torch.Generator (the samplers take either); TypeError for anything else."""
+def _seed(seed: Any, name: str = "seed") -> int | torch.Generator:
+    """An int seed, or a torch.Generator (the samplers take either); TypeError for anything else, naming the
+    argument `name`."""
     if isinstance(seed, torch.Generator):
         return seed
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int or a torch.Generator, got {type(seed).__name__} {seed!r}")
+        raise TypeError(f"{name} must be an int or a torch.Generator, got {type(seed).__name__} {seed!r}")
     if not -(2**63) <= seed < 2**64:  # what torch's generators take (else "Overflow when unpacking long long")
-        raise ValueError(f"seed must fit in 64 bits, got {seed}")
+        raise ValueError(f"{name} must fit in 64 bits, got {seed}")
     return int(seed)
 
 
@@ -695,9 +696,8 @@ class UniViGUPipeline:
         diffusers' names for num_steps and seed (either name, not both); other keywords go to the method."""
         if num_inference_steps is not None:  # checked here, so that an error names the argument given
             num_inference_steps = check_int("num_inference_steps", num_inference_steps, 1)
-        if generator is not None and (isinstance(generator, bool) or
-                                      not isinstance(generator, (torch.Generator, numbers.Integral))):  # fmt: skip
-            raise TypeError(f"generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
+        if generator is not None:
+            generator = _seed(generator, "generator")
         for ours, theirs, value in (("num_steps", "num_inference_steps", num_inference_steps),
                                     ("seed", "generator", generator)):  # fmt: skip
             if value is not None:
