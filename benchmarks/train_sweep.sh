@@ -4,12 +4,15 @@
 # then OUT/summary.md (name, step, MFU, peak memory). About 2 minutes a configuration on one H100 / H200.
 #   bash benchmarks/train_sweep.sh OUT [NAME ...]      # names from the list below; default: all
 # SIZE overrides the size and device flags (the tests run it on a CPU at a tiny size); a configuration that fails
-# (out of memory, a timeout of PER_RUN_S seconds) is listed as failed and the sweep goes on.
+# (out of memory, a timeout of PER_RUN_S seconds, default 300) is listed as failed and the sweep goes on. Under a hard
+# time limit, TOTAL_S=N skips each configuration that could end later than N seconds after the sweep's start;
+# summary.md is rewritten after each configuration (with its run's wall time), so a sweep killed part way still
+# leaves the table of what ended, and each log.txt timestamps the run's phases. PYTHON picks the interpreter.
 set -uo pipefail
 out=${1:?usage: benchmarks/train_sweep.sh OUT [NAME ...]}
 shift
 cd "$(dirname "$0")/.."
-python=$(command -v python || command -v python3)
+python=${PYTHON:-$(command -v python3 || command -v python)}
 size=${SIZE:---device cuda --dtype bfloat16 --latent 21 60 104 --text-len 256 --prompt-len 512}
 declare -A flags=(
     [compile_none_b0.3]="--checkpointing none --compile --memory-budget 0.3 --profile"  # the best on an H100
@@ -23,29 +26,47 @@ names=("$@")
 for name in "${names[@]}"; do
     [ -n "${flags[$name]+x}" ] || { echo "unknown configuration $name (known: ${!flags[*]})" >&2; exit 2; }
 done
-mkdir -p "$out"
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-for name in "${names[@]}"; do
-    mkdir -p "$out/$name"
-    rm -f "$out/$name/result.json"  # a configuration failing this time must not show an earlier run's figures
-    # shellcheck disable=SC2086  # the flag strings are word lists
-    PYTHONPATH=.:${PYTHONPATH:-} timeout "${PER_RUN_S:-300}" "$python" benchmarks/wan_scale.py --skip-latency \
-        --train-steps 2 $size ${flags[$name]} --out "$out/$name" > "$out/$name/log.txt" 2>&1
-    echo "$name: rc $?"
-done
-"$python" - "$out" "${names[@]}" <<'EOF' | tee "$out/summary.md"
+per_run=${PER_RUN_S:-300}
+declare -A state=()  # name -> "rc N in S s" or "skipped"; unset: not reached yet
+summarize() {  # summary.md from the result files and each configuration's state
+    local pairs=() name
+    for name in "${names[@]}"; do pairs+=("$name" "${state[$name]:-}"); done
+    "$python" - "$out" "${pairs[@]}" > "$out/summary.md" <<'EOF'
 import json, sys
 from pathlib import Path
 
-out, names = Path(sys.argv[1]), sys.argv[2:]
-print("| configuration | step | MFU | peak memory |\n|---|---|---|---|")
-for name in names:
+out, pairs = Path(sys.argv[1]), sys.argv[2:]
+print("| configuration | step | MFU | peak memory | run |\n|---|---|---|---|---|")
+for name, state in zip(pairs[::2], pairs[1::2]):
     path = out / name / "result.json"
-    if not path.exists():
-        print(f"| {name} | failed (see {name}/log.txt) | | |")
+    if not state.startswith("rc") or not path.exists():
+        why = {"": "not reached", "skipped": "skipped (TOTAL_S)"}.get(state, f"failed (see {name}/log.txt)")
+        print(f"| {name} | {why} | | | {state if state.startswith('rc') else ''} |")
         continue
     r = json.loads(path.read_text())
     mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     memory = "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB"
-    print(f"| {name} | {r['train_step_s']:.3f} s | {mfu} | {memory} |")
+    print(f"| {name} | {r['train_step_s']:.3f} s | {mfu} | {memory} | {state} |")
 EOF
+}
+mkdir -p "$out"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+for name in "${names[@]}"; do
+    if [ -n "${TOTAL_S:-}" ] && [ $((SECONDS + per_run)) -gt "$TOTAL_S" ]; then
+        state[$name]=skipped
+        echo "$name: skipped ($SECONDS s of TOTAL_S=$TOTAL_S gone, PER_RUN_S=$per_run)"
+        continue
+    fi
+    mkdir -p "$out/$name"
+    rm -f "$out/$name/result.json"  # a configuration failing this time must not show an earlier run's figures
+    began=$SECONDS
+    # -k: a run that outlives the timeout's TERM is killed, not left holding the GPU and the caller's pipes
+    # shellcheck disable=SC2086  # the flag strings are word lists
+    PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 timeout -k 10 "$per_run" "$python" benchmarks/wan_scale.py \
+        --skip-latency --train-steps 2 $size ${flags[$name]} --out "$out/$name" > "$out/$name/log.txt" 2>&1
+    state[$name]="rc $? in $((SECONDS - began)) s"
+    echo "$name: ${state[$name]}"
+    summarize
+done
+summarize
+cat "$out/summary.md"

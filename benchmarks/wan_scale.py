@@ -19,6 +19,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,13 @@ from univigu.models import build_model
 from univigu.models.transformer import ATTENTION_BACKENDS, WAN_CONFIG_KEYS, keep_attention_checkpointing
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
+_START = time.perf_counter()
+
+
+def _progress(message: str) -> None:
+    """A timestamped line on stderr as each phase ends: a run killed at a time limit still says how far it got
+    and what took the time (compiling the blocks can take minutes)."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _peak(device: torch.device) -> tuple[str, float | None]:
@@ -144,6 +152,7 @@ def main() -> None:
     with torch.device(device):
         model = build_model(args.preset, **overrides)
     model.set_attention_backend(args.attention_backend)
+    _progress(f"model built on {device}")
     cfg = model.config
     b, (t, h, w) = args.batch, args.latent
     n_video = (t // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
@@ -160,6 +169,7 @@ def main() -> None:
     latency, parity = {}, None
     if not args.skip_latency:
         latency, parity = _latency(model, video, prompt, tokens, text_mask, t_noisy, t_clean, args, dtype, sync)
+        _progress("per-step latencies timed")
 
     # ---- one training step: float32 weights, bf16 autocast, checkpointing, AdamW ----
     model.float().train()
@@ -178,6 +188,7 @@ def main() -> None:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         loss_fn()
     forward_flops = counter.get_total_flops()
+    _progress(f"model FLOPs counted: {forward_flops / 1e12:.3g} TFLOP a forward")
     if args.compile:  # after counting: the counter sees eager operations
         if args.memory_budget is not None:
             torch._functorch.config.activation_memory_budget = args.memory_budget
@@ -192,6 +203,7 @@ def main() -> None:
     try:
         for _ in range(1 if args.train_steps > 1 or args.compile else 0):
             train_step()  # warmup: optimizer state allocated, blocks compiled
+            _progress(f"warmup training step done{' (blocks compiled)' if args.compile else ''}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(args.train_steps):
@@ -200,11 +212,15 @@ def main() -> None:
             train_step()
             sync()
             times.append(time.perf_counter() - start)
+            _progress(f"training step {len(times)}: {times[-1]:.3f} s")
     except torch.OutOfMemoryError:
         raise SystemExit(f"training step out of memory (checkpointing {args.checkpointing}, compile {args.compile}, "
                          f"memory budget {args.memory_budget})") from None
     step_s = statistics.median(times)
-    profiled = _profile(train_step, device, sync) if args.profile else None
+    profiled = None
+    if args.profile:
+        profiled = _profile(train_step, device, sync)
+        _progress("profiled step done")
     peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     machine, peak_tflops = _peak(device)
     train_flops = 3 * forward_flops

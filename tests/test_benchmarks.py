@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,9 +83,10 @@ def test_the_h100_training_table_is_its_result_files():
 
 def test_train_sweep_runs_each_configuration_and_tabulates(tmp_path):
     """benchmarks/train_sweep.sh at a CPU size: each named configuration in its folder, a failed one (the masked
-    configuration's 200 padded positions do not fit a 16-token text stream) listed as failed, the sweep going on."""
+    configuration's 200 padded positions do not fit a 16-token text stream) listed as failed, the sweep going on;
+    with TOTAL_S too small for a run, each configuration is skipped, not started."""
     size = "--preset tiny --layers 2 --latent 4 16 16 --text-len 16 --prompt-len 8 --device cpu --dtype float32"
-    env = {**os.environ, "SIZE": size, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "SIZE": size, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     script = str(ROOT / "benchmarks" / "train_sweep.sh")
     res = subprocess.run(["bash", script, str(tmp_path), "compile_none_b0.3_pad200", "keep_attention"], env=env,
                          capture_output=True, text=True)  # fmt: skip
@@ -92,7 +94,15 @@ def test_train_sweep_runs_each_configuration_and_tabulates(tmp_path):
     result = json.loads((tmp_path / "keep_attention" / "result.json").read_text())
     assert result["gradient_checkpointing"] == "keep_attention" and result["train_step_s"] > 0
     rows = (tmp_path / "summary.md").read_text().splitlines()[2:]
-    assert rows[0].startswith("| compile_none_b0.3_pad200 | failed")
-    assert rows[1] == f"| keep_attention | {result['train_step_s']:.3f} s |  |  |"
+    assert re.fullmatch(r"\| compile_none_b0.3_pad200 \| failed \(see compile_none_b0.3_pad200/log.txt\) \| \| \| "
+                        r"rc [1-9]\d* in \d+ s \|", rows[0]), rows[0]  # fmt: skip
+    assert re.fullmatch(rf"\| keep_attention \| {result['train_step_s']:.3f} s \|  \|  \| rc 0 in \d+ s \|", rows[1])
+    log = (tmp_path / "keep_attention" / "log.txt").read_text()
+    assert re.search(r"\] training step 2: \d+\.\d{3} s", log), log  # the phases are timestamped
+    res = subprocess.run(["bash", script, str(tmp_path / "t"), "keep_attention"],
+                         env={**env, "TOTAL_S": "5", "PER_RUN_S": "10"}, capture_output=True, text=True)
+    assert res.returncode == 0 and "keep_attention: skipped" in res.stdout, res.stdout + res.stderr
+    assert not (tmp_path / "t" / "keep_attention").exists()
+    assert "| keep_attention | skipped (TOTAL_S) |" in (tmp_path / "t" / "summary.md").read_text()
     res = subprocess.run(["bash", script, str(tmp_path / "x"), "no_such"], env=env, capture_output=True, text=True)
     assert res.returncode == 2 and "unknown configuration no_such" in res.stderr
