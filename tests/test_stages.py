@@ -107,7 +107,13 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     # more steps for a finished stage: it continues from its checkpoint (as train --resume does)
     longer = runner.invoke(app, [*args, "--resume", "--refine.train.max_steps=3"])
     assert longer.exit_code == 0 and "refine: 2 steps done, continuing to 3" in longer.output, longer.output
-    assert UniViGUPipeline.from_pretrained(tmp_path / "refine" / "final").config.extra["refine"]["steps"] == 3
+    refine_extra = UniViGUPipeline.from_pretrained(tmp_path / "refine" / "final").config.extra["refine"]
+    assert refine_extra["steps"] == 3
+    # another precision than the checkpoint's: refused, naming the stage's override that continues it
+    used = refine_extra["mixed_precision"]
+    precision = runner.invoke(app, [*args, "--resume", "--refine.train.max_steps=4",
+                                    f"--refine.train.mixed_precision={'bf16' if used == 'no' else 'no'}"])  # fmt: skip
+    assert precision.exit_code == 2 and f"(train-all: --refine.train.mixed_precision={used})" in _flat(precision.output)
     # overrides are all checked before any stage trains: one naming no stage, or a typo in the last stage's
     fresh = tmp_path / "fresh"
     for extra, message in ((["--train.max_steps=2"], "an override names its stage"),

@@ -11,9 +11,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "toy"
 DEFAULT_STAGES = "base,refine"
 
 
-def _run(cfg, resume: bool) -> Path:
+def _run(cfg, resume: bool, stage: str | None = None) -> Path:
     """Train a stage; an output folder that already holds a run, a checkpoint the config cannot continue, or a
-    latent cache the stage cannot use, is a usage error (each is found before any step runs)."""
+    latent cache the stage cannot use, is a usage error (each is found before any step runs). `stage`: run by
+    train-all, whose overrides name their stage."""
     from univigu.data.latent_cache import CacheError
     from univigu.training import ResumeError
     from univigu.training.checkpoint import RunFolderInUse
@@ -22,7 +23,10 @@ def _run(cfg, resume: bool) -> Path:
     try:
         return run_stage(cfg, resume=resume)
     except (FileExistsError, ResumeError, RunFolderInUse) as error:
-        raise typer.BadParameter(str(error), param_hint="--resume / train.output_dir") from error
+        message = str(error)
+        if stage is not None and getattr(error, "continue_with", ()):
+            message += "\n  (train-all: " + " ".join(f"--{stage}.{o}" for o in error.continue_with) + ")"
+        raise typer.BadParameter(message, param_hint="--resume / train.output_dir") from error
     except CacheError as error:
         raise typer.BadParameter(str(error), param_hint="data / pipeline") from error
 
@@ -181,6 +185,6 @@ def train_all(
             cfg.check_inputs()  # its init_from is the previous stage's final/, there only now
         except (ValueError, TypeError, FileNotFoundError) as error:
             raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
-        final = _run(cfg, resume)
+        final = _run(cfg, resume, stage)
         _say(f"stage {stage} done: {final}")
     _leave_process_group()

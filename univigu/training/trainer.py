@@ -107,7 +107,12 @@ def _flatten(values: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 class ResumeError(ValueError):
-    """A checkpoint this run cannot continue: its config differs in what changes the training math."""
+    """A checkpoint this run cannot continue: its config differs in what changes the training math.
+    `continue_with`: overrides (`train.key=value`) that would continue it, where some would."""
+
+    def __init__(self, message: str, continue_with: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.continue_with = continue_with
 
 
 @dataclass
@@ -559,11 +564,13 @@ class Trainer:
         diff = {k: (saved.get(k), now.get(k)) for k in keys if k not in _FREE_KEYS and saved.get(k) != now.get(k)}
         if diff:
             lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in diff.items())
+            continue_with = ()
             if "mixed_precision" in diff:
+                continue_with = (f"train.mixed_precision={diff['mixed_precision'][0]}",)
                 auto = " (auto picks bf16 only where the device computes it natively)" if self.auto_precision else ""
-                lines += (f"\n  train.mixed_precision={diff['mixed_precision'][0]} continues in the checkpoint's "
-                          f"precision{auto}")  # fmt: skip
-            raise ResumeError(f"cannot resume from {path}: the config changes the training math:\n{lines}")
+                lines += f"\n  {continue_with[0]} continues in the checkpoint's precision{auto}"
+            raise ResumeError(f"cannot resume from {path}: the config changes the training math:\n{lines}",
+                              continue_with)  # fmt: skip
         if saved["max_steps"] != now["max_steps"] and acc.is_main_process:  # once, not once per process
             warnings.warn(f"max_steps changed {saved['max_steps']} -> {now['max_steps']}: "
                           "the cosine schedule is stretched from here on")  # fmt: skip
