@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import json
 import shutil
@@ -142,6 +143,13 @@ def test_bad_inputs_are_clear_errors(pipe, tiny_parts, videos, tmp_path):
         pipe.check_prompts(["a red circle moves right", ""], warn_empty=False)  # the world's words: no warning
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         UniViGUPipeline.from_pretrained(tmp_path / "nothing")
+    floats = videos.astype(np.float32) / 255  # frames in [0, 1]: say how to make uint8 frames of them
+    with pytest.raises(ValueError, match=r"got float32 array \(2, 16, 32, 32, 3\); frames are uint8 in \[0, 255\]"):
+        pipe.video_to_text(floats, progress=False)
+    with pytest.raises(TypeError, match="prompt 0 is ndarray, expected str; to caption videos pass them as video="):
+        pipe(videos)  # a video where the prompt goes
+    with pytest.raises(TypeError, match=r"pipe\(\) names it prompt= \(the methods: prompts=\)"):
+        pipe(prompts=["a red circle moves right"])
 
 
 def test_empty_batches_and_bad_call_arguments_are_clear_errors(pipe, videos):
@@ -265,6 +273,22 @@ def test_half_precision_export_loads_back_in_float32(pipe, tmp_path):
     assert next(loaded.transformer.parameters()).dtype == torch.float32
     for (name, a), b in zip(pipe.transformer.state_dict().items(), loaded.transformer.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-2, rtol=1e-3), name
+    # a dtype by name, as from_pretrained(torch_dtype=) takes it; a dtype that is no float is refused before
+    # anything is written (int8 weights loaded back as noise)
+    pipe.save_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    assert UniViGUPipeline.from_pretrained(tmp_path / "bf16", torch_dtype="bfloat16").transformer.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"dtype must be one of \['bfloat16', 'float16', 'float32'\].*torch.int8"):
+        pipe.save_pretrained(tmp_path / "int8", dtype=torch.int8)
+    assert not (tmp_path / "int8").exists()
+
+
+def test_to_takes_a_dtype_by_name(tiny_parts):
+    p = tiny_parts
+    pipe = UniViGUPipeline(copy.deepcopy(p["unified"]), copy.deepcopy(p["prompt_encoder"]), p["tokenizer"],
+                           PipelineConfig(num_steps=1))  # fmt: skip
+    assert pipe.to("cpu", "bfloat16") is pipe and pipe.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        pipe.to(dtype=torch.int8)
 
 
 def test_caption_condition_zeros_captions_with_an_all_zero_condition(pipe, videos):

@@ -414,3 +414,26 @@ def test_the_typo_hint_skips_config_keys_our_loaders_handle(wan, tmp_path):
     config_file.write_text(json.dumps({**{k: v for k, v in config.items() if k != "num_layers"}, "num_layer": 1}))
     with pytest.raises(ValueError, match=r"does not take \(typos\?\): \['num_layer'\]$"):
         check_checkpoint(WanTransformer3DModel, tmp_path / "w")
+
+
+def test_inputs_of_the_wrong_shape_are_clear_errors(model, tmp_path):
+    """A size the patch does not divide was cropped silently by the patch convolution; a prompt of another width
+    or a token batch of another size failed deep inside with a matmul's shapes."""
+    video, t, prompt = _inputs(2)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"video's H = 7 not divisible by the patch size \(1, 2, 2\)"):
+        model(video[..., :7, :], tokens, t, t, prompt)
+    with pytest.raises(ValueError, match=r"video must be \[B, 4, T, H, W\], got \[2, 3, 2, 8, 8\]"):
+        model(video[:, :3], tokens, t, t, prompt)
+    with pytest.raises(ValueError, match=r"prompt_states must be \[B, S, text_dim=24\], got \[2, 7, 23\]"):
+        model(video, tokens, t, t, prompt[..., :23])
+    with pytest.raises(ValueError, match=r"text_tokens must be \[B, L\] ids with the video's batch B=2, got \[1, 3\]"):
+        model(video, tokens[:1], t, t, prompt)
+    assert model(video, tokens, t, t, prompt).velocity.shape == video.shape  # the same inputs, whole
+    model.save_pretrained(tmp_path / "pipe" / "transformer")
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"a pipeline folder: load its UniViGUTransformer with "
+                                                r"subfolder='transformer'"):  # fmt: skip
+        UniViGUTransformer.from_pretrained(tmp_path / "pipe")
+    loaded = UniViGUTransformer.from_pretrained(tmp_path / "pipe", subfolder="transformer")
+    assert torch.equal(loaded.text_proj_out.weight, model.text_proj_out.weight)

@@ -56,6 +56,13 @@ def check_checkpoint(cls: type[ModelMixin], folder: Path, kwargs: dict | None = 
 
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist (or is not a folder): no {cls.__name__} to load")
+    if not (folder / cls.config_name).is_file() and (folder / "model_index.json").is_file():
+        parts = sorted(c.parent.name for c in folder.glob(f"*/{cls.config_name}")
+                       if json.loads(c.read_text()).get("_class_name") == cls.__name__)  # fmt: skip
+        where = f"subfolder={parts[0]!r}" if parts else "subfolder=<its folder>"
+        raise FileNotFoundError(f"{folder} is a pipeline folder: load its {cls.__name__} with {where} "
+                                f"({cls.__name__}.from_pretrained(path, {where})), or the whole pipeline with "
+                                "UniViGUPipeline.from_pretrained")  # fmt: skip
     if not (folder / cls.config_name).is_file():
         raise FileNotFoundError(f"no {cls.config_name} in {folder}: not a saved {cls.__name__} (write it with "
                                 "save_pretrained)")  # fmt: skip

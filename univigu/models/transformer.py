@@ -659,6 +659,9 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
         x_v, grid = self._embed_video(video)
         if text_tokens is None:
             text_tokens = torch.zeros(b, 0, dtype=torch.long, device=video.device)
+        if text_tokens.ndim != 2 or text_tokens.shape[0] != b:
+            raise ValueError(f"text_tokens must be [B, L] ids with the video's batch B={b}, got "
+                             f"{list(text_tokens.shape)}")  # fmt: skip
         n_v, n_t = math.prod(grid), text_tokens.shape[1]
         head_dim = self.config.attention_head_dim
         x_t = self.text_embedding(text_tokens).to(x_v.dtype)  # [B, L, D]
@@ -705,13 +708,22 @@ class UniViGUTransformer(StrictLoading, ModelMixin, ConfigMixin):
 
     def _embed_video(self, video: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
         """Patchify: video [B, C, T, H, W] -> tokens [B, N, D] in (f, h, w) raster order, and the patch grid."""
+        channels = self.config.in_channels
+        if video.ndim != 5 or video.shape[1] != channels:
+            raise ValueError(f"video must be [B, {channels}, T, H, W], got {list(video.shape)}")
         _, _, frames, height, width = video.shape
-        p_t, p_h, p_w = self.config.patch_size
-        grid = (frames // p_t, height // p_h, width // p_w)
+        patch = tuple(self.config.patch_size)
+        uneven = [f"{name} = {size}" for name, size, p in zip("THW", video.shape[2:], patch) if size % p]
+        if uneven:  # the patch convolution would drop the remainder silently
+            raise ValueError(f"video's {', '.join(uneven)} not divisible by the patch size {patch} (T, H, W)")
+        grid = (frames // patch[0], height // patch[1], width // patch[2])
         return self.patch_embedding(video).flatten(2).transpose(1, 2).contiguous(), grid
 
     def _prompt_condition(self, prompt_states: Tensor, prompt_mask: Tensor | None, dtype: torch.dtype):
         """context [B, S, D], cross_mask [B, 1, 1, S] and cross_keep [B, 1, 1] (None without prompt_mask)."""
+        if prompt_states.ndim != 3 or prompt_states.shape[-1] != self.config.text_dim:
+            raise ValueError(f"prompt_states must be [B, S, text_dim={self.config.text_dim}], got "
+                             f"{list(prompt_states.shape)}")  # fmt: skip
         context = self.condition_embedder.text_embedder(prompt_states)
         if prompt_mask is None:
             return context, None, None

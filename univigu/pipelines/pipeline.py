@@ -230,12 +230,12 @@ def _read_index(index_file: Path) -> dict[str, Any]:
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _float_dtype(torch_dtype: Any) -> torch.dtype:
-    """A floating torch dtype, given as one or by name ("bfloat16"); anything else is an error (diffusers'
-    loaders turn a name into float32 with only a log line)."""
+def _float_dtype(torch_dtype: Any, name: str = "torch_dtype") -> torch.dtype:
+    """A floating torch dtype, given as one or by name ("bfloat16"); anything else is an error naming the argument
+    `name` (diffusers' loaders turn a name into float32 with only a log line)."""
     dtype = FLOAT_DTYPES.get(torch_dtype, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
     if dtype not in FLOAT_DTYPES.values():
-        raise ValueError(f"torch_dtype must be one of {sorted(FLOAT_DTYPES)} (or the torch dtype), got {torch_dtype!r}")
+        raise ValueError(f"{name} must be one of {sorted(FLOAT_DTYPES)} (or the torch dtype), got {torch_dtype!r}")
     return dtype
 
 
@@ -251,6 +251,10 @@ def is_wan_release(path: str | Path) -> bool:
 
 @dataclass
 class UniViGUPipelineOutput:
+    """What a pipeline call returns (diffusers' output class): videos uint8 [B, T, H, W, 3] (text to video, joint),
+    texts [B] (video to text, joint) and, with return_trajectory=True, each step's estimates: video_trajectory
+    uint8 [steps, B, T, H, W, 3], text_trajectory [steps][B] texts, token_trajectory [steps, B, L] token ids."""
+
     videos: np.ndarray | None = None  # uint8 [B, T, H, W, 3]
     texts: list[str] | None = None
     video_trajectory: np.ndarray | None = None  # uint8 [steps, B, T, H, W, 3] clean-video estimates
@@ -414,8 +418,10 @@ class UniViGUPipeline:
         return self
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write the pipeline folder; `dtype` (e.g. torch.float16) stores the weights cast, leaving this
-        pipeline's own weights as they are."""
+        """Write the pipeline folder; `dtype` (torch.float16, torch.bfloat16 or its name) stores the weights cast,
+        leaving this pipeline's own weights as they are."""
+        if dtype is not None:  # before anything is written
+            dtype = _float_dtype(dtype, "dtype")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         parts = {"transformer": self.transformer, "prompt_encoder": self.prompt_encoder}
@@ -443,19 +449,21 @@ class UniViGUPipeline:
         return path
 
     def to(self, *args: str | torch.device | torch.dtype, device: str | torch.device | None = None,
-           dtype: torch.dtype | None = None) -> "UniViGUPipeline":  # fmt: skip
+           dtype: torch.dtype | str | None = None) -> "UniViGUPipeline":  # fmt: skip
         """Move the transformer, the prompt encoder and a VAE to a device and / or cast the first two to a dtype, as
         diffusers' pipelines take them (`pipe.to("cuda")`, `pipe.to(torch.bfloat16)`, `pipe.to("cuda",
         torch.bfloat16)`). A cast gives what `from_pretrained(torch_dtype=dtype)` loads: the modules a class keeps in
-        float32 (its `_keep_in_fp32_modules`: norms, time embeddings) stay so, as does a VAE. Returns the pipeline."""
+        float32 (its `_keep_in_fp32_modules`: norms, time embeddings) stay so, as does a VAE. A dtype may be given by
+        name (`pipe.to("bfloat16")`). Returns the pipeline."""
         for arg in args:
-            if isinstance(arg, torch.dtype):
+            if isinstance(arg, torch.dtype) or arg in FLOAT_DTYPES:
                 dtype = arg
             else:
                 device = arg
         if dtype is not None:
+            dtype = _float_dtype(dtype, "dtype")
             for part in (self.transformer, self.prompt_encoder):
-                _cast_as_loaded(part, _float_dtype(dtype))
+                _cast_as_loaded(part, dtype)
         if device is not None:
             self.transformer.to(device)
             self.prompt_encoder.to(device)
@@ -477,6 +485,7 @@ class UniViGUPipeline:
 
     @property
     def device(self) -> torch.device:
+        """The device the transformer is on (where sampling runs)."""
         return next(self.transformer.parameters()).device
 
     # ---- the three tasks ---------------------------------------------------------------------------
@@ -493,6 +502,8 @@ class UniViGUPipeline:
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 hint = "; decode it first (.decode('utf-8'))" if isinstance(prompt, (bytes, bytearray)) else ""
+                if isinstance(prompt, (np.ndarray, Tensor)):
+                    hint = "; to caption videos pass them as video= (pipe(video=videos)) or to video_to_text"
                 raise TypeError(f"prompt {i} is {type(prompt).__name__}, expected str{hint}")
             try:
                 prompt.encode("utf-8")
@@ -710,7 +721,9 @@ class UniViGUPipeline:
                                 "instruction=")  # fmt: skip
             return self.video_to_text(video, **kwargs)
         if prompt is None:
-            raise TypeError("pass a prompt (text to video; joint=True: with its caption) or video= (video to text)")
+            named = "; pipe() names it prompt= (the methods: prompts=)" if "prompts" in kwargs else ""
+            raise TypeError(f"pass a prompt (text to video; joint=True: with its caption) or video= (video to "
+                            f"text){named}")  # fmt: skip
         return (self.generate if joint else self.text_to_video)(prompt, **kwargs)
 
     # ---- checks ------------------------------------------------------------------------------------
@@ -789,7 +802,12 @@ class UniViGUPipeline:
         if tensor.ndim == 4 and tuple(tensor.shape) == want:  # one video, as one str is one prompt
             tensor = tensor[None]
         if tensor.dtype != torch.uint8 or tensor.ndim != 5 or tuple(tensor.shape[1:]) != want:
-            raise ValueError(f"{expected}, got {tensor.dtype} {tuple(tensor.shape)}; {hint}")
+            kind = f"{np.asarray(videos).dtype} array" if isinstance(videos, np.ndarray) else str(tensor.dtype)
+            if tensor.is_floating_point() and tensor.shape[-1:] == (3,):
+                hint = "frames are uint8 in [0, 255]: (video * 255).round() cast to uint8 for floats in [0, 1]"
+                if tuple(tensor.shape[-4:]) != want:
+                    hint += f", of the model's size ({want[0]} frames of {want[1]}x{want[2]}: pipe.load_video(path))"
+            raise ValueError(f"{expected}, got {kind} {tuple(tensor.shape)}; {hint}")
         if len(tensor) == 0:
             raise ValueError(f"no videos: the batch is empty {tuple(tensor.shape)}; pass at least one")
         return tensor
