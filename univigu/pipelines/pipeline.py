@@ -417,7 +417,7 @@ class UniViGUPipeline:
         WanComponents(self.codec, self.prompt_encoder, self.tokenizer).enable_model_cpu_offload(device)
         return self
 
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | str | None = None) -> Path:
         """Write the pipeline folder; `dtype` (torch.float16, torch.bfloat16 or its name) stores the weights cast,
         leaving this pipeline's own weights as they are."""
         if dtype is not None:  # before anything is written
