@@ -246,6 +246,17 @@ def test_cache_reruns_and_texts_the_text_stream_cannot_hold(video_dir, wan, tmp_
     other = runner.invoke(app, [*args[:-8], "--fps", "2", *args[-6:]])
     assert other.exit_code == 2 and "fps 4.0 -> 2.0" in said(other) and "Use a new folder" in said(other)
     assert (out / "settings.json").read_text() == settings and json.loads((out / "index.json").read_text()) == index
+    # the same settings with another Wan folder's VAE (another latent normalisation): the shards would mix two
+    # VAEs' latents, so refused; the same folder copied elsewhere is the same VAE and resumes
+    other_wan = tmp_path / "other_wan"
+    shutil.copytree(wan, other_wan)
+    assert runner.invoke(app, [args[0], str(other_wan), *args[2:]]).exit_code == 0  # a copy: nothing to redo
+    vae_config = json.loads((other_wan / "vae" / "config.json").read_text())
+    vae_config["latents_std"] = [2 * v for v in vae_config["latents_std"]]
+    (other_wan / "vae" / "config.json").write_text(json.dumps(vae_config))
+    mixed = runner.invoke(app, [args[0], str(other_wan), *args[2:]])
+    assert mixed.exit_code == 2 and "another Wan folder's vae (its files differ" in said(mixed), said(mixed)
+    assert json.loads((out / "index.json").read_text()) == index
 
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
     _captions(videos, [("good0.mp4", "a bar moves left", "a bar"), *rows[1:]])
@@ -577,3 +588,16 @@ def test_a_text_given_once_is_named_once_when_too_long(wan):
     why = _too_long(records, load_tokenizer(wan / "tokenizer"), 4)
     assert why[0].startswith("one.mp4: prompt (also its caption) is 4 tokens long; the text stream holds 3")
     assert why[1].startswith("two.mp4: prompt is 4 tokens and caption is 5 tokens long")
+
+
+def test_a_rerun_naming_the_sizes_in_another_order_resumes(tmp_path):
+    from univigu.data.latent_cache import CacheError, CacheSettings, _check_settings
+
+    (tmp_path / "shards").mkdir()
+    _check_settings(tmp_path, CacheSettings(buckets=((16, 16), (16, 32))), {"vae": "a"})
+    (tmp_path / "shards" / "chunk_00000.done.json").write_text("{}")  # a finished chunk: settings now bind
+    _check_settings(tmp_path, CacheSettings(buckets=((16, 32), (16, 16))), {"vae": "a"})
+    with pytest.raises(CacheError, match=r"buckets \[\[16, 32\], \[16, 16\]\] -> \[\[16, 32\]\]"):
+        _check_settings(tmp_path, CacheSettings(buckets=((16, 32),)), {"vae": "a"})
+    with pytest.raises(CacheError, match="another Wan folder's vae"):
+        _check_settings(tmp_path, CacheSettings(buckets=((16, 32), (16, 16))), {"vae": "b"})

@@ -100,16 +100,28 @@ def _content_settings(settings: CacheSettings) -> dict:
     return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k != "batch_size"}))
 
 
-def _check_settings(out: Path, settings: CacheSettings) -> None:
-    """Refuse a rerun whose settings differ from those the folder's finished shards were made with; record them."""
+def _check_settings(out: Path, settings: CacheSettings, encoders: dict[str, str] | None = None) -> None:
+    """Refuse a rerun whose settings, or whose VAE / umT5 / tokenizer (`encoders`: their folders' fingerprints),
+    differ from those the folder's finished shards were made with; record them."""
     wanted = _content_settings(settings)
+    if encoders is not None:
+        wanted["encoders"] = encoders
     made = None
     if (out / "settings.json").exists():
         made = json.loads((out / "settings.json").read_text())
     elif (out / "index.json").exists():  # a cache written before settings.json
         made = json.loads((out / "index.json").read_text())["settings"]
     if made is not None and any((out / "shards").glob("*.done.json")):  # without a finished chunk: start afresh
-        changed = [f"{k} {made[k]} -> {v}" for k, v in wanted.items() if k in made and made[k] != v]
+        changed = []
+        for key, value in wanted.items():
+            if key not in made or (sorted(made[key]) == sorted(value) if key == "buckets" else made[key] == value):
+                continue  # buckets in any order: the same shards
+            if key == "encoders":
+                parts = [part for part in value if made[key].get(part) != value[part]]
+                changed.append(f"another Wan folder's {' / '.join(parts)} (its files differ from those that made "
+                               "the cached latents and prompt states)")  # fmt: skip
+            else:
+                changed.append(f"{key} {made[key]} -> {value}")
         if changed:
             raise CacheError(f"{out} holds a cache made with other settings ({'; '.join(changed)}): its shards "
                              "would not match the new ones. Use a new folder, or the same settings to resume.")
@@ -192,7 +204,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
     for h, w in buckets:
         wan.codec.check_size(settings.frames, h, w)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    _check_settings(out, settings)
+    _check_settings(out, settings, getattr(wan, "fingerprint", None))
     null_file = out / "null_prompt.safetensors"
     if not null_file.exists():
         states, mask = wan.encode_prompts([""], length=WAN_PROMPT_LENGTH)

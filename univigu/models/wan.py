@@ -17,6 +17,7 @@ except while it runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -217,6 +218,22 @@ class UMT5PromptEncoder(nn.Module):
         return (states * mask.to(states.device)[..., None].to(states.dtype)).to(ids.device)
 
 
+def folder_fingerprint(folder: Path, edge: int = 1 << 20) -> str:
+    """16 hex digits that change when a model folder's files do: each file's name, size, and its first and last
+    `edge` bytes (all of a small file). Reads a few MiB, not gigabytes of weights; independent of where the
+    folder is and of the dtype it is loaded in."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}:{size}:".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(edge))
+            if size > 2 * edge:
+                f.seek(-edge, os.SEEK_END)
+            digest.update(f.read(edge))
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class WanComponents:
     """The VAE codec, the umT5 prompt encoder and the tokenizer of a Wan2.1 diffusers folder."""
@@ -225,6 +242,7 @@ class WanComponents:
     prompt_encoder: UMT5PromptEncoder
     tokenizer: object  # a transformers T5 tokenizer (pad, eos; no mask token)
     flow_shift: float | None = None  # the folder's scheduler flow_shift, when it has one
+    fingerprint: dict[str, str] | None = None  # vae / text_encoder / tokenizer -> folder_fingerprint
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32,
@@ -245,6 +263,7 @@ class WanComponents:
             prompt_encoder=UMT5PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype),
             tokenizer=tokenizer,
             flow_shift=shift,
+            fingerprint={part: folder_fingerprint(path / part) for part in ("vae", "text_encoder", "tokenizer")},
         )
 
     def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
