@@ -215,9 +215,16 @@ def test_a_safetensors_checkpoint_and_unreadable_ones(model, tmp_path):
     assert result.exit_code == 0, result.output
     converted = UniViGUTransformer.from_pretrained(tmp_path / "ours")
     assert all(torch.equal(converted.state_dict()[k], v) for k, v in model.state_dict().items())
+    # torch.save's legacy (pre-1.6, non-zip) format cannot be memory-mapped: read without (was refused)
+    torch.save({"model": official}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    result = runner.invoke(app, ["convert-official", str(tmp_path / "legacy.pth"), str(tmp_path / "legacy"), *args])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(UniViGUTransformer.from_pretrained(tmp_path / "legacy").state_dict()["text_proj_out.weight"],
+                       model.state_dict()["text_proj_out.weight"])  # fmt: skip
     torch.save([1, 2], tmp_path / "list.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint" * 8)
-    for name, message in (("list.pth", "does not hold a state dict"), ("junk.pth", "cannot be read as a checkpoint")):
+    for name, message in (("list.pth", "does not hold a state dict"),
+                          ("junk.pth", "is not a torch checkpoint (neither torch.save's zip archive")):  # fmt: skip
         result = runner.invoke(app, ["convert-official", str(tmp_path / name), str(tmp_path / name[:4]), *args])
         assert result.exit_code == 1 and message in said(result) and not (tmp_path / name[:4]).exists()
 

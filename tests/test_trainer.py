@@ -486,8 +486,10 @@ def test_resume_compares_the_run_config_key_by_key(tmp_path: Path) -> None:
     for now, said in (({**run, "model": {"num_layers": 1}}, "run.model.patch_size: checkpoint [4, 2, 2] -> now None"),
                       ({**run, "mix": {"v2t": 2.0}}, "run.mix.v2t: checkpoint None -> now 2.0"),
                       (None, "run.data.kind: checkpoint 'world' -> now None")):  # fmt: skip
-        with pytest.raises(ResumeError, match=re.escape(said)):
+        with pytest.raises(ResumeError, match=re.escape(said)) as refused:
             Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=5), run_config=now).train(resume=True)
+        # what to do, where the data changed (a latent cache that grew)
+        assert ("the data changed" in str(refused.value)) == said.startswith("run.data"), str(refused.value)
     same = {**run, "mix": {"cond_dropout": None}, "model": {"num_layers": 1, "patch_size": (4, 2, 2)}}
     rows = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=5), run_config=same).train(resume=True)
     assert [r["step"] for r in rows] == [5]

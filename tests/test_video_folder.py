@@ -89,7 +89,11 @@ def test_bad_videos_say_why(video_dir, name, message):
 
 def test_bad_captions_file(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"video": "a.mp4"}) + "\n")
-    with pytest.raises(ValueError, match="needs a video path and a prompt or caption"):
+    with pytest.raises(ValueError, match=r"needs a video path \(field video, path or file\) and a prompt or caption"):
+        read_captions(tmp_path)
+    (tmp_path / "c.jsonl").unlink()
+    (tmp_path / "c.csv").write_text("filename,prompt\na.mp4,a red bar\n")  # a header naming no video field
+    with pytest.raises(ValueError, match=r"record 1 needs a video path \(field video, path or file\)"):
         read_captions(tmp_path)
 
 

@@ -260,3 +260,20 @@ def test_from_wan_keeps_a_shift_it_is_given(wan_dir):
 
     pipe = UniViGUPipeline.from_wan(wan_dir, frames=FRAMES, height=HEIGHT, width=WIDTH, text_length=8, shift=5.0)
     assert pipe.config.shift == 5.0
+
+
+def test_a_wan_folder_missing_a_part_is_named_so(wan_dir, tmp_path):
+    """An incomplete download (no transformer/) read as a broken univigu folder ("lacks ['transformer', ...]"),
+    and `univigu train --init_from` of it ended in a traceback."""
+    import shutil
+
+    from univigu import UniViGUPipeline
+    from univigu.training.config import load_config
+
+    partial = tmp_path / "Wan-partial"
+    shutil.copytree(wan_dir, partial, ignore=lambda folder, names: ["transformer"] if folder == str(wan_dir) else [])
+    with pytest.raises(FileNotFoundError, match=r"is a WanPipeline folder without \['transformer'\] \(an incomplete"):
+        UniViGUPipeline.from_pretrained(partial)
+    cfg = load_config(None, ["stage=recall", f"init_from={partial}", "pipeline={text_length: 8}"])
+    with pytest.raises(FileNotFoundError, match=r"init_from: .* is a WanPipeline folder without \['transformer'\]"):
+        cfg.check_inputs()

@@ -76,7 +76,8 @@ def read_captions(folder: str | os.PathLike, captions: str | os.PathLike | None 
         name = row.get("video") or row.get("path") or row.get("file")
         prompt, caption = (row.get("prompt") or "").strip(), (row.get("caption") or "").strip()
         if not name or not (prompt or caption):
-            raise ValueError(f"{captions} {where} needs a video path and a prompt or caption: {row}")
+            raise ValueError(f"{captions} {where} needs a video path (field video, path or file) and a prompt or "
+                             f"caption (fields prompt, caption): {row}")  # fmt: skip
         records.append(VideoRecord(folder / name, prompt or caption, caption or prompt))
     return records
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,7 +172,19 @@ def load_official_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # a pickle's protocol mark: torch.save's legacy format
+        if not pickled and not zipfile.is_zipfile(path):
+            raise ConversionError(f"{path} is not a torch checkpoint (neither torch.save's zip archive nor its "
+                                  "legacy pickle)")  # fmt: skip
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # torch.save's legacy (non-zip) format cannot be memory-mapped
+            if "mmap can only be used" not in str(error):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ConversionError:
+        raise
     except Exception as error:  # torch and safetensors raise many kinds (unpickling, header, zip errors)
         why = f"{type(error).__name__}: {error}"[:300]
         raise ConversionError(f"{path} cannot be read as a checkpoint ({why})") from error

@@ -227,6 +227,28 @@ def _read_index(index_file: Path) -> dict[str, Any]:
     return index
 
 
+def check_pipeline_folder(path: Path) -> dict[str, Any]:
+    """The model_index.json of a univigu pipeline folder, read before any weight is: FileNotFoundError without
+    one (naming a training run's `final/` inside), for a Wan2.1 diffusers folder that lacks a part (an incomplete
+    download), ValueError for an index without the pipeline's keys. (A whole Wan folder: `is_wan_release`.)"""
+    index_file = path / "model_index.json"
+    if not index_file.exists():
+        final = path / "final"  # a training run's folder holds its pipeline there
+        inside = f"; it holds a training run, whose pipeline is {final}" if (final / "model_index.json").is_file() \
+            else ""  # fmt: skip
+        raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json){inside}")
+    index = _read_index(index_file)
+    wan_parts = ("transformer", "vae", "text_encoder", "tokenizer")
+    if index.get("_class_name", "UniViGUPipeline") != "UniViGUPipeline" and any((path / p).is_dir() for p in wan_parts):
+        gone = [part for part in wan_parts if not (path / part).is_dir()]
+        raise FileNotFoundError(f"{path} is a {index.get('_class_name')} folder without {gone} (an incomplete "
+                                "download or copy?)")  # fmt: skip
+    missing = [key for key in ("transformer", "prompt_encoder", "config") if key not in index]
+    if missing:
+        raise ValueError(f"{index_file} lacks {missing} (write pipeline folders with save_pretrained)")
+    return index
+
+
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -336,15 +358,7 @@ class UniViGUPipeline:
         index_file = path / "model_index.json"
         if is_wan_release(path):
             return cls.from_wan(path, device=device, torch_dtype=torch_dtype, **config)
-        if not index_file.exists():
-            final = path / "final"  # a training run's folder holds its pipeline there
-            inside = f"; it holds a training run, whose pipeline is {final}" if (final / "model_index.json").is_file() \
-                else ""  # fmt: skip
-            raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json){inside}")
-        index = _read_index(index_file)
-        missing = [key for key in ("transformer", "prompt_encoder", "config") if key not in index]
-        if missing:
-            raise ValueError(f"{index_file} lacks {missing} (write pipeline folders with save_pretrained)")
+        index = check_pipeline_folder(path)
         if not isinstance(index["config"], dict):
             raise ValueError(f"{index_file}: config must be a JSON object, got {json.dumps(index['config'])}")
         source = f"{index_file} (with {sorted(config)})" if config else str(index_file)

@@ -28,7 +28,7 @@ from univigu.flow.regimes import RegimeMix
 from univigu.flow.text import TextFlow
 from univigu.flow.video import PREDICTIONS, VideoFlow
 from univigu.models.transformer import ATTENTION_LAYOUTS
-from univigu.pipelines.pipeline import PipelineConfig
+from univigu.pipelines.pipeline import PipelineConfig, check_pipeline_folder, is_wan_release
 from univigu.training.trainer import TrainerConfig
 
 __all__ = ["STAGES", "FlowConfig", "StageConfig", "load_config"]
@@ -137,6 +137,11 @@ class StageConfig:
         if self.init_from is not None and not (Path(self.init_from) / "model_index.json").is_file():
             raise FileNotFoundError(f"init_from {self.init_from}: no model_index.json there (the previous stage's "
                                     "`final` folder, or a Wan2.1 diffusers folder)")  # fmt: skip
+        if self.init_from is not None and not is_wan_release(self.init_from):
+            try:
+                check_pipeline_folder(Path(self.init_from))
+            except (FileNotFoundError, ValueError) as error:
+                raise type(error)(f"init_from: {error}") from None
         if self.data.get("kind") == "latent_cache":
             try:
                 cache = self.dataset()[0]  # an unfinished cache, or the bucket: CacheError naming the buckets

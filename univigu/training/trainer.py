@@ -569,6 +569,9 @@ class Trainer:
                 continue_with = (f"train.mixed_precision={diff['mixed_precision'][0]}",)
                 auto = " (auto picks bf16 only where the device computes it natively)" if self.auto_precision else ""
                 lines += f"\n  {continue_with[0]} continues in the checkpoint's precision{auto}"
+            if any(k.startswith(("run.data.", "run.cache")) for k in diff):
+                lines += ("\n  the data changed (for a latent cache: videos added or removed, so the data order "
+                          "differs): start a new run, with init_from= this run's export to keep its training")
             raise ResumeError(f"cannot resume from {path}: the config changes the training math:\n{lines}",
                               continue_with)  # fmt: skip
         if saved["max_steps"] != now["max_steps"] and acc.is_main_process:  # once, not once per process
