@@ -177,6 +177,19 @@ def test_with_a_wan_folder_the_output_is_a_pipeline(tmp_path):
     got = UniViGUTransformer.from_pretrained(tmp_path / "pipe").state_dict()
     assert all(torch.equal(got[k], v) for k, v in other.state_dict().items())
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging folder left behind
+    with pytest.raises(FileNotFoundError, match=r"holds a UniViGUTransformer alone \(convert-official without "
+                                                r"--wan\): convert with --wan"):  # fmt: skip
+        UniViGUPipeline.from_pretrained(tmp_path / "pipe")
+
+    # a checkpoint whose prompt width is not the folder's umT5's: an error before anything is written (a traceback
+    # after the conversion was printed)
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    wide = UniViGUTransformer(**{**config, "text_dim": 2 * config["text_dim"]})
+    torch.save(official_state_dict(wide), tmp_path / "wide.pth")
+    result = runner.invoke(app, ["convert-official", str(tmp_path / "wide.pth"), str(tmp_path / "wide"), "--wan",
+                                 str(wan)])  # fmt: skip
+    assert result.exit_code == 1 and "does not fit the --wan folder" in said(result), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "wide").exists()
 
 
 def test_an_existing_output_folder_needs_overwrite(model, tmp_path):

@@ -147,6 +147,7 @@ def test_cache_latents_skips_bad_videos_resumes_and_trains(video_dir, wan, tmp_p
     assert result.output.count("skipped:") == 4 and "1x1 pixels" in result.output
     notes = [(n["video"].rsplit("/", 1)[1], n["note"]) for n in index["notes"]]
     assert [video for video, note in notes if note.startswith("grayscale")] == ["gray.mkv"]
+    assert "gray.mkv: grayscale (gray" in result.output  # printed too, as README says
     # words umT5's vocabulary (the fixture's, tiny) lacks: cached as <unk>, and said so for each video cached
     unknown = dict((video, note) for video, note in notes if note.startswith("words its tokenizer does not know"))
     assert sorted(unknown) == ["good0.mp4", "good1.mp4", "gray.mkv", "tall.mp4"]

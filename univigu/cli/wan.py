@@ -127,15 +127,18 @@ def convert_official(
     # nothing of an older folder (a pipeline's transformer/, VAE) stays beside the new weights to be loaded
     from univigu.training.checkpoint import write_replacing
 
-    make_dir(out_dir.parent)
-    if wan is None:
-        write_replacing(out_dir, model.save_pretrained, "convert")
-    else:
+    save = model.save_pretrained
+    if wan is not None:
         from univigu.pipelines import UniViGUPipeline
 
         # as the released script samples: captions with an all-zero condition, T2V guidance keeps the prompt tokens,
         # joint generation re-samples the text by its linear rule (docs/METHOD.md section 4)
-        write_replacing(out_dir, lambda folder: UniViGUPipeline.from_wan(
-            wan, transformer=model, caption_condition="zeros", guidance_text="prompt", text_update="linear-resample",
-        ).save_pretrained(folder), "convert")  # fmt: skip
+        try:
+            save = UniViGUPipeline.from_wan(wan, transformer=model, caption_condition="zeros", guidance_text="prompt",
+                                            text_update="linear-resample").save_pretrained  # fmt: skip
+        except ValueError as error:  # the checkpoint's sizes against the folder's VAE and umT5: nothing written
+            typer.echo(f"error: {checkpoint} does not fit the --wan folder {wan}: {error}", err=True)
+            raise typer.Exit(1) from None
+    make_dir(out_dir.parent)
+    write_replacing(out_dir, save, "convert")
     typer.echo(f"wrote {out_dir}")

@@ -263,6 +263,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                 continue
             if pix_fmt.startswith("gray"):
                 notes.append({"video": str(record.path), "note": f"grayscale ({pix_fmt}), expanded to RGB"})
+                log(f"note: {record.path}: {notes[-1]['note']}")
             if unknown[i]:  # cached as they read (generate warns of them too)
                 words = ", ".join(repr(w[:40]) for w in list(dict.fromkeys(unknown[i]))[:10])
                 notes.append({"video": str(record.path),

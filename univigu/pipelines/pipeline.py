@@ -236,6 +236,9 @@ def check_pipeline_folder(path: Path) -> dict[str, Any]:
         final = path / "final"  # a training run's folder holds its pipeline there
         inside = f"; it holds a training run, whose pipeline is {final}" if (final / "model_index.json").is_file() \
             else ""  # fmt: skip
+        if (path / "config.json").is_file() and '"UniViGUTransformer"' in (path / "config.json").read_text():
+            inside = ("; it holds a UniViGUTransformer alone (convert-official without --wan): convert with --wan "
+                      "WAN_FOLDER for a pipeline")  # fmt: skip
         raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json){inside}")
     index = _read_index(index_file)
     wan_parts = ("transformer", "vae", "text_encoder", "tokenizer")
