@@ -277,3 +277,19 @@ def test_a_wan_folder_missing_a_part_is_named_so(wan_dir, tmp_path):
     cfg = load_config(None, ["stage=recall", f"init_from={partial}", "pipeline={text_length: 8}"])
     with pytest.raises(FileNotFoundError, match=r"init_from: .* is a WanPipeline folder without \['transformer'\]"):
         cfg.check_inputs()
+
+
+def test_folder_fingerprint_sees_names_sizes_and_file_ends_not_hidden_files(tmp_path):
+    from univigu.models.wan import folder_fingerprint
+
+    (tmp_path / "config.json").write_text('{"latents_std": [1.0]}')
+    (tmp_path / "weights.bin").write_bytes(bytes(3 << 20))
+    first = folder_fingerprint(tmp_path)
+    (tmp_path / ".cache").mkdir()  # a download tool's records
+    (tmp_path / ".cache" / "weights.bin.metadata").write_text("fetched at 12:00")
+    assert folder_fingerprint(tmp_path) == first
+    (tmp_path / "weights.bin").write_bytes(bytes((3 << 20) - 1) + b"\x01")  # the last byte of a big file
+    assert folder_fingerprint(tmp_path) != first
+    (tmp_path / "weights.bin").write_bytes(bytes(3 << 20))
+    (tmp_path / "config.json").write_text('{"latents_std": [2.0]}')
+    assert folder_fingerprint(tmp_path) != first

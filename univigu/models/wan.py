@@ -221,9 +221,10 @@ class UMT5PromptEncoder(nn.Module):
 def folder_fingerprint(folder: Path, edge: int = 1 << 20) -> str:
     """16 hex digits that change when a model folder's files do: each file's name, size, and its first and last
     `edge` bytes (all of a small file). Reads a few MiB, not gigabytes of weights; independent of where the
-    folder is and of the dtype it is loaded in."""
+    folder is and of the dtype it is loaded in. Hidden files (a download tool's records) are left out."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = (p for p in folder.rglob("*") if p.is_file())
+    for path in sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)):
         size = path.stat().st_size
         digest.update(f"{path.relative_to(folder).as_posix()}:{size}:".encode())
         with open(path, "rb") as f:
