@@ -649,8 +649,9 @@ class UniViGUPipeline:
     def load_video(self, path: str | Path) -> np.ndarray:
         """A video file as this model's input: uint8 `[frames, height, width, 3]` of the config's size, read as
         training clips are made (`univigu cache-latents`): its first `config.frames` frames at `config.fps`,
-        scaled to cover the frame and centre-cropped. Raises VideoReadError (a ValueError) for a file that
-        cannot give one (unreadable, or too short)."""
+        scaled to cover the frame and centre-cropped, whatever its frame size (cache-latents' 16-pixel minimum
+        filters training data). Raises VideoReadError (a ValueError) for a file that cannot give one (unreadable, or
+        too short)."""
         from univigu.data.video_folder import load_clip
 
         c = self.config
