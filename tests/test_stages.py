@@ -1,6 +1,7 @@
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -292,3 +293,23 @@ def test_refine_keeps_the_text_source_of_the_stage_it_starts_from(tmp_path, monk
     monkeypatch.setattr(UniViGUPipeline, "from_pretrained", staticmethod(without_mask_token))
     with pytest.raises(ValueError, match="flow.text_source mask needs a mask token"):
         build_task(load_config(CONFIG_DIR / "refine.yaml", refine))
+
+
+def test_the_readme_python_training_block_runs(tmp_path, monkeypatch, capfd):
+    """README's "From Python" block, run as written in a scratch folder (a world clip as its clip.mp4), each
+    load_config given the tiny sizes too."""
+    import univigu
+    import univigu.training.config as config_module
+    from univigu import World, write_video
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in (part.split("```")[0] for part in readme.split("```python\n")[1:]) if "run_stage" in b)
+    monkeypatch.chdir(tmp_path)
+    world = World()
+    write_video(tmp_path / "clip.mp4", world.render(world.scenes("test", range(1)))[0])
+    monkeypatch.setattr(config_module, "load_config",
+                        lambda path, overrides: load_config(path, [*overrides, *SMALL]))  # fmt: skip
+    exec(block, {})
+    assert capfd.readouterr().out.startswith("['")  # the caption printed
+    assert (tmp_path / "runs" / "py" / "refine" / "final" / "model_index.json").is_file()
+    assert univigu.UniViGUPipeline.from_pretrained("runs/py/refine/final").config.extra["refine"]["steps"] == 2

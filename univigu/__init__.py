@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 # The shipped toy-world model (a pipeline folder inside the package).
 DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "toy-model")
+# The shipped stage configs: toy/{base,recall,refine}.yaml, wan/{recall,refine}.yaml.
+CONFIGS = Path(__file__).parent / "configs"
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -60,7 +62,7 @@ _EXPORTS = {
     "write_trajectory": "univigu.viewer",
 }
 
-__all__ = sorted(_EXPORTS) + ["DEFAULT_MODEL", "__version__"]
+__all__ = sorted(_EXPORTS) + ["CONFIGS", "DEFAULT_MODEL", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
