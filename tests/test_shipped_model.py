@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -67,3 +68,23 @@ def test_readme_table_is_the_shipped_evaluation():
            f"{result['v2t']['bleu4']:.3f} | {result['v2t']['cider']:.3f} | {pct(result['joint']['consistency'])} |")
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert row in readme, row
+
+
+def test_the_readme_python_block_runs(tmp_path, monkeypatch):
+    """README's first Python block ("Use it"), run as written in a scratch folder with a world clip as its
+    clip.mp4; the pipeline loaded with 2 sampling steps to keep it quick."""
+    from univigu import World, write_video
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    world = World()
+    write_video(tmp_path / "clip.mp4", world.render(world.scenes("test", range(1)))[0])
+    load = univigu.UniViGUPipeline.from_pretrained.__func__
+    monkeypatch.setattr(univigu.UniViGUPipeline, "from_pretrained",
+                        classmethod(lambda cls, path, **config: load(cls, path, **{"num_steps": 2, "caption_steps": 2,
+                                                                                   **config})))  # fmt: skip
+    scope = {}
+    exec(block, scope)
+    assert scope["videos"].shape == (1, 16, 32, 32, 3) and scope["videos"].dtype == np.uint8
+    assert len(scope["texts"]) == 1 and scope["out"].videos.shape == (1, 16, 32, 32, 3)
