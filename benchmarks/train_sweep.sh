@@ -5,7 +5,8 @@
 #   bash benchmarks/train_sweep.sh OUT [NAME ...]      # names from the list below; default: all
 # SIZE overrides the size and device flags (the tests run it on a CPU at a tiny size); a configuration that fails
 # (out of memory, a timeout of PER_RUN_S seconds, default 300) is listed as failed and the sweep goes on. Under a hard
-# time limit, TOTAL_S=N skips each configuration that could end later than N seconds after the sweep's start;
+# time limit, TOTAL_S=N skips each configuration that could end later than N seconds after the sweep's start (each
+# may take PER_RUN_S + 10: timeout's grace before its kill);
 # summary.md is rewritten after each configuration (with its run's wall time), so a sweep killed part way still
 # leaves the table of what ended, and each log.txt timestamps the run's phases. PYTHON picks the interpreter.
 set -uo pipefail
@@ -27,7 +28,10 @@ for name in "${names[@]}"; do
     [ -n "${flags[$name]+x}" ] || { echo "unknown configuration $name (known: ${!flags[*]})" >&2; exit 2; }
 done
 per_run=${PER_RUN_S:-300}
-declare -A state=()  # name -> "rc N in S s" or "skipped"; unset: not reached yet
+for value in "$per_run" "${TOTAL_S:-0}"; do
+    [[ $value =~ ^[0-9]+$ ]] || { echo "PER_RUN_S and TOTAL_S are whole seconds, got $value" >&2; exit 2; }
+done
+declare -A state=()  # name -> "rc N in S s", "started" (cut off while it ran) or "skipped"; unset: not reached
 summarize() {  # summary.md from the result files and each configuration's state
     local pairs=() name
     for name in "${names[@]}"; do pairs+=("$name" "${state[$name]:-}"); done
@@ -40,7 +44,8 @@ print("| configuration | step | MFU | peak memory | run |\n|---|---|---|---|---|
 for name, state in zip(pairs[::2], pairs[1::2]):
     path = out / name / "result.json"
     if not state.startswith("rc") or not path.exists():
-        why = {"": "not reached", "skipped": "skipped (TOTAL_S)"}.get(state, f"failed (see {name}/log.txt)")
+        why = {"": "not reached", "skipped": "skipped (TOTAL_S)", "started": f"cut off (see {name}/log.txt)"}.get(
+            state, f"failed (see {name}/log.txt)")
         print(f"| {name} | {why} | | | {state if state.startswith('rc') else ''} |")
         continue
     r = json.loads(path.read_text())
@@ -52,7 +57,8 @@ EOF
 mkdir -p "$out"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 for name in "${names[@]}"; do
-    if [ -n "${TOTAL_S:-}" ] && [ $((SECONDS + per_run)) -gt "$TOTAL_S" ]; then
+    # a run may take PER_RUN_S and timeout's 10 s grace before its kill
+    if [ -n "${TOTAL_S:-}" ] && [ $((SECONDS + per_run + 10)) -gt "$TOTAL_S" ]; then
         state[$name]=skipped
         echo "$name: skipped ($SECONDS s of TOTAL_S=$TOTAL_S gone, PER_RUN_S=$per_run)"
         continue
@@ -60,6 +66,8 @@ for name in "${names[@]}"; do
     mkdir -p "$out/$name"
     rm -f "$out/$name/result.json"  # a configuration failing this time must not show an earlier run's figures
     began=$SECONDS
+    state[$name]=started
+    summarize
     # -k: a run that outlives the timeout's TERM is killed, not left holding the GPU and the caller's pipes
     # shellcheck disable=SC2086  # the flag strings are word lists
     PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 timeout -k 10 "$per_run" "$python" benchmarks/wan_scale.py \

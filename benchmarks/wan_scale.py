@@ -155,6 +155,8 @@ def main() -> None:
     _progress(f"model built on {device}")
     cfg = model.config
     b, (t, h, w) = args.batch, args.latent
+    if any(size % p for size, p in zip(args.latent, cfg.patch_size)):
+        parser.error(f"--latent {t} {h} {w}: each must be a multiple of the patch {list(cfg.patch_size)}")
     n_video = (t // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     g = torch.Generator(device).manual_seed(0)
     video = torch.randn(b, cfg.in_channels, t, h, w, generator=g, device=device)

@@ -106,3 +106,6 @@ def test_train_sweep_runs_each_configuration_and_tabulates(tmp_path):
     assert "| keep_attention | skipped (TOTAL_S) |" in (tmp_path / "t" / "summary.md").read_text()
     res = subprocess.run(["bash", script, str(tmp_path / "x"), "no_such"], env=env, capture_output=True, text=True)
     assert res.returncode == 2 and "unknown configuration no_such" in res.stderr
+    res = subprocess.run(["bash", script, str(tmp_path / "x"), "keep_attention"], env={**env, "PER_RUN_S": "5m"},
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 2 and "PER_RUN_S and TOTAL_S are whole seconds, got 5m" in res.stderr

@@ -57,6 +57,9 @@ def test_bench_bfloat16_and_bad_dtype(tmp_path):
     assert 0 < data["parity_max_abs_diff"] < 0.1  # bf16 rounding, not a different model
     bad = runner.invoke(app, ["model", "bench", "--dtype", "float8"])
     assert bad.exit_code == 2 and "dtype must be" in bad.output
+    uneven = runner.invoke(app, ["model", "bench", "--preset", "tiny", "--size", "30"])  # the patch is 4: was cropped
+    assert uneven.exit_code == 2 and "must be a multiple of the tiny patch [1, 4, 4], got 30" in " ".join(
+        uneven.output.replace("│", " ").split())  # fmt: skip
 
 
 def test_position_probe_on_the_shipped_model_reads_zero_without_rope(tmp_path, monkeypatch):

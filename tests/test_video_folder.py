@@ -595,14 +595,17 @@ def test_a_text_given_once_is_named_once_when_too_long(wan):
     assert why[1].startswith("two.mp4: prompt is 4 tokens and caption is 5 tokens long")
 
 
-def test_a_rerun_naming_the_sizes_in_another_order_resumes(tmp_path):
+def test_a_rerun_naming_the_sizes_in_another_order_says_so(tmp_path):
+    """Buckets of one aspect ratio tie, and the first listed takes the video: another order is other shards."""
     from univigu.data.latent_cache import CacheError, CacheSettings, _check_settings
 
     (tmp_path / "shards").mkdir()
     _check_settings(tmp_path, CacheSettings(buckets=((16, 16), (16, 32))), {"vae": "a"})
     (tmp_path / "shards" / "chunk_00000.done.json").write_text("{}")  # a finished chunk: settings now bind
-    _check_settings(tmp_path, CacheSettings(buckets=((16, 32), (16, 16))), {"vae": "a"})
-    with pytest.raises(CacheError, match=r"buckets \[\[16, 32\], \[16, 16\]\] -> \[\[16, 32\]\]"):
+    _check_settings(tmp_path, CacheSettings(buckets=((16, 16), (16, 32))), {"vae": "a"})
+    with pytest.raises(CacheError, match=r"buckets in another order .*: give --size in the order of the run"):
+        _check_settings(tmp_path, CacheSettings(buckets=((16, 32), (16, 16))), {"vae": "a"})
+    with pytest.raises(CacheError, match=r"buckets \[\[16, 16\], \[16, 32\]\] -> \[\[16, 32\]\]"):
         _check_settings(tmp_path, CacheSettings(buckets=((16, 32),)), {"vae": "a"})
     with pytest.raises(CacheError, match="another Wan folder's vae"):
-        _check_settings(tmp_path, CacheSettings(buckets=((16, 32), (16, 16))), {"vae": "b"})
+        _check_settings(tmp_path, CacheSettings(buckets=((16, 16), (16, 32))), {"vae": "b"})

@@ -262,7 +262,7 @@ def test_from_wan_keeps_a_shift_it_is_given(wan_dir):
     assert pipe.config.shift == 5.0
 
 
-def test_a_wan_folder_missing_a_part_is_named_so(wan_dir, tmp_path):
+def test_a_wan_folder_missing_a_part_is_named_so(wan_dir, pipe, tmp_path):
     """An incomplete download (no transformer/) read as a broken univigu folder ("lacks ['transformer', ...]"),
     and `univigu train --init_from` of it ended in a traceback."""
     import shutil
@@ -272,11 +272,21 @@ def test_a_wan_folder_missing_a_part_is_named_so(wan_dir, tmp_path):
 
     partial = tmp_path / "Wan-partial"
     shutil.copytree(wan_dir, partial, ignore=lambda folder, names: ["transformer"] if folder == str(wan_dir) else [])
-    with pytest.raises(FileNotFoundError, match=r"is a WanPipeline folder without \['transformer'\] \(an incomplete"):
+    with pytest.raises(FileNotFoundError, match=r"is a WanPipeline folder, not a univigu pipeline; as a "
+                                                r"Wan2.1 diffusers folder it lacks \['transformer'\]"):  # fmt: skip
         UniViGUPipeline.from_pretrained(partial)
     cfg = load_config(None, ["stage=recall", f"init_from={partial}", "pipeline={text_length: 8}"])
-    with pytest.raises(FileNotFoundError, match=r"init_from: .* is a WanPipeline folder without \['transformer'\]"):
+    with pytest.raises(FileNotFoundError, match=r"init_from: .* is a WanPipeline folder, not a univigu pipeline"):
         cfg.check_inputs()
+    # a pipeline saved by a subclass of ours loads (its index names the subclass)
+
+    class MyPipeline(UniViGUPipeline):
+        pass
+
+    MyPipeline(pipe.transformer, pipe.prompt_encoder, pipe.tokenizer, pipe.config, pipe.codec).save_pretrained(
+        tmp_path / "sub")  # fmt: skip
+    assert json.loads((tmp_path / "sub" / "model_index.json").read_text())["_class_name"] == "MyPipeline"
+    assert MyPipeline.from_pretrained(tmp_path / "sub").unified
 
 
 def test_folder_fingerprint_sees_names_sizes_and_file_ends_not_hidden_files(tmp_path):

@@ -107,6 +107,11 @@ def bench(
     torch_dtype = _torch_dtype(dtype)
     torch.manual_seed(0)
     model = build_model(preset)
+    patch = model.config.patch_size  # the transformer takes whole patches: a remainder is an error, not cropped
+    for name, value, p in (("--frames", frames, patch[0]), ("--size", size, max(patch[1], patch[2]))):
+        if value % p:
+            raise typer.BadParameter(f"must be a multiple of the {preset} patch {list(patch)}, got {value}",
+                                     param_hint=name)  # fmt: skip
     with torch.no_grad():  # a non-zero text head, so the text loss has gradients everywhere, as in training
         model.text_proj_out.weight.normal_(std=0.02)
     cfg = model.config

@@ -114,9 +114,12 @@ def _check_settings(out: Path, settings: CacheSettings, encoders: dict[str, str]
     if made is not None and any((out / "shards").glob("*.done.json")):  # without a finished chunk: start afresh
         changed = []
         for key, value in wanted.items():
-            if key not in made or (sorted(made[key]) == sorted(value) if key == "buckets" else made[key] == value):
-                continue  # buckets in any order: the same shards
-            if key == "encoders":
+            if key not in made or made[key] == value:
+                continue
+            if key == "buckets" and sorted(made[key]) == sorted(value):  # a tie in aspect ratio takes the first
+                changed.append(f"buckets in another order ({made[key]} -> {value}): give --size in the order of "
+                               "the run that made it")  # fmt: skip
+            elif key == "encoders":
                 parts = [part for part in value if made[key].get(part) != value[part]]
                 changed.append(f"another Wan folder's {' / '.join(parts)} (its files differ from those that made "
                                "the cached latents and prompt states)")  # fmt: skip

@@ -242,10 +242,12 @@ def check_pipeline_folder(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json){inside}")
     index = _read_index(index_file)
     wan_parts = ("transformer", "vae", "text_encoder", "tokenizer")
-    if index.get("_class_name", "UniViGUPipeline") != "UniViGUPipeline" and any((path / p).is_dir() for p in wan_parts):
+    if not {"config", "prompt_encoder"} & set(index) and any((path / part).is_dir() for part in wan_parts):
+        # a diffusers folder (Wan's parts), not one of ours (a subclass's too holds config and prompt_encoder)
         gone = [part for part in wan_parts if not (path / part).is_dir()]
-        raise FileNotFoundError(f"{path} is a {index.get('_class_name')} folder without {gone} (an incomplete "
-                                "download or copy?)")  # fmt: skip
+        raise FileNotFoundError(f"{path} is a {index.get('_class_name')} folder, not a univigu pipeline; as a "
+                                f"Wan2.1 diffusers folder it lacks {gone} (an incomplete download or "
+                                "copy?)")  # fmt: skip
     missing = [key for key in ("transformer", "prompt_encoder", "config") if key not in index]
     if missing:
         raise ValueError(f"{index_file} lacks {missing} (write pipeline folders with save_pretrained)")

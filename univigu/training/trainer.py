@@ -569,9 +569,10 @@ class Trainer:
                 continue_with = (f"train.mixed_precision={diff['mixed_precision'][0]}",)
                 auto = " (auto picks bf16 only where the device computes it natively)" if self.auto_precision else ""
                 lines += f"\n  {continue_with[0]} continues in the checkpoint's precision{auto}"
-            if any(k.startswith(("run.data.", "run.cache")) for k in diff):
-                lines += ("\n  the data changed (for a latent cache: videos added or removed, so the data order "
-                          "differs): start a new run, with init_from= this run's export to keep its training")
+            if any(k.startswith("run.cache_rows") for k in diff):
+                lines += ("\n  the latent cache's videos changed since the run began (added or removed: the data "
+                          "order differs); train on it in a new run (init_from= this run's final/ once it has one, "
+                          "else what it began from), or on the cache as it was")  # fmt: skip
             raise ResumeError(f"cannot resume from {path}: the config changes the training math:\n{lines}",
                               continue_with)  # fmt: skip
         if saved["max_steps"] != now["max_steps"] and acc.is_main_process:  # once, not once per process
