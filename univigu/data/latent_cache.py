@@ -207,7 +207,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
     for h, w in buckets:
         wan.codec.check_size(settings.frames, h, w)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    _check_settings(out, settings, getattr(wan, "fingerprint", None))
+    _check_settings(out, settings, wan.fingerprint())
     null_file = out / "null_prompt.safetensors"
     if not null_file.exists():
         states, mask = wan.encode_prompts([""], length=WAN_PROMPT_LENGTH)

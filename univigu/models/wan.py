@@ -243,7 +243,7 @@ class WanComponents:
     prompt_encoder: UMT5PromptEncoder
     tokenizer: object  # a transformers T5 tokenizer (pad, eos; no mask token)
     flow_shift: float | None = None  # the folder's scheduler flow_shift, when it has one
-    fingerprint: dict[str, str] | None = None  # vae / text_encoder / tokenizer -> folder_fingerprint
+    folder: Path | None = None  # the Wan folder loaded from (None: built from modules in memory)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32,
@@ -264,8 +264,15 @@ class WanComponents:
             prompt_encoder=UMT5PromptEncoder.from_pretrained(path / "text_encoder", torch_dtype),
             tokenizer=tokenizer,
             flow_shift=shift,
-            fingerprint={part: folder_fingerprint(path / part) for part in ("vae", "text_encoder", "tokenizer")},
+            folder=path,
         )
+
+    def fingerprint(self) -> dict[str, str] | None:
+        """vae / text_encoder / tokenizer -> `folder_fingerprint` of the folder loaded from (None without one): what
+        a latent cache records of the encoders that made it. Read on demand: loading a pipeline needs none."""
+        if self.folder is None:
+            return None
+        return {part: folder_fingerprint(self.folder / part) for part in ("vae", "text_encoder", "tokenizer")}
 
     def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
         """Keep the VAE and umT5 on the CPU, moving each to `device` only while it runs."""
