@@ -73,6 +73,15 @@ def _torch_dtype(dtype: str):
     return getattr(torch, dtype)
 
 
+def _check_patch(sizes: list[tuple[str, int]], patch: list[int], model: str = "the model's") -> None:
+    """A usage error naming the option whose size the `model`'s patch (T, H, W) does not divide: the transformer
+    takes whole patches. `sizes`: (option, size) in the patch's order."""
+    for (name, size), p in zip(sizes, patch):
+        if size % p:
+            raise typer.BadParameter(f"must be a multiple of {model} patch {list(patch)}, got {size}",
+                                     param_hint=name)  # fmt: skip
+
+
 @app.command()
 def bench(
     preset: str = typer.Option("tiny", help="Preset name (the tiny one is meant for this CPU)."),
@@ -100,18 +109,16 @@ def bench(
     from diffusers import WanTransformer3DModel
 
     from univigu.models import PRESETS, build_model
+    from univigu.models.presets import preset_config
     from univigu.models.transformer import WAN_CONFIG_KEYS
 
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}", param_hint="--preset")
     torch_dtype = _torch_dtype(dtype)
+    sizes = [("--frames", frames), ("--size", size), ("--size", size)]  # square frames
+    _check_patch(sizes, preset_config(preset)["patch_size"], f"the {preset}")
     torch.manual_seed(0)
     model = build_model(preset)
-    patch = model.config.patch_size  # the transformer takes whole patches: a remainder is an error, not cropped
-    for name, value, p in (("--frames", frames, patch[0]), ("--size", size, max(patch[1], patch[2]))):
-        if value % p:
-            raise typer.BadParameter(f"must be a multiple of the {preset} patch {list(patch)}, got {value}",
-                                     param_hint=name)  # fmt: skip
     with torch.no_grad():  # a non-zero text head, so the text loss has gradients everywhere, as in training
         model.text_proj_out.weight.normal_(std=0.02)
     cfg = model.config
@@ -222,10 +229,7 @@ def bench_v2t(
         raise typer.BadParameter(f"{preset!r} is neither a preset {sorted(PRESETS)} nor a pipeline folder",
                                  param_hint="--preset")  # fmt: skip
     torch_dtype = _torch_dtype(dtype)
-    for name, size, patch in zip(("--frames", "--height", "--width"), (frames, height, width), config["patch_size"]):
-        if size % patch:
-            raise typer.BadParameter(f"must be a multiple of the model's patch {list(config['patch_size'])}, got "
-                                     f"{size}", param_hint=name)  # fmt: skip
+    _check_patch([("--frames", frames), ("--height", height), ("--width", width)], config["patch_size"])
     torch.manual_seed(0)
     with torch.device(device):  # weights initialised where they run (1.3B on the CPU is slow)
         model = UniViGUTransformer.from_config({**config, "attention_layout": "video_prefix"}).eval()

@@ -822,7 +822,7 @@ class UniViGUPipeline:
         if tensor.ndim == 4 and tuple(tensor.shape) == want:  # one video, as one str is one prompt
             tensor = tensor[None]
         if tensor.dtype != torch.uint8 or tensor.ndim != 5 or tuple(tensor.shape[1:]) != want:
-            kind = f"{np.asarray(videos).dtype} array" if isinstance(videos, np.ndarray) else str(tensor.dtype)
+            kind = f"{videos.dtype} array" if isinstance(videos, np.ndarray) else str(tensor.dtype)
             if tensor.is_floating_point() and tensor.shape[-1:] == (3,):
                 hint = "frames are uint8 in [0, 255]: (video * 255).round() cast to uint8 for floats in [0, 1]"
                 if tuple(tensor.shape[-4:]) != want:
