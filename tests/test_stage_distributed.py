@@ -1,4 +1,7 @@
-"""The real toy stages under 2-process DDP (gloo, through accelerate) and kill -9 + --resume."""
+"""The real toy stages under 2-process DDP (gloo, through accelerate) and kill -9 + --resume.
+
+The single-process runs the launched ones are held to run in this process (a process start is seconds of
+imports), on one thread as the launched processes."""
 
 import csv
 import os
@@ -14,7 +17,9 @@ import pytest
 import torch
 from fsdp_on_cpu import launch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from univigu.cli import app
 from univigu.cli.train import CONFIG_DIR
 
 TINY = ["--model.num_layers=1", "--model.attention_head_dim=16", "--model.ffn_dim=64", "--model.text_dim=32",
@@ -22,10 +27,15 @@ TINY = ["--model.num_layers=1", "--model.attention_head_dim=16", "--model.ffn_di
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def univigu(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "univigu", *args], env=ENV, capture_output=True, text=True, **kwargs)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
+def univigu(*args: str) -> None:
+    """`univigu ARGS` in this process, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = CliRunner().invoke(app, list(args))
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
 
 
 def losses(path: Path, column: str = "loss") -> dict[int, float]:

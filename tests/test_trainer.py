@@ -27,6 +27,7 @@ from univigu.training import checkpoint as ckpt
 from univigu.training.sampler import ResumableBatchSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
+import trainer_stub  # noqa: E402
 from trainer_stub import MLPTask, Regression, config  # noqa: E402
 
 STUB = str(Path(__file__).parent / "trainer_stub.py")
@@ -49,7 +50,13 @@ def free_port() -> int:
 
 
 def run_stub(out: Path, *args: str) -> None:
-    subprocess.run([sys.executable, STUB, str(out), *args], env=ENV, check=True, capture_output=True)
+    """The stub's command line run in this process (a process start costs seconds), on one thread as the
+    subprocesses it is compared with."""
+    threads = torch.get_num_threads()
+    try:
+        trainer_stub.main([str(out), *args])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_sampler_shards_and_resumes() -> None:

@@ -83,7 +83,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from univigu.checks import check_finite, check_int, check_positive
-from univigu.models.transformer import keep_attention_checkpointing
 from univigu.training import checkpoint as ckpt
 from univigu.training.ema import EMA
 from univigu.training.sampler import ResumableBatchSampler
@@ -265,7 +264,10 @@ class Trainer:
                 if callable(getattr(m, "enable_gradient_checkpointing", None))
                 and getattr(m, "_supports_gradient_checkpointing", True)  # diffusers raises otherwise
             ]  # fmt: skip
-            keep = keep_attention_checkpointing if cfg.gradient_checkpointing == "keep_attention" else None
+            keep = None
+            if cfg.gradient_checkpointing == "keep_attention":
+                # imported here: the trainer takes any module and need not load diffusers for it
+                from univigu.models.transformer import keep_attention_checkpointing as keep
             for m in enabled:
                 m.enable_gradient_checkpointing(keep)
             if not enabled:
