@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from univigu.evaluation.timing import interleaved_medians
-from univigu.models import build_model
+from univigu.models import build_model, preset_config
 from univigu.models.transformer import ATTENTION_BACKENDS, WAN_CONFIG_KEYS, keep_attention_checkpointing
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
@@ -145,9 +145,12 @@ def main() -> None:
     if not 0 <= args.text_padding < args.text_len:
         parser.error(f"--text-padding must be in [0, --text-len), got {args.text_padding}")
 
+    overrides = {} if args.layers is None else {"num_layers": args.layers}
+    patch = preset_config(args.preset, **overrides)["patch_size"]  # checked before building: seconds on a GPU
+    if any(size % p for size, p in zip(args.latent, patch)):
+        parser.error(f"--latent {' '.join(map(str, args.latent))}: each must be a multiple of the patch {list(patch)}")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    overrides = {} if args.layers is None else {"num_layers": args.layers}
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(args.preset, **overrides)
@@ -155,8 +158,6 @@ def main() -> None:
     _progress(f"model built on {device}")
     cfg = model.config
     b, (t, h, w) = args.batch, args.latent
-    if any(size % p for size, p in zip(args.latent, cfg.patch_size)):
-        parser.error(f"--latent {t} {h} {w}: each must be a multiple of the patch {list(cfg.patch_size)}")
     n_video = (t // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     g = torch.Generator(device).manual_seed(0)
     video = torch.randn(b, cfg.in_channels, t, h, w, generator=g, device=device)

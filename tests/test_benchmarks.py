@@ -3,21 +3,35 @@
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).parents[1]
+
+
+def wan_scale(*args: str) -> None:
+    """`python benchmarks/wan_scale.py ARGS` in this process (a process start is seconds of imports), on one
+    thread."""
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = [str(ROOT / "benchmarks" / "wan_scale.py"), *args]
+    torch.set_num_threads(1)
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
 
 
 def test_wan_scale_benchmark_runs_and_profiles(tmp_path):
     args = ["--preset", "tiny", "--layers", "2", "--latent", "4", "16", "16", "--text-len", "16", "--prompt-len", "8",
             "--steps", "1", "--warmup", "1", "--train-steps", "1", "--device", "cpu", "--dtype", "float32",
             "--profile", "--text-padding", "4", "--out", str(tmp_path)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "wan_scale.py"), *args], env=env,
-                         capture_output=True, text=True)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    wan_scale(*args)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["parity_max_abs_diff"] == 0.0  # float32: the unified model without text is Wan
     assert set(result["latency_ms"]) == {"wan (diffusers)", "unified, no text", "unified T2V step",
@@ -32,6 +46,15 @@ def test_wan_scale_benchmark_runs_and_profiles(tmp_path):
     assert profile["seconds"]["optimizer"] > 0  # fused AdamW is one named kernel
     assert "| matmul |" in (tmp_path / "result.md").read_text()
     assert result["text_padding"] == 4 and "4 text positions masked" in (tmp_path / "result.md").read_text()
+
+
+def test_wan_scale_refuses_sizes_before_building_the_model(capsys):
+    for args, said in ((["--latent", "4", "15", "16"], "--latent 4 15 16: each must be a multiple of the patch [1, 4, 4]"),
+                       (["--text-len", "16", "--text-padding", "16"], "--text-padding must be in [0, --text-len)")):
+        with pytest.raises(SystemExit) as exit:
+            wan_scale("--preset", "tiny", "--device", "cpu", *args)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and said in err and "model built" not in err, err
 
 
 def test_interleaved_medians_alternate_the_functions_and_take_medians(monkeypatch):

@@ -121,7 +121,8 @@ def _fsdp(base: Path, out: Path, *args: str, **accelerate: object) -> None:
 def test_fsdp_two_processes_match_one_process_and_resume_from_shards(base, tmp_path):
     """FSDP2 (the shipped config, one unit per UniViGUBlock) on 2 CPU processes x batch 2 trains as 1 process
     x batch 4 does (losses, gradient norms over all shards, exported weights), saves sharded checkpoints, and
-    a run resumed from one of them continues exactly."""
+    a run resumed from one of them continues exactly, here under the several-node config (the same FSDP
+    settings) as two machines of one process each (two launchers on this machine)."""
     common = ["--train.max_steps=4", "--train.save_every=2", "--train.mixed_precision=no"]  # float32: exact
     _fsdp(base, tmp_path / "fsdp", *common, "--train.batch_size=2", mixed_precision="no")
     step2 = tmp_path / "fsdp" / "checkpoints" / "step_000002"
@@ -143,7 +144,10 @@ def test_fsdp_two_processes_match_one_process_and_resume_from_shards(base, tmp_p
     shutil.rmtree(resumed / "checkpoints" / "step_000004")
     shutil.rmtree(resumed / "final")
     (resumed / "checkpoints" / "latest").write_text("step_000002\n")
-    _fsdp(base, resumed, *common, "--train.batch_size=2", "--resume", mixed_precision="no")
+    launch(_recall(base, resumed, *common, "--train.batch_size=2", "--resume"), tmp_path, config="fsdp_multinode",
+           mixed_precision="no")  # fmt: skip
+    assert {p.name for p in (resumed / "checkpoints" / "step_000004").iterdir()} >= {
+        "pytorch_model_fsdp_0", "generator_0.pt", "generator_1.pt"}  # fmt: skip
     assert losses(resumed) == pytest.approx(losses(tmp_path / "fsdp"), abs=1e-6)
     again = _weights(resumed)
     assert max((again[k] - got[k]).abs().max().item() for k in got) < 1e-6
@@ -177,12 +181,3 @@ def test_fsdp_with_compiled_blocks_trains_as_eager(base, one_process, tmp_path):
           "--train.compile=true", mixed_precision="no")  # fmt: skip
     assert list(losses(tmp_path / "compiled")) == [1, 2]
     assert losses(tmp_path / "compiled") == pytest.approx(losses(one_process), abs=1e-4)
-
-
-def test_fsdp_multinode_config_runs_as_two_machines(base, tmp_path):
-    """The several-node FSDP config, as two machines of one process each (two launchers on this machine)."""
-    launch(_recall(base, tmp_path / "nodes", "--train.max_steps=2", "--train.batch_size=2"), tmp_path,
-           config="fsdp_multinode", mixed_precision="no")  # fmt: skip
-    assert {p.name for p in (tmp_path / "nodes" / "checkpoints" / "step_000002").iterdir()} >= {
-        "pytorch_model_fsdp_0", "generator_0.pt", "generator_1.pt"}  # fmt: skip
-    assert list(losses(tmp_path / "nodes")) == [1, 2]
