@@ -83,9 +83,11 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     assert refine.text_to_video(["a red circle moves up"], num_steps=2, progress=False).videos.shape == (1, 16, 32, 32, 3)
     rows = (tmp_path / "recall" / "losses.csv").read_text().splitlines()
     assert rows[0].startswith("step") and "text" in rows[0] and len(rows) == 3
-    # resume: finished stages are kept, nothing is retrained
-    again = runner.invoke(app, args + ["--resume"])
-    assert again.exit_code == 0 and again.output.count("already done") == 3
+    # resume: finished stages are kept, nothing is retrained; the first call's overrides need no repeating (each
+    # stage resumes from its run's record: the shipped configs' max_steps would have trained base further)
+    chain = ["train-all", "--out", str(tmp_path), "--stages", "base,recall,refine", "--resume"]
+    for again in (runner.invoke(app, args + ["--resume"]), runner.invoke(app, chain)):
+        assert again.exit_code == 0 and again.output.count("already done") == 3, again.output
     # a re-export of base killed between its two renames (the old export aside, the new one not in yet): put back
     (tmp_path / "base" / "final").rename(tmp_path / "base" / ".tmp_final.old")
     again = runner.invoke(app, args + ["--resume"])
@@ -105,8 +107,9 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     # refine trained further in the toy default chain (base, refine) would continue a run begun from recall
     other = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--resume", *small, "--refine.train.max_steps=3"])
     assert other.exit_code == 2 and f"began from {tmp_path / 'recall' / 'final'}" in _flat(other.output)
-    # more steps for a finished stage: it continues from its checkpoint (as train --resume does)
-    longer = runner.invoke(app, [*args, "--resume", "--refine.train.max_steps=3"])
+    # more steps for a finished stage: it continues from its checkpoint (as train --resume does), with the settings
+    # it began with (the small model: the shipped config's would be refused)
+    longer = runner.invoke(app, [*chain, "--refine.train.max_steps=3"])
     assert longer.exit_code == 0 and "refine: 2 steps done, continuing to 3" in longer.output, longer.output
     refine_extra = UniViGUPipeline.from_pretrained(tmp_path / "refine" / "final").config.extra["refine"]
     assert refine_extra["steps"] == 3

@@ -47,16 +47,21 @@ def _steps_done(final: Path, stage: str) -> int | None:
     return json.loads(index.read_text()).get("config", {}).get("extra", {}).get(stage, {}).get("steps")
 
 
+def _has_run(folder: Path) -> bool:
+    """A stage folder holds a run (a folder with only a refused run's record holds none)."""
+    from univigu.training.checkpoint import list_checkpoints
+
+    return (folder / "final").exists() or bool(list_checkpoints(folder / "checkpoints"))
+
+
 def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> None:
     """A resumed train-all continues a stage's run only if it began from the export this chain gives it (a run begun
     in another --stages chain is refused), and once a stage trains (further, or afresh), a later stage's run, begun
     from its old export, is refused too. Finished stages that are kept as they are pass."""
     import yaml
 
-    from univigu.training.checkpoint import list_checkpoints
-
-    def has_run(stage: str) -> bool:  # a folder with only a refused run's record holds no run
-        return (out / stage / "final").exists() or bool(list_checkpoints(out / stage / "checkpoints"))
+    def has_run(stage: str) -> bool:
+        return _has_run(out / stage)
 
     def finished(stage: str) -> bool:
         done = _steps_done(out / stage / "final", stage)
@@ -139,7 +144,9 @@ def train_all(
     configs: Path = typer.Option(CONFIG_DIR, help="Folder with base.yaml, recall.yaml, refine.yaml."),
     stages: str = typer.Option(DEFAULT_STAGES, help="Comma-separated, in order: base,recall,refine (the paper's "
                                "schedule) or the toy default base,refine (see reports/ablations.md, claim 3)."),
-    resume: bool = typer.Option(False, "--resume", help="Resume each stage from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Resume each stage from its latest checkpoint, with the "
+                                "settings its run began with (OUT/STAGE/stage_config.yaml) and this call's overrides "
+                                "on top: the first call's overrides need no repeating."),
 ) -> None:
     """Train the stages in order, each starting from the previous one's export (the toy default skips
     Knowledge Recall: at the same budget, refine alone captions better in the toy world).
@@ -164,8 +171,11 @@ def train_all(
         overrides.append(f"train.output_dir={out / stage}")
         if previous is not None:
             overrides.append(f"init_from={previous}")
+        # resumed, a stage that holds a run starts from the settings it began with (the first call's overrides)
+        record = out / stage / "stage_config.yaml"
+        config = record if resume and record.is_file() and _has_run(out / stage) else configs / f"{stage}.yaml"
         try:
-            stage_configs[stage] = load_config(configs / f"{stage}.yaml", overrides)
+            stage_configs[stage] = load_config(config, overrides)
         except (ValueError, TypeError, FileNotFoundError) as error:
             raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
         previous = out / stage / "final"
