@@ -49,8 +49,9 @@ def test_wan_scale_benchmark_runs_and_profiles(tmp_path):
 
 
 def test_wan_scale_refuses_sizes_before_building_the_model(capsys):
-    for args, said in ((["--latent", "4", "15", "16"], "--latent 4 15 16: each must be a multiple of the patch [1, 4, 4]"),
-                       (["--text-len", "16", "--text-padding", "16"], "--text-padding must be in [0, --text-len)")):
+    refusals = ((["--latent", "4", "15", "16"], "--latent 4 15 16: each must be a multiple of the patch [1, 4, 4]"),
+                (["--text-len", "16", "--text-padding", "16"], "--text-padding must be in [0, --text-len)"))
+    for args, said in refusals:
         with pytest.raises(SystemExit) as exit:
             wan_scale("--preset", "tiny", "--device", "cpu", *args)
         err = capsys.readouterr().err

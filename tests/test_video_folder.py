@@ -513,6 +513,61 @@ def test_a_chunk_whose_shards_are_gone_or_whose_redo_was_cut_is_encoded_again(vi
     assert shard.read_bytes() == reference and [data[i]["caption"] for i in range(2)] == [r[2] for r in rows]
 
 
+def test_a_row_inserted_above_redoes_the_chunks_below_without_the_vae(video_dir, wan, tmp_path, monkeypatch):
+    """Chunks are cut by row order, so a row inserted at the top shifts every chunk: they are written again, but
+    each video encoded before takes its latents from the earlier shards (the VAE runs for the new video alone); a
+    video replaced under its name, or a cache begun afresh with other settings, is encoded again."""
+    from univigu.data.latent_cache import LatentCacheDataset
+    from univigu.models.wan import WanComponents
+
+    encoded = []
+    encode = WanComponents.encode_video
+    monkeypatch.setattr(WanComponents, "encode_video", lambda self, video: encoded.append(len(video)) or
+                        encode(self, video))  # fmt: skip
+    videos, out = tmp_path / "videos", tmp_path / "cache"
+    videos.mkdir()
+    rows = [("good0.mp4", "a red cat", "a red cat runs"), ("good1.mp4", "a dog", "a dog runs"),
+            ("tall.mp4", "a bar", "a tall bar")]  # fmt: skip
+    for name, *_ in rows:
+        shutil.copy(video_dir / name, videos / name)
+    _captions(videos, rows[1:])
+    args = ["cache-latents", str(wan), str(videos), str(out), "--frames", str(FRAMES), "--fps", "4", "--size",
+            f"{HEIGHT}x{WIDTH}", "--shard-size", "1", "--dtype", "bfloat16"]  # fmt: skip
+
+    def latents() -> dict[str, torch.Tensor]:
+        data = LatentCacheDataset(out)
+        return {record.path.name: data[i]["video"] for i, record in enumerate(data.records())}
+
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0 and sum(encoded) == 2, first.output
+    before = latents()
+    _captions(videos, rows)  # good0 inserted above: both chunks change
+    encoded.clear()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and sum(encoded) == 1, result.output
+    assert "2 video(s) of the chunks encoded again were encoded by an earlier run" in said(result)
+    after = latents()
+    assert list(after) == ["good0.mp4", "good1.mp4", "tall.mp4"] and not (out / "shards" / "stale").exists()
+    for name in before:
+        assert torch.equal(after[name], before[name])
+    # good1 replaced by another clip under its name: its size differs, it is encoded again
+    shutil.copy(video_dir / "good0.mp4", videos / "good1.mp4")
+    _captions(videos, [rows[0], rows[2], rows[1]])
+    encoded.clear()
+    assert runner.invoke(app, args).exit_code == 0 and sum(encoded) == 1
+    assert torch.equal(latents()["good1.mp4"], after["good0.mp4"])
+    # a shard damaged on disk: its video is encoded again, the run goes on
+    _captions(videos, rows[1:])
+    (out / "shards" / "chunk_00002_16x16.safetensors").write_bytes(b"not a shard")  # good1's, now row 0's
+    encoded.clear()
+    assert runner.invoke(app, args).exit_code == 0 and sum(encoded) == 1
+    # begun afresh (no finished chunk) with other settings: the shards left behind are not taken
+    for done in (out / "shards").glob("*.done.json"):
+        done.unlink()
+    encoded.clear()
+    assert runner.invoke(app, [*args, "--dtype", "float32"]).exit_code == 0 and sum(encoded) == 2
+
+
 def test_videos_go_to_the_bucket_nearest_in_log_aspect_ratio():
     """log ratio: 2:1 is nearer 3.5:1 (x1.75) than 1:1 (x2), though nearer 1:1 by the difference of ratios."""
     from univigu.data.latent_cache import nearest_bucket

@@ -10,12 +10,16 @@ Layout of a cache folder (`build_latent_cache`, the `univigu cache-latents` comm
                                        records (video path, prompt, caption) as JSON
     shards/chunk_00012.done.json       what chunk 12 (records 12*S .. 13*S-1) wrote and skipped, and a digest
                                        of its records
+    shards/stale/                      during a run, shards of chunks being written again (removed at its end)
     skipped.jsonl                      every video skipped and why (also printed)
 
 Records are processed in chunks of `shard_size` in the caption file's order; a chunk whose `.done.json`
 exists (with the same records: an edited or extended captions file redoes only the chunks it changed) is
 skipped on a rerun, so an interrupted run resumes where it stopped; records are compared by their paths in the
 videos folder, so a rerun naming the folder otherwise (absolute / relative) or the same folder moved resumes too.
+A chunk written again takes the latents of the videos this cache encoded before (same file, same settings and
+encoders) from the earlier shards: a row inserted or deleted above shifts every chunk below it, but the VAE
+runs only for videos it has not encoded.
 A rerun with other settings (frames, fps, sizes, ...) is refused: its shards would not match the finished ones.
 Each video goes to the size bucket (height x width) nearest its aspect ratio; a chunk writes one shard per
 bucket it touches. A video that cannot be read (missing, corrupt, truncated, too short, too small), whose
@@ -29,13 +33,15 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -134,26 +140,25 @@ def _check_settings(out: Path, settings: CacheSettings, encoders: dict[str, str]
 DIGEST_VERSION = 2  # done files without "digest_version" hold _legacy_digest
 
 
+def _video_key(path: Path, videos: Path | None) -> list:
+    """A video as the cache knows it: its path relative to the `videos` folder, and its size in bytes (a video
+    replaced under the same name is encoded again). Relative, not the folder as typed: a rerun naming it otherwise
+    (absolute after relative) or the same folder moved or mounted elsewhere resumes, where the VAE would redo hours
+    of identical work (the shards' records keep the path of the run that wrote them). A video outside the folder
+    (an absolute path in the captions file), or records given without their folder: its resolved absolute path.
+    Size None: missing (skipped, and listed, each run alike)."""
+    key = None
+    if videos is not None:
+        try:
+            key = path.relative_to(videos).as_posix()
+        except ValueError:
+            pass
+    return [key or path.resolve().as_posix(), path.stat().st_size if path.is_file() else None]
+
+
 def _digest(records: list[VideoRecord], videos: Path | None = None) -> str:
-    """What a chunk's records are: each video's path relative to the `videos` folder, its size in bytes (a video
-    replaced under the same name is encoded again), its prompt and caption. Relative, not the folder as typed: a
-    rerun naming it otherwise (absolute after relative) or the same folder moved or mounted elsewhere resumes, where
-    the VAE would redo hours of identical work (the shards' records keep the path of the run that wrote them). A
-    video outside the folder (an absolute path in the captions file), or records given without their folder: its
-    resolved absolute path."""
-
-    def key(path: Path) -> str:
-        if videos is not None:
-            try:
-                return path.relative_to(videos).as_posix()
-            except ValueError:
-                pass
-        return path.resolve().as_posix()
-
-    def size(path: Path) -> int | None:  # None: missing (skipped, and listed, each run alike)
-        return path.stat().st_size if path.is_file() else None
-
-    text = json.dumps([DIGEST_VERSION, [[key(r.path), size(r.path), r.prompt, r.caption] for r in records]])
+    """What a chunk's records are: each video (`_video_key`), its prompt and caption."""
+    text = json.dumps([DIGEST_VERSION, [[*_video_key(r.path, videos), r.prompt, r.caption] for r in records]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -161,6 +166,47 @@ def _legacy_digest(records: list[VideoRecord]) -> str:
     """The digest of caches written before DIGEST_VERSION 2: the paths as typed (they match when typed as then)."""
     text = json.dumps([[str(r.path), r.prompt, r.caption] for r in records])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _EarlierLatents:
+    """The latents of videos this cache encoded before, found by video (`_video_key`), in the shards made with
+    these settings and encoders: a chunk encoded again (its rows changed, e.g. a row inserted or deleted above
+    it shifted them) takes them instead of decoding and running the VAE again. A shard replaced during the run is
+    moved to `shards/stale/` first, so its latents stay at hand until the run ends."""
+
+    def __init__(self, shards: Path, made_with: str) -> None:
+        self.stale = shards / "stale"
+        self.where: dict[str, tuple[Path, int]] = {}
+        self.moved: dict[Path, Path] = {}  # shard -> where retire() put it
+        for file in [*sorted(self.stale.glob("*.safetensors")), *sorted(shards.glob("*.safetensors"))]:
+            try:
+                with safe_open(file, "pt") as f:
+                    records = json.loads((f.metadata() or {}).get("records", "[]"))
+            except (OSError, SafetensorError, ValueError):  # a damaged file: its videos are encoded again
+                continue
+            for row, record in enumerate(records):  # rows of before this record, or of other settings: not used
+                if record.get("made_with") == made_with:
+                    self.where[json.dumps(record["key"])] = (file, row)
+
+    def get(self, key: list) -> Tensor | None:
+        """The latents [C, T', H', W'] of a video, or None."""
+        file, row = self.where.get(json.dumps(key), (None, 0))
+        if file is None:
+            return None
+        try:
+            with safe_open(self.moved.get(file, file), "pt") as f:
+                return f.get_slice("latents")[row : row + 1][0]
+        except (OSError, SafetensorError):
+            return None
+
+    def retire(self, file: Path) -> None:
+        """Move a shard about to be replaced or deleted aside (a unique name: an earlier cut run may have left one)."""
+        if not file.exists():
+            return
+        self.stale.mkdir(exist_ok=True)
+        target = self.stale / f"{time.time_ns()}_{file.name}"
+        os.replace(file, target)
+        self.moved[file] = target
 
 
 def _too_long(records: list[VideoRecord], tokenizer: Any, text_length: int, prompt_length: int | None = None,
@@ -207,7 +253,11 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
     for h, w in buckets:
         wan.codec.check_size(settings.frames, h, w)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    _check_settings(out, settings, wan.fingerprint())
+    encoders = wan.fingerprint()
+    _check_settings(out, settings, encoders)
+    made_with = hashlib.sha256(json.dumps([_content_settings(settings), encoders]).encode()).hexdigest()[:16]
+    folder = None if videos is None else Path(videos)
+    earlier = _EarlierLatents(out / "shards", made_with)
     null_file = out / "null_prompt.safetensors"
     if not null_file.exists():
         states, mask = wan.encode_prompts([""], length=WAN_PROMPT_LENGTH)
@@ -215,12 +265,12 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
 
     chunks = range(0, len(records), settings.shard_size)
     bar = tqdm(total=len(records), desc="cache-latents", unit="video")
-    redone = 0  # chunks this run encoded (the rest were cached by an earlier run)
+    redone, reused = 0, 0  # chunks this run encoded (the rest were cached by an earlier run); videos not encoded
     for start in chunks:
         chunk = start // settings.shard_size
         chunk_records = records[start : start + settings.shard_size]
         done = out / "shards" / f"chunk_{chunk:05d}.done.json"
-        digest = _digest(chunk_records, None if videos is None else Path(videos))
+        digest = _digest(chunk_records, folder)
         if done.exists():
             previous = json.loads(done.read_text())
             recorded, legacy = previous.get("records", digest), previous.get("digest_version", 1) < DIGEST_VERSION
@@ -245,9 +295,10 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
             (out / "index.json").unlink(missing_ok=True)
             done.unlink()
             for name in previous["shards"]:
-                (out / "shards" / name).unlink(missing_ok=True)
+                earlier.retire(out / "shards" / name)
         redone += 1
-        groups: dict[tuple[int, int], list[tuple[VideoRecord, Tensor]]] = defaultdict(list)
+        # (record, its video key, its clip to encode or its latents encoded before), by bucket
+        groups: dict[tuple[int, int], list[tuple[VideoRecord, list, Tensor | None, Tensor | None]]] = defaultdict(list)
         skipped, notes = [], []
         too_long = _too_long(chunk_records, wan.tokenizer, settings.text_length, WAN_PROMPT_LENGTH)
         unknown = unknown_words(wan.tokenizer, [f"{r.prompt} {r.caption}" for r in chunk_records])
@@ -256,10 +307,13 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                 skipped.append({"video": str(record.path), "reason": too_long[i]})
                 log(f"skipped: {too_long[i]}")
                 continue
+            key = _video_key(record.path, folder)
             try:
                 h, w, pix_fmt = _probe(record.path)
                 bucket = nearest_bucket(h, w, buckets)
-                clip = load_clip(record.path, settings.frames, *bucket, fps=settings.fps, min_side=settings.min_side)
+                found = earlier.get(key)
+                clip = None if found is not None else \
+                    load_clip(record.path, settings.frames, *bucket, fps=settings.fps, min_side=settings.min_side)
             except VideoReadError as error:
                 skipped.append({"video": str(record.path), "reason": str(error)})
                 log(f"skipped: {error}")
@@ -272,26 +326,37 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                 notes.append({"video": str(record.path),
                               "note": f"words its tokenizer does not know, read as {wan.tokenizer.unk_token}: {words}"})
                 log(f"note: {record.path}: {notes[-1]['note']}")
-            groups[bucket].append((record, clip))
+            groups[bucket].append((record, key, clip, found))
         shards = {}
         for bucket, items in groups.items():
-            latents = []
-            for i in range(0, len(items), settings.batch_size):
-                latents.append(wan.encode_video(torch.stack([clip for _, clip in items[i : i + settings.batch_size]])))
-            states, mask = wan.encode_prompts([r.prompt for r, _ in items], length=WAN_PROMPT_LENGTH)  # none cut
+            todo = [i for i, (_, _, clip, _) in enumerate(items) if clip is not None]
+            latents = [found for *_, found in items]
+            for i in range(0, len(todo), settings.batch_size):
+                batch = todo[i : i + settings.batch_size]
+                for j, encoded in zip(batch, wan.encode_video(torch.stack([items[j][2] for j in batch]))):
+                    latents[j] = encoded
+            reused += len(items) - len(todo)
+            states, mask = wan.encode_prompts([r.prompt for r, *_ in items], length=WAN_PROMPT_LENGTH)  # none cut
             lengths = mask.sum(1)
             name = f"chunk_{chunk:05d}_{bucket_name(bucket)}.safetensors"
-            meta = [{"video": str(r.path), "prompt": r.prompt, "caption": r.caption} for r, _ in items]
-            _atomic_save({"latents": torch.cat(latents).to(dtype), "prompt_states": states[:, : int(lengths.max())]
-                          .to(dtype), "prompt_lengths": lengths}, out / "shards" / name,
-                         {"records": json.dumps(meta)})  # fmt: skip
+            earlier.retire(out / "shards" / name)  # left by a cut run: its latents may serve this chunk's
+            # one metadata entry: safetensors writes several in no fixed order (a rerun's file would differ)
+            meta = [{"video": str(r.path), "prompt": r.prompt, "caption": r.caption, "key": key, "made_with": made_with}
+                    for r, key, *_ in items]  # fmt: skip
+            tensors = {"latents": torch.stack([x.to(dtype) for x in latents]),
+                       "prompt_states": states[:, : int(lengths.max())].to(dtype), "prompt_lengths": lengths}
+            _atomic_save(tensors, out / "shards" / name, {"records": json.dumps(meta)})
             shards[name] = {"bucket": bucket_name(bucket), "count": len(items)}
         _atomic_json({"shards": shards, "skipped": skipped, "notes": notes, "records": digest,
                       "digest_version": DIGEST_VERSION}, done)  # fmt: skip
         bar.update(len(chunk_records))
     bar.close()
+    shutil.rmtree(earlier.stale, ignore_errors=True)
     if redone < len(chunks):
         log(f"{len(chunks) - redone} of {len(chunks)} chunks were cached by an earlier run (kept as they were)")
+    if reused:
+        log(f"{reused} video(s) of the chunks encoded again were encoded by an earlier run: their latents were "
+            "reused, not encoded again")  # fmt: skip
     return _write_index(out, settings, len(chunks), log, wan.codec.latent_space())
 
 
