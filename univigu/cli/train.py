@@ -60,9 +60,6 @@ def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> N
     from its old export, is refused too. Finished stages that are kept as they are pass."""
     import yaml
 
-    def has_run(stage: str) -> bool:
-        return _has_run(out / stage)
-
     def finished(stage: str) -> bool:
         done = _steps_done(out / stage / "final", stage)
         return done is not None and done >= stage_configs[stage].train.max_steps
@@ -70,7 +67,7 @@ def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> N
     stages = list(stage_configs)
     for stage, cfg in stage_configs.items():
         record = out / stage / "stage_config.yaml"
-        if cfg.init_from is None or finished(stage) or not has_run(stage) or not record.is_file():
+        if cfg.init_from is None or finished(stage) or not _has_run(out / stage) or not record.is_file():
             continue
         began = (yaml.safe_load(record.read_text()) or {}).get("init_from")
         if began is None:
@@ -85,7 +82,7 @@ def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> N
         if finished(stage):
             continue
         done = _steps_done(out / stage / "final", stage)
-        stale = [s for s in stages[i + 1:] if has_run(s)]
+        stale = [s for s in stages[i + 1:] if _has_run(out / s)]
         if stale:
             trains = "from scratch" if done is None else f"from {done} to {stage_configs[stage].train.max_steps} steps"
             unchanged = f"--{stage}.train.max_steps={done}"
