@@ -1,6 +1,7 @@
 """Video folders: captions, decoding to clips, and the latent cache over broken files (all skipped, listed)."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -543,8 +544,14 @@ def test_a_row_inserted_above_redoes_the_chunks_below_without_the_vae(video_dir,
     before = latents()
     _captions(videos, rows)  # good0 inserted above: both chunks change
     encoded.clear()
+    from univigu.data import latent_cache
+
+    save, stale = latent_cache._atomic_save, []  # the replaced shards kept aside as each new shard is written
+    monkeypatch.setattr(latent_cache, "_atomic_save", lambda tensors, path, metadata: stale.append(
+        len(list((out / "shards" / "stale").glob("*")))) or save(tensors, path, metadata))  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and sum(encoded) == 1, result.output
+    assert stale == [1, 2, 1]  # old chunk 0 (good1) deleted once no row still to come names good1
     assert "2 video(s) of the chunks encoded again were encoded by an earlier run" in said(result)
     after = latents()
     assert list(after) == ["good0.mp4", "good1.mp4", "tall.mp4"] and not (out / "shards" / "stale").exists()
@@ -566,6 +573,50 @@ def test_a_row_inserted_above_redoes_the_chunks_below_without_the_vae(video_dir,
         done.unlink()
     encoded.clear()
     assert runner.invoke(app, [*args, "--dtype", "float32"]).exit_code == 0 and sum(encoded) == 2
+
+
+def _write_raw(path: Path, seed: int) -> None:
+    """Uncompressed AVI (24 x 40, 12 frames of noise): every such file has the same size in bytes."""
+    frames = np.random.default_rng(seed).integers(0, 255, (12, 24, 40, 3), dtype=np.uint8)
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("rawvideo", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 40, 24, "rgb24"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def test_a_video_replaced_by_one_of_the_same_size_is_encoded_again(wan, tmp_path, monkeypatch):
+    """Latents are reused by path, size and a digest of the file's first and last MiB: another video of the same
+    size under the same name (its row edited, so its chunk is redone) is not taken for the old one; a shard
+    replaced during the run is gone from shards/stale/ once no row still to come names one of its videos."""
+    from univigu.data.latent_cache import LatentCacheDataset
+    from univigu.models.wan import WanComponents
+
+    encoded = []
+    encode = WanComponents.encode_video
+    monkeypatch.setattr(WanComponents, "encode_video", lambda self, video: encoded.append(len(video)) or
+                        encode(self, video))  # fmt: skip
+    videos, out = tmp_path / "videos", tmp_path / "cache"
+    videos.mkdir()
+    _write_raw(videos / "a.avi", seed=0)
+    _captions(videos, [("a.avi", "a thing", "a thing moves")])
+    args = ["cache-latents", str(wan), str(videos), str(out), "--frames", str(FRAMES), "--fps", "4", "--size",
+            f"{HEIGHT}x{WIDTH}", "--dtype", "float32"]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 0 and sum(encoded) == 1
+    before = LatentCacheDataset(out)[0]["video"]
+    size = (videos / "a.avi").stat().st_size
+    _write_raw(videos / "a.avi", seed=1)
+    assert (videos / "a.avi").stat().st_size == size
+    _captions(videos, [("a.avi", "a thing", "another thing")])
+    encoded.clear()
+    assert runner.invoke(app, args).exit_code == 0 and sum(encoded) == 1
+    assert not torch.equal(LatentCacheDataset(out)[0]["video"], before)
+    assert not (out / "shards" / "stale").exists() and not (out / "run.lock").exists()
+    # another run writing the folder (its lock names a live process): refused, nothing touched
+    (out / "run.lock").write_text(str(os.getppid()))
+    busy = runner.invoke(app, args)
+    assert busy.exit_code == 2 and "in use by another univigu cache-latents" in said(busy), busy.output
 
 
 def test_videos_go_to_the_bucket_nearest_in_log_aspect_ratio():

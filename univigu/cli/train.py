@@ -141,9 +141,9 @@ def train_all(
     configs: Path = typer.Option(CONFIG_DIR, help="Folder with base.yaml, recall.yaml, refine.yaml."),
     stages: str = typer.Option(DEFAULT_STAGES, help="Comma-separated, in order: base,recall,refine (the paper's "
                                "schedule) or the toy default base,refine (see reports/ablations.md, claim 3)."),
-    resume: bool = typer.Option(False, "--resume", help="Resume each stage from its latest checkpoint, with the "
-                                "settings its run began with (OUT/STAGE/stage_config.yaml) and this call's overrides "
-                                "on top: the first call's overrides need no repeating."),
+    resume: bool = typer.Option(False, "--resume", help="Resume each stage from its latest checkpoint, with its run's "
+                                "settings (OUT/STAGE/stage_config.yaml, not --configs) and this call's overrides on "
+                                "top: the first call's overrides need no repeating."),
 ) -> None:
     """Train the stages in order, each starting from the previous one's export (the toy default skips
     Knowledge Recall: at the same budget, refine alone captions better in the toy world).
@@ -168,9 +168,11 @@ def train_all(
         overrides.append(f"train.output_dir={out / stage}")
         if previous is not None:
             overrides.append(f"init_from={previous}")
-        # resumed, a stage that holds a run starts from the settings it began with (the first call's overrides)
+        # resumed, a stage that holds a run starts from its run's settings (the first call's overrides)
         record = out / stage / "stage_config.yaml"
         config = record if resume and record.is_file() and _has_run(out / stage) else configs / f"{stage}.yaml"
+        if config == record:
+            _say(f"stage {stage}: its run's settings ({record}), this call's overrides on top")
         try:
             stage_configs[stage] = load_config(config, overrides)
         except (ValueError, TypeError, FileNotFoundError) as error:

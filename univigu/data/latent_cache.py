@@ -10,16 +10,18 @@ Layout of a cache folder (`build_latent_cache`, the `univigu cache-latents` comm
                                        records (video path, prompt, caption) as JSON
     shards/chunk_00012.done.json       what chunk 12 (records 12*S .. 13*S-1) wrote and skipped, and a digest
                                        of its records
-    shards/stale/                      during a run, shards of chunks being written again (removed at its end)
+    shards/stale/                      during a run, the shards of chunks written again, until no row still to
+                                       come names one of their videos (removed at the run's end)
+    run.lock                           while a run writes the folder (a second run is refused)
     skipped.jsonl                      every video skipped and why (also printed)
 
 Records are processed in chunks of `shard_size` in the caption file's order; a chunk whose `.done.json`
 exists (with the same records: an edited or extended captions file redoes only the chunks it changed) is
 skipped on a rerun, so an interrupted run resumes where it stopped; records are compared by their paths in the
 videos folder, so a rerun naming the folder otherwise (absolute / relative) or the same folder moved resumes too.
-A chunk written again takes the latents of the videos this cache encoded before (same file, same settings and
-encoders) from the earlier shards: a row inserted or deleted above shifts every chunk below it, but the VAE
-runs only for videos it has not encoded.
+A chunk written again takes the latents of the videos this cache encoded before (the same path in the folder,
+size and first and last MiB; the same settings and encoders) from the earlier shards: a row inserted or deleted
+above shifts every chunk below it, but the VAE runs only for videos it has not encoded.
 A rerun with other settings (frames, fps, sizes, ...) is refused: its shards would not match the finished ones.
 Each video goes to the size bucket (height x width) nearest its aspect ratio; a chunk writes one shard per
 bucket it touches. A video that cannot be read (missing, corrupt, truncated, too short, too small), whose
@@ -35,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -50,7 +52,7 @@ from tqdm.auto import tqdm
 from univigu.data.tokenizer import unknown_words
 from univigu.data.video_folder import VideoRecord, load_clip
 from univigu.data.video_io import VideoReadError, open_video
-from univigu.models.wan import WAN_PROMPT_LENGTH
+from univigu.models.wan import WAN_PROMPT_LENGTH, hash_edges
 
 __all__ = ["CacheError", "CacheSettings", "build_latent_cache", "LatentCacheDataset", "LatentCodec",
            "collate_latents"]
@@ -168,29 +170,43 @@ def _legacy_digest(records: list[VideoRecord]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _sample(path: Path) -> str:
+    """A digest of a video file's first and last MiB: tells apart two videos of one size without reading them."""
+    digest = hashlib.sha256()
+    hash_edges(digest, path)
+    return digest.hexdigest()[:16]
+
+
 class _EarlierLatents:
-    """The latents of videos this cache encoded before, found by video (`_video_key`), in the shards made with
-    these settings and encoders: a chunk encoded again (its rows changed, e.g. a row inserted or deleted above
-    it shifted them) takes them instead of decoding and running the VAE again. A shard replaced during the run is
-    moved to `shards/stale/` first, so its latents stay at hand until the run ends."""
+    """The latents of videos this cache encoded before, found by video (`_video_key` and `_sample`), in the shards
+    made with these settings and encoders: a chunk encoded again (its rows changed, e.g. a row inserted or deleted
+    above it shifted them) takes them instead of decoding and running the VAE again. A shard about to be replaced
+    is moved to `shards/stale/`, and deleted once no row still to come names one of its videos."""
 
     def __init__(self, shards: Path, made_with: str) -> None:
         self.stale = shards / "stale"
-        self.where: dict[str, tuple[Path, int]] = {}
+        self.where: dict[str, tuple[Path, int]] = {}  # json [key, sample] -> (shard, row)
         self.moved: dict[Path, Path] = {}  # shard -> where retire() put it
+        self.videos_in: dict[Path, list[str]] = {}  # stale shard -> its rows' json keys
         for file in [*sorted(self.stale.glob("*.safetensors")), *sorted(shards.glob("*.safetensors"))]:
-            try:
-                with safe_open(file, "pt") as f:
-                    records = json.loads((f.metadata() or {}).get("records", "[]"))
-            except (OSError, SafetensorError, ValueError):  # a damaged file: its videos are encoded again
-                continue
-            for row, record in enumerate(records):  # rows of before this record, or of other settings: not used
-                if record.get("made_with") == made_with:
-                    self.where[json.dumps(record["key"])] = (file, row)
+            rows = self._rows(file)
+            for row, record in enumerate(rows):  # rows of before this record, or of other settings: not used
+                if record.get("made_with") == made_with and "sample" in record:
+                    self.where[json.dumps([record["key"], record["sample"]])] = (file, row)
+            if file.parent == self.stale:
+                self.videos_in[file] = [json.dumps(record.get("key")) for record in rows]
 
-    def get(self, key: list) -> Tensor | None:
+    @staticmethod
+    def _rows(file: Path) -> list[dict]:
+        try:
+            with safe_open(file, "pt") as f:
+                return json.loads((f.metadata() or {}).get("records", "[]"))
+        except (OSError, SafetensorError, ValueError):  # a damaged file: its videos are encoded again
+            return []
+
+    def get(self, key: list, sample: str) -> Tensor | None:
         """The latents [C, T', H', W'] of a video, or None."""
-        file, row = self.where.get(json.dumps(key), (None, 0))
+        file, row = self.where.get(json.dumps([key, sample]), (None, 0))
         if file is None:
             return None
         try:
@@ -205,8 +221,16 @@ class _EarlierLatents:
             return
         self.stale.mkdir(exist_ok=True)
         target = self.stale / f"{time.time_ns()}_{file.name}"
+        self.videos_in[target] = [json.dumps(record.get("key")) for record in self._rows(file)]
         os.replace(file, target)
         self.moved[file] = target
+
+    def free(self, pending: Counter) -> None:
+        """Delete the stale shards none of whose videos a row still to come names (`pending`: json keys)."""
+        for file, keys in list(self.videos_in.items()):
+            if not any(pending[key] for key in keys):
+                file.unlink(missing_ok=True)
+                del self.videos_in[file]
 
 
 def _too_long(records: list[VideoRecord], tokenizer: Any, text_length: int, prompt_length: int | None = None,
@@ -246,8 +270,16 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
     the paths in it, however it is named (without it: by resolved absolute paths).
 
     Each bucket size is checked against the VAE first (ValueError naming the nearest valid size); a folder
-    holding a cache made with other settings is refused (`CacheError`)."""
-    out = Path(out_dir)
+    holding a cache made with other settings is refused (`CacheError`), and so is one another run is writing
+    (`RunFolderInUse`, from its OUT/run.lock)."""
+    from univigu.training.checkpoint import sole_run
+
+    with sole_run(Path(out_dir), "univigu cache-latents"):
+        return _build_latent_cache(records, Path(out_dir), wan, settings, log, videos)
+
+
+def _build_latent_cache(records: list[VideoRecord], out: Path, wan: Any, settings: CacheSettings,
+                        log: Callable[[str], None], videos: str | os.PathLike | None) -> dict:  # fmt: skip
     dtype = getattr(torch, settings.dtype)
     buckets = tuple(tuple(b) for b in settings.buckets)
     for h, w in buckets:
@@ -258,6 +290,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
     made_with = hashlib.sha256(json.dumps([_content_settings(settings), encoders]).encode()).hexdigest()[:16]
     folder = None if videos is None else Path(videos)
     earlier = _EarlierLatents(out / "shards", made_with)
+    pending = Counter(json.dumps(_video_key(r.path, folder)) for r in records)  # the videos of rows still to come
     null_file = out / "null_prompt.safetensors"
     if not null_file.exists():
         states, mask = wan.encode_prompts([""], length=WAN_PROMPT_LENGTH)
@@ -269,6 +302,8 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
     for start in chunks:
         chunk = start // settings.shard_size
         chunk_records = records[start : start + settings.shard_size]
+        earlier.free(pending)  # the replaced shards no row from here on needs
+        pending.subtract(json.dumps(_video_key(r.path, folder)) for r in chunk_records)
         done = out / "shards" / f"chunk_{chunk:05d}.done.json"
         digest = _digest(chunk_records, folder)
         if done.exists():
@@ -290,14 +325,15 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                             "was cached before chunks were matched by the paths in the folder; name the folder as "
                             "then, e.g. relative or absolute, to keep the cached chunks)")  # fmt: skip
             log(f"chunk {chunk}: {why}; encoding it again")
-            # the chunk's record and the index go first: a run killed while the chunk is redone leaves nothing that
-            # names its old shards (a rerun encodes it again; training meanwhile is told to finish the cache)
+            # the index, then the chunk's shards (moved aside), then its record: a run killed while the chunk is redone
+            # leaves nothing that names its old shards (a rerun encodes it again; training meanwhile is told to finish
+            # the cache)
             (out / "index.json").unlink(missing_ok=True)
-            done.unlink()
             for name in previous["shards"]:
                 earlier.retire(out / "shards" / name)
+            done.unlink()
         redone += 1
-        # (record, its video key, its clip to encode or its latents encoded before), by bucket
+        # (record, [video key, sample], its clip to encode or None, its latents encoded before or None), by bucket
         groups: dict[tuple[int, int], list[tuple[VideoRecord, list, Tensor | None, Tensor | None]]] = defaultdict(list)
         skipped, notes = [], []
         too_long = _too_long(chunk_records, wan.tokenizer, settings.text_length, WAN_PROMPT_LENGTH)
@@ -307,11 +343,14 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                 skipped.append({"video": str(record.path), "reason": too_long[i]})
                 log(f"skipped: {too_long[i]}")
                 continue
-            key = _video_key(record.path, folder)
+            key, sample = _video_key(record.path, folder), None
             try:
                 h, w, pix_fmt = _probe(record.path)
                 bucket = nearest_bucket(h, w, buckets)
-                found = earlier.get(key)
+                sample = _sample(record.path)
+                found = earlier.get(key, sample)
+                if found is not None and tuple(found.shape) != tuple(wan.codec.latent_shape(settings.frames, *bucket)):
+                    found = None  # another bucket's: not this video as cached now
                 clip = None if found is not None else \
                     load_clip(record.path, settings.frames, *bucket, fps=settings.fps, min_side=settings.min_side)
             except VideoReadError as error:
@@ -326,7 +365,7 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
                 notes.append({"video": str(record.path),
                               "note": f"words its tokenizer does not know, read as {wan.tokenizer.unk_token}: {words}"})
                 log(f"note: {record.path}: {notes[-1]['note']}")
-            groups[bucket].append((record, key, clip, found))
+            groups[bucket].append((record, [key, sample], clip, found))
         shards = {}
         for bucket, items in groups.items():
             todo = [i for i, (_, _, clip, _) in enumerate(items) if clip is not None]
@@ -341,8 +380,8 @@ def build_latent_cache(records: list[VideoRecord], out_dir: str | os.PathLike, w
             name = f"chunk_{chunk:05d}_{bucket_name(bucket)}.safetensors"
             earlier.retire(out / "shards" / name)  # left by a cut run: its latents may serve this chunk's
             # one metadata entry: safetensors writes several in no fixed order (a rerun's file would differ)
-            meta = [{"video": str(r.path), "prompt": r.prompt, "caption": r.caption, "key": key, "made_with": made_with}
-                    for r, key, *_ in items]  # fmt: skip
+            meta = [{"video": str(r.path), "prompt": r.prompt, "caption": r.caption, "key": key, "sample": sample,
+                     "made_with": made_with} for r, (key, sample), *_ in items]  # fmt: skip
             tensors = {"latents": torch.stack([x.to(dtype) for x in latents]),
                        "prompt_states": states[:, : int(lengths.max())].to(dtype), "prompt_lengths": lengths}
             _atomic_save(tensors, out / "shards" / name, {"records": json.dumps(meta)})
