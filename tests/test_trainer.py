@@ -421,6 +421,8 @@ def test_gradient_checkpointing_on_the_real_transformer(tmp_path: Path) -> None:
 
 
 def test_compiled_blocks_train_as_eager(tmp_path: Path, monkeypatch) -> None:
+    import torch._functorch.config  # not loaded yet when this test runs alone
+
     monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)  # restored after the test
     runs = {}
     for compile in (False, True):
@@ -432,6 +434,9 @@ def test_compiled_blocks_train_as_eager(tmp_path: Path, monkeypatch) -> None:
         assert (block._compiled_call_impl is not None) is compile
     assert torch._functorch.config.activation_memory_budget == 0.5
     assert runs[True] == pytest.approx(runs[False], abs=1e-5)
+    # the setting is process-wide: a later compiled run without a budget (train-all's next stage) is back at 1.0
+    Trainer(TinyWanTask(), WanData(), config(tmp_path / "next", compile=True))
+    assert torch._functorch.config.activation_memory_budget == 1.0
     with pytest.raises(ValueError, match="activation_memory_budget needs compile"):
         config(tmp_path / "bad", activation_memory_budget=0.5)
 

@@ -276,8 +276,10 @@ class Trainer:
             models = [m for m in task.modules() if getattr(m, "_repeated_blocks", None)]
             if not models:
                 raise ValueError("compile: true, but no submodule lists _repeated_blocks to compile")
-            if cfg.activation_memory_budget is not None:
-                torch._functorch.config.activation_memory_budget = cfg.activation_memory_budget
+            # process-wide: set for every compiled run (1.0, torch's default: keep every activation), or a run after
+            # one that lowered it in this process (train-all's next stage) would compile with the earlier budget
+            budget = cfg.activation_memory_budget
+            torch._functorch.config.activation_memory_budget = 1.0 if budget is None else budget
             for m in models:
                 m.compile_repeated_blocks()  # regional compilation: one compiled block serves all of them
 
