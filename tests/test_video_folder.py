@@ -514,17 +514,23 @@ def test_a_chunk_whose_shards_are_gone_or_whose_redo_was_cut_is_encoded_again(vi
     assert shard.read_bytes() == reference and [data[i]["caption"] for i in range(2)] == [r[2] for r in rows]
 
 
-def test_a_row_inserted_above_redoes_the_chunks_below_without_the_vae(video_dir, wan, tmp_path, monkeypatch):
+@pytest.fixture
+def encoded(monkeypatch) -> list[int]:
+    """The batch sizes the Wan VAE encodes (each call appends one)."""
+    from univigu.models.wan import WanComponents
+
+    calls, encode = [], WanComponents.encode_video
+    monkeypatch.setattr(WanComponents, "encode_video", lambda self, video: calls.append(len(video)) or
+                        encode(self, video))  # fmt: skip
+    return calls
+
+
+def test_a_row_inserted_above_redoes_the_chunks_below_without_the_vae(video_dir, wan, encoded, tmp_path, monkeypatch):
     """Chunks are cut by row order, so a row inserted at the top shifts every chunk: they are written again, but
     each video encoded before takes its latents from the earlier shards (the VAE runs for the new video alone); a
     video replaced under its name, or a cache begun afresh with other settings, is encoded again."""
     from univigu.data.latent_cache import LatentCacheDataset
-    from univigu.models.wan import WanComponents
 
-    encoded = []
-    encode = WanComponents.encode_video
-    monkeypatch.setattr(WanComponents, "encode_video", lambda self, video: encoded.append(len(video)) or
-                        encode(self, video))  # fmt: skip
     videos, out = tmp_path / "videos", tmp_path / "cache"
     videos.mkdir()
     rows = [("good0.mp4", "a red cat", "a red cat runs"), ("good1.mp4", "a dog", "a dog runs"),
@@ -586,17 +592,12 @@ def _write_raw(path: Path, seed: int) -> None:
         container.mux(stream.encode())
 
 
-def test_a_video_replaced_by_one_of_the_same_size_is_encoded_again(wan, tmp_path, monkeypatch):
+def test_a_video_replaced_by_one_of_the_same_size_is_encoded_again(wan, encoded, tmp_path):
     """Latents are reused by path, size and a digest of the file's first and last MiB: another video of the same
     size under the same name (its row edited, so its chunk is redone) is not taken for the old one; a shard
     replaced during the run is gone from shards/stale/ once no row still to come names one of its videos."""
     from univigu.data.latent_cache import LatentCacheDataset
-    from univigu.models.wan import WanComponents
 
-    encoded = []
-    encode = WanComponents.encode_video
-    monkeypatch.setattr(WanComponents, "encode_video", lambda self, video: encoded.append(len(video)) or
-                        encode(self, video))  # fmt: skip
     videos, out = tmp_path / "videos", tmp_path / "cache"
     videos.mkdir()
     _write_raw(videos / "a.avi", seed=0)
