@@ -83,9 +83,9 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     assert refine.text_to_video(["a red circle moves up"], num_steps=2, progress=False).videos.shape == (1, 16, 32, 32, 3)
     rows = (tmp_path / "recall" / "losses.csv").read_text().splitlines()
     assert rows[0].startswith("step") and "text" in rows[0] and len(rows) == 3
-    # resume: finished stages are kept, nothing is retrained; the first call's overrides need no repeating (each
-    # stage resumes from its run's record: the shipped configs' max_steps would have trained base further)
-    chain = ["train-all", "--out", str(tmp_path), "--stages", "base,recall,refine", "--resume"]
+    # resume: finished stages are kept, nothing is retrained; the first call's stages and overrides need no
+    # repeating (OUT/train_all.json: the shipped configs' max_steps would have trained base further)
+    chain = ["train-all", "--out", str(tmp_path), "--resume"]
     for again in (runner.invoke(app, args + ["--resume"]), runner.invoke(app, chain)):
         assert again.exit_code == 0 and again.output.count("already done") == 3, again.output
     # a re-export of base killed between its two renames (the old export aside, the new one not in yet): put back
@@ -95,7 +95,7 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     assert (tmp_path / "base" / "final" / "model_index.json").is_file()
     # the toy default skips recall: base then refine
     small = [f"--{s}.{o}" for s in ("base", "refine") for o in SMALL]
-    default = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--resume", *small])
+    default = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--stages", "base,refine", "--resume", *small])
     assert default.exit_code == 0 and default.output.count("already done") == 2 and "recall" not in default.output
     wrong = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--stages", "refine,base"])
     assert wrong.exit_code != 0 and "in the order of" in wrong.output
@@ -105,7 +105,8 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     assert "refine already holds a run begun before this recall export" in _flat(stale.output)
     assert "or resume with recall's steps unchanged (--recall.train.max_steps=2)" in _flat(stale.output)
     # refine trained further in the toy default chain (base, refine) would continue a run begun from recall
-    other = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--resume", *small, "--refine.train.max_steps=3"])
+    other = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--stages", "base,refine", "--resume", *small,
+                                "--refine.train.max_steps=3"])  # fmt: skip
     assert other.exit_code == 2 and f"began from {tmp_path / 'recall' / 'final'}" in _flat(other.output)
     # more steps for a finished stage: it continues from its checkpoint (as train --resume does), with the settings
     # it began with (the small model: the shipped config's would be refused)
@@ -137,6 +138,19 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     unwrapped = "".join(stray.output.replace("│", "").split())  # rich breaks long paths mid-word
     assert stray.exit_code == 2 and f"wastherunmoved?pass--train.output_dir={moved / 'base'}" in unwrapped
     assert not tmp_path.exists()  # nothing started where the run was
+
+
+def test_train_all_resumed_gives_a_stage_not_yet_begun_the_first_calls_overrides(tmp_path):
+    """A chain killed before its last stage began: --resume alone trains that stage with the first call's
+    overrides (it has no run, so no record of its own), not the shipped config's."""
+    small = [f"--{s}.{o}" for s in ("base", "refine") for o in SMALL]
+    assert runner.invoke(app, ["train-all", "--out", str(tmp_path), *small, "--refine.train.lr=1e-4"]).exit_code == 0
+    shutil.rmtree(tmp_path / "refine")
+    resumed = runner.invoke(app, ["train-all", "--out", str(tmp_path), "--resume"])
+    assert resumed.exit_code == 0 and "resumed with the settings in" in _flat(resumed.output), resumed.output
+    record = yaml.safe_load((tmp_path / "refine" / "stage_config.yaml").read_text())
+    assert record["train"]["max_steps"] == 2 and record["train"]["lr"] == 1e-4
+    assert len((tmp_path / "refine" / "losses.csv").read_text().splitlines()) == 3
 
 
 def test_train_one_stage_then_resume_further(tmp_path, monkeypatch):

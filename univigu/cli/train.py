@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -95,6 +96,13 @@ def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> N
         return
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Whole or not at all: written beside, then renamed over."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _leave_process_group() -> None:
     """End a distributed run together: a process that exits with its process group open can abort in the
     group's teardown (gloo: "terminate called without an active exception")."""
@@ -138,25 +146,37 @@ def train(
 def train_all(
     ctx: typer.Context,
     out: Path = typer.Option(Path("runs/toy"), help="Folder for the stage runs."),
-    configs: Path = typer.Option(CONFIG_DIR, help="Folder with base.yaml, recall.yaml, refine.yaml."),
-    stages: str = typer.Option(DEFAULT_STAGES, help="Comma-separated, in order: base,recall,refine (the paper's "
-                               "schedule) or the toy default base,refine (see reports/ablations.md, claim 3)."),
-    resume: bool = typer.Option(False, "--resume", help="Resume each stage from its latest checkpoint, with its run's "
-                                "settings (OUT/STAGE/stage_config.yaml, not --configs) and this call's overrides on "
-                                "top: the first call's overrides need no repeating."),
+    configs: Path = typer.Option(None, help="Folder with base.yaml, recall.yaml, refine.yaml [default: the toy "
+                                 "configs; resumed: the chain's]."),
+    stages: str = typer.Option(None, help="Comma-separated, in order: base,recall,refine (the paper's schedule) or "
+                               f"the toy default {DEFAULT_STAGES} (see reports/ablations.md, claim 3) [default: "
+                               f"{DEFAULT_STAGES}; resumed: the chain's]."),
+    resume: bool = typer.Option(False, "--resume", help="Resume each stage from its latest checkpoint, with the "
+                                "chain's first call's --configs, --stages and overrides (OUT/train_all.json) and this "
+                                "call's on top: they need no repeating."),
 ) -> None:
     """Train the stages in order, each starting from the previous one's export (the toy default skips
     Knowledge Recall: at the same budget, refine alone captions better in the toy world).
     Extra `stage.key=value` arguments override one stage: `--base.train.max_steps=10`."""
     from univigu.training.checkpoint import restore_interrupted
     from univigu.training.config import STAGES, load_config
+    from univigu.training.stages import is_main_process
 
+    record, recorded, earlier = out / "train_all.json", [], {}
+    if resume and record.is_file():  # the chain's earlier calls: what this call does not give again
+        earlier = json.loads(record.read_text())
+        configs, stages = configs or Path(earlier["configs"]), stages or earlier["stages"]
+        recorded = earlier["overrides"]
+        _say(f"train-all: resumed with the settings in {record}, this call's on top")
+    configs, stages = configs or CONFIG_DIR, stages or DEFAULT_STAGES
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     if not chosen or any(s not in STAGES for s in chosen) or chosen != sorted(chosen, key=STAGES.index) \
             or len(set(chosen)) != len(chosen):
         raise typer.BadParameter(f"stages must be distinct and in the order of {STAGES}, got {stages!r}",
                                  param_hint="--stages")  # fmt: skip
-    stray = [a for a in ctx.args if not any(a.lstrip("-").startswith(f"{stage}.") for stage in chosen)]
+    # this call's overrides after the earlier calls' (later ones win), less those for stages this chain leaves out
+    args = [a for a in recorded if a.lstrip("-").split(".")[0] in chosen] + list(ctx.args)
+    stray = [a for a in args if not any(a.lstrip("-").startswith(f"{stage}.") for stage in chosen)]
     if stray:
         raise typer.BadParameter(f"{stray}: an override names its stage, one of {chosen} "
                                  f"(--{chosen[-1]}.train.max_steps=10)", param_hint="overrides")  # fmt: skip
@@ -164,17 +184,12 @@ def train_all(
     stage_configs, previous = {}, None
     for stage in chosen:
         prefix = f"{stage}."
-        overrides = [a.lstrip("-")[len(prefix):] for a in ctx.args if a.lstrip("-").startswith(prefix)]
+        overrides = [a.lstrip("-")[len(prefix):] for a in args if a.lstrip("-").startswith(prefix)]
         overrides.append(f"train.output_dir={out / stage}")
         if previous is not None:
             overrides.append(f"init_from={previous}")
-        # resumed, a stage that holds a run starts from its run's settings (the first call's overrides)
-        record = out / stage / "stage_config.yaml"
-        config = record if resume and record.is_file() and _has_run(out / stage) else configs / f"{stage}.yaml"
-        if config == record:
-            _say(f"stage {stage}: its run's settings ({record}), this call's overrides on top")
         try:
-            stage_configs[stage] = load_config(config, overrides)
+            stage_configs[stage] = load_config(configs / f"{stage}.yaml", overrides)
         except (ValueError, TypeError, FileNotFoundError) as error:
             raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
         previous = out / stage / "final"
@@ -182,18 +197,31 @@ def train_all(
         for stage in stage_configs:  # a stage's export cut between its two renames: the export before it
             restore_interrupted(out / stage / "final")
         _check_later_stages_start_from_this_run(out, stage_configs)
-    for stage, cfg in stage_configs.items():
-        final = out / stage / "final"
-        done = _steps_done(final, stage)
-        if resume and done is not None and done >= cfg.train.max_steps:
-            _say(f"stage {stage}: already done ({final})")
-            continue
-        if resume and done is not None:
-            _say(f"stage {stage}: {done} steps done, continuing to {cfg.train.max_steps}")
-        try:
-            cfg.check_inputs()  # its init_from is the previous stage's final/, there only now
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
-        final = _run(cfg, resume, stage)
-        _say(f"stage {stage} done: {final}")
+    # recorded for --resume: by a fresh chain, or a resume of the recorded one (not a fresh call over runs, which is
+    # refused, nor a resume of another chain of stages in the folder); put back if this call is refused
+    before = record.read_text() if record.is_file() else None
+    if is_main_process() and (earlier.get("stages") == ",".join(chosen) if earlier else
+                              not any(_has_run(out / stage) for stage in chosen) or resume):  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text(record, json.dumps({"configs": str(configs.resolve()), "stages": ",".join(chosen),
+                                        "overrides": args}, indent=1))  # fmt: skip
+    try:
+        for stage, cfg in stage_configs.items():
+            final = out / stage / "final"
+            done = _steps_done(final, stage)
+            if resume and done is not None and done >= cfg.train.max_steps:
+                _say(f"stage {stage}: already done ({final})")
+                continue
+            if resume and done is not None:
+                _say(f"stage {stage}: {done} steps done, continuing to {cfg.train.max_steps}")
+            try:
+                cfg.check_inputs()  # its init_from is the previous stage's final/, there only now
+            except (ValueError, TypeError, FileNotFoundError) as error:
+                raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
+            final = _run(cfg, resume, stage)
+            _say(f"stage {stage} done: {final}")
+    except typer.BadParameter:
+        if is_main_process() and before is not None:
+            _write_text(record, before)
+        raise
     _leave_process_group()
