@@ -165,9 +165,11 @@ def train_all(
     record, recorded, earlier = out / "train_all.json", [], {}
     if resume and record.is_file():  # the chain's earlier calls: what this call does not give again
         earlier = json.loads(record.read_text())
-        configs, stages = configs or Path(earlier["configs"]), stages or earlier["stages"]
+        configs, stages = configs or earlier["configs"] and Path(earlier["configs"]), stages or earlier["stages"]
         recorded = earlier["overrides"]
         _say(f"train-all: resumed with the settings in {record}, this call's on top")
+    # the shipped configs are recorded as none: a reinstalled univigu's are found where they are now
+    given_configs = configs and str(Path(configs).resolve())
     configs, stages = configs or CONFIG_DIR, stages or DEFAULT_STAGES
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     if not chosen or any(s not in STAGES for s in chosen) or chosen != sorted(chosen, key=STAGES.index) \
@@ -203,8 +205,8 @@ def train_all(
     if is_main_process() and (earlier.get("stages") == ",".join(chosen) if earlier else
                               not any(_has_run(out / stage) for stage in chosen) or resume):  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
-        _write_text(record, json.dumps({"configs": str(configs.resolve()), "stages": ",".join(chosen),
-                                        "overrides": args}, indent=1))  # fmt: skip
+        _write_text(record, json.dumps({"configs": given_configs, "stages": ",".join(chosen), "overrides": args},
+                                       indent=1))  # fmt: skip
     try:
         for stage, cfg in stage_configs.items():
             final = out / stage / "final"
