@@ -122,7 +122,8 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     # overrides are all checked before any stage trains: one naming no stage, or a typo in the last stage's
     fresh = tmp_path / "fresh"
     for extra, message in ((["--train.max_steps=2"], "an override names its stage"),
-                           (["--refine.train.max_stepz=3"], "refine overrides: unknown config keys")):  # fmt: skip
+                           (["--refine.train.max_stepz=3"], "refine overrides: unknown config keys"),
+                           (["--refine.dataset_size=1"], "refine overrides: dataset_size holds 1 videos")):  # fmt: skip
         bad = runner.invoke(app, ["train-all", "--out", str(fresh), *small, *extra])
         assert bad.exit_code == 2 and message in _flat(bad.output), bad.output
     assert not fresh.exists()  # the base stage did not train first

@@ -199,6 +199,13 @@ def train_all(
         for stage in stage_configs:  # a stage's export cut between its two renames: the export before it
             restore_interrupted(out / stage / "final")
         _check_later_stages_start_from_this_run(out, stage_configs)
+    for stage, cfg in stage_configs.items():  # the data of a stage that will train: not only once the earlier trained
+        done = _steps_done(out / stage / "final", stage)
+        if not (resume and done is not None and done >= cfg.train.max_steps):
+            try:
+                cfg.check_data()
+            except (ValueError, TypeError, FileNotFoundError) as error:
+                raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
     # recorded for --resume: by a fresh chain, or a resume of the recorded one (not a fresh call over runs, which is
     # refused, nor a resume of another chain of stages in the folder); put back if this call is refused
     before = record.read_text() if record.is_file() else None

@@ -142,16 +142,22 @@ class StageConfig:
                 check_pipeline_folder(Path(self.init_from))
             except (FileNotFoundError, ValueError) as error:
                 raise type(error)(f"init_from: {error}") from None
+        self.check_data()
+        if self.data.get("kind") != "latent_cache" and self.stage != "base" and self.init_from is not None:
+            self._check_world_fits(Path(self.init_from) / "model_index.json")
+
+    def check_data(self) -> None:
+        """The part of `check_inputs` that needs no `init_from` (train-all checks every stage's before the first
+        trains): an unfinished latent cache or a bucket it lacks (`CacheError` naming the buckets), or fewer videos
+        than one step takes."""
         if self.data.get("kind") == "latent_cache":
             try:
-                cache = self.dataset()[0]  # an unfinished cache, or the bucket: CacheError naming the buckets
+                cache = self.dataset()[0]
             except FileNotFoundError as error:
                 raise FileNotFoundError(f"data.path: {error}") from None
             self._check_holds_a_batch(len(cache), f"bucket {cache.bucket!r} of {self.data['path']}")
         else:
             self._check_holds_a_batch(self.dataset_size, "dataset_size")
-            if self.stage != "base" and self.init_from is not None:
-                self._check_world_fits(Path(self.init_from) / "model_index.json")
 
     def _check_holds_a_batch(self, videos: int, what: str) -> None:
         """Each step takes train.batch_size videos on every process (WORLD_SIZE, set by the launcher)."""
