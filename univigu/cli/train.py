@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -94,6 +96,15 @@ def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> N
                 f"{'them' if len(stale) > 1 else 'it'} away to train again from the new {stage}{keep}",
                 param_hint="--resume")  # fmt: skip
         return
+
+
+@contextlib.contextmanager
+def _usage_errors(stage: str) -> Iterator[None]:
+    """A config or input a train-all stage cannot use: a usage error naming the stage's overrides."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -190,22 +201,20 @@ def train_all(
         overrides.append(f"train.output_dir={out / stage}")
         if previous is not None:
             overrides.append(f"init_from={previous}")
-        try:
+        with _usage_errors(stage):
             stage_configs[stage] = load_config(configs / f"{stage}.yaml", overrides)
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
         previous = out / stage / "final"
     if resume:
         for stage in stage_configs:  # a stage's export cut between its two renames: the export before it
             restore_interrupted(out / stage / "final")
         _check_later_stages_start_from_this_run(out, stage_configs)
+    done = {stage: _steps_done(out / stage / "final", stage) for stage in stage_configs}  # none trained yet
+    finished = {stage: resume and done[stage] is not None and done[stage] >= cfg.train.max_steps
+                for stage, cfg in stage_configs.items()}  # fmt: skip
     for stage, cfg in stage_configs.items():  # the data of a stage that will train: not only once the earlier trained
-        done = _steps_done(out / stage / "final", stage)
-        if not (resume and done is not None and done >= cfg.train.max_steps):
-            try:
+        if not finished[stage]:
+            with _usage_errors(stage):
                 cfg.check_data()
-            except (ValueError, TypeError, FileNotFoundError) as error:
-                raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
     # recorded for --resume: by a fresh chain, or a resume of the recorded one (not a fresh call over runs, which is
     # refused, nor a resume of another chain of stages in the folder); put back if this call is refused
     before = record.read_text() if record.is_file() else None
@@ -217,16 +226,13 @@ def train_all(
     try:
         for stage, cfg in stage_configs.items():
             final = out / stage / "final"
-            done = _steps_done(final, stage)
-            if resume and done is not None and done >= cfg.train.max_steps:
+            if finished[stage]:
                 _say(f"stage {stage}: already done ({final})")
                 continue
-            if resume and done is not None:
-                _say(f"stage {stage}: {done} steps done, continuing to {cfg.train.max_steps}")
-            try:
+            if resume and done[stage] is not None:
+                _say(f"stage {stage}: {done[stage]} steps done, continuing to {cfg.train.max_steps}")
+            with _usage_errors(stage):
                 cfg.check_inputs()  # its init_from is the previous stage's final/, there only now
-            except (ValueError, TypeError, FileNotFoundError) as error:
-                raise typer.BadParameter(str(error), param_hint=f"{stage} overrides") from error
             final = _run(cfg, resume, stage)
             _say(f"stage {stage} done: {final}")
     except typer.BadParameter:

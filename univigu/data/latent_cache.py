@@ -158,9 +158,9 @@ def _video_key(path: Path, videos: Path | None) -> list:
     return [key or path.resolve().as_posix(), path.stat().st_size if path.is_file() else None]
 
 
-def _digest(records: list[VideoRecord], videos: Path | None = None) -> str:
-    """What a chunk's records are: each video (`_video_key`), its prompt and caption."""
-    text = json.dumps([DIGEST_VERSION, [[*_video_key(r.path, videos), r.prompt, r.caption] for r in records]])
+def _digest(records: list[VideoRecord], keys: list[list]) -> str:
+    """What a chunk's records are: each video (its `_video_key`, in `keys`), its prompt and caption."""
+    text = json.dumps([DIGEST_VERSION, [[*key, r.prompt, r.caption] for r, key in zip(records, keys)]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -290,7 +290,8 @@ def _build_latent_cache(records: list[VideoRecord], out: Path, wan: Any, setting
     made_with = hashlib.sha256(json.dumps([_content_settings(settings), encoders]).encode()).hexdigest()[:16]
     folder = None if videos is None else Path(videos)
     earlier = _EarlierLatents(out / "shards", made_with)
-    pending = Counter(json.dumps(_video_key(r.path, folder)) for r in records)  # the videos of rows still to come
+    keys = [_video_key(r.path, folder) for r in records]  # each row's video, read once
+    pending = Counter(json.dumps(key) for key in keys)  # the videos of rows still to come
     null_file = out / "null_prompt.safetensors"
     if not null_file.exists():
         states, mask = wan.encode_prompts([""], length=WAN_PROMPT_LENGTH)
@@ -301,11 +302,12 @@ def _build_latent_cache(records: list[VideoRecord], out: Path, wan: Any, setting
     redone, reused = 0, 0  # chunks this run encoded (the rest were cached by an earlier run); videos not encoded
     for start in chunks:
         chunk = start // settings.shard_size
-        chunk_records = records[start : start + settings.shard_size]
+        rows = slice(start, start + settings.shard_size)
+        chunk_records, chunk_keys = records[rows], keys[rows]
         earlier.free(pending)  # the replaced shards no row from here on needs
-        pending.subtract(json.dumps(_video_key(r.path, folder)) for r in chunk_records)
+        pending.subtract(json.dumps(key) for key in chunk_keys)
         done = out / "shards" / f"chunk_{chunk:05d}.done.json"
-        digest = _digest(chunk_records, folder)
+        digest = _digest(chunk_records, chunk_keys)
         if done.exists():
             previous = json.loads(done.read_text())
             recorded, legacy = previous.get("records", digest), previous.get("digest_version", 1) < DIGEST_VERSION
@@ -343,7 +345,7 @@ def _build_latent_cache(records: list[VideoRecord], out: Path, wan: Any, setting
                 skipped.append({"video": str(record.path), "reason": too_long[i]})
                 log(f"skipped: {too_long[i]}")
                 continue
-            key, sample = _video_key(record.path, folder), None
+            key, sample = chunk_keys[i], None
             try:
                 h, w, pix_fmt = _probe(record.path)
                 bucket = nearest_bucket(h, w, buckets)
