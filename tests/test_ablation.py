@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from threads import torch_threads
 from typer.testing import CliRunner
 
 from univigu import UniViGUTransformer
@@ -184,12 +185,8 @@ def test_killed_ablate_takes_its_workers_along_and_a_rerun_finishes_its_job(tmp_
     p, (job,) = plan(configs)
     for folder in ("logs", "results"):
         (tmp_path / "uninterrupted" / folder).mkdir(parents=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
+    with torch_threads(os.cpu_count() or 1):
         run_job(job, p, str(tmp_path / "uninterrupted"), "cpu")
-    finally:
-        torch.set_num_threads(threads)
 
     def scores(folder: Path) -> dict:
         result = json.loads((folder / "results" / "base.json").read_text())["eval"]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from threads import torch_threads
 
 ROOT = Path(__file__).parents[1]
 
@@ -17,14 +17,13 @@ ROOT = Path(__file__).parents[1]
 def wan_scale(*args: str) -> None:
     """`python benchmarks/wan_scale.py ARGS` in this process (a process start is seconds of imports), on one
     thread."""
-    argv, threads = sys.argv, torch.get_num_threads()
+    argv = sys.argv
     sys.argv = [str(ROOT / "benchmarks" / "wan_scale.py"), *args]
-    torch.set_num_threads(1)
     try:
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        with torch_threads(1):
+            runpy.run_path(sys.argv[0], run_name="__main__")
     finally:
         sys.argv = argv
-        torch.set_num_threads(threads)
 
 
 def test_wan_scale_benchmark_runs_and_profiles(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from fsdp_on_cpu import launch
 from safetensors.torch import load_file
+from threads import torch_threads
 from typer.testing import CliRunner
 
 from univigu.cli import app
@@ -29,12 +30,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 def univigu(*args: str) -> None:
     """`univigu ARGS` in this process, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         result = CliRunner().invoke(app, list(args))
-    finally:
-        torch.set_num_threads(threads)
     assert result.exit_code == 0, (result.output[-3000:], result.exception)
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from threads import torch_threads
 
 from univigu.flow import (
     RegimeMix, TextFlow, VideoFlow, cut_at_end, make_training_batch, sample_t2v, sample_t2vt, sample_v2t,
@@ -69,10 +70,8 @@ class ToyNet(nn.Module):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny matmuls on shared cores: one thread is several times faster than two fighting over them."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module", params=[("uniform", "ce"), ("mask", "gkl")], ids=["uniform-ce", "mask-gkl"])

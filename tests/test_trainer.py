@@ -28,6 +28,7 @@ from univigu.training.sampler import ResumableBatchSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
 import trainer_stub  # noqa: E402
+from threads import torch_threads  # noqa: E402
 from trainer_stub import MLPTask, Regression, config  # noqa: E402
 
 STUB = str(Path(__file__).parent / "trainer_stub.py")
@@ -52,11 +53,8 @@ def free_port() -> int:
 def run_stub(out: Path, *args: str) -> None:
     """The stub's command line run in this process (a process start costs seconds), on one thread as the
     subprocesses it is compared with."""
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(1):  # the stub sets it too
         trainer_stub.main([str(out), *args])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_sampler_shards_and_resumes() -> None:
