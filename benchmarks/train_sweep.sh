@@ -18,7 +18,7 @@ size=${SIZE:---device cuda --dtype bfloat16 --latent 21 60 104 --text-len 256 --
 declare -A flags=(
     [compile_none_b0.3]="--checkpointing none --compile --memory-budget 0.3 --profile"  # the best on an H100
     [compile_none_b0.6]="--checkpointing none --compile --memory-budget 0.6"
-    [compile_none]="--checkpointing none --compile"  # out of memory on an H100 (78 GiB)
+    [compile_none]="--checkpointing none --compile"  # out of memory on an H100 (78 GiB); the best on an H200
     [compile_none_b0.3_pad200]="--checkpointing none --compile --memory-budget 0.3 --text-padding 200"  # masked
     [keep_attention]="--checkpointing keep_attention"  # the Wan configs' choice
 )

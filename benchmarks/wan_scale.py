@@ -17,18 +17,23 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# before torch touches CUDA: without growable segments the caching allocator fragments, and the uncompiled-budget
+# step (122.6 GiB at its peak) ran out of an H200's 139 GiB on its second step
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from univigu.evaluation.timing import interleaved_medians
-from univigu.models import build_model, preset_config
-from univigu.models.transformer import ATTENTION_BACKENDS, WAN_CONFIG_KEYS, keep_attention_checkpointing
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from univigu.evaluation.timing import interleaved_medians  # noqa: E402
+from univigu.models import build_model, preset_config  # noqa: E402
+from univigu.models.transformer import ATTENTION_BACKENDS, WAN_CONFIG_KEYS, keep_attention_checkpointing  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 _START = time.perf_counter()
@@ -242,7 +247,8 @@ def main() -> None:
         "parity_max_abs_diff": parity,
         "train_step_s": step_s, "train_forward_tflop": forward_flops / 1e12, "train_tflops_achieved": achieved,
         "peak_tflops": peak_tflops, "mfu": achieved / peak_tflops if peak_tflops else None,
-        "peak_memory_gib": peak_mem, "gradient_checkpointing": args.checkpointing,
+        "peak_memory_gib": peak_mem, "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "gradient_checkpointing": args.checkpointing,
         "attention_backend": args.attention_backend, "compile": args.compile, "memory_budget": args.memory_budget,
         "text_padding": args.text_padding, "profile": profiled,
     }  # fmt: skip

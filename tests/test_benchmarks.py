@@ -26,13 +26,16 @@ def wan_scale(*args: str) -> None:
         sys.argv = argv
 
 
-def test_wan_scale_benchmark_runs_and_profiles(tmp_path):
+def test_wan_scale_benchmark_runs_and_profiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # recorded by monkeypatch: removed again after the test
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     args = ["--preset", "tiny", "--layers", "2", "--latent", "4", "16", "16", "--text-len", "16", "--prompt-len", "8",
             "--steps", "1", "--warmup", "1", "--train-steps", "1", "--device", "cpu", "--dtype", "float32",
             "--profile", "--text-padding", "4", "--out", str(tmp_path)]  # fmt: skip
     wan_scale(*args)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["parity_max_abs_diff"] == 0.0  # float32: the unified model without text is Wan
+    assert result["cuda_alloc_conf"] == "expandable_segments:True"  # the benchmark's default, recorded
     assert set(result["latency_ms"]) == {"wan (diffusers)", "unified, no text", "unified T2V step",
                                          "unified V2T step", "unified joint step",
                                          "unified T2V step, padded prompt"}  # fmt: skip
@@ -71,19 +74,24 @@ def test_interleaved_medians_alternate_the_functions_and_take_medians(monkeypatc
     assert timing.synchronizer("cpu")() is None
 
 
-def test_the_h100_training_table_is_its_result_files():
-    """Each row of benchmarks/README.md's H100 training-step table (flags -> step, MFU, peak memory) is the stored
-    result.json with those flags: the memory-budget rows were once swapped by hand."""
+@pytest.mark.parametrize("section, folder, rows_at_least", [("## GPU: one NVIDIA H100", "h100", 8),
+                                                             ("## GPU: one NVIDIA H200, 2026-11-27", "h200", 7)])
+def test_the_gpu_training_tables_are_their_result_files(section, folder, rows_at_least):
+    """Each row of a GPU section's training-step table in benchmarks/README.md (flags -> step, MFU, peak memory) is
+    the stored result.json with those flags: the memory-budget rows were once swapped by hand."""
     import re
 
     results = []
-    for path in (ROOT / "benchmarks" / "results" / "h100").glob("*/result.json"):
+    for path in (ROOT / "benchmarks" / "results" / folder).glob("*/result.json"):
         r = json.loads(path.read_text())
         if "train_step_s" in r and r.get("gradient_checkpointing"):
             results.append(r)
-    rows = [line for line in (ROOT / "benchmarks" / "README.md").read_text().splitlines()
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    text = text[text.index(section):]
+    text = text[:text.find("\n## ")]
+    rows = [line for line in text.splitlines()
             if line.startswith("| `--checkpointing") and "out of memory" not in line]  # fmt: skip
-    assert len(rows) >= 8
+    assert len(rows) >= rows_at_least
 
     def option(flags: str, name: str) -> str | None:
         found = re.search(rf"--{name} (\S+)", flags)
@@ -95,8 +103,10 @@ def test_the_h100_training_table_is_its_result_files():
         budget = option(flags, "memory-budget")
         want = {"gradient_checkpointing": option(flags, "checkpointing"),
                 "attention_backend": option(flags, "attention-backend") or "native",
-                "compile": "--compile" in flags, "memory_budget": budget and float(budget)}  # fmt: skip
-        match = [r for r in results if all(r.get(k, False if k == "compile" else None) == v for k, v in want.items())]
+                "compile": "--compile" in flags, "memory_budget": budget and float(budget),
+                "text_padding": int(option(flags, "text-padding") or 0)}  # fmt: skip
+        defaults = {"compile": False, "text_padding": 0}  # keys older result files lack
+        match = [r for r in results if all(r.get(k, defaults.get(k)) == v for k, v in want.items())]
         assert len(match) == 1, (row, want)
         r = match[0]
         assert step.strip("*") == f"{r['train_step_s']:.3f} s", row
