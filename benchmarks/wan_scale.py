@@ -4,9 +4,10 @@ same size), V2T and joint sampling, and one training step (time, peak memory, mo
     python benchmarks/wan_scale.py --device cuda --out results/        # 1.3B, 480x832x81 (21x60x104 latents)
     python benchmarks/wan_scale.py --layers 2 --latent 3 16 16 --text-len 32 --prompt-len 64   # CPU-sized
 
-Per-step latency is one transformer forward at the state of a sampling step (no guidance; T2V with CFG
-costs a forward of twice the batch): T2V = noisy video + clean prompt tokens, V2T = clean video (t=0) +
-noisy text, joint = both noisy. The training step is forward + backward (velocity MSE + text cross-entropy)
+Per-step latency is one transformer forward at the state of a sampling step (no guidance): T2V = noisy video +
+clean prompt tokens, V2T = clean video (t=0) + noisy text, joint = both noisy; and one guided T2V sampling step
+(the null pass with the empty prompt's one token in the text stream), as one masked forward of twice the batch and
+as two forwards. The training step is forward + backward (velocity MSE + text cross-entropy)
 + AdamW, weights in float32 under bf16 autocast (the trainer's `mixed_precision: bf16`), with gradient
 checkpointing. Model FLOPs are counted by torch.utils.flop_counter on one forward (matmuls, convolutions,
 attention) x 3 for forward + backward, recomputation not counted; MFU = those FLOPs / step time / peak.
@@ -15,6 +16,7 @@ attention) x 3 for forward + backward, recomputation not counted; MFU = those FL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -32,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from univigu.evaluation.timing import interleaved_medians  # noqa: E402
+from univigu.flow.samplers import Guidance, sample_t2v  # noqa: E402
 from univigu.models import build_model, preset_config  # noqa: E402
 from univigu.models.transformer import ATTENTION_BACKENDS, WAN_CONFIG_KEYS, keep_attention_checkpointing  # noqa: E402
 
@@ -108,6 +111,13 @@ def _latency(model, video, prompt, tokens, text_mask, t_noisy, t_clean, args, dt
     }
     if text_mask is not None:  # the pipeline's T2V batching prompts of several lengths (guidance's null pass too)
         runs["unified T2V step, padded prompt"] = lambda: model(v, tokens, t_noisy, t_clean, p, text_mask)
+    # one guided sampling step as the pipeline takes it: the null pass has the empty prompt (one token) in the text
+    # stream, so stacking it with the prompt's pass needs a mask; Guidance(batched=None) picks for the device
+    null = Guidance(torch.zeros_like(p[:1]), scale=5.0, null_text=tokens[:1, :1])
+    for name, batched in (("one pass of 2B, masked", True), ("two passes", False)):
+        guided = dataclasses.replace(null, batched=batched)
+        runs[f"unified guided T2V step, {name}"] = lambda guided=guided: sample_t2v(
+            model, tokens, p, v.shape, guidance=guided, num_steps=1, dtype=dtype, generator=0)
     with torch.no_grad():
         latency = interleaved_medians(runs, args.steps, args.warmup, sync)
         parity = (runs["wan (diffusers)"]()[0].float() - runs["unified, no text"]()[0].float()).abs().max().item()
@@ -244,6 +254,9 @@ def main() -> None:
         "no_text_over_wan": latency["unified, no text"] / latency["wan (diffusers)"] if latency else None,
         "t2v_padded_over_wan": (latency["unified T2V step, padded prompt"] / latency["wan (diffusers)"]
                                 if "unified T2V step, padded prompt" in latency else None),
+        "guided_two_passes_over_one": (latency["unified guided T2V step, two passes"]
+                                       / latency["unified guided T2V step, one pass of 2B, masked"]
+                                       if latency else None),
         "parity_max_abs_diff": parity,
         "train_step_s": step_s, "train_forward_tflop": forward_flops / 1e12, "train_tflops_achieved": achieved,
         "peak_tflops": peak_tflops, "mfu": achieved / peak_tflops if peak_tflops else None,
@@ -265,7 +278,8 @@ def main() -> None:
             *[f"| {k} | {1e3 * s:.1f} |" for k, s in latency.items()],
             "",
             f"unified T2V / Wan: {result['t2v_over_wan']:.3f}x; unified without text / Wan: "
-            f"{result['no_text_over_wan']:.3f}x; max |velocity diff| no-text vs Wan: {parity:.2e}",
+            f"{result['no_text_over_wan']:.3f}x; max |velocity diff| no-text vs Wan: {parity:.2e}; guided T2V "
+            f"step, two passes / one masked pass of 2B: {result['guided_two_passes_over_one']:.3f}x",
             "",
         ]
     lines += [

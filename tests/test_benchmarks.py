@@ -38,7 +38,10 @@ def test_wan_scale_benchmark_runs_and_profiles(tmp_path, monkeypatch):
     assert result["cuda_alloc_conf"] == "expandable_segments:True"  # the benchmark's default, recorded
     assert set(result["latency_ms"]) == {"wan (diffusers)", "unified, no text", "unified T2V step",
                                          "unified V2T step", "unified joint step",
-                                         "unified T2V step, padded prompt"}  # fmt: skip
+                                         "unified T2V step, padded prompt",
+                                         "unified guided T2V step, one pass of 2B, masked",
+                                         "unified guided T2V step, two passes"}  # fmt: skip
+    assert result["guided_two_passes_over_one"] > 0
     assert result["t2v_padded_over_wan"] > 0
     assert result["train_step_s"] > 0 and result["train_forward_tflop"] > 0 and result["mfu"] is None  # no GPU peak
     profile = result["profile"]

@@ -182,6 +182,30 @@ def test_classifier_free_guidance():
     model = ConstantVelocity()
     sample_t2v(model, tokens, cond, shape, guidance=Guidance(null, scale=1.0), num_steps=n, generator=7)
     assert model.calls == n
+    # batched=None (the default) on a CPU: one pass of 2B, also when the halves stack only with a mask
+    model = ConstantVelocity()
+    sample_t2v(model, tokens, cond, shape, guidance=Guidance(torch.full((1, 2, 8), -1.0), scale=3.0), num_steps=n)
+    assert model.batch_sizes == [2 * B] * n
+
+
+def test_guidance_takes_two_passes_for_a_long_masked_video_on_cuda():
+    """batched=None: two passes only where one would need a mask, the video is long and runs on CUDA (a masked
+    attention leaves the flash kernels); the CUDA tensor is faked, its size is an expanded view."""
+    from univigu.flow.samplers import LONG_VIDEO, _one_guided_pass
+
+    class OnCuda:
+        is_cuda = True
+
+        def __init__(self, values: int):
+            self.row = torch.empty(1).expand(values)
+
+        def __getitem__(self, i):
+            return self.row
+
+    long, short = OnCuda(LONG_VIDEO), OnCuda(LONG_VIDEO - 1)
+    assert not _one_guided_pass(long, needs_mask=True)
+    assert _one_guided_pass(long, needs_mask=False) and _one_guided_pass(short, needs_mask=True)
+    assert _one_guided_pass(torch.empty(1).expand(2, LONG_VIDEO), needs_mask=True)  # on the CPU
 
 
 def test_any_integer_seeds_the_samplers_and_other_seeds_are_refused():

@@ -42,14 +42,24 @@ class SampleOutput:
     text_trajectory: Tensor | None = None  # [N, B, L] tokens after each step (on CPU)
 
 
+# latent values per row from which guidance on CUDA takes two passes rather than one masked pass of 2B: Wan's
+# 480x832x81 latent has 2.1M (two passes: 0.80x the time, H200), a 64-token model's 16K (1.7x); the toy world's is
+# 12K. Where between them the two cross was not measured.
+LONG_VIDEO = 2**20
+
+
 @dataclass
 class Guidance:
-    """Classifier-free guidance with the null prompt condition; `batched` runs one forward of 2B."""
+    """Classifier-free guidance with the null prompt condition. `batched`: one forward of 2B (True), two of B
+    (False), or None: one of 2B, unless the halves stack only with a mask (prompts of other lengths) and a long video
+    runs on CUDA. There a masked attention leaves the flash kernels: a guided step at Wan scale (480x832x81) took
+    1601 ms as one masked pass and 1289 ms as two on an H200; at the toy world's size one pass is quicker
+    (benchmarks/README.md)."""
 
     null_states: Tensor  # [1 or B, S', D]
     null_mask: Tensor | None = None  # [1 or B, S'] bool
     scale: float = 5.0
-    batched: bool = True
+    batched: bool | None = None
     # T2V: the text stream of the null pass (the empty prompt's tokens [1 or B, L] and mask), so that
     # the prompt reaches neither the cross-attention nor the text stream; None keeps the text stream.
     null_text: Tensor | None = None
@@ -90,7 +100,12 @@ def _forward(
     null_mask = _expand(guidance.null_mask, b)
     null_text = text if guidance.null_text is None else _expand(guidance.null_text, b).to(text.device)
     null_text_mask = text_mask if guidance.null_text is None else _expand(guidance.null_text_mask, b)
-    if not guidance.batched:
+    batched = guidance.batched
+    if batched is None:
+        needs_mask = (_needs_mask(prompt_states, prompt_mask, null_states, null_mask)
+                      or _needs_mask(text, text_mask, null_text, null_text_mask))  # fmt: skip
+        batched = _one_guided_pass(video, needs_mask)
+    if not batched:
         v_cond, logits = tuple(model(video, text, t_video, t_text, prompt_states, text_mask, prompt_mask))[:2]
         v_null = tuple(model(video, null_text, t_video, t_text, null_states, null_text_mask, null_mask))[0]
         return guide(v_cond, v_null, guidance.scale), logits
@@ -105,11 +120,22 @@ def _forward(
 def _stack(x: Tensor, mask: Tensor | None, null_x: Tensor, null_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """The conditional and null inputs (tokens [B, L] or states [B, S, D]) as one batch [2B, ...] with its
     mask (None when neither has one and their lengths agree): the shorter padded with masked zeros."""
-    if mask is None and null_mask is None and x.shape[1] == null_x.shape[1]:
+    if not _needs_mask(x, mask, null_x, null_mask):
         return torch.cat([x, null_x]), None
     n = max(x.shape[1], null_x.shape[1])
     (x, mask), (null_x, null_mask) = pad_prompt(x, mask, n), pad_prompt(null_x, null_mask, n)
     return torch.cat([x, null_x]), torch.cat([mask, null_mask])
+
+
+def _one_guided_pass(video: Tensor, needs_mask: bool) -> bool:
+    """Guidance's choice for `batched=None`: one pass of 2B unless it needs a mask and the video [B, ...] is long
+    on CUDA (see Guidance)."""
+    return not needs_mask or not (video.is_cuda and video[0].numel() >= LONG_VIDEO)
+
+
+def _needs_mask(x: Tensor, mask: Tensor | None, null_x: Tensor, null_mask: Tensor | None) -> bool:
+    """Whether the conditional and null inputs stack into one batch only with a mask."""
+    return mask is not None or null_mask is not None or x.shape[1] != null_x.shape[1]
 
 
 def _trim_padding(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
