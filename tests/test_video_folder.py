@@ -503,7 +503,8 @@ def test_a_chunk_whose_shards_are_gone_or_whose_redo_was_cut_is_encoded_again(vi
 
     _captions(videos, [rows[0], ("good1.mp4", "a dog", "a dog runs fast")])
     monkeypatch.setattr(latent_cache, "_atomic_save", cut)
-    assert runner.invoke(app, args).exit_code != 0
+    interrupted = runner.invoke(app, args)
+    assert interrupted.exit_code == 130 and "run the same command to go on" in said(interrupted), interrupted.output
     monkeypatch.undo()
     assert not (out / "shards" / "chunk_00001.done.json").exists() and not shard.exists()
     with pytest.raises(FileNotFoundError, match="run has not finished"):
@@ -555,10 +556,15 @@ def test_a_row_inserted_above_redoes_the_chunks_below_without_the_vae(video_dir,
     save, stale = latent_cache._atomic_save, []  # the replaced shards kept aside as each new shard is written
     monkeypatch.setattr(latent_cache, "_atomic_save", lambda tensors, path, metadata: stale.append(
         len(list((out / "shards" / "stale").glob("*")))) or save(tensors, path, metadata))  # fmt: skip
+    monkeypatch.setattr(latent_cache, "REDO_LINES", 1)  # each reason said once, the rest counted at the end
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and sum(encoded) == 1, result.output
     assert stale == [1, 2, 1]  # old chunk 0 (good1) deleted once no row still to come names good1
     assert "2 video(s) of the chunks encoded again were encoded by an earlier run" in said(result)
+    assert "chunk 0: its records changed since it was cached; encoding it again (further chunks whose records " \
+        "changed: counted at the end)" in said(result) and "chunk 1:" not in said(result)  # fmt: skip
+    assert "1 more chunk(s) encoded again, their records changed (2 in all)" in said(result)
+    assert "older univigu" not in said(result)
     after = latents()
     assert list(after) == ["good0.mp4", "good1.mp4", "tall.mp4"] and not (out / "shards" / "stale").exists()
     for name in before:
@@ -574,6 +580,19 @@ def test_a_row_inserted_above_redoes_the_chunks_below_without_the_vae(video_dir,
     (out / "shards" / "chunk_00002_16x16.safetensors").write_bytes(b"not a shard")  # good1's, now row 0's
     encoded.clear()
     assert runner.invoke(app, args).exit_code == 0 and sum(encoded) == 1
+    # a shard an older univigu wrote (no records to reuse by): its video is encoded again, and the run says why
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    old = out / "shards" / "chunk_00000_16x16.safetensors"  # good1's
+    with safe_open(old, "pt") as f:
+        records = [{k: r[k] for k in ("video", "prompt", "caption")} for r in json.loads(f.metadata()["records"])]
+    save_file(load_file(old), old, metadata={"records": json.dumps(records)})
+    _captions(videos, [rows[2], rows[1]])  # both chunks change: tall's latents are reused, good1's cannot be
+    encoded.clear()
+    older = runner.invoke(app, args)
+    assert older.exit_code == 0 and sum(encoded) == 1, older.output
+    assert "1 video(s) in the shards replaced were cached by an older univigu" in said(older), older.output
     # begun afresh (no finished chunk) with other settings: the shards left behind are not taken
     for done in (out / "shards").glob("*.done.json"):
         done.unlink()

@@ -56,6 +56,9 @@ def cache_latents(
         index = build_latent_cache(records, out, components, settings, videos=videos)
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None
+    except KeyboardInterrupt:  # finished chunks are on disk and kept: nothing is lost
+        typer.echo(f"interrupted: the chunks finished are kept in {out}; run the same command to go on", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"wrote {out / 'index.json'} ({index['num_videos']} videos, {index['num_skipped']} skipped)")
     if index["num_videos"] == 0:
         typer.echo(f"error: no video could be cached; the reasons are in {out / 'skipped.jsonl'} (too short: lower "

@@ -139,6 +139,9 @@ def _check_settings(out: Path, settings: CacheSettings, encoders: dict[str, str]
     _atomic_json(wanted, out / "settings.json")
 
 
+# lines saying why a chunk is encoded again, per reason; the rest are counted at the end (a row inserted at the top
+# of a captions file shifts every chunk below it)
+REDO_LINES = 3
 DIGEST_VERSION = 2  # done files without "digest_version" hold _legacy_digest
 
 
@@ -188,11 +191,15 @@ class _EarlierLatents:
         self.where: dict[str, tuple[Path, int]] = {}  # json [key, sample] -> (shard, row)
         self.moved: dict[Path, Path] = {}  # shard -> where retire() put it
         self.videos_in: dict[Path, list[str]] = {}  # stale shard -> its rows' json keys
+        # rows an older univigu wrote, without these records (never reused): per shard, and in the shards replaced
+        self.unrecorded_in: dict[Path, int] = {}
+        self.unrecorded = 0
         for file in [*sorted(self.stale.glob("*.safetensors")), *sorted(shards.glob("*.safetensors"))]:
             rows = self._rows(file)
             for row, record in enumerate(rows):  # rows of before this record, or of other settings: not used
                 if record.get("made_with") == made_with and "sample" in record:
                     self.where[json.dumps([record["key"], record["sample"]])] = (file, row)
+            self.unrecorded_in[file] = sum("made_with" not in record for record in rows)
             if file.parent == self.stale:
                 self.videos_in[file] = [json.dumps(record.get("key")) for record in rows]
 
@@ -224,6 +231,7 @@ class _EarlierLatents:
         self.videos_in[target] = [json.dumps(record.get("key")) for record in self._rows(file)]
         os.replace(file, target)
         self.moved[file] = target
+        self.unrecorded += self.unrecorded_in.get(file, 0)
 
     def free(self, pending: Counter) -> None:
         """Delete the stale shards none of whose videos a row still to come names (`pending`: json keys)."""
@@ -300,6 +308,7 @@ def _build_latent_cache(records: list[VideoRecord], out: Path, wan: Any, setting
     chunks = range(0, len(records), settings.shard_size)
     bar = tqdm(total=len(records), desc="cache-latents", unit="video")
     redone, reused = 0, 0  # chunks this run encoded (the rest were cached by an earlier run); videos not encoded
+    redo_reasons: Counter = Counter()  # chunks encoded again, by why
     for start in chunks:
         chunk = start // settings.shard_size
         rows = slice(start, start + settings.shard_size)
@@ -319,14 +328,17 @@ def _build_latent_cache(records: list[VideoRecord], out: Path, wan: Any, setting
                 bar.update(len(chunk_records))
                 continue
             if same:
-                why = f"its shard files {missing} are gone"
+                kind, why = "shards gone", f"its shard files {missing} are gone"
             else:
-                why = "its records changed since it was cached"
+                kind, why = "records changed", "its records changed since it was cached"
                 if legacy:
                     why += (" (or the videos folder is named otherwise than in the run that cached it: this chunk "
                             "was cached before chunks were matched by the paths in the folder; name the folder as "
                             "then, e.g. relative or absolute, to keep the cached chunks)")  # fmt: skip
-            log(f"chunk {chunk}: {why}; encoding it again")
+            redo_reasons[kind] += 1
+            if redo_reasons[kind] <= REDO_LINES:
+                more = f" (further chunks whose {kind}: counted at the end)" if redo_reasons[kind] == REDO_LINES else ""
+                log(f"chunk {chunk}: {why}; encoding it again{more}")
             # the index, then the chunk's shards (moved aside), then its record: a run killed while the chunk is redone
             # leaves nothing that names its old shards (a rerun encodes it again; training meanwhile is told to finish
             # the cache)
@@ -393,8 +405,14 @@ def _build_latent_cache(records: list[VideoRecord], out: Path, wan: Any, setting
         bar.update(len(chunk_records))
     bar.close()
     shutil.rmtree(earlier.stale, ignore_errors=True)
+    for kind, count in redo_reasons.items():
+        if count > REDO_LINES:
+            log(f"{count - REDO_LINES} more chunk(s) encoded again, their {kind} ({count} in all)")
     if redone < len(chunks):
         log(f"{len(chunks) - redone} of {len(chunks)} chunks were cached by an earlier run (kept as they were)")
+    if earlier.unrecorded:
+        log(f"{earlier.unrecorded} video(s) in the shards replaced were cached by an older univigu, which recorded "
+            "nothing to reuse their latents by: those still listed were encoded again")  # fmt: skip
     if reused:
         log(f"{reused} video(s) of the chunks encoded again were encoded by an earlier run: their latents were "
             "reused, not encoded again")  # fmt: skip
