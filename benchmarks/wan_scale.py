@@ -26,17 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-# before torch touches CUDA: without growable segments the caching allocator fragments, and the uncompiled-budget
-# step (122.6 GiB at its peak) ran out of an H200's 139 GiB on its second step
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from univigu.evaluation.timing import interleaved_medians  # noqa: E402
-from univigu.flow.samplers import Guidance, sample_t2v  # noqa: E402
-from univigu.models import build_model, preset_config  # noqa: E402
-from univigu.models.transformer import ATTENTION_BACKENDS, WAN_CONFIG_KEYS, keep_attention_checkpointing  # noqa: E402
+from univigu.evaluation.timing import interleaved_medians
+from univigu.flow.samplers import Guidance, sample_t2v
+from univigu.models import build_model, preset_config
+from univigu.models.transformer import ATTENTION_BACKENDS, WAN_CONFIG_KEYS, keep_attention_checkpointing
+from univigu.training.cuda_memory import ALLOCATOR_VARIABLES, prefer_growable_segments
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 _START = time.perf_counter()
@@ -164,6 +161,7 @@ def main() -> None:
     patch = preset_config(args.preset, **overrides)["patch_size"]  # checked before building: seconds on a GPU
     if any(size % p for size, p in zip(args.latent, patch)):
         parser.error(f"--latent {' '.join(map(str, args.latent))}: each must be a multiple of the patch {list(patch)}")
+    prefer_growable_segments()  # before CUDA allocates: the step without recomputation needs them (README)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
@@ -260,7 +258,7 @@ def main() -> None:
         "parity_max_abs_diff": parity,
         "train_step_s": step_s, "train_forward_tflop": forward_flops / 1e12, "train_tflops_achieved": achieved,
         "peak_tflops": peak_tflops, "mfu": achieved / peak_tflops if peak_tflops else None,
-        "peak_memory_gib": peak_mem, "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "peak_memory_gib": peak_mem, "allocator": {name: os.environ.get(name) for name in ALLOCATOR_VARIABLES},
         "gradient_checkpointing": args.checkpointing,
         "attention_backend": args.attention_backend, "compile": args.compile, "memory_budget": args.memory_budget,
         "text_padding": args.text_padding, "profile": profiled,

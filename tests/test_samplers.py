@@ -203,9 +203,9 @@ def test_guidance_takes_two_passes_for_a_long_masked_video_on_cuda():
             return self.row
 
     long, short = OnCuda(LONG_VIDEO), OnCuda(LONG_VIDEO - 1)
-    assert not _one_guided_pass(long, needs_mask=True)
-    assert _one_guided_pass(long, needs_mask=False) and _one_guided_pass(short, needs_mask=True)
-    assert _one_guided_pass(torch.empty(1).expand(2, LONG_VIDEO), needs_mask=True)  # on the CPU
+    assert not _one_guided_pass(long, adds_mask=True)
+    assert _one_guided_pass(long, adds_mask=False) and _one_guided_pass(short, adds_mask=True)
+    assert _one_guided_pass(torch.empty(1).expand(2, LONG_VIDEO), adds_mask=True)  # on the CPU
 
 
 def test_any_integer_seeds_the_samplers_and_other_seeds_are_refused():
@@ -245,6 +245,21 @@ def test_guidance_null_pass_can_take_the_empty_prompt_text(batched):
             for row, m in zip(text, torch.ones_like(text, dtype=torch.bool) if mask is None else mask)]  # fmt: skip
     assert len(read) == 2 * 2 * B
     assert read.count([5] * L) == 2 * B and read.count([1]) == 2 * B
+
+
+def test_guided_logits_are_the_prompts_length_either_way():
+    """A null text longer than the prompt's pads the batched pass; the logits returned are the prompt's, as the two
+    passes give."""
+    from univigu.flow.samplers import _forward
+
+    text, null_text = torch.full((B, 3), 5, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)
+    shapes = []
+    for batched in (True, False):
+        guidance = Guidance(torch.zeros(1, 4, 8), scale=4.0, batched=batched, null_text=null_text)
+        _, logits = _forward(RecordsText(), torch.zeros(B, 3), text, torch.ones(B), torch.zeros(B),
+                             torch.ones(B, 4, 8), None, None, guidance)  # fmt: skip
+        shapes.append(tuple(logits.shape))
+    assert shapes == [(B, 3, V)] * 2
 
 
 def test_t2v_drops_the_padding_no_row_holds():

@@ -21,12 +21,10 @@ def _run(cfg, resume: bool, stage: str | None = None) -> Path:
     from univigu.data.latent_cache import CacheError
     from univigu.training import ResumeError
     from univigu.training.checkpoint import RunFolderInUse
+    from univigu.training.cuda_memory import prefer_growable_segments
     from univigu.training.stages import run_stage
 
-    # read when CUDA first allocates (the Accelerator comes later): growable segments keep a long run from
-    # fragmenting the allocator's cache (the compiled step without recomputation, 123 GiB at its peak, ran out of an
-    # H200's 139 GiB on its second step without them: benchmarks/README.md). A setting of the user's wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    prefer_growable_segments()  # before the Accelerator touches CUDA
     try:
         return run_stage(cfg, resume=resume)
     except (FileExistsError, ResumeError, RunFolderInUse) as error:

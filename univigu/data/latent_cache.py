@@ -200,8 +200,9 @@ class _EarlierLatents:
                 if record.get("made_with") == made_with and "sample" in record:
                     self.where[json.dumps([record["key"], record["sample"]])] = (file, row)
             self.unrecorded_in[file] = sum("made_with" not in record for record in rows)
-            if file.parent == self.stale:
+            if file.parent == self.stale:  # replaced by a run that was cut: counted as replaced by this one
                 self.videos_in[file] = [json.dumps(record.get("key")) for record in rows]
+                self.unrecorded += self.unrecorded_in[file]
 
     @staticmethod
     def _rows(file: Path) -> list[dict]:
@@ -328,17 +329,18 @@ def _build_latent_cache(records: list[VideoRecord], out: Path, wan: Any, setting
                 bar.update(len(chunk_records))
                 continue
             if same:
-                kind, why = "shards gone", f"its shard files {missing} are gone"
+                kind, why = "their shard files are gone", f"its shard files {missing} are gone"
             else:
-                kind, why = "records changed", "its records changed since it was cached"
+                kind, why = "their records changed", "its records changed since it was cached"
                 if legacy:
                     why += (" (or the videos folder is named otherwise than in the run that cached it: this chunk "
                             "was cached before chunks were matched by the paths in the folder; name the folder as "
                             "then, e.g. relative or absolute, to keep the cached chunks)")  # fmt: skip
             redo_reasons[kind] += 1
             if redo_reasons[kind] <= REDO_LINES:
-                more = f" (further chunks whose {kind}: counted at the end)" if redo_reasons[kind] == REDO_LINES else ""
-                log(f"chunk {chunk}: {why}; encoding it again{more}")
+                log(f"chunk {chunk}: {why}; encoding it again")
+            elif redo_reasons[kind] == REDO_LINES + 1:
+                log(f"chunk {chunk} and further chunks encoded again because {kind}: counted at the end")
             # the index, then the chunk's shards (moved aside), then its record: a run killed while the chunk is redone
             # leaves nothing that names its old shards (a rerun encodes it again; training meanwhile is told to finish
             # the cache)
@@ -407,7 +409,7 @@ def _build_latent_cache(records: list[VideoRecord], out: Path, wan: Any, setting
     shutil.rmtree(earlier.stale, ignore_errors=True)
     for kind, count in redo_reasons.items():
         if count > REDO_LINES:
-            log(f"{count - REDO_LINES} more chunk(s) encoded again, their {kind} ({count} in all)")
+            log(f"{count - REDO_LINES} more chunk(s) encoded again because {kind} ({count} in all)")
     if redone < len(chunks):
         log(f"{len(chunks) - redone} of {len(chunks)} chunks were cached by an earlier run (kept as they were)")
     if earlier.unrecorded:

@@ -43,7 +43,7 @@ class SampleOutput:
 
 
 # latent values per row from which guidance on CUDA takes two passes rather than one masked pass of 2B: Wan's
-# 480x832x81 latent has 2.1M (two passes: 0.80x the time, H200), a 64-token model's 16K (1.7x); the toy world's is
+# 480x832x81 latent has 2.1M (two passes: 0.80x the time, H200), a 64-token model's 3K (1.7x); the toy world's is
 # 12K. Where between them the two cross was not measured.
 LONG_VIDEO = 2**20
 
@@ -51,10 +51,10 @@ LONG_VIDEO = 2**20
 @dataclass
 class Guidance:
     """Classifier-free guidance with the null prompt condition. `batched`: one forward of 2B (True), two of B
-    (False), or None: one of 2B, unless the halves stack only with a mask (prompts of other lengths) and a long video
-    runs on CUDA. There a masked attention leaves the flash kernels: a guided step at Wan scale (480x832x81) took
-    1601 ms as one masked pass and 1289 ms as two on an H200; at the toy world's size one pass is quicker
-    (benchmarks/README.md)."""
+    (False), or None: one of 2B, unless stacking puts a text-stream mask on a half that had none (the null pass's
+    empty prompt is shorter than the prompt) and a long video runs on CUDA. There a masked attention leaves the flash
+    kernels: a guided step at Wan scale (480x832x81) took 1601 ms as one masked pass and 1289 ms as two on an H200;
+    at the toy world's size one pass is quicker (benchmarks/README.md)."""
 
     null_states: Tensor  # [1 or B, S', D]
     null_mask: Tensor | None = None  # [1 or B, S'] bool
@@ -101,10 +101,10 @@ def _forward(
     null_text = text if guidance.null_text is None else _expand(guidance.null_text, b).to(text.device)
     null_text_mask = text_mask if guidance.null_text is None else _expand(guidance.null_text_mask, b)
     batched = guidance.batched
-    if batched is None:
-        needs_mask = (_needs_mask(prompt_states, prompt_mask, null_states, null_mask)
-                      or _needs_mask(text, text_mask, null_text, null_text_mask))  # fmt: skip
-        batched = _one_guided_pass(video, needs_mask)
+    if batched is None:  # prompt states' masks only touch the cross-attention's few keys: not weighed
+        adds_mask = _needs_mask(text, text_mask, null_text, null_text_mask) and (text_mask is None or
+                                                                                 null_text_mask is None)
+        batched = _one_guided_pass(video, adds_mask)
     if not batched:
         v_cond, logits = tuple(model(video, text, t_video, t_text, prompt_states, text_mask, prompt_mask))[:2]
         v_null = tuple(model(video, null_text, t_video, t_text, null_states, null_text_mask, null_mask))[0]
@@ -114,7 +114,7 @@ def _forward(
     two = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
     velocity, logits = tuple(model(two(video), texts, two(t_video), two(t_text), states, text_masks, masks))[:2]
     v_cond, v_null = velocity.chunk(2)
-    return guide(v_cond, v_null, guidance.scale), logits[:b]
+    return guide(v_cond, v_null, guidance.scale), logits[:b, : text.shape[1]]  # not the null text's padding
 
 
 def _stack(x: Tensor, mask: Tensor | None, null_x: Tensor, null_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -127,10 +127,10 @@ def _stack(x: Tensor, mask: Tensor | None, null_x: Tensor, null_mask: Tensor | N
     return torch.cat([x, null_x]), torch.cat([mask, null_mask])
 
 
-def _one_guided_pass(video: Tensor, needs_mask: bool) -> bool:
-    """Guidance's choice for `batched=None`: one pass of 2B unless it needs a mask and the video [B, ...] is long
-    on CUDA (see Guidance)."""
-    return not needs_mask or not (video.is_cuda and video[0].numel() >= LONG_VIDEO)
+def _one_guided_pass(video: Tensor, adds_mask: bool) -> bool:
+    """Guidance's choice for `batched=None`: one pass of 2B unless stacking adds a text-stream mask and the video
+    [B, ...] is long on CUDA (see Guidance)."""
+    return not adds_mask or not (video.is_cuda and video[0].numel() >= LONG_VIDEO)
 
 
 def _needs_mask(x: Tensor, mask: Tensor | None, null_x: Tensor, null_mask: Tensor | None) -> bool:
