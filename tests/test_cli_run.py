@@ -137,6 +137,17 @@ def test_eval_reports_every_number(checkpoints, tmp_path):
     assert f"n=4, {data['num_steps']} steps ({data['caption_steps']} for captions)" in result.output
 
 
+def test_eval_refuses_a_base_of_another_size_before_sampling(checkpoints, tmp_path):
+    """One oracle reads both models' videos: a base of another size was found only after the model's sampling."""
+    other = tmp_path / "base8"
+    UniViGUPipeline.from_pretrained(checkpoints / "base", frames=8).save_pretrained(other)
+    result = runner.invoke(app, ["eval", str(checkpoints / "unified"), "--n", "2", "--batch-size", "2", "--base",
+                                 str(other), "--json", str(tmp_path / "eval.json")])  # fmt: skip
+    assert result.exit_code == 2 and "the base makes videos of 8x32x32 (frames x height x width) and the pipeline " \
+        "of 16x32x32" in said(result), result.output  # fmt: skip
+    assert not (tmp_path / "eval.json").exists()
+
+
 def test_eval_of_a_base_generator_leaves_out_what_it_cannot_do(checkpoints, tmp_path):
     out = tmp_path / "eval.json"
     result = runner.invoke(app, ["eval", str(checkpoints / "base"), "--n", "2", "--batch-size", "2", "--split",

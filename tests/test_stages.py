@@ -123,10 +123,28 @@ def test_train_all_chains_the_stages_and_resumes(tmp_path):
     fresh = tmp_path / "fresh"
     for extra, message in ((["--train.max_steps=2"], "an override names its stage"),
                            (["--refine.train.max_stepz=3"], "refine overrides: unknown config keys"),
-                           (["--refine.dataset_size=1"], "refine overrides: dataset_size holds 1 videos")):  # fmt: skip
+                           (["--refine.dataset_size=1"], "refine overrides: dataset_size holds 1 videos"),
+                           (["--base.world.height=24", "--base.world.width=24"],
+                            "stage refine trains on videos of another size than stage base's model makes (world.height "
+                            "32 vs 24; world.width 32 vs 24): give both stages one size, e.g. "
+                            "--refine.world.height=24 --refine.world.width=24")):  # fmt: skip
         bad = runner.invoke(app, ["train-all", "--out", str(fresh), *small, *extra])
         assert bad.exit_code == 2 and message in _flat(bad.output), bad.output
     assert not fresh.exists()  # the base stage did not train first
+    # an output folder a file is in the way of, no stages, a configs folder without the stages' YAMLs: usage errors
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    for call, message in ((["train-all", "--out", str(notes / "x"), *small], f"{notes} is a file, not a folder"),
+                          (["train-all", "--out", str(notes), *small], f"{notes}: {notes} is a file, not a folder"),
+                          (["train", str(CONFIG_DIR / "base.yaml"), f"--train.output_dir={notes / 'x'}"],
+                           f"{notes} is a file, not a folder"),
+                          (["train-all", "--out", str(fresh), "--stages", "", *small], "stages must be distinct"),
+                          (["train-all", "--out", str(fresh), "--configs", str(tmp_path / "nope"), *small],
+                           "holds no base.yaml, refine.yaml")):  # fmt: skip
+        bad = runner.invoke(app, call)
+        assert bad.exit_code == 2 and message in _flat(bad.output), bad.output
+    assert not fresh.exists()
+    notes.unlink()
     # the whole chain moved to another folder (its records name the old, gone paths): it resumes there
     moved = tmp_path.with_name(tmp_path.name + "_moved")
     shutil.move(tmp_path, moved)

@@ -171,6 +171,10 @@ def test_parse_caption_rejects_non_str(caption):
     (dict(height="32"), TypeError, r"WorldConfig.height must be an int"),
     (dict(frames=1), ValueError, r"WorldConfig.frames must be an int >= 2, got 1"),
     (dict(height=2**20, width=2**20, frames=2**20), ValueError, r"pixels per video, too many to render"),
+    # the smallest int the check allows, but a large fast object cannot sweep across it (training failed mid-run)
+    (dict(height=16, width=16), ValueError, r"16x16 \(height x width\): a \{.*'size': 'large'.*\} object does not "
+                                             r"fit the frame; every object fits 17x17"),
+    (dict(height=16, width=64), ValueError, r"every object fits 17x64"),
     (dict(two_object_prob=2), ValueError, r"two_object_prob must be a probability in \[0, 1\], got 2"),
     (dict(two_object_prob=-1), ValueError, r"two_object_prob .* got -1"),
     (dict(two_object_prob=float("nan")), ValueError, r"two_object_prob .* got nan"),
@@ -180,6 +184,13 @@ def test_parse_caption_rejects_non_str(caption):
 def test_config_rejects_bad_values(kwargs, error, message):
     with pytest.raises(error, match=message):
         WorldConfig(**kwargs)
+
+
+@pytest.mark.parametrize("height, width", [(17, 17), (32, 17), (17, 64)])
+def test_the_smallest_frames_the_config_allows_hold_every_scene(height, width):
+    world = World(WorldConfig(height=height, width=width, frames=4))
+    for split in ("train", "heldout"):
+        assert world.render(world.scenes(split, range(300))).shape == (300, 4, height, width, 3)
 
 
 def test_world_rejects_bad_config_index_and_seed():

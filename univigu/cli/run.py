@@ -282,7 +282,7 @@ def evaluate(
 ) -> None:
     """Attribute accuracies (oracle + parser), BLEU-4, CIDEr and joint consistency."""
     from univigu.data.world import SPLITS
-    from univigu.evaluation.evaluate import TASKS, summary_table
+    from univigu.evaluation.evaluate import TASKS, check_base_pipeline, summary_table
     from univigu.evaluation.evaluate import evaluate as run_eval
 
     chosen = tuple(dict.fromkeys(t.strip() for t in tasks.split(",") if t.strip()))
@@ -296,6 +296,11 @@ def evaluate(
                                  f"got {seed} with --n {n}", param_hint="--seed")  # fmt: skip
     pipe, path = _pipeline(checkpoint, device, param_hint="CHECKPOINT")
     base_pipe = _pipeline(base, device, param_hint="--base")[0] if base else None
+    if base_pipe is not None:
+        try:
+            check_base_pipeline(pipe, base_pipe)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--base") from None
     dropped = [t for t in chosen if t != "t2v"]
     if not pipe.unified and dropped:
         if "t2v" not in chosen:

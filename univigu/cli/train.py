@@ -31,9 +31,22 @@ def _run(cfg, resume: bool, stage: str | None = None) -> Path:
         message = str(error)
         if stage is not None and getattr(error, "continue_with", ()):
             message += "\n  (train-all: " + " ".join(f"--{stage}.{o}" for o in error.continue_with) + ")"
-        raise typer.BadParameter(message, param_hint="--resume / train.output_dir") from error
+        raise typer.BadParameter(message, param_hint="--resume / " + ("--out" if stage else "train.output_dir")) \
+            from error
     except CacheError as error:
         raise typer.BadParameter(str(error), param_hint="data / pipeline") from error
+
+
+def _check_folder_can_be_made(path: Path, param_hint: str) -> None:
+    """An output folder that cannot be made (a file in its way, no permission) is a usage error now, not a traceback
+    once training starts. Nothing is made here: a call refused later leaves no folder behind."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise typer.BadParameter(f"{path}: {existing} is a file, not a folder", param_hint=param_hint)
+    if existing != Path(path) and not os.access(existing, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{path}: no permission to make a folder in {existing}", param_hint=param_hint)
 
 
 def _say(text: str) -> None:
@@ -57,6 +70,27 @@ def _has_run(folder: Path) -> bool:
     from univigu.training.checkpoint import list_checkpoints
 
     return (folder / "final").exists() or bool(list_checkpoints(folder / "checkpoints"))
+
+
+def _check_world_sizes_follow(stage_configs: dict, finished: dict) -> None:
+    """A toy-world stage trains on videos of the size of the pipeline it starts from: that of the stage before it,
+    whose export this call makes (its world's size). Checked before any stage trains (the stage's own check reads
+    the export, there only once the stage before has trained)."""
+    from univigu.data.world import WorldConfig
+
+    stages = list(stage_configs)
+    for before, stage in zip(stages, stages[1:]):
+        first, then = stage_configs[before], stage_configs[stage]
+        if finished[before] or "latent_cache" in (first.data.get("kind"), then.data.get("kind")):
+            continue
+        made, wanted = WorldConfig(**first.world), WorldConfig(**then.world)
+        differ = [k for k in ("frames", "height", "width") if getattr(made, k) != getattr(wanted, k)]
+        if differ:
+            sizes = "; ".join(f"world.{k} {getattr(wanted, k)} vs {getattr(made, k)}" for k in differ)
+            flags = " ".join(f"--{stage}.world.{k}={getattr(made, k)}" for k in differ)
+            raise typer.BadParameter(f"stage {stage} trains on videos of another size than stage {before}'s model "
+                                     f"makes ({sizes}): give both stages one size, e.g. {flags}",
+                                     param_hint=f"{stage} overrides")  # fmt: skip
 
 
 def _check_later_stages_start_from_this_run(out: Path, stage_configs: dict) -> None:
@@ -150,6 +184,7 @@ def train(
         cfg.check_inputs()
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error), param_hint="CONFIG / overrides") from error
+    _check_folder_can_be_made(Path(cfg.train.output_dir), "train.output_dir")
     final = _run(cfg, resume)
     _leave_process_group()
     _say(f"stage {cfg.stage} done: {final}\n  use it: univigu generate \"PROMPT\" --model {final}"
@@ -175,15 +210,18 @@ def train_all(
     from univigu.training.config import STAGES, load_config
     from univigu.training.stages import is_main_process
 
+    _check_folder_can_be_made(out, "--out")
     record, recorded, earlier = out / "train_all.json", [], {}
     if resume and record.is_file():  # the chain's earlier calls: what this call does not give again
         earlier = json.loads(record.read_text())
-        configs, stages = configs or earlier["configs"] and Path(earlier["configs"]), stages or earlier["stages"]
+        if configs is None:
+            configs = earlier["configs"] and Path(earlier["configs"])
+        stages = earlier["stages"] if stages is None else stages
         recorded = earlier["overrides"]
         _say(f"train-all: resumed with the settings in {record}, this call's on top")
     # the shipped configs are recorded as none: a reinstalled univigu's are found where they are now
     given_configs = configs and str(Path(configs).resolve())
-    configs, stages = configs or CONFIG_DIR, stages or DEFAULT_STAGES
+    configs, stages = configs or CONFIG_DIR, DEFAULT_STAGES if stages is None else stages  # "": refused below
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     if not chosen or any(s not in STAGES for s in chosen) or chosen != sorted(chosen, key=STAGES.index) \
             or len(set(chosen)) != len(chosen):
@@ -195,6 +233,10 @@ def train_all(
     if stray:
         raise typer.BadParameter(f"{stray}: an override names its stage, one of {chosen} "
                                  f"(--{chosen[-1]}.train.max_steps=10)", param_hint="overrides")  # fmt: skip
+    lacking = [f"{stage}.yaml" for stage in chosen if not (Path(configs) / f"{stage}.yaml").is_file()]
+    if lacking:
+        raise typer.BadParameter(f"{configs} holds no {', '.join(lacking)} (a folder of stage YAMLs, as "
+                                 f"{CONFIG_DIR} is)", param_hint="--configs")  # fmt: skip
     # every stage's config is checked before any trains: a typo in the last must not wait for the first to finish
     stage_configs, previous = {}, None
     for stage in chosen:
@@ -217,6 +259,7 @@ def train_all(
         if not finished[stage]:
             with _usage_errors(stage):
                 cfg.check_data()
+    _check_world_sizes_follow(stage_configs, finished)
     # recorded for --resume: by a fresh chain, or a resume of the recorded one (not a fresh call over runs, which is
     # refused, nor a resume of another chain of stages in the folder); put back if this call is refused
     before = record.read_text() if record.is_file() else None

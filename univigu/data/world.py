@@ -12,8 +12,10 @@ grid). Objects never touch, so the oracle can always recover them from pixels.
 from __future__ import annotations
 
 import functools
+import itertools
 import numbers
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -56,6 +58,7 @@ TRAVEL = {"slow": 0.25, "fast": 0.5}  # displacement over the clip, fraction of 
 GROWTH = {"slow": 1.4, "fast": 1.8}  # radius at the last frame over the first
 _DIRECTION = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 _GAP = 3.0  # pixels between objects, so blur never merges them
+_MARGIN = 0.5  # pixels between an object and the frame's edge
 # Rendering holds several bytes per pixel of each video (masks, float intermediates): a video of more
 # pixels than this (3 GiB as uint8 RGB) cannot be rendered in memory, so it is refused at configuration.
 MAX_VIDEO_PIXELS = 2**30
@@ -83,6 +86,12 @@ class WorldConfig:
         if self.frames * self.height * self.width > MAX_VIDEO_PIXELS:
             raise ValueError(f"WorldConfig {self.frames}x{self.height}x{self.width} (frames x height x width) has more "
                              f"than {MAX_VIDEO_PIXELS} pixels per video, too many to render in memory")  # fmt: skip
+        too_big = _object_too_big(self.height, self.width)
+        if too_big is not None:  # else sampling scenes fails mid-run
+            fits = next(n for n in itertools.count(min(self.height, self.width) + 1)
+                        if _object_too_big(max(self.height, n), max(self.width, n)) is None)  # fmt: skip
+            raise ValueError(f"WorldConfig {self.height}x{self.width} (height x width): a {too_big} object does not "
+                             f"fit the frame; every object fits {max(self.height, fits)}x{max(self.width, fits)}")
         p = self.two_object_prob
         if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 <= p <= 1:  # NaN fails the range too
             raise ValueError(f"WorldConfig.two_object_prob must be a probability in [0, 1], got {p!r}")
@@ -304,8 +313,7 @@ class World:
         cfg = self.config
         H, W = cfg.height, cfg.width
         left, right, top, bottom = _swept_box(attrs, cfg)  # around the start centre
-        margin = 0.5
-        x_lo, x_hi, y_lo, y_hi = margin - left, W - margin - right, margin - top, H - margin - bottom
+        x_lo, x_hi, y_lo, y_hi = _MARGIN - left, W - _MARGIN - right, _MARGIN - top, H - _MARGIN - bottom
         if x_lo > x_hi or y_lo > y_hi:
             raise ValueError(f"a {attrs} object does not fit a {H}x{W} frame")
         # Draw candidates at once and keep the first valid one: vectorised rejection.
@@ -363,6 +371,19 @@ def _tracks(attrs: dict[str, Any], x: float, y: float, cfg: WorldConfig):
     radius = SIZE_RADIUS[attrs["size"]] * min(cfg.height, cfg.width)
     growth = GROWTH[attrs["speed"]] if attrs["motion"] == "grow" else 1.0
     return x + dx * f, y + dy * f, radius * (1 + (growth - 1) * f)
+
+
+def _object_too_big(height: int, width: int) -> dict[str, Any] | None:
+    """The first object (shape, size, motion, speed) that cannot sweep its clip inside a frame of this size, or None:
+    objects scale with the frame, but the margin and the pixel grid do not."""
+    frame = types.SimpleNamespace(height=height, width=width, frames=2)  # the sweep's extremes: first and last frame
+    for shape, size, motion in itertools.product(SHAPES, SIZES, MOTIONS):
+        for speed in (None,) if motion == "still" else SPEEDS:
+            attrs = {"shape": shape, "size": size, "motion": motion, "speed": speed}
+            left, right, top, bottom = _swept_box(attrs, frame)
+            if right - left > width - 2 * _MARGIN or bottom - top > height - 2 * _MARGIN:
+                return attrs
+    return None
 
 
 def _swept_box(attrs: dict[str, Any], cfg: WorldConfig) -> np.ndarray:

@@ -74,6 +74,14 @@ def caption_scores(references: Sequence[str], candidates: Sequence[str]) -> dict
     return {"bleu4": float(bleu[3]), "cider": float(cider)}
 
 
+def check_base_pipeline(pipeline: Any, base_pipeline: Any) -> None:
+    """A base to compare T2V with makes videos of the pipeline's size (one oracle reads both); ValueError else."""
+    sizes = [tuple(getattr(p.config, k) for k in ("frames", "height", "width")) for p in (pipeline, base_pipeline)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the base makes videos of {'x'.join(map(str, sizes[1]))} (frames x height x width) and the "
+                         f"pipeline of {'x'.join(map(str, sizes[0]))}: compare with a base of the same size")
+
+
 def _batches(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -96,6 +104,8 @@ def evaluate(
     if not tasks or set(tasks) - set(TASKS):
         raise ValueError(f"tasks must be a non-empty collection of {TASKS}, got {tasks!r}")
     _check_samples(split, n, batch_size)
+    if base_pipeline is not None:
+        check_base_pipeline(pipeline, base_pipeline)
     cfg = pipeline.config
     world = World.sized_like(cfg)
     oracle = Oracle(world.config)
