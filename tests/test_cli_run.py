@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +106,8 @@ def test_a_prompt_too_long_is_a_usage_error(checkpoints, tmp_path):
     video = World().render(World().scenes("test", [0]))[0]
     path = write_video(tmp_path / "clip.mp4", np.ascontiguousarray(video))
     result = runner.invoke(app, ["caption", str(path), "--instruction", long, *model])
-    assert result.exit_code == 2 and "--instruction" in result.output and "40 tokens long" in result.output
+    assert result.exit_code == 2 and "--instruction" in result.output and "the instruction is 40 tokens long" in \
+        said(result), result.output  # fmt: skip
     assert not list(tmp_path.glob("*.gif")) and not list(tmp_path.glob("*.json"))  # nothing half-written
 
 
@@ -165,6 +167,11 @@ def test_missing_model_is_a_clear_error(tmp_path):
     (tmp_path / "final" / "model_index.json").write_text("{}")
     result = runner.invoke(app, ["generate", "a red circle moves right", "--model", str(tmp_path)])
     assert result.exit_code == 2 and f"it holds a training run, whose pipeline is {tmp_path / 'final'}" in said(result)
+    import univigu  # a part of a pipeline folder: the folder is named
+
+    part = Path(univigu.DEFAULT_MODEL) / "transformer"
+    result = runner.invoke(app, ["generate", "a red circle moves right", "--model", str(part)])
+    assert result.exit_code == 2 and f"it is a part of the pipeline folder {part.parent}: load that" in said(result)
 
 
 def test_demo_writes_the_three_tasks(checkpoints, tmp_path):

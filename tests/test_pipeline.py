@@ -128,8 +128,10 @@ def test_bad_inputs_are_clear_errors(pipe, tiny_parts, videos, tmp_path):
     limit = pipe.config.prompt_length - 1
     with pytest.raises(PromptError, match=f"prompt 1 is 40 tokens long; this model reads at most {limit}"):
         pipe.text_to_video(["a red circle", " ".join(["red"] * 40)], progress=False)
-    with pytest.raises(PromptError, match="prompt 0 is"):
+    with pytest.raises(PromptError, match="the instruction is 40 tokens long"):  # named, not as "prompt 0"
         pipe.video_to_text(videos, instruction=" ".join(["what"] * 40), progress=False)
+    with pytest.raises(TypeError, match="instruction must be a str, got int"):
+        pipe.video_to_text(videos, instruction=3, progress=False)
     p = tiny_parts  # T2V's prompt is also its text stream: the shorter canvas is the limit
     short_text = UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"],
                                  PipelineConfig(num_steps=1, prompt_length=16, text_length=6))  # fmt: skip

@@ -172,6 +172,20 @@ def test_train_all_resumed_gives_a_stage_not_yet_begun_the_first_calls_overrides
     assert len((tmp_path / "refine" / "losses.csv").read_text().splitlines()) == 3
 
 
+def test_an_interrupted_stage_says_how_to_go_on(tmp_path, monkeypatch):
+    from univigu.training import stages
+
+    def interrupted(cfg, resume):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "run_stage", interrupted)
+    result = runner.invoke(app, ["train", str(CONFIG_DIR / "base.yaml"), f"--train.output_dir={tmp_path / 'b'}"])
+    assert result.exit_code == 130 and "interrupted: univigu train with --resume continues from the last " \
+        f"checkpoint in {tmp_path / 'b'}" in _flat(result.output), result.output  # fmt: skip
+    result = runner.invoke(app, ["train-all", "--out", str(tmp_path / "chain")])
+    assert result.exit_code == 130 and "the same train-all call with --resume" in _flat(result.output)
+
+
 def test_train_one_stage_then_resume_further(tmp_path, monkeypatch):
     out = tmp_path / "base"
     monkeypatch.chdir(tmp_path)  # a relative output_dir, as the configs' default is

@@ -322,7 +322,7 @@ def test_kill_during_save_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_000020", "step_000030"]
 
 
-def test_resume_refuses_math_changes_and_overwrites(tmp_path: Path) -> None:
+def test_resume_refuses_math_changes_and_overwrites(tmp_path: Path, capsys) -> None:
     Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=10)).train()
     with pytest.raises(FileExistsError, match="resume=True"):
         Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=20)).train()
@@ -331,6 +331,11 @@ def test_resume_refuses_math_changes_and_overwrites(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="max_steps changed 10 -> 12"):
         rows = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=12)).train(resume=True)
     assert [r["step"] for r in rows] == [11, 12]
+    # fewer steps than done: nothing trains, and it says so (not that the schedule is stretched)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = Trainer(MLPTask(), Regression(), config(tmp_path, max_steps=5)).train(resume=True)
+    assert rows == [] and "the run is at step 12 already, nothing to train" in capsys.readouterr().out
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path: Path) -> None:

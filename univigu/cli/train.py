@@ -35,6 +35,10 @@ def _run(cfg, resume: bool, stage: str | None = None) -> Path:
             from error
     except CacheError as error:
         raise typer.BadParameter(str(error), param_hint="data / pipeline") from error
+    except KeyboardInterrupt:  # its checkpoints are kept: nothing is lost but the steps since the last
+        again = "the same train-all call with --resume" if stage else "univigu train with --resume"
+        _say(f"interrupted: {again} continues from the last checkpoint in {cfg.train.output_dir}")
+        raise typer.Exit(130) from None
 
 
 def _check_folder_can_be_made(path: Path, param_hint: str) -> None:

@@ -236,7 +236,9 @@ def check_pipeline_folder(path: Path) -> dict[str, Any]:
         final = path / "final"  # a training run's folder holds its pipeline there
         inside = f"; it holds a training run, whose pipeline is {final}" if (final / "model_index.json").is_file() \
             else ""  # fmt: skip
-        if (path / "config.json").is_file() and '"UniViGUTransformer"' in (path / "config.json").read_text():
+        if (path.parent / "model_index.json").is_file():  # a part of a pipeline folder: its transformer/, ...
+            inside = f"; it is a part of the pipeline folder {path.parent}: load that"
+        elif (path / "config.json").is_file() and '"UniViGUTransformer"' in (path / "config.json").read_text():
             inside = ("; it holds a UniViGUTransformer alone (convert-official without --wan): convert with --wan "
                       "WAN_FOLDER for a pipeline")  # fmt: skip
         raise FileNotFoundError(f"{path} is not a univigu pipeline folder (no model_index.json){inside}")
@@ -675,7 +677,7 @@ class UniViGUPipeline:
         self._require_unified("video_to_text")
         videos = self._video_tensor(videos)
         seed, steps = _seed(seed), self.config.steps_for("video_to_text", num_steps)
-        self.check_prompts([instruction or ""], warn_empty=False)
+        self._check_one_text(instruction or "", "the instruction", "instruction")
         x = self.codec.encode(videos.to(self.device))
         states = self._prompt_states([instruction or ""] * len(x))
         if not instruction and self.config.caption_condition == "zeros":
@@ -756,13 +758,18 @@ class UniViGUPipeline:
         return check_finite("guidance_scale", guidance_scale)
 
     def _check_negative_prompt(self, negative_prompt: Any, text_stream: bool = False) -> None:
-        if not isinstance(negative_prompt, str):  # one for the batch, as the null pass has one condition
-            raise TypeError(f"negative_prompt must be a str, got {type(negative_prompt).__name__}")
+        # one for the batch, as the null pass has one condition
+        self._check_one_text(negative_prompt, "the negative prompt", "negative_prompt", text_stream)
+
+    def _check_one_text(self, text: Any, what: str, argument: str, text_stream: bool = False) -> None:
+        """A text given once for the whole batch (a negative prompt, a V2T instruction): its errors name it."""
+        if not isinstance(text, str):
+            raise TypeError(f"{argument} must be a str, got {type(text).__name__}")
         try:
-            self.check_prompts([negative_prompt], text_stream=text_stream, warn_empty=False)
+            self.check_prompts([text], text_stream=text_stream, warn_empty=False)
         except PromptError as error:
-            message = str(error).replace("prompt 0", "the negative prompt", 1)  # the only error one prompt can get
-            raise PromptError(message, argument="negative_prompt") from None
+            message = str(error).replace("prompt 0", what, 1)  # the only prompt there is
+            raise PromptError(message, argument=argument) from None
 
     def _check_components(self, transformer: nn.Module) -> None:
         """ValueError, naming both numbers, for components that would fail in the first sampling call: prompt

@@ -579,9 +579,6 @@ class Trainer:
                           "else what it began from), or on the cache as it was")  # fmt: skip
             raise ResumeError(f"cannot resume from {path}: the config changes the training math:\n{lines}",
                               continue_with)  # fmt: skip
-        if saved["max_steps"] != now["max_steps"] and acc.is_main_process:  # once, not once per process
-            warnings.warn(f"max_steps changed {saved['max_steps']} -> {now['max_steps']}: "
-                          "the cosine schedule is stretched from here on")  # fmt: skip
         self._check_layout(path)
         self._check_weights(path)
         acc.load_state(str(path))
@@ -593,8 +590,14 @@ class Trainer:
         self.step, self.micro_batches = state["step"], state["micro_batches"]
         self.bad_total, self.bad_streak = state["bad_total"], state["bad_streak"]
         self.elapsed = state["elapsed"]
-        if acc.is_main_process:
+        if acc.is_main_process:  # once, not once per process
             tqdm.write(f"resumed from {path} at step {self.step}")
+            if self.step >= now["max_steps"]:
+                tqdm.write(f"max_steps {now['max_steps']}: the run is at step {self.step} already, nothing to train "
+                           "(raise max_steps to train further)")  # fmt: skip
+            elif saved["max_steps"] != now["max_steps"]:
+                warnings.warn(f"max_steps changed {saved['max_steps']} -> {now['max_steps']}: "
+                              "the cosine schedule is stretched from here on")  # fmt: skip
 
     def _tensorboard(self):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
