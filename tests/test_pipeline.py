@@ -291,6 +291,10 @@ def test_to_takes_a_dtype_by_name(tiny_parts):
     assert pipe.to("cpu", "bfloat16") is pipe and pipe.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of"):
         pipe.to(dtype=torch.int8)
+    if not torch.cuda.is_available():  # refused before the cast: the pipeline is left as it was
+        with pytest.raises(RuntimeError, match="'cuda': this torch .* sees no CUDA device; the pipeline is left"):
+            pipe.to("cuda", torch.float32)
+        assert pipe.dtype == torch.bfloat16 and pipe.transformer.device.type == "cpu"
 
 
 def test_caption_condition_zeros_captions_with_an_all_zero_condition(pipe, videos):

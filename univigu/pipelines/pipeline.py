@@ -433,7 +433,9 @@ class UniViGUPipeline:
         """Keep the VAE and the prompt encoder on the CPU, each moved to `device` only while it runs; the
         transformer lives on `device`."""
         if not isinstance(self.codec, WanVAECodec) or not isinstance(self.prompt_encoder, UMT5PromptEncoder):
-            raise ValueError("CPU offload is for pipelines built from Wan (VAE + umT5); move this one with .to()")
+            raise ValueError("CPU offload is for pipelines built from Wan (VAE + umT5): this one's codec and prompt "
+                             "encoder are small, keep them with the transformer (pipe.to(device); on the command "
+                             "line: leave out --offload)")  # fmt: skip
         self.transformer.to(device)
         WanComponents(self.codec, self.prompt_encoder, self.tokenizer).enable_model_cpu_offload(device)
         return self
@@ -481,6 +483,9 @@ class UniViGUPipeline:
                 dtype = arg
             else:
                 device = arg
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"{device!r}: this torch ({torch.__version__}) sees no CUDA device; the pipeline is "
+                               "left where it is")  # before anything is cast: torch's own error said less
         if dtype is not None:
             dtype = _float_dtype(dtype, "dtype")
             for part in (self.transformer, self.prompt_encoder):
