@@ -184,20 +184,28 @@ class _EarlierLatents:
     """The latents of videos this cache encoded before, found by video (`_video_key` and `_sample`), in the shards
     made with these settings and encoders: a chunk encoded again (its rows changed, e.g. a row inserted or deleted
     above it shifted them) takes them instead of decoding and running the VAE again. A shard about to be replaced
-    is moved to `shards/stale/`, and deleted once no row still to come names one of its videos."""
+    is moved to `shards/stale/`, and deleted once no row still to come names one of its videos. The shards' headers
+    are read when a chunk is first encoded (a rerun that keeps every chunk reads none)."""
 
     def __init__(self, shards: Path, made_with: str) -> None:
-        self.stale = shards / "stale"
+        self.shards, self.stale, self.made_with = shards, shards / "stale", made_with
         self.where: dict[str, tuple[Path, int]] = {}  # json [key, sample] -> (shard, row)
         self.moved: dict[Path, Path] = {}  # shard -> where retire() put it
         self.videos_in: dict[Path, list[str]] = {}  # stale shard -> its rows' json keys
         # rows an older univigu wrote, without these records (never reused): per shard, and in the shards replaced
         self.unrecorded_in: dict[Path, int] = {}
         self.unrecorded = 0
-        for file in [*sorted(self.stale.glob("*.safetensors")), *sorted(shards.glob("*.safetensors"))]:
+        self.scanned = False
+
+    def _scan(self) -> None:
+        """Index the shards' records (once; before any is moved: they are found by where they were)."""
+        if self.scanned:
+            return
+        self.scanned = True
+        for file in [*sorted(self.stale.glob("*.safetensors")), *sorted(self.shards.glob("*.safetensors"))]:
             rows = self._rows(file)
             for row, record in enumerate(rows):  # rows of before this record, or of other settings: not used
-                if record.get("made_with") == made_with and "sample" in record:
+                if record.get("made_with") == self.made_with and "sample" in record:
                     self.where[json.dumps([record["key"], record["sample"]])] = (file, row)
             self.unrecorded_in[file] = sum("made_with" not in record for record in rows)
             if file.parent == self.stale:  # replaced by a run that was cut: counted as replaced by this one
@@ -214,6 +222,7 @@ class _EarlierLatents:
 
     def get(self, key: list, sample: str) -> Tensor | None:
         """The latents [C, T', H', W'] of a video, or None."""
+        self._scan()
         file, row = self.where.get(json.dumps([key, sample]), (None, 0))
         if file is None:
             return None
@@ -225,6 +234,7 @@ class _EarlierLatents:
 
     def retire(self, file: Path) -> None:
         """Move a shard about to be replaced or deleted aside (a unique name: an earlier cut run may have left one)."""
+        self._scan()
         if not file.exists():
             return
         self.stale.mkdir(exist_ok=True)
