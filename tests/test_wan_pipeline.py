@@ -150,10 +150,14 @@ def test_cpu_offload_moves_components_only_while_they_run(wan_dir):
     assert moves == [("vae", "cuda"), ("vae", "cpu")] * 2
 
 
-def test_pipeline_to_and_cpu_offload_move_each_component(wan_dir):
+def test_pipeline_to_and_cpu_offload_move_each_component(wan_dir, monkeypatch):
     from univigu import UniViGUPipeline
 
     pipe = UniViGUPipeline.from_wan(wan_dir, frames=FRAMES, height=HEIGHT, width=WIDTH, text_length=8)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA device; the pipeline is left where it is"):
+            pipe.enable_model_cpu_offload("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine: the moves are only recorded
     moves = []
     for name, part in (("transformer", pipe.transformer), ("vae", pipe.codec.vae),
                        ("umt5", pipe.prompt_encoder.encoder)):  # fmt: skip

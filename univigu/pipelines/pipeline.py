@@ -259,6 +259,14 @@ def check_pipeline_folder(path: Path) -> dict[str, Any]:
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _check_device(device: str | torch.device) -> None:
+    """A CUDA device on a machine without one is refused in words (torch's own error said less), the pipeline
+    left where it is."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{device!r}: this torch ({torch.__version__}) sees no CUDA device; the pipeline is left "
+                           "where it is")  # fmt: skip
+
+
 def _float_dtype(torch_dtype: Any, name: str = "torch_dtype") -> torch.dtype:
     """A floating torch dtype, given as one or by name ("bfloat16"); anything else is an error naming the argument
     `name` (diffusers' loaders turn a name into float32 with only a log line)."""
@@ -436,6 +444,7 @@ class UniViGUPipeline:
             raise ValueError("CPU offload is for pipelines built from Wan (VAE + umT5): this one's codec and prompt "
                              "encoder are small, keep them with the transformer (pipe.to(device); on the command "
                              "line: leave out --offload)")  # fmt: skip
+        _check_device(device)
         self.transformer.to(device)
         WanComponents(self.codec, self.prompt_encoder, self.tokenizer).enable_model_cpu_offload(device)
         return self
@@ -483,9 +492,8 @@ class UniViGUPipeline:
                 dtype = arg
             else:
                 device = arg
-        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"{device!r}: this torch ({torch.__version__}) sees no CUDA device; the pipeline is "
-                               "left where it is")  # before anything is cast: torch's own error said less
+        if device is not None:
+            _check_device(device)  # before anything is cast
         if dtype is not None:
             dtype = _float_dtype(dtype, "dtype")
             for part in (self.transformer, self.prompt_encoder):
