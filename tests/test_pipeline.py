@@ -132,6 +132,12 @@ def test_bad_inputs_are_clear_errors(pipe, tiny_parts, videos, tmp_path):
         pipe.video_to_text(videos, instruction=" ".join(["what"] * 40), progress=False)
     with pytest.raises(TypeError, match="instruction must be a str, got int"):
         pipe.video_to_text(videos, instruction=3, progress=False)
+    # a model univigu's stages taught to caption never saw an instruction: said (the pipe above has no provenance)
+    taught = UniViGUPipeline(pipe.transformer, pipe.prompt_encoder, pipe.tokenizer,
+                             dataclasses.replace(pipe.config, extra={"refine": {"steps": 1}}))  # fmt: skip
+    with pytest.warns(UserWarning, match="learned to caption in univigu's refine stage, .* the instruction is one it "
+                                         "never saw"):  # fmt: skip
+        taught.video_to_text(videos[:1], instruction="what moves", num_steps=1, progress=False)
     p = tiny_parts  # T2V's prompt is also its text stream: the shorter canvas is the limit
     short_text = UniViGUPipeline(p["unified"], p["prompt_encoder"], p["tokenizer"],
                                  PipelineConfig(num_steps=1, prompt_length=16, text_length=6))  # fmt: skip

@@ -189,7 +189,8 @@ def caption(
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help=SEED_HELP),
     steps: int = typer.Option(None, min=1, help=STEPS_HELP),
     instruction: str = typer.Option(None, help="A question or instruction as the prompt condition (for models "
-                                    "trained with them; the shipped toy model was trained with none)."),
+                                    "trained with them, as the released Uni-ViGU; univigu's own stages train none: "
+                                    "a model they trained warns)."),
     out: Path = typer.Option(Path("outputs/caption"), callback=out_dir, help="Where the sidecar JSON files go."),
     trajectory: Path = typer.Option(None, callback=out_file, help=TRAJECTORY_HELP),
     dtype: str = typer.Option("float32", help=DTYPE_HELP), offload: bool = typer.Option(False, help=OFFLOAD_HELP),

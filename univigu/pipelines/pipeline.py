@@ -691,6 +691,11 @@ class UniViGUPipeline:
         videos = self._video_tensor(videos)
         seed, steps = _seed(seed), self.config.steps_for("video_to_text", num_steps)
         self._check_one_text(instruction or "", "the instruction", "instruction")
+        taught = [stage for stage in ("recall", "refine") if stage in self.config.extra]  # univigu's V2T stages
+        if instruction and taught:
+            warnings.warn(f"this model learned to caption in univigu's {' and '.join(taught)} stage, whose "
+                          "video-to-text rows have no prompt condition: the instruction is one it never saw, and "
+                          "the caption may not answer it", stacklevel=2)  # fmt: skip
         x = self.codec.encode(videos.to(self.device))
         states = self._prompt_states([instruction or ""] * len(x))
         if not instruction and self.config.caption_condition == "zeros":
