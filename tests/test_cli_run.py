@@ -148,6 +148,9 @@ def test_eval_refuses_a_base_of_another_size_before_sampling(checkpoints, tmp_pa
     assert result.exit_code == 2 and "the base makes videos of 8x32x32 (frames x height x width) and the pipeline " \
         "of 16x32x32" in said(result), result.output  # fmt: skip
     assert not (tmp_path / "eval.json").exists()
+    captions = runner.invoke(app, ["eval", str(checkpoints / "unified"), "--n", "1", "--batch-size", "1", "--tasks",
+                                   "v2t", "--steps", "1", "--base", str(other)])  # fmt: skip
+    assert captions.exit_code == 0, captions.output  # the base serves T2V only: its size does not matter
 
 
 def test_eval_of_a_base_generator_leaves_out_what_it_cannot_do(checkpoints, tmp_path):

@@ -172,6 +172,22 @@ def test_train_all_resumed_gives_a_stage_not_yet_begun_the_first_calls_overrides
     assert len((tmp_path / "refine" / "losses.csv").read_text().splitlines()) == 3
 
 
+def test_train_all_sizes_a_stage_by_its_pipeline_overrides_too():
+    """A later stage may train at another size by its pipeline.* sizes (its world set to match): not refused."""
+    import typer
+
+    from univigu.cli.train import _check_world_sizes_follow
+
+    def chain(*refine):
+        return {"base": load_config(CONFIG_DIR / "base.yaml", []),
+                "refine": load_config(CONFIG_DIR / "refine.yaml", ["init_from=base/final", *refine])}  # fmt: skip
+
+    _check_world_sizes_follow(chain("world.frames=8", "pipeline.frames=8"), {"base": False, "refine": False})
+    with pytest.raises(typer.BadParameter, match=r"world.frames 8 vs 16\): give both stages one size, e.g. "
+                                                 r"--refine.world.frames=16"):  # fmt: skip
+        _check_world_sizes_follow(chain("world.frames=8"), {"base": False, "refine": False})
+
+
 def test_an_interrupted_stage_says_how_to_go_on(tmp_path, monkeypatch):
     from univigu.training import stages
 
@@ -180,10 +196,13 @@ def test_an_interrupted_stage_says_how_to_go_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stages, "run_stage", interrupted)
     result = runner.invoke(app, ["train", str(CONFIG_DIR / "base.yaml"), f"--train.output_dir={tmp_path / 'b'}"])
-    assert result.exit_code == 130 and "interrupted: univigu train with --resume continues from the last " \
-        f"checkpoint in {tmp_path / 'b'}" in _flat(result.output), result.output  # fmt: skip
+    assert result.exit_code == 130 and "interrupted: univigu train with --resume continues from the start (no " \
+        f"checkpoint was written yet in {tmp_path / 'b'})" in _flat(result.output), result.output  # fmt: skip
     result = runner.invoke(app, ["train-all", "--out", str(tmp_path / "chain")])
     assert result.exit_code == 130 and "the same train-all call with --resume" in _flat(result.output)
+    (tmp_path / "b" / "checkpoints" / "step_000002").mkdir(parents=True)  # one written before the interrupt
+    result = runner.invoke(app, ["train", str(CONFIG_DIR / "base.yaml"), f"--train.output_dir={tmp_path / 'b'}"])
+    assert result.exit_code == 130 and f"continues from the last checkpoint in {tmp_path / 'b'}" in _flat(result.output)
 
 
 def test_train_one_stage_then_resume_further(tmp_path, monkeypatch):

@@ -611,6 +611,23 @@ def test_a_row_inserted_above_redoes_the_chunks_below_without_the_vae(video_dir,
     assert runner.invoke(app, [*args, "--dtype", "float32"]).exit_code == 0 and sum(encoded) == 2
 
 
+def test_shards_a_cut_run_left_aside_are_freed_from_the_first_chunk(tmp_path):
+    """Headers are read lazily, but a stale shard no row still needs goes before the first chunk is written."""
+    from collections import Counter
+
+    from safetensors.torch import save_file
+
+    from univigu.data.latent_cache import _EarlierLatents
+
+    shards = tmp_path / "shards"
+    (shards / "stale").mkdir(parents=True)
+    stale = shards / "stale" / "123_chunk_00000_16x16.safetensors"
+    save_file({"latents": torch.zeros(1, 4, 2, 2, 2)}, stale,
+              {"records": json.dumps([{"key": ["gone.mp4", 1], "sample": "s", "made_with": "m"}])})  # fmt: skip
+    _EarlierLatents(shards, "m").free(Counter({json.dumps(["other.mp4", 1]): 1}))
+    assert not stale.exists()
+
+
 def _write_raw(path: Path, seed: int) -> None:
     """Uncompressed AVI (24 x 40, 12 frames of noise): every such file has the same size in bytes."""
     frames = np.random.default_rng(seed).integers(0, 255, (12, 24, 40, 3), dtype=np.uint8)

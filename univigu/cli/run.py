@@ -297,17 +297,17 @@ def evaluate(
                                  f"got {seed} with --n {n}", param_hint="--seed")  # fmt: skip
     pipe, path = _pipeline(checkpoint, device, param_hint="CHECKPOINT")
     base_pipe = _pipeline(base, device, param_hint="--base")[0] if base else None
-    if base_pipe is not None:
-        try:
-            check_base_pipeline(pipe, base_pipe)
-        except ValueError as error:
-            raise typer.BadParameter(str(error), param_hint="--base") from None
     dropped = [t for t in chosen if t != "t2v"]
     if not pipe.unified and dropped:
         if "t2v" not in chosen:
             raise typer.BadParameter(f"{path} is a base generator: it has only t2v", param_hint="--tasks")
         typer.echo(f"{path} is a base generator: {', '.join(dropped)} left out (text to video only)", err=True)
         chosen = ("t2v",)
+    if base_pipe is not None and "t2v" in chosen:  # the base serves T2V only
+        try:
+            check_base_pipeline(pipe, base_pipe)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--base") from None
     results = run_eval(pipe, split=split, n=n, seed=seed, num_steps=steps, batch_size=batch_size,
                        base_pipeline=base_pipe, tasks=chosen)  # fmt: skip
     results["checkpoint"] = str(path)

@@ -36,8 +36,13 @@ def _run(cfg, resume: bool, stage: str | None = None) -> Path:
     except CacheError as error:
         raise typer.BadParameter(str(error), param_hint="data / pipeline") from error
     except KeyboardInterrupt:  # its checkpoints are kept: nothing is lost but the steps since the last
+        from univigu.training.checkpoint import list_checkpoints
+
         again = "the same train-all call with --resume" if stage else "univigu train with --resume"
-        _say(f"interrupted: {again} continues from the last checkpoint in {cfg.train.output_dir}")
+        folder = Path(cfg.train.output_dir)
+        where = f"the last checkpoint in {folder}" if list_checkpoints(folder / "checkpoints") else \
+            f"the start (no checkpoint was written yet in {folder})"  # fmt: skip
+        _say(f"interrupted: {again} continues from {where}")
         raise typer.Exit(130) from None
 
 
@@ -87,11 +92,13 @@ def _check_world_sizes_follow(stage_configs: dict, finished: dict) -> None:
         first, then = stage_configs[before], stage_configs[stage]
         if finished[before] or "latent_cache" in (first.data.get("kind"), then.data.get("kind")):
             continue
+        # the pipeline the stage trains: the one before's, sized by its world, less this stage's pipeline.* sizes
         made, wanted = WorldConfig(**first.world), WorldConfig(**then.world)
-        differ = [k for k in ("frames", "height", "width") if getattr(made, k) != getattr(wanted, k)]
+        made = {k: then.pipeline.get(k, getattr(made, k)) for k in ("frames", "height", "width")}
+        differ = [k for k in made if made[k] != getattr(wanted, k)]
         if differ:
-            sizes = "; ".join(f"world.{k} {getattr(wanted, k)} vs {getattr(made, k)}" for k in differ)
-            flags = " ".join(f"--{stage}.world.{k}={getattr(made, k)}" for k in differ)
+            sizes = "; ".join(f"world.{k} {getattr(wanted, k)} vs {made[k]}" for k in differ)
+            flags = " ".join(f"--{stage}.world.{k}={made[k]}" for k in differ)
             raise typer.BadParameter(f"stage {stage} trains on videos of another size than stage {before}'s model "
                                      f"makes ({sizes}): give both stages one size, e.g. {flags}",
                                      param_hint=f"{stage} overrides")  # fmt: skip

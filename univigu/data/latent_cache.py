@@ -185,7 +185,8 @@ class _EarlierLatents:
     made with these settings and encoders: a chunk encoded again (its rows changed, e.g. a row inserted or deleted
     above it shifted them) takes them instead of decoding and running the VAE again. A shard about to be replaced
     is moved to `shards/stale/`, and deleted once no row still to come names one of its videos. The shards' headers
-    are read when a chunk is first encoded (a rerun that keeps every chunk reads none)."""
+    are read when a chunk is first encoded, or at once when a cut run left shards aside (a rerun that keeps every
+    chunk reads none)."""
 
     def __init__(self, shards: Path, made_with: str) -> None:
         self.shards, self.stale, self.made_with = shards, shards / "stale", made_with
@@ -196,6 +197,9 @@ class _EarlierLatents:
         self.unrecorded_in: dict[Path, int] = {}
         self.unrecorded = 0
         self.scanned = False
+        # shards a cut run moved aside: read at once, so that free() deletes those no row needs from the start
+        if self.stale.is_dir() and any(self.stale.glob("*.safetensors")):
+            self._scan()
 
     def _scan(self) -> None:
         """Index the shards' records (once; before any is moved: they are found by where they were)."""

@@ -104,7 +104,7 @@ def evaluate(
     if not tasks or set(tasks) - set(TASKS):
         raise ValueError(f"tasks must be a non-empty collection of {TASKS}, got {tasks!r}")
     _check_samples(split, n, batch_size)
-    if base_pipeline is not None:
+    if base_pipeline is not None and "t2v" in tasks:  # the base serves T2V only
         check_base_pipeline(pipeline, base_pipeline)
     cfg = pipeline.config
     world = World.sized_like(cfg)
