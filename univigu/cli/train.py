@@ -92,13 +92,11 @@ def _check_world_sizes_follow(stage_configs: dict, finished: dict) -> None:
         first, then = stage_configs[before], stage_configs[stage]
         if finished[before] or "latent_cache" in (first.data.get("kind"), then.data.get("kind")):
             continue
-        # the pipeline the stage trains: the one before's, sized by its world, less this stage's pipeline.* sizes
-        made, wanted = WorldConfig(**first.world), WorldConfig(**then.world)
-        made = {k: then.pipeline.get(k, getattr(made, k)) for k in ("frames", "height", "width")}
-        differ = [k for k in made if made[k] != getattr(wanted, k)]
+        world = WorldConfig(**first.world)  # the size of the pipeline the stage before exports
+        differ = then.world_size_mismatch({k: getattr(world, k) for k in ("frames", "height", "width")})
         if differ:
-            sizes = "; ".join(f"world.{k} {getattr(wanted, k)} vs {made[k]}" for k in differ)
-            flags = " ".join(f"--{stage}.world.{k}={made[k]}" for k in differ)
+            sizes = "; ".join(f"world.{k} {ours} vs {theirs}" for k, (ours, theirs) in differ.items())
+            flags = " ".join(f"--{stage}.world.{k}={theirs}" for k, (_, theirs) in differ.items())
             raise typer.BadParameter(f"stage {stage} trains on videos of another size than stage {before}'s model "
                                      f"makes ({sizes}): give both stages one size, e.g. {flags}",
                                      param_hint=f"{stage} overrides")  # fmt: skip

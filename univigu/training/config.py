@@ -184,15 +184,23 @@ class StageConfig:
             raise ValueError(f"init_from {self.init_from} is a Wan2.1 folder, and the stage trains on the toy world "
                              "(data.kind world): cache your videos with `univigu cache-latents` and train on them "
                              "(data: {kind: latent_cache, path: CACHE}; univigu/configs/wan/)")  # fmt: skip
-        merged, world = {**made, **self.pipeline}, WorldConfig(**self.world)
-        differ = [f"world.{k} {getattr(world, k)} vs {merged[k]}" for k in ("frames", "height", "width")
-                  if k in merged and merged[k] != getattr(world, k)]  # fmt: skip
+        differ = self.world_size_mismatch(made)
         if differ:
-            raise ValueError(f"the world's videos are not the size of {self.init_from}'s pipeline "
-                             f"({'; '.join(differ)}): set world.frames / height / width to the pipeline's")  # fmt: skip
+            sizes = "; ".join(f"world.{k} {ours} vs {theirs}" for k, (ours, theirs) in differ.items())
+            raise ValueError(f"the world's videos are not the size of {self.init_from}'s pipeline ({sizes}): set "
+                             "world.frames / height / width to the pipeline's")  # fmt: skip
+        merged = {**made, **self.pipeline}
         for key in ("prompt_length", "text_length"):
             if key in merged:
                 _check_holds_world_prompts(f"pipeline.{key}", merged[key])
+
+    def world_size_mismatch(self, made: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """{size key: (the world's, the pipeline's)} for each of frames / height / width where this stage's world
+        makes videos of another size than the pipeline it trains: `made` (the config of the pipeline it starts
+        from) with this stage's pipeline.* on top."""
+        merged, world = {**made, **self.pipeline}, WorldConfig(**self.world)
+        return {k: (getattr(world, k), merged[k]) for k in ("frames", "height", "width")
+                if k in merged and merged[k] != getattr(world, k)}  # fmt: skip
 
 
 def _build(cls, data: dict[str, Any], where: str):
