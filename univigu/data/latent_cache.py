@@ -193,9 +193,8 @@ class _EarlierLatents:
         self.where: dict[str, tuple[Path, int]] = {}  # json [key, sample] -> (shard, row)
         self.moved: dict[Path, Path] = {}  # shard -> where retire() put it
         self.videos_in: dict[Path, list[str]] = {}  # stale shard -> its rows' json keys
-        # rows an older univigu wrote, without these records (never reused): per shard, and in the shards replaced
-        self.unrecorded_in: dict[Path, int] = {}
-        self.unrecorded = 0
+        self.read: dict[Path, tuple[list[str], int]] = {}  # shard -> its rows' json keys, its rows without records
+        self.unrecorded = 0  # rows an older univigu wrote, without these records (never reused), in shards replaced
         self.scanned = False
         # shards a cut run moved aside: read at once, so that free() deletes those no row needs from the start
         if self.stale.is_dir() and any(self.stale.glob("*.safetensors")):
@@ -211,10 +210,10 @@ class _EarlierLatents:
             for row, record in enumerate(rows):  # rows of before this record, or of other settings: not used
                 if record.get("made_with") == self.made_with and "sample" in record:
                     self.where[json.dumps([record["key"], record["sample"]])] = (file, row)
-            self.unrecorded_in[file] = sum("made_with" not in record for record in rows)
+            self.read[file] = [json.dumps(r.get("key")) for r in rows], sum("made_with" not in r for r in rows)
             if file.parent == self.stale:  # replaced by a run that was cut: counted as replaced by this one
-                self.videos_in[file] = [json.dumps(record.get("key")) for record in rows]
-                self.unrecorded += self.unrecorded_in[file]
+                self.videos_in[file], unrecorded = self.read[file]
+                self.unrecorded += unrecorded
 
     @staticmethod
     def _rows(file: Path) -> list[dict]:
@@ -243,10 +242,11 @@ class _EarlierLatents:
             return
         self.stale.mkdir(exist_ok=True)
         target = self.stale / f"{time.time_ns()}_{file.name}"
-        self.videos_in[target] = [json.dumps(record.get("key")) for record in self._rows(file)]
+        # read by the scan (a shard this run wrote is never replaced by it); without its keys it is freed at once
+        self.videos_in[target], unrecorded = self.read.get(file, ([], 0))
         os.replace(file, target)
         self.moved[file] = target
-        self.unrecorded += self.unrecorded_in.get(file, 0)
+        self.unrecorded += unrecorded
 
     def free(self, pending: Counter) -> None:
         """Delete the stale shards none of whose videos a row still to come names (`pending`: json keys)."""
